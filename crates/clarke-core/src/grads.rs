@@ -1,0 +1,58 @@
+//! Gradients returned by backward, with the kink ledger.
+
+use ndarray::ArrayD;
+
+use crate::ledger::KinkLedger;
+use crate::var::Var;
+use crate::{Error, Result, Scalar};
+
+/// The gradients of one backward call: one array per parameter leaf, and the kink ledger.
+#[derive(Debug, Clone)]
+pub struct Grads<S: Scalar> {
+    pub(crate) by_node: Vec<Option<ArrayD<S>>>,
+    pub(crate) ledger: KinkLedger,
+    pub(crate) tape_addr: usize,
+}
+
+impl<S: Scalar> Grads<S> {
+    /// The gradient of a parameter, or `None` if `v` is not a parameter of this tape (or was
+    /// recorded after the output).
+    pub fn get(&self, v: Var<'_, S>) -> Option<&ArrayD<S>> {
+        if v.tape() as *const _ as usize != self.tape_addr {
+            return None;
+        }
+        self.by_node.get(v.id()).and_then(|g| g.as_ref())
+    }
+
+    /// The gradient of a parameter (zeros if the output does not depend on it).
+    pub fn wrt(&self, v: Var<'_, S>) -> Result<&ArrayD<S>> {
+        if v.tape() as *const _ as usize != self.tape_addr {
+            return Err(Error::ForeignVar {
+                op: "Grads::wrt",
+                node: v.id(),
+            });
+        }
+        self.get(v).ok_or_else(|| {
+            Error::invalid(
+                "Grads::wrt",
+                format!(
+                    "node {} is not a parameter leaf (create it with Tape::param) or was recorded after the output",
+                    v.id()
+                ),
+            )
+        })
+    }
+
+    /// Moves a parameter's gradient out.
+    pub fn take(&mut self, v: Var<'_, S>) -> Option<ArrayD<S>> {
+        if v.tape() as *const _ as usize != self.tape_addr {
+            return None;
+        }
+        self.by_node.get_mut(v.id()).and_then(Option::take)
+    }
+
+    /// The kink ledger of this backward call.
+    pub fn ledger(&self) -> &KinkLedger {
+        &self.ledger
+    }
+}

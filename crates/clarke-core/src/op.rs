@@ -1,0 +1,92 @@
+//! The recorded op of a node, and the dispatch of backward rules to the op families.
+
+use ndarray::ArrayD;
+use smallvec::SmallVec;
+
+use crate::custom::CustomNode;
+use crate::ops::arith::ArithOp;
+use crate::ops::kink::KinkOp;
+use crate::ops::linalg::LinalgOp;
+use crate::ops::loss::LossOp;
+use crate::ops::reduce::ReduceOp;
+use crate::ops::shape::ShapeOp;
+use crate::ops::unary::UnaryOp;
+use crate::policy::KinkPolicy;
+use crate::{Result, Scalar};
+
+/// Gradients with respect to an op's inputs (`None`: input needs none).
+pub(crate) type InputGrads<S> = SmallVec<[Option<ArrayD<S>>; 2]>;
+
+/// What a backward rule sees of its node.
+pub(crate) struct Ctx<'a, S: Scalar> {
+    /// Values of the inputs.
+    pub inputs: SmallVec<[&'a ArrayD<S>; 2]>,
+    /// Value of the node.
+    pub output: &'a ArrayD<S>,
+    /// Which inputs need a gradient.
+    pub needs: SmallVec<[bool; 2]>,
+    /// The kink policy of this backward call.
+    pub policy: &'a KinkPolicy,
+}
+
+impl<S: Scalar> Ctx<'_, S> {
+    /// Whether input `i` needs a gradient.
+    #[inline]
+    pub fn needs(&self, i: usize) -> bool {
+        self.needs[i]
+    }
+}
+
+/// An op on the tape. Each family keeps its forward and backward rules in one module.
+pub(crate) enum Op<S: Scalar> {
+    /// A parameter, a constant, or a node recorded without gradient.
+    Leaf,
+    /// `+ - * /` and affine maps with scalars.
+    Arith(ArithOp<S>),
+    /// Smooth elementwise functions.
+    Unary(UnaryOp<S>),
+    /// Nonsmooth elementwise ops and reductions with selectable derivatives at kinks.
+    Kink(KinkOp<S>),
+    /// Matrix products and axis permutations.
+    Linalg(LinalgOp),
+    /// Reshape, broadcast, concat, stack, slice, index-select.
+    Shape(ShapeOp),
+    /// Sums and means.
+    Reduce(ReduceOp),
+    /// log-softmax, cross-entropy, mean squared error.
+    Loss(LossOp<S>),
+    /// A user op with its own vector-Jacobian product.
+    Custom(CustomNode<S>),
+}
+
+impl<S: Scalar> Op<S> {
+    /// Short name for messages and the ledger.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Leaf => "leaf",
+            Op::Arith(o) => o.name(),
+            Op::Unary(o) => o.name(),
+            Op::Kink(o) => o.name(),
+            Op::Linalg(o) => o.name(),
+            Op::Shape(o) => o.name(),
+            Op::Reduce(o) => o.name(),
+            Op::Loss(o) => o.name(),
+            Op::Custom(_) => "custom",
+        }
+    }
+
+    /// Gradients with respect to the inputs, given the gradient of the output.
+    pub fn backward(&self, ctx: &Ctx<'_, S>, grad: ArrayD<S>) -> Result<InputGrads<S>> {
+        match self {
+            Op::Leaf => Ok(InputGrads::new()),
+            Op::Arith(o) => Ok(o.backward(ctx, grad)),
+            Op::Unary(o) => Ok(o.backward(ctx, grad)),
+            Op::Kink(o) => Ok(o.backward(ctx, grad)),
+            Op::Linalg(o) => Ok(o.backward(ctx, grad)),
+            Op::Shape(o) => Ok(o.backward(ctx, grad)),
+            Op::Reduce(o) => Ok(o.backward(ctx, grad)),
+            Op::Loss(o) => Ok(o.backward(ctx, grad)),
+            Op::Custom(o) => o.backward(ctx, grad),
+        }
+    }
+}

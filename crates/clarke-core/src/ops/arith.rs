@@ -1,0 +1,163 @@
+//! `+ - * /` between Vars (NumPy broadcasting) and affine maps with scalars.
+
+use ndarray::{ArrayD, Zip};
+
+use crate::kernels::{broadcast_shape, broadcast_view, map, reduce_to_shape};
+use crate::op::{Ctx, InputGrads, Op};
+use crate::tape::Inputs;
+use crate::var::Var;
+use crate::{Result, Scalar};
+
+/// Arithmetic ops.
+pub(crate) enum ArithOp<S> {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    /// `scale * x + shift`.
+    Affine {
+        scale: S,
+    },
+}
+
+impl<S: Scalar> ArithOp<S> {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ArithOp::Add => "add",
+            ArithOp::Sub => "sub",
+            ArithOp::Mul => "mul",
+            ArithOp::Div => "div",
+            ArithOp::Affine { .. } => "affine",
+        }
+    }
+
+    pub fn backward(&self, ctx: &Ctx<'_, S>, g: ArrayD<S>) -> InputGrads<S> {
+        let mut out = InputGrads::new();
+        match self {
+            ArithOp::Affine { scale } => {
+                let s = *scale;
+                let mut g = g;
+                if s != S::one() {
+                    g.mapv_inplace(|v| v * s);
+                }
+                out.push(Some(g));
+            }
+            ArithOp::Add | ArithOp::Sub => {
+                let (a, b) = (ctx.inputs[0].shape(), ctx.inputs[1].shape());
+                let gb = ctx.needs(1).then(|| {
+                    let gb = reduce_to_shape(g.clone(), b);
+                    if matches!(self, ArithOp::Sub) {
+                        -gb
+                    } else {
+                        gb
+                    }
+                });
+                let ga = ctx.needs(0).then(|| reduce_to_shape(g, a));
+                out.push(ga);
+                out.push(gb);
+            }
+            ArithOp::Mul => {
+                let (a, b) = (ctx.inputs[0], ctx.inputs[1]);
+                let shape = g.shape().to_vec();
+                let ga = ctx.needs(0).then(|| {
+                    let mut ga = g.clone();
+                    Zip::from(&mut ga)
+                        .and(&broadcast_view(b, &shape))
+                        .for_each(|g, &b| *g *= b);
+                    reduce_to_shape(ga, a.shape())
+                });
+                let gb = ctx.needs(1).then(|| {
+                    let mut gb = g;
+                    Zip::from(&mut gb)
+                        .and(&broadcast_view(a, &shape))
+                        .for_each(|g, &a| *g *= a);
+                    reduce_to_shape(gb, b.shape())
+                });
+                out.push(ga);
+                out.push(gb);
+            }
+            ArithOp::Div => {
+                // y = a / b: dy/da = 1/b, dy/db = -y/b.
+                let (a, b, y) = (ctx.inputs[0], ctx.inputs[1], ctx.output);
+                let shape = g.shape().to_vec();
+                let bv = broadcast_view(b, &shape);
+                let gb = ctx.needs(1).then(|| {
+                    let mut gb = g.clone();
+                    Zip::from(&mut gb)
+                        .and(y)
+                        .and(&bv)
+                        .for_each(|g, &y, &b| *g = -*g * y / b);
+                    reduce_to_shape(gb, b.shape())
+                });
+                let ga = ctx.needs(0).then(|| {
+                    let mut ga = g;
+                    Zip::from(&mut ga).and(&bv).for_each(|g, &b| *g /= b);
+                    reduce_to_shape(ga, a.shape())
+                });
+                out.push(ga);
+                out.push(gb);
+            }
+        }
+        out
+    }
+}
+
+impl<'t, S: Scalar> Var<'t, S> {
+    fn binary(self, other: Var<'t, S>, op: ArithOp<S>) -> Result<Var<'t, S>> {
+        let name = op.name();
+        self.check_same(name, &other)?;
+        let value = {
+            let nodes = self.tape().nodes();
+            let (a, b) = (&nodes[self.id()].value, &nodes[other.id()].value);
+            let shape = broadcast_shape(name, a.shape(), b.shape())?;
+            if a.shape() == b.shape() {
+                let z = Zip::from(a).and(b);
+                match op {
+                    ArithOp::Add => z.map_collect(|&a, &b| a + b),
+                    ArithOp::Sub => z.map_collect(|&a, &b| a - b),
+                    ArithOp::Mul => z.map_collect(|&a, &b| a * b),
+                    _ => z.map_collect(|&a, &b| a / b),
+                }
+            } else {
+                let (av, bv) = (broadcast_view(a, &shape), broadcast_view(b, &shape));
+                let z = Zip::from(&av).and(&bv);
+                match op {
+                    ArithOp::Add => z.map_collect(|&a, &b| a + b),
+                    ArithOp::Sub => z.map_collect(|&a, &b| a - b),
+                    ArithOp::Mul => z.map_collect(|&a, &b| a * b),
+                    _ => z.map_collect(|&a, &b| a / b),
+                }
+            }
+        };
+        Ok(self
+            .tape()
+            .push(Op::Arith(op), Inputs::from_slice(&[self.id(), other.id()]), value))
+    }
+
+    /// `self + other` with NumPy broadcasting.
+    pub fn try_add(self, other: Var<'t, S>) -> Result<Var<'t, S>> {
+        self.binary(other, ArithOp::Add)
+    }
+    /// `self - other` with NumPy broadcasting.
+    pub fn try_sub(self, other: Var<'t, S>) -> Result<Var<'t, S>> {
+        self.binary(other, ArithOp::Sub)
+    }
+    /// `self * other` (elementwise) with NumPy broadcasting.
+    pub fn try_mul(self, other: Var<'t, S>) -> Result<Var<'t, S>> {
+        self.binary(other, ArithOp::Mul)
+    }
+    /// `self / other` (elementwise) with NumPy broadcasting.
+    pub fn try_div(self, other: Var<'t, S>) -> Result<Var<'t, S>> {
+        self.binary(other, ArithOp::Div)
+    }
+
+    /// `scale * self + shift`, elementwise (what `x * 2.0`, `x + 1.0`, `-x`, `1.0 - x` record).
+    pub fn affine(self, scale: S, shift: S) -> Var<'t, S> {
+        let value = self.with_value(|x| map(x, |v| scale * v + shift));
+        self.tape().push(
+            Op::Arith(ArithOp::Affine { scale }),
+            Inputs::from_slice(&[self.id()]),
+            value,
+        )
+    }
+}

@@ -1,0 +1,721 @@
+//! Nonsmooth ops with selectable conservative derivatives: relu, leaky relu, abs, sign,
+//! clamp, elementwise maximum/minimum, and max/min reductions.
+//!
+//! Each op records its kink *override* (if any) when it is recorded; the selection itself is
+//! resolved at backward time from the override or the backward call's [`KinkPolicy`], so the
+//! same recorded graph can be re-run under another policy. Off the kinks every rule is the
+//! ordinary derivative; at a kink the rule returns the selection, and the ledger counts it.
+
+use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Zip};
+
+use crate::kernels::{broadcast_shape, broadcast_view, check_axis, map, parallel, reduce_to_shape};
+use crate::ledger::{KinkRecord, Selection};
+use crate::op::{Ctx, InputGrads, Op};
+use crate::policy::{check_selection, check_tie_rule, KinkPolicy, TieRule};
+use crate::tape::Inputs;
+use crate::var::Var;
+use crate::{Error, Result, Scalar};
+
+/// Which nonsmooth function.
+#[derive(Clone, Copy)]
+pub(crate) enum KinkKind<S> {
+    Relu,
+    LeakyRelu {
+        alpha: S,
+    },
+    Abs,
+    Sign,
+    Clamp {
+        lo: S,
+        hi: S,
+    },
+    Maximum,
+    Minimum,
+    /// Max (or min) over one axis, or over everything when `axis` is `None`.
+    Reduce {
+        axis: Option<usize>,
+        keep_dims: bool,
+        is_max: bool,
+    },
+}
+
+/// A nonsmooth op: its function and its per-op override, if any.
+pub(crate) struct KinkOp<S> {
+    kind: KinkKind<S>,
+    over: Option<Selection>,
+}
+
+impl<S: Scalar> KinkOp<S> {
+    pub fn name(&self) -> &'static str {
+        match self.kind {
+            KinkKind::Relu => "relu",
+            KinkKind::LeakyRelu { .. } => "leaky_relu",
+            KinkKind::Abs => "abs",
+            KinkKind::Sign => "sign",
+            KinkKind::Clamp { .. } => "clamp",
+            KinkKind::Maximum => "maximum",
+            KinkKind::Minimum => "minimum",
+            KinkKind::Reduce {
+                axis: Some(_),
+                is_max: true,
+                ..
+            } => "max_axis",
+            KinkKind::Reduce {
+                axis: Some(_),
+                is_max: false,
+                ..
+            } => "min_axis",
+            KinkKind::Reduce {
+                axis: None,
+                is_max: true,
+                ..
+            } => "max_all",
+            KinkKind::Reduce {
+                axis: None,
+                is_max: false,
+                ..
+            } => "min_all",
+        }
+    }
+
+    /// The selection in force under `policy`.
+    fn selection(&self, policy: &KinkPolicy) -> Selection {
+        if let Some(s) = self.over {
+            return s;
+        }
+        match self.kind {
+            KinkKind::Relu => Selection::Slope(policy.relu),
+            KinkKind::LeakyRelu { alpha } => {
+                let a = alpha.to_f64_exact();
+                Selection::Slope(a + policy.leaky_relu * (1.0 - a))
+            }
+            KinkKind::Abs => Selection::Slope(policy.abs),
+            KinkKind::Sign => Selection::Slope(policy.sign),
+            KinkKind::Clamp { .. } => Selection::Clamp {
+                low: policy.clamp_low,
+                high: policy.clamp_high,
+            },
+            KinkKind::Maximum | KinkKind::Minimum => Selection::TieWeight(policy.tie_weight),
+            KinkKind::Reduce { .. } => Selection::Tie(policy.reduce_tie),
+        }
+    }
+
+    pub fn backward(&self, ctx: &Ctx<'_, S>, g: ArrayD<S>) -> InputGrads<S> {
+        let sel = self.selection(ctx.policy);
+        let x = ctx.inputs[0];
+        let mut g = g;
+        let mut out = InputGrads::new();
+        match (self.kind, sel) {
+            (KinkKind::Relu, Selection::Slope(s)) => {
+                let s = S::from_f64_lossy(s);
+                slope_update(&mut g, x, move |x| {
+                    if x > S::zero() {
+                        S::one()
+                    } else if x < S::zero() {
+                        S::zero()
+                    } else {
+                        s
+                    }
+                });
+            }
+            (KinkKind::LeakyRelu { alpha }, Selection::Slope(s)) => {
+                let s = S::from_f64_lossy(s);
+                slope_update(&mut g, x, move |x| {
+                    if x > S::zero() {
+                        S::one()
+                    } else if x < S::zero() {
+                        alpha
+                    } else {
+                        s
+                    }
+                });
+            }
+            (KinkKind::Abs, Selection::Slope(s)) => {
+                let s = S::from_f64_lossy(s);
+                slope_update(&mut g, x, move |x| {
+                    if x > S::zero() {
+                        S::one()
+                    } else if x < S::zero() {
+                        -S::one()
+                    } else {
+                        s
+                    }
+                });
+            }
+            (KinkKind::Sign, Selection::Slope(s)) => {
+                let s = S::from_f64_lossy(s);
+                slope_update(&mut g, x, move |x| if x == S::zero() { s } else { S::zero() });
+            }
+            (KinkKind::Clamp { lo, hi }, Selection::Clamp { low, high }) => {
+                let (dl, dh) = (S::from_f64_lossy(low), S::from_f64_lossy(high));
+                slope_update(&mut g, x, move |x| {
+                    if x == lo {
+                        dl
+                    } else if x == hi {
+                        dh
+                    } else if x > lo && x < hi {
+                        S::one()
+                    } else {
+                        S::zero()
+                    }
+                });
+            }
+            (KinkKind::Maximum | KinkKind::Minimum, Selection::TieWeight(w)) => {
+                let w = S::from_f64_lossy(w);
+                let is_max = matches!(self.kind, KinkKind::Maximum);
+                let b = ctx.inputs[1];
+                let shape = g.shape().to_vec();
+                let (av, bv) = (broadcast_view(x, &shape), broadcast_view(b, &shape));
+                // Share of the gradient that goes to `a`.
+                let share = move |a: S, b: S| {
+                    if a == b {
+                        w
+                    } else if (a > b) == is_max {
+                        S::one()
+                    } else {
+                        S::zero()
+                    }
+                };
+                let gb = ctx.needs(1).then(|| {
+                    let mut gb = g.clone();
+                    Zip::from(&mut gb)
+                        .and(&av)
+                        .and(&bv)
+                        .for_each(|g, &a, &b| *g *= S::one() - share(a, b));
+                    reduce_to_shape(gb, b.shape())
+                });
+                Zip::from(&mut g)
+                    .and(&av)
+                    .and(&bv)
+                    .for_each(|g, &a, &b| *g *= share(a, b));
+                out.push(ctx.needs(0).then(|| reduce_to_shape(g, x.shape())));
+                out.push(gb);
+                return out;
+            }
+            (
+                KinkKind::Reduce {
+                    axis,
+                    keep_dims,
+                    is_max,
+                },
+                Selection::Tie(rule),
+            ) => {
+                out.push(Some(reduce_backward(x, ctx.output, g, axis, keep_dims, is_max, rule)));
+                return out;
+            }
+            _ => unreachable!("selection kind always matches the op kind"),
+        }
+        out.push(Some(g));
+        out
+    }
+
+    /// The ledger record of this node at its recorded inputs under `policy`.
+    pub fn ledger_record(
+        &self,
+        node: usize,
+        inputs: &[&ArrayD<S>],
+        output: &ArrayD<S>,
+        policy: &KinkPolicy,
+    ) -> KinkRecord {
+        let tol = S::from_f64_lossy(policy.tolerance);
+        let x = inputs[0];
+        let (elements, exact_idx, near) = match self.kind {
+            KinkKind::Relu | KinkKind::LeakyRelu { .. } | KinkKind::Abs | KinkKind::Sign => scan(x.view(), tol, |v| v),
+            KinkKind::Clamp { lo, hi } => scan(x.view(), tol, move |v| {
+                if (v - lo).abs() <= (v - hi).abs() {
+                    v - lo
+                } else {
+                    v - hi
+                }
+            }),
+            KinkKind::Maximum | KinkKind::Minimum => {
+                let shape = output.shape();
+                let diff = Zip::from(&broadcast_view(x, shape))
+                    .and(&broadcast_view(inputs[1], shape))
+                    .map_collect(|&a, &b| a - b);
+                scan(diff.view(), tol, |v| v)
+            }
+            KinkKind::Reduce { axis, is_max, .. } => reduce_ties(x, axis, is_max, tol),
+        };
+        KinkRecord {
+            node,
+            op: self.name(),
+            elements,
+            exact: exact_idx.len(),
+            near,
+            selection: self.selection(policy),
+            overridden: self.over.is_some(),
+            kink_indices: exact_idx,
+        }
+    }
+
+    /// Which side of each kink every element sits on. Two points with equal codes lie in the
+    /// same smooth piece of this op, so differencing between them is safe.
+    pub fn region_codes(&self, inputs: &[&ArrayD<S>]) -> Vec<i64> {
+        let sign = |v: S| -> i64 {
+            if v > S::zero() {
+                1
+            } else if v < S::zero() {
+                -1
+            } else {
+                0
+            }
+        };
+        let x = inputs[0];
+        match self.kind {
+            KinkKind::Relu | KinkKind::LeakyRelu { .. } | KinkKind::Abs | KinkKind::Sign => {
+                x.iter().map(|&v| sign(v)).collect()
+            }
+            KinkKind::Clamp { lo, hi } => x.iter().map(|&v| 3 * sign(v - lo) + sign(v - hi)).collect(),
+            KinkKind::Maximum | KinkKind::Minimum => {
+                let shape = broadcast_shape("maximum", x.shape(), inputs[1].shape()).expect("checked at record time");
+                Zip::from(&broadcast_view(x, &shape))
+                    .and(&broadcast_view(inputs[1], &shape))
+                    .map_collect(|&a, &b| sign(a - b))
+                    .into_iter()
+                    .collect()
+            }
+            KinkKind::Reduce { axis, is_max, .. } => {
+                let lanes = lanes_of(x, axis);
+                lanes
+                    .outer_iter()
+                    .map(|lane| {
+                        let m = extreme(lane.iter().copied(), is_max);
+                        let ties = lane.iter().filter(|&&v| v == m).count() as i64;
+                        let arg = lane.iter().position(|&v| v == m).unwrap_or(0) as i64;
+                        if ties > 1 {
+                            -1
+                        } else {
+                            arg
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// `g[i] *= d(x[i])`, in parallel for large arrays.
+fn slope_update<S: Scalar>(g: &mut ArrayD<S>, x: &ArrayD<S>, d: impl Fn(S) -> S + Sync + Send) {
+    if parallel(g.len()) {
+        Zip::from(g).and(x).par_for_each(|g, &x| *g *= d(x));
+    } else if let (Some(gs), Some(xs)) = (g.as_slice_mut(), x.as_slice()) {
+        for (g, &x) in gs.iter_mut().zip(xs) {
+            *g *= d(x);
+        }
+    } else {
+        Zip::from(g).and(x).for_each(|g, &x| *g *= d(x));
+    }
+}
+
+/// (elements, flat indices where `dist(x) == 0`, count where `0 < |dist(x)| <= tol`).
+fn scan<S: Scalar>(x: ArrayViewD<'_, S>, tol: S, dist: impl Fn(S) -> S) -> (usize, Vec<usize>, usize) {
+    let count_exact = |v: &S| dist(*v) == S::zero();
+    let exact = match x.as_slice() {
+        Some(s) => s.iter().filter(|v| count_exact(v)).count(),
+        None => x.iter().filter(|v| count_exact(v)).count(),
+    };
+    let idx = if exact > 0 {
+        x.iter()
+            .enumerate()
+            .filter(|(_, v)| count_exact(v))
+            .map(|(i, _)| i)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let near = if tol > S::zero() {
+        x.iter()
+            .filter(|&&v| {
+                let d = dist(v).abs();
+                d > S::zero() && d <= tol
+            })
+            .count()
+    } else {
+        0
+    };
+    (x.len(), idx, near)
+}
+
+/// The input as a 2-D view (lanes x lane length), the reduced axis last.
+fn lanes_of<S: Scalar>(x: &ArrayD<S>, axis: Option<usize>) -> ndarray::Array2<S> {
+    match axis {
+        None => x.iter().copied().collect::<ndarray::Array1<S>>().insert_axis(Axis(0)),
+        Some(ax) => {
+            let n = x.shape()[ax];
+            let mut v = x.view();
+            v.swap_axes(ax, x.ndim() - 1);
+            let flat: Vec<S> = v.iter().copied().collect();
+            ndarray::Array2::from_shape_vec((flat.len() / n.max(1), n), flat).expect("lanes reshape")
+        }
+    }
+}
+
+fn extreme<S: Scalar>(it: impl Iterator<Item = S>, is_max: bool) -> S {
+    it.fold(if is_max { S::neg_infinity() } else { S::infinity() }, |m, v| {
+        if (is_max && v > m) || (!is_max && v < m) || v.is_nan() {
+            v
+        } else {
+            m
+        }
+    })
+}
+
+/// Lanes with a tie at the extremum: (lanes, tied lane indices, lanes with a near tie).
+fn reduce_ties<S: Scalar>(x: &ArrayD<S>, axis: Option<usize>, is_max: bool, tol: S) -> (usize, Vec<usize>, usize) {
+    let lanes = lanes_of(x, axis);
+    let mut tied = Vec::new();
+    let mut near = 0;
+    for (i, lane) in lanes.outer_iter().enumerate() {
+        let m = extreme(lane.iter().copied(), is_max);
+        if lane.iter().filter(|&&v| v == m).count() > 1 {
+            tied.push(i);
+        } else if tol > S::zero() && lane.iter().any(|&v| v != m && (v - m).abs() <= tol) {
+            near += 1;
+        }
+    }
+    (lanes.nrows(), tied, near)
+}
+
+/// Spreads the gradient of a max/min reduction over the extremal elements of each lane.
+fn reduce_backward<S: Scalar>(
+    x: &ArrayD<S>,
+    y: &ArrayD<S>,
+    g: ArrayD<S>,
+    axis: Option<usize>,
+    keep_dims: bool,
+    _is_max: bool,
+    rule: TieRule,
+) -> ArrayD<S> {
+    let mut gx = ArrayD::<S>::zeros(x.raw_dim());
+    let spread = |lane: ndarray::ArrayView1<'_, S>, mut glane: ndarray::ArrayViewMut1<'_, S>, m: S, gv: S| {
+        let ties = lane.iter().filter(|&&v| v == m).count();
+        if ties == 0 {
+            return; // NaN lane: nothing is extremal
+        }
+        match rule {
+            TieRule::Split | TieRule::All => {
+                let share = if rule == TieRule::Split {
+                    gv / S::from_usize(ties).expect("count fits")
+                } else {
+                    gv
+                };
+                Zip::from(&mut glane).and(&lane).for_each(|gi, &v| {
+                    if v == m {
+                        *gi = share
+                    }
+                });
+            }
+            TieRule::First => {
+                let i = lane.iter().position(|&v| v == m).expect("tie exists");
+                glane[i] = gv;
+            }
+            TieRule::Last => {
+                let i = lane.iter().rposition(|&v| v == m).expect("tie exists");
+                glane[i] = gv;
+            }
+        }
+    };
+    match axis {
+        None => {
+            let m = *y.iter().next().expect("one element");
+            let gv = *g.iter().next().expect("one element");
+            let flat_x: ndarray::Array1<S> = x.iter().copied().collect();
+            let mut flat_g = ndarray::Array1::<S>::zeros(x.len());
+            spread(flat_x.view(), flat_g.view_mut(), m, gv);
+            gx = flat_g.into_shape_with_order(x.raw_dim()).expect("same size");
+        }
+        Some(ax) => {
+            let (yv, gv) = if keep_dims {
+                (y.index_axis(Axis(ax), 0), g.index_axis(Axis(ax), 0))
+            } else {
+                (y.view(), g.view())
+            };
+            Zip::from(x.lanes(Axis(ax)))
+                .and(gx.lanes_mut(Axis(ax)))
+                .and(&yv)
+                .and(&gv)
+                .for_each(|lane, glane, &m, &gval| spread(lane, glane, m, gval));
+        }
+    }
+    gx
+}
+
+impl<'t, S: Scalar> Var<'t, S> {
+    fn kink_unary(self, kind: KinkKind<S>, over: Option<Selection>, f: impl Fn(S) -> S + Sync + Send) -> Var<'t, S> {
+        let value = self.with_value(|x| map(x, f));
+        self.tape()
+            .push(Op::Kink(KinkOp { kind, over }), Inputs::from_slice(&[self.id()]), value)
+    }
+
+    fn outside_ok(&self) -> bool {
+        self.tape().policy().allow_outside_hull
+    }
+
+    /// `max(x, 0)`; relu'(0) from the policy.
+    pub fn relu(self) -> Var<'t, S> {
+        self.kink_unary(KinkKind::Relu, None, |v| if v > S::zero() { v } else { S::zero() })
+    }
+
+    /// relu with relu'(0) = `slope` for this node only (in [0, 1] unless the tape's policy
+    /// allows selections outside the hull).
+    pub fn try_relu_with(self, slope: f64) -> Result<Var<'t, S>> {
+        check_selection("relu'(0)", slope, 0.0, 1.0, self.outside_ok())?;
+        Ok(self.kink_unary(KinkKind::Relu, Some(Selection::Slope(slope)), |v| {
+            if v > S::zero() {
+                v
+            } else {
+                S::zero()
+            }
+        }))
+    }
+
+    /// Panicking form of [`try_relu_with`](Self::try_relu_with).
+    #[track_caller]
+    pub fn relu_with(self, slope: f64) -> Var<'t, S> {
+        self.try_relu_with(slope).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Leaky relu: `x` for `x > 0`, `alpha x` otherwise; the slope at 0 from the policy's
+    /// `leaky_relu` position between `alpha` and 1.
+    pub fn leaky_relu(self, alpha: S) -> Var<'t, S> {
+        self.kink_unary(KinkKind::LeakyRelu { alpha }, None, move |v| {
+            if v > S::zero() {
+                v
+            } else {
+                alpha * v
+            }
+        })
+    }
+
+    /// Leaky relu with the slope at 0 set to `slope` for this node (in [min(alpha,1), max(alpha,1)]).
+    pub fn try_leaky_relu_with(self, alpha: S, slope: f64) -> Result<Var<'t, S>> {
+        let a = alpha.to_f64_exact();
+        check_selection("leaky_relu'(0)", slope, a.min(1.0), a.max(1.0), self.outside_ok())?;
+        Ok(
+            self.kink_unary(KinkKind::LeakyRelu { alpha }, Some(Selection::Slope(slope)), move |v| {
+                if v > S::zero() {
+                    v
+                } else {
+                    alpha * v
+                }
+            }),
+        )
+    }
+
+    /// `|x|`; abs'(0) from the policy.
+    pub fn abs(self) -> Var<'t, S> {
+        self.kink_unary(KinkKind::Abs, None, S::abs)
+    }
+
+    /// `|x|` with abs'(0) = `slope` for this node (in [-1, 1]).
+    pub fn try_abs_with(self, slope: f64) -> Result<Var<'t, S>> {
+        check_selection("abs'(0)", slope, -1.0, 1.0, self.outside_ok())?;
+        Ok(self.kink_unary(KinkKind::Abs, Some(Selection::Slope(slope)), S::abs))
+    }
+
+    /// Panicking form of [`try_abs_with`](Self::try_abs_with).
+    #[track_caller]
+    pub fn abs_with(self, slope: f64) -> Var<'t, S> {
+        self.try_abs_with(slope).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `sign(x)` (-1, 0 or 1). Its derivative is 0 off 0; at 0 sign is discontinuous and the
+    /// policy's `sign` value (0 by default) is used. The ledger counts exact zeros.
+    pub fn sign(self) -> Var<'t, S> {
+        self.kink_unary(KinkKind::Sign, None, sign_of)
+    }
+
+    /// Clamps to `[lo, hi]`; the derivative at the bounds from the policy.
+    pub fn try_clamp(self, lo: S, hi: S) -> Result<Var<'t, S>> {
+        self.clamp_impl(lo, hi, None)
+    }
+
+    /// Panicking form of [`try_clamp`](Self::try_clamp).
+    #[track_caller]
+    pub fn clamp(self, lo: S, hi: S) -> Var<'t, S> {
+        self.try_clamp(lo, hi).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Clamp with the derivatives at `lo` and at `hi` set for this node (each in [0, 1]).
+    pub fn try_clamp_with(self, lo: S, hi: S, at_low: f64, at_high: f64) -> Result<Var<'t, S>> {
+        let o = self.outside_ok();
+        check_selection("clamp'(low)", at_low, 0.0, 1.0, o)?;
+        check_selection("clamp'(high)", at_high, 0.0, 1.0, o)?;
+        self.clamp_impl(
+            lo,
+            hi,
+            Some(Selection::Clamp {
+                low: at_low,
+                high: at_high,
+            }),
+        )
+    }
+
+    fn clamp_impl(self, lo: S, hi: S, over: Option<Selection>) -> Result<Var<'t, S>> {
+        if lo.is_nan() || hi.is_nan() || lo > hi {
+            return Err(Error::invalid(
+                "clamp",
+                format!("bounds must satisfy lo <= hi, got lo = {lo}, hi = {hi}"),
+            ));
+        }
+        Ok(self.kink_unary(KinkKind::Clamp { lo, hi }, over, move |v| {
+            if v < lo {
+                lo
+            } else if v > hi {
+                hi
+            } else {
+                v
+            }
+        }))
+    }
+
+    fn extremum2(self, other: Var<'t, S>, is_max: bool, over: Option<Selection>) -> Result<Var<'t, S>> {
+        let name = if is_max { "maximum" } else { "minimum" };
+        self.check_same(name, &other)?;
+        let value = {
+            let nodes = self.tape().nodes();
+            let (a, b) = (&nodes[self.id()].value, &nodes[other.id()].value);
+            let shape = broadcast_shape(name, a.shape(), b.shape())?;
+            Zip::from(&broadcast_view(a, &shape))
+                .and(&broadcast_view(b, &shape))
+                .map_collect(|&a, &b| {
+                    let keep_a = if is_max { a >= b } else { a <= b };
+                    if keep_a {
+                        a
+                    } else {
+                        b
+                    }
+                })
+        };
+        let kind = if is_max { KinkKind::Maximum } else { KinkKind::Minimum };
+        Ok(self.tape().push(
+            Op::Kink(KinkOp { kind, over }),
+            Inputs::from_slice(&[self.id(), other.id()]),
+            value,
+        ))
+    }
+
+    /// Elementwise maximum (broadcasting); a tie is split by the policy's `tie_weight`.
+    pub fn try_maximum(self, other: Var<'t, S>) -> Result<Var<'t, S>> {
+        self.extremum2(other, true, None)
+    }
+    /// Panicking form of [`try_maximum`](Self::try_maximum).
+    #[track_caller]
+    pub fn maximum(self, other: Var<'t, S>) -> Var<'t, S> {
+        self.try_maximum(other).unwrap_or_else(|e| panic!("{e}"))
+    }
+    /// Elementwise maximum sending the share `weight` of a tie to `self` (in [0, 1]).
+    pub fn try_maximum_with(self, other: Var<'t, S>, weight: f64) -> Result<Var<'t, S>> {
+        check_selection("maximum tie weight", weight, 0.0, 1.0, self.outside_ok())?;
+        self.extremum2(other, true, Some(Selection::TieWeight(weight)))
+    }
+    /// Elementwise minimum (broadcasting); a tie is split by the policy's `tie_weight`.
+    pub fn try_minimum(self, other: Var<'t, S>) -> Result<Var<'t, S>> {
+        self.extremum2(other, false, None)
+    }
+    /// Panicking form of [`try_minimum`](Self::try_minimum).
+    #[track_caller]
+    pub fn minimum(self, other: Var<'t, S>) -> Var<'t, S> {
+        self.try_minimum(other).unwrap_or_else(|e| panic!("{e}"))
+    }
+    /// Elementwise minimum sending the share `weight` of a tie to `self` (in [0, 1]).
+    pub fn try_minimum_with(self, other: Var<'t, S>, weight: f64) -> Result<Var<'t, S>> {
+        check_selection("minimum tie weight", weight, 0.0, 1.0, self.outside_ok())?;
+        self.extremum2(other, false, Some(Selection::TieWeight(weight)))
+    }
+
+    fn reduce_ext(
+        self,
+        axis: Option<usize>,
+        keep_dims: bool,
+        is_max: bool,
+        rule: Option<TieRule>,
+    ) -> Result<Var<'t, S>> {
+        let name = if is_max { "max_axis" } else { "min_axis" };
+        if let Some(r) = rule {
+            check_tie_rule(r, self.outside_ok())?;
+        }
+        let value = self.with_value(|x| -> Result<ArrayD<S>> {
+            if x.is_empty() {
+                return Err(Error::invalid(name, "cannot take the extremum of an empty array"));
+            }
+            match axis {
+                None => Ok(ArrayD::from_elem(IxDyn(&[]), extreme(x.iter().copied(), is_max))),
+                Some(ax) => {
+                    check_axis(name, ax, x.ndim())?;
+                    if x.shape()[ax] == 0 {
+                        return Err(Error::invalid(name, format!("axis {ax} has length 0")));
+                    }
+                    let r = x.map_axis(Axis(ax), |lane| extreme(lane.iter().copied(), is_max));
+                    Ok(if keep_dims { r.insert_axis(Axis(ax)) } else { r })
+                }
+            }
+        })?;
+        let over = rule.map(Selection::Tie);
+        let kind = KinkKind::Reduce {
+            axis,
+            keep_dims,
+            is_max,
+        };
+        Ok(self
+            .tape()
+            .push(Op::Kink(KinkOp { kind, over }), Inputs::from_slice(&[self.id()]), value))
+    }
+
+    /// Maximum along `axis` (removed unless `keep_dims`); ties follow the policy's `reduce_tie`.
+    pub fn try_max_axis(self, axis: usize, keep_dims: bool) -> Result<Var<'t, S>> {
+        self.reduce_ext(Some(axis), keep_dims, true, None)
+    }
+    /// Panicking form of [`try_max_axis`](Self::try_max_axis).
+    #[track_caller]
+    pub fn max_axis(self, axis: usize, keep_dims: bool) -> Var<'t, S> {
+        self.try_max_axis(axis, keep_dims).unwrap_or_else(|e| panic!("{e}"))
+    }
+    /// Maximum along `axis` with the tie rule set for this node.
+    pub fn try_max_axis_with(self, axis: usize, keep_dims: bool, rule: TieRule) -> Result<Var<'t, S>> {
+        self.reduce_ext(Some(axis), keep_dims, true, Some(rule))
+    }
+    /// Minimum along `axis`; ties follow the policy's `reduce_tie`.
+    pub fn try_min_axis(self, axis: usize, keep_dims: bool) -> Result<Var<'t, S>> {
+        self.reduce_ext(Some(axis), keep_dims, false, None)
+    }
+    /// Panicking form of [`try_min_axis`](Self::try_min_axis).
+    #[track_caller]
+    pub fn min_axis(self, axis: usize, keep_dims: bool) -> Var<'t, S> {
+        self.try_min_axis(axis, keep_dims).unwrap_or_else(|e| panic!("{e}"))
+    }
+    /// Minimum along `axis` with the tie rule set for this node.
+    pub fn try_min_axis_with(self, axis: usize, keep_dims: bool, rule: TieRule) -> Result<Var<'t, S>> {
+        self.reduce_ext(Some(axis), keep_dims, false, Some(rule))
+    }
+    /// Maximum of all elements (a 0-d Var).
+    pub fn try_max_all(self) -> Result<Var<'t, S>> {
+        self.reduce_ext(None, false, true, None)
+    }
+    /// Panicking form of [`try_max_all`](Self::try_max_all).
+    #[track_caller]
+    pub fn max_all(self) -> Var<'t, S> {
+        self.try_max_all().unwrap_or_else(|e| panic!("{e}"))
+    }
+    /// Minimum of all elements (a 0-d Var).
+    pub fn try_min_all(self) -> Result<Var<'t, S>> {
+        self.reduce_ext(None, false, false, None)
+    }
+    /// Panicking form of [`try_min_all`](Self::try_min_all).
+    #[track_caller]
+    pub fn min_all(self) -> Var<'t, S> {
+        self.try_min_all().unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+#[inline]
+fn sign_of<S: Scalar>(v: S) -> S {
+    if v > S::zero() {
+        S::one()
+    } else if v < S::zero() {
+        -S::one()
+    } else {
+        v // keeps 0 (and NaN)
+    }
+}

@@ -1,0 +1,183 @@
+//! log-softmax, softmax cross-entropy with integer labels, mean squared error.
+
+use ndarray::{ArrayD, Axis, Ix2, IxDyn, Zip};
+
+use crate::kernels::check_axis;
+use crate::op::{Ctx, InputGrads, Op};
+use crate::tape::Inputs;
+use crate::var::Var;
+use crate::{Error, Result, Scalar};
+
+pub(crate) enum LossOp<S> {
+    LogSoftmax {
+        axis: usize,
+    },
+    /// Mean over rows of `-log softmax(logits)[label]`; keeps the softmax for backward.
+    SoftmaxCrossEntropy {
+        labels: Vec<usize>,
+        probs: ArrayD<S>,
+    },
+    /// `mean((a - b)^2)`.
+    Mse,
+}
+
+/// `x - logsumexp(x)` along `axis`, stably.
+fn log_softmax<S: Scalar>(x: &ArrayD<S>, axis: usize) -> ArrayD<S> {
+    let mut out = x.clone();
+    for mut lane in out.lanes_mut(Axis(axis)) {
+        let m = lane.iter().fold(S::neg_infinity(), |m, &v| m.max(v));
+        let m = if m.is_finite() { m } else { S::zero() };
+        let lse = lane.iter().map(|&v| (v - m).exp()).sum::<S>().ln() + m;
+        lane.mapv_inplace(|v| v - lse);
+    }
+    out
+}
+
+impl<S: Scalar> LossOp<S> {
+    pub fn name(&self) -> &'static str {
+        match self {
+            LossOp::LogSoftmax { .. } => "log_softmax",
+            LossOp::SoftmaxCrossEntropy { .. } => "softmax_cross_entropy",
+            LossOp::Mse => "mse",
+        }
+    }
+
+    pub fn backward(&self, ctx: &Ctx<'_, S>, g: ArrayD<S>) -> InputGrads<S> {
+        let mut out = InputGrads::new();
+        match self {
+            LossOp::LogSoftmax { axis } => {
+                // dx = g - softmax * sum(g) along the axis.
+                let y = ctx.output;
+                let mut gx = g;
+                Zip::from(gx.lanes_mut(Axis(*axis)))
+                    .and(y.lanes(Axis(*axis)))
+                    .for_each(|mut gl, yl| {
+                        let total = gl.sum();
+                        Zip::from(&mut gl).and(&yl).for_each(|g, &y| *g -= y.exp() * total);
+                    });
+                out.push(Some(gx));
+            }
+            LossOp::SoftmaxCrossEntropy { labels, probs } => {
+                let gv = *g.iter().next().expect("0-d loss");
+                let n = S::from_usize(labels.len()).expect("count fits");
+                let scale = gv / n;
+                let mut gx = probs.clone().into_dimensionality::<Ix2>().expect("2-D logits");
+                for (mut row, &l) in gx.outer_iter_mut().zip(labels) {
+                    row[l] -= S::one();
+                    row.mapv_inplace(|v| v * scale);
+                }
+                out.push(Some(gx.into_dyn()));
+                if ctx.inputs.len() > 1 {
+                    out.push(None);
+                }
+            }
+            LossOp::Mse => {
+                let (a, b) = (ctx.inputs[0], ctx.inputs[1]);
+                let gv = *g.iter().next().expect("0-d loss");
+                let k = (S::one() + S::one()) * gv / S::from_usize(a.len().max(1)).expect("count fits");
+                let diff = Zip::from(a).and(b).map_collect(|&a, &b| k * (a - b));
+                let gb = ctx.needs(1).then(|| diff.mapv(|v| -v));
+                out.push(ctx.needs(0).then_some(diff));
+                out.push(gb);
+            }
+        }
+        out
+    }
+}
+
+impl<'t, S: Scalar> Var<'t, S> {
+    /// `x - logsumexp(x)` along `axis`, computed stably.
+    pub fn try_log_softmax(self, axis: usize) -> Result<Var<'t, S>> {
+        check_axis("log_softmax", axis, self.ndim())?;
+        let value = self.with_value(|x| log_softmax(x, axis));
+        Ok(self.tape().push(
+            Op::Loss(LossOp::LogSoftmax { axis }),
+            Inputs::from_slice(&[self.id()]),
+            value,
+        ))
+    }
+    /// Panicking form of [`try_log_softmax`](Self::try_log_softmax).
+    #[track_caller]
+    pub fn log_softmax(self, axis: usize) -> Var<'t, S> {
+        self.try_log_softmax(axis).unwrap_or_else(|e| panic!("{e}"))
+    }
+    /// `softmax` along `axis` (recorded as `exp(log_softmax)`).
+    #[track_caller]
+    pub fn softmax(self, axis: usize) -> Var<'t, S> {
+        self.log_softmax(axis).exp()
+    }
+
+    /// Mean softmax cross-entropy of `(n, classes)` logits against `n` integer labels.
+    pub fn try_softmax_cross_entropy(self, labels: &[usize]) -> Result<Var<'t, S>> {
+        let shape = self.shape();
+        if shape.len() != 2 || shape[0] != labels.len() {
+            return Err(Error::shapes(
+                "softmax_cross_entropy",
+                &shape,
+                &[labels.len()],
+                "logits must be (n, classes) with one label per row",
+            ));
+        }
+        if shape[0] == 0 {
+            return Err(Error::invalid("softmax_cross_entropy", "empty batch"));
+        }
+        if let Some(&bad) = labels.iter().find(|&&l| l >= shape[1]) {
+            return Err(Error::invalid(
+                "softmax_cross_entropy",
+                format!("label {bad} out of range for {} classes", shape[1]),
+            ));
+        }
+        let (loss, probs) = self.with_value(|x| {
+            let lsm = log_softmax(x, 1);
+            let total: S = lsm.outer_iter().zip(labels).map(|(row, &l)| -row[l]).sum();
+            let n = S::from_usize(labels.len()).expect("count fits");
+            (total / n, lsm.mapv(S::exp))
+        });
+        let value = ArrayD::from_elem(IxDyn(&[]), loss);
+        let op = LossOp::SoftmaxCrossEntropy {
+            labels: labels.to_vec(),
+            probs,
+        };
+        Ok(self.tape().push(Op::Loss(op), Inputs::from_slice(&[self.id()]), value))
+    }
+    /// Panicking form of [`try_softmax_cross_entropy`](Self::try_softmax_cross_entropy).
+    #[track_caller]
+    pub fn softmax_cross_entropy(self, labels: &[usize]) -> Var<'t, S> {
+        self.try_softmax_cross_entropy(labels).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Mean squared error `mean((self - target)^2)`; shapes must be equal.
+    pub fn try_mse(self, target: Var<'t, S>) -> Result<Var<'t, S>> {
+        self.check_same("mse", &target)?;
+        let value = {
+            let nodes = self.tape().nodes();
+            let (a, b) = (&nodes[self.id()].value, &nodes[target.id()].value);
+            if a.shape() != b.shape() {
+                return Err(Error::shapes(
+                    "mse",
+                    a.shape(),
+                    b.shape(),
+                    "prediction and target must have equal shapes",
+                ));
+            }
+            if a.is_empty() {
+                return Err(Error::invalid("mse", "empty arrays"));
+            }
+            let n = S::from_usize(a.len()).expect("count fits");
+            let s: S = Zip::from(a)
+                .and(b)
+                .fold(S::zero(), |acc, &a, &b| acc + (a - b) * (a - b));
+            ArrayD::from_elem(IxDyn(&[]), s / n)
+        };
+        Ok(self.tape().push(
+            Op::Loss(LossOp::Mse),
+            Inputs::from_slice(&[self.id(), target.id()]),
+            value,
+        ))
+    }
+    /// Panicking form of [`try_mse`](Self::try_mse).
+    #[track_caller]
+    pub fn mse(self, target: Var<'t, S>) -> Var<'t, S> {
+        self.try_mse(target).unwrap_or_else(|e| panic!("{e}"))
+    }
+}

@@ -1,0 +1,115 @@
+//! Sums and means over axes or over everything.
+
+use ndarray::{ArrayD, Axis};
+
+use crate::kernels::check_axis;
+use crate::op::{Ctx, InputGrads, Op};
+use crate::tape::Inputs;
+use crate::var::Var;
+use crate::{Error, Result, Scalar};
+
+pub(crate) enum ReduceOp {
+    /// Sum (or mean) over `axes` (sorted, distinct).
+    Sum {
+        axes: Vec<usize>,
+        keep_dims: bool,
+        mean: bool,
+    },
+}
+
+impl ReduceOp {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ReduceOp::Sum { mean: false, .. } => "sum",
+            ReduceOp::Sum { mean: true, .. } => "mean",
+        }
+    }
+
+    pub fn backward<S: Scalar>(&self, ctx: &Ctx<'_, S>, g: ArrayD<S>) -> InputGrads<S> {
+        let ReduceOp::Sum { axes, keep_dims, mean } = self;
+        let x = ctx.inputs[0];
+        let mut g = g;
+        if !keep_dims {
+            for &a in axes {
+                g = g.insert_axis(Axis(a));
+            }
+        }
+        let mut gx = g.broadcast(x.raw_dim()).expect("kept dims broadcast back").to_owned();
+        if *mean {
+            let count: usize = axes.iter().map(|&a| x.shape()[a]).product();
+            let inv = S::one() / S::from_usize(count.max(1)).expect("count fits");
+            gx.mapv_inplace(|v| v * inv);
+        }
+        let mut out = InputGrads::new();
+        out.push(Some(gx));
+        out
+    }
+}
+
+impl<'t, S: Scalar> Var<'t, S> {
+    fn reduce(self, axes: &[usize], keep_dims: bool, mean: bool) -> Result<Var<'t, S>> {
+        let op_name = if mean { "mean" } else { "sum" };
+        let nd = self.ndim();
+        let mut axes = axes.to_vec();
+        axes.sort_unstable();
+        axes.dedup();
+        for &a in &axes {
+            check_axis(op_name, a, nd)?;
+        }
+        let value = self.with_value(|x| {
+            let mut v = x.clone();
+            for &a in axes.iter().rev() {
+                v = v.sum_axis(Axis(a));
+            }
+            if mean {
+                let count: usize = axes.iter().map(|&a| x.shape()[a]).product();
+                if count == 0 {
+                    return Err(Error::invalid(op_name, "mean over an empty axis"));
+                }
+                let inv = S::one() / S::from_usize(count).expect("count fits");
+                v.mapv_inplace(|e| e * inv);
+            }
+            if keep_dims {
+                for &a in &axes {
+                    v = v.insert_axis(Axis(a));
+                }
+            }
+            Ok(v)
+        })?;
+        Ok(self.tape().push(
+            Op::Reduce(ReduceOp::Sum { axes, keep_dims, mean }),
+            Inputs::from_slice(&[self.id()]),
+            value,
+        ))
+    }
+
+    /// Sum over the given axes (removed unless `keep_dims`).
+    pub fn try_sum_axes(self, axes: &[usize], keep_dims: bool) -> Result<Var<'t, S>> {
+        self.reduce(axes, keep_dims, false)
+    }
+    /// Sum over one axis.
+    #[track_caller]
+    pub fn sum_axis(self, axis: usize, keep_dims: bool) -> Var<'t, S> {
+        self.try_sum_axes(&[axis], keep_dims).unwrap_or_else(|e| panic!("{e}"))
+    }
+    /// Sum of all elements (a 0-d Var).
+    pub fn sum(self) -> Var<'t, S> {
+        let all: Vec<usize> = (0..self.ndim()).collect();
+        self.reduce(&all, false, false).expect("all axes are valid")
+    }
+    /// Mean over the given axes.
+    pub fn try_mean_axes(self, axes: &[usize], keep_dims: bool) -> Result<Var<'t, S>> {
+        self.reduce(axes, keep_dims, true)
+    }
+    /// Mean over one axis.
+    #[track_caller]
+    pub fn mean_axis(self, axis: usize, keep_dims: bool) -> Var<'t, S> {
+        self.try_mean_axes(&[axis], keep_dims).unwrap_or_else(|e| panic!("{e}"))
+    }
+    /// Mean of all elements (a 0-d Var). Panics on an empty Var.
+    #[track_caller]
+    pub fn mean(self) -> Var<'t, S> {
+        let all: Vec<usize> = (0..self.ndim()).collect();
+        self.reduce(&all, false, true).unwrap_or_else(|e| panic!("{e}"))
+    }
+}

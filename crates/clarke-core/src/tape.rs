@@ -1,0 +1,276 @@
+//! The tape: an append-only arena of recorded nodes.
+//!
+//! Every op appends one node holding its op, the ids of its inputs, its value and whether it
+//! needs a gradient. Inputs always have smaller ids than their outputs, so walking the ids
+//! backwards is a topological order: backward needs no sort. Backward never consumes the
+//! tape, so one recorded graph can be replayed with many seeds and under many kink
+//! policies.
+
+use std::cell::{Cell, Ref, RefCell};
+
+use ndarray::{ArrayD, IxDyn};
+use smallvec::SmallVec;
+
+use crate::ledger::KinkLedger;
+use crate::op::Op;
+use crate::policy::KinkPolicy;
+use crate::var::Var;
+use crate::{Error, Result, Scalar, Stage};
+
+/// Node ids of an op's inputs (most ops have one or two).
+pub(crate) type Inputs = SmallVec<[usize; 2]>;
+
+/// One recorded operation.
+pub(crate) struct Node<S: Scalar> {
+    pub(crate) op: Op<S>,
+    pub(crate) inputs: Inputs,
+    pub(crate) value: ArrayD<S>,
+    pub(crate) needs_grad: bool,
+}
+
+/// A tape of recorded operations over scalars `S` (`f32` or `f64`).
+///
+/// Create leaves with [`param`](Self::param) (gradient wanted) and
+/// [`constant`](Self::constant), combine them with the methods and operators of [`Var`], and
+/// call [`Var::backward`]. The tape owns all values; `Var`s are `Copy` handles into it.
+///
+/// ```
+/// use clarke_core::Tape;
+/// use ndarray::array;
+///
+/// let tape = Tape::<f64>::new();
+/// let x = tape.param(array![-1.0, 0.0, 2.0].into_dyn());
+/// let y = (x.relu() * 3.0).sum();
+/// let grads = y.backward().unwrap();
+/// // relu'(0) = 0 under the default (PyTorch) policy; the ledger saw one kink.
+/// assert_eq!(grads.wrt(x).unwrap().as_slice().unwrap(), &[0.0, 0.0, 3.0]);
+/// assert_eq!(grads.ledger().exact_hits(), 1);
+/// ```
+pub struct Tape<S: Scalar> {
+    pub(crate) nodes: RefCell<Vec<Node<S>>>,
+    policy: RefCell<KinkPolicy>,
+    grad_enabled: Cell<bool>,
+    anomaly_mode: Cell<bool>,
+    first_anomaly: RefCell<Option<Error>>,
+}
+
+impl<S: Scalar> Default for Tape<S> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S: Scalar> std::fmt::Debug for Tape<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tape")
+            .field("scalar", &S::NAME)
+            .field("nodes", &self.len())
+            .field("policy", &self.policy.borrow().name)
+            .finish()
+    }
+}
+
+impl<S: Scalar> Tape<S> {
+    /// An empty tape with the default kink policy ([`KinkPolicy::pytorch`]).
+    pub fn new() -> Self {
+        Tape {
+            nodes: RefCell::new(Vec::new()),
+            policy: RefCell::new(KinkPolicy::default()),
+            grad_enabled: Cell::new(true),
+            anomaly_mode: Cell::new(false),
+            first_anomaly: RefCell::new(None),
+        }
+    }
+
+    /// An empty tape with the given kink policy (validated).
+    pub fn with_policy(policy: KinkPolicy) -> Result<Self> {
+        policy.validate()?;
+        let tape = Self::new();
+        *tape.policy.borrow_mut() = policy;
+        Ok(tape)
+    }
+
+    /// An empty tape with room for `capacity` nodes.
+    pub fn with_capacity(capacity: usize) -> Self {
+        let tape = Self::new();
+        tape.nodes.borrow_mut().reserve(capacity);
+        tape
+    }
+
+    /// The tape's kink policy (the default for every backward call on it).
+    pub fn policy(&self) -> KinkPolicy {
+        self.policy.borrow().clone()
+    }
+
+    /// Replaces the tape's kink policy (validated). Affects later backward calls, also on
+    /// nodes recorded earlier: selections are applied at backward time.
+    pub fn set_policy(&self, policy: KinkPolicy) -> Result<()> {
+        policy.validate()?;
+        *self.policy.borrow_mut() = policy;
+        Ok(())
+    }
+
+    /// Switches anomaly detection on or off. When on, every recorded node checks its value:
+    /// the first node that turns finite inputs into NaN or inf is remembered
+    /// ([`anomaly`](Self::anomaly)), and backward returns it as [`Error::NonFinite`]; backward
+    /// also checks every gradient it computes.
+    pub fn set_anomaly_detection(&self, on: bool) {
+        self.anomaly_mode.set(on);
+    }
+
+    /// Whether anomaly detection is on.
+    pub fn anomaly_detection(&self) -> bool {
+        self.anomaly_mode.get()
+    }
+
+    /// The first non-finite value recorded in anomaly mode, if any.
+    pub fn anomaly(&self) -> Option<Error> {
+        self.first_anomaly.borrow().clone()
+    }
+
+    /// `Err` with the first anomaly, if anomaly mode saw one.
+    pub fn check_anomaly(&self) -> Result<()> {
+        match self.anomaly() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Number of recorded nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.borrow().len()
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held by the values on the tape (element storage only).
+    pub fn value_bytes(&self) -> usize {
+        self.nodes
+            .borrow()
+            .iter()
+            .map(|n| n.value.len() * std::mem::size_of::<S>())
+            .sum()
+    }
+
+    /// Runs `f` with gradient recording off: nodes recorded inside carry values but no
+    /// backward rule and never need a gradient.
+    pub fn no_grad<R>(&self, f: impl FnOnce() -> R) -> R {
+        struct Restore<'a>(&'a Cell<bool>, bool);
+        impl Drop for Restore<'_> {
+            fn drop(&mut self) {
+                self.0.set(self.1);
+            }
+        }
+        let _restore = Restore(&self.grad_enabled, self.grad_enabled.replace(false));
+        f()
+    }
+
+    /// Whether gradient recording is on (off inside [`no_grad`](Self::no_grad)).
+    pub fn grad_enabled(&self) -> bool {
+        self.grad_enabled.get()
+    }
+
+    /// A leaf that needs a gradient (a parameter or an input to differentiate by).
+    pub fn param(&self, value: ArrayD<S>) -> Var<'_, S> {
+        self.leaf(value, true)
+    }
+
+    /// A leaf without gradient (data, labels, fixed weights).
+    pub fn constant(&self, value: ArrayD<S>) -> Var<'_, S> {
+        self.leaf(value, false)
+    }
+
+    /// A 0-dimensional parameter.
+    pub fn param_scalar(&self, value: S) -> Var<'_, S> {
+        self.param(ArrayD::from_elem(IxDyn(&[]), value))
+    }
+
+    /// A 0-dimensional constant.
+    pub fn constant_scalar(&self, value: S) -> Var<'_, S> {
+        self.constant(ArrayD::from_elem(IxDyn(&[]), value))
+    }
+
+    fn leaf(&self, value: ArrayD<S>, needs_grad: bool) -> Var<'_, S> {
+        let mut nodes = self.nodes.borrow_mut();
+        let id = nodes.len();
+        nodes.push(Node {
+            op: Op::Leaf,
+            inputs: Inputs::new(),
+            value,
+            needs_grad,
+        });
+        Var::new(id, self)
+    }
+
+    /// Records the kink ledger of every nonsmooth node on the tape under `policy` (or the
+    /// tape's own), without running backward.
+    pub fn kink_ledger(&self, policy: Option<&KinkPolicy>) -> KinkLedger {
+        let own = self.policy.borrow();
+        let policy = policy.unwrap_or(&own);
+        let nodes = self.nodes.borrow();
+        let mut ledger = KinkLedger::new(policy.name);
+        for (id, node) in nodes.iter().enumerate() {
+            if let Op::Kink(k) = &node.op {
+                let inputs: SmallVec<[&ArrayD<S>; 2]> = node.inputs.iter().map(|&i| &nodes[i].value).collect();
+                ledger.push(k.ledger_record(id, &inputs, &node.value, policy));
+            }
+        }
+        ledger
+    }
+
+    /// Borrow of the node arena (crate-internal).
+    pub(crate) fn nodes(&self) -> Ref<'_, Vec<Node<S>>> {
+        self.nodes.borrow()
+    }
+
+    /// Appends a computed node. `inputs` must belong to this tape (checked by callers).
+    pub(crate) fn push(&self, op: Op<S>, inputs: Inputs, value: ArrayD<S>) -> Var<'_, S> {
+        let mut nodes = self.nodes.borrow_mut();
+        let id = nodes.len();
+        let needs_grad = self.grad_enabled.get() && inputs.iter().any(|&i| nodes[i].needs_grad);
+        if self.anomaly_mode.get() && self.first_anomaly.borrow().is_none() {
+            if let Some((count, value_at, index)) = first_non_finite(&value) {
+                let inputs_finite = inputs.iter().all(|&i| nodes[i].value.iter().all(|v| v.is_finite()));
+                if inputs_finite {
+                    *self.first_anomaly.borrow_mut() = Some(Error::NonFinite {
+                        stage: Stage::Forward,
+                        op: op.name(),
+                        node: id,
+                        count,
+                        value: value_at,
+                        index,
+                    });
+                }
+            }
+        }
+        // Nodes off the gradient path drop their op, except nonsmooth ones: the ledger
+        // still reports their kinks.
+        let keep = needs_grad || (self.grad_enabled.get() && matches!(op, Op::Kink(_)));
+        let (op, inputs) = if keep { (op, inputs) } else { (Op::Leaf, Inputs::new()) };
+        nodes.push(Node {
+            op,
+            inputs,
+            value,
+            needs_grad,
+        });
+        Var::new(id, self)
+    }
+}
+
+/// (count, first value, first flat index) of non-finite entries, if any.
+pub(crate) fn first_non_finite<S: Scalar>(a: &ArrayD<S>) -> Option<(usize, f64, usize)> {
+    let mut first = None;
+    let mut count = 0;
+    for (i, v) in a.iter().enumerate() {
+        if !v.is_finite() {
+            count += 1;
+            if first.is_none() {
+                first = Some((v.to_f64_exact(), i));
+            }
+        }
+    }
+    first.map(|(v, i)| (count, v, i))
+}
