@@ -1,11 +1,11 @@
 //! Reverse-mode sweep over the tape.
 
 use ndarray::ArrayD;
-use smallvec::SmallVec;
 
 use crate::grads::Grads;
+use crate::kernels::add_into;
 use crate::ledger::KinkLedger;
-use crate::op::{Ctx, Op};
+use crate::op::{Ctx, InputValues, Op};
 use crate::policy::KinkPolicy;
 use crate::tape::{first_non_finite, Tape};
 use crate::var::Var;
@@ -47,12 +47,58 @@ impl<S: Scalar> BackwardOptions<S> {
     }
 }
 
-/// Adds `g` into `slot`, moving it in when the slot is empty.
-#[inline]
-fn accumulate<S: Scalar>(slot: &mut Option<ArrayD<S>>, g: ArrayD<S>) {
-    match slot {
-        None => *slot = Some(g),
-        Some(acc) => *acc += &g,
+/// Gradients in flight during one backward sweep.
+///
+/// Only the frontier of the sweep holds gradients at any time, so they live in a small slab
+/// of reusable slots; each node has a 4-byte slot index (0: no gradient yet). A dense
+/// `Vec<Option<ArrayD>>` over all nodes would cost over 100 bytes per node and page faults
+/// on long tapes.
+struct GradBuffer<S: Scalar> {
+    slot_of: Vec<u32>,
+    slots: Vec<Option<ArrayD<S>>>,
+    free: Vec<u32>,
+}
+
+impl<S: Scalar> GradBuffer<S> {
+    fn new(nodes: usize) -> Self {
+        GradBuffer {
+            slot_of: vec![0; nodes],
+            slots: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+
+    /// Adds `g` to the gradient of `node`, moving it in when there is none yet.
+    #[inline]
+    fn add(&mut self, node: usize, g: ArrayD<S>) {
+        match self.slot_of[node] {
+            0 => {
+                let slot = match self.free.pop() {
+                    Some(s) => {
+                        self.slots[s as usize] = Some(g);
+                        s
+                    }
+                    None => {
+                        self.slots.push(Some(g));
+                        (self.slots.len() - 1) as u32
+                    }
+                };
+                self.slot_of[node] = slot + 1;
+            }
+            s => add_into(self.slots[(s - 1) as usize].as_mut().expect("occupied slot"), &g),
+        }
+    }
+
+    /// Moves the gradient of `node` out.
+    #[inline]
+    fn take(&mut self, node: usize) -> Option<ArrayD<S>> {
+        match std::mem::replace(&mut self.slot_of[node], 0) {
+            0 => None,
+            s => {
+                self.free.push(s - 1);
+                self.slots[(s - 1) as usize].take()
+            }
+        }
     }
 }
 
@@ -93,29 +139,26 @@ impl<S: Scalar> Tape<S> {
             }
         };
 
-        let mut grads: Vec<Option<ArrayD<S>>> = Vec::new();
-        grads.resize_with(out_id + 1, || None);
+        let mut grads = GradBuffer::new(out_id + 1);
         let mut ledger = KinkLedger::new(policy.name);
         if nodes[out_id].needs_grad {
-            grads[out_id] = Some(seed);
+            grads.add(out_id, seed);
         }
 
         for id in (0..=out_id).rev() {
             let node = &nodes[id];
             if matches!(node.op, Op::Leaf) {
-                continue; // leaf gradients stay in `grads`
+                continue; // leaf gradients stay in the buffer
             }
-            let Some(g) = grads[id].take() else { continue };
-            let inputs: SmallVec<[&ArrayD<S>; 2]> = node.inputs.iter().map(|&i| &nodes[i].value).collect();
-            let needs: SmallVec<[bool; 2]> = node.inputs.iter().map(|&i| nodes[i].needs_grad).collect();
+            let Some(g) = grads.take(id) else { continue };
+            let inputs = InputValues::new(&nodes, &node.inputs);
             if let Op::Kink(k) = &node.op {
-                ledger.push(k.ledger_record(id, &inputs, &node.value, policy));
+                ledger.push(k.ledger_record(id, inputs, &node.value, policy));
             }
             let grad_was_finite = anomaly && g.iter().all(|v| v.is_finite());
             let ctx = Ctx {
                 inputs,
                 output: &node.value,
-                needs,
                 policy,
             };
             let input_grads = node.op.backward(&ctx, g)?;
@@ -137,24 +180,21 @@ impl<S: Scalar> Tape<S> {
                         });
                     }
                 }
-                accumulate(&mut grads[target], gi);
+                grads.add(target, gi);
             }
         }
 
-        // Parameters the output does not depend on get zeros.
-        for (id, slot) in grads.iter_mut().enumerate() {
-            let node = &nodes[id];
-            if matches!(node.op, Op::Leaf) && node.needs_grad && node.inputs.is_empty() {
-                if slot.is_none() {
-                    *slot = Some(ArrayD::zeros(node.value.raw_dim()));
-                }
-            } else {
-                *slot = None;
+        // Parameter gradients; parameters the output does not depend on get zeros.
+        let mut params = Vec::new();
+        for (id, node) in nodes[..=out_id].iter().enumerate() {
+            if matches!(node.op, Op::Leaf) && node.needs_grad {
+                let g = grads.take(id).unwrap_or_else(|| ArrayD::zeros(node.value.raw_dim()));
+                params.push((id, g));
             }
         }
         ledger.sort();
         Ok(Grads {
-            by_node: grads,
+            params,
             ledger,
             tape_addr: self as *const _ as usize,
         })

@@ -121,6 +121,6 @@ impl<S: Scalar> Tape<S> {
         vjp: Box<VjpFn<S>>,
     ) -> Var<'t, S> {
         let ids: Inputs = inputs.iter().map(|v| v.id()).collect();
-        self.push(Op::Custom(CustomNode { name, vjp }), ids, value)
+        self.push(Op::Custom(Box::new(CustomNode { name, vjp })), ids, value)
     }
 }

@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::backward::BackwardOptions;
-use crate::op::Op;
+use crate::op::{InputValues, Op};
 use crate::tape::Tape;
 use crate::var::Var;
 use crate::{Error, Result, Scalar};
@@ -73,10 +73,7 @@ fn regions<S: Scalar>(tape: &Tape<S>) -> Regions {
         .iter()
         .enumerate()
         .filter_map(|(id, n)| match &n.op {
-            Op::Kink(k) => {
-                let inputs: Vec<&ArrayD<S>> = n.inputs.iter().map(|&i| &nodes[i].value).collect();
-                Some((id, k.name(), k.region_codes(&inputs)))
-            }
+            Op::Kink(k) => Some((id, k.name(), k.region_codes(InputValues::new(&nodes, &n.inputs)))),
             _ => None,
         })
         .collect()

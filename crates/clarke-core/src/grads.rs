@@ -9,7 +9,8 @@ use crate::{Error, Result, Scalar};
 /// The gradients of one backward call: one array per parameter leaf, and the kink ledger.
 #[derive(Debug, Clone)]
 pub struct Grads<S: Scalar> {
-    pub(crate) by_node: Vec<Option<ArrayD<S>>>,
+    /// (node id, gradient) of every parameter recorded before the output, by id.
+    pub(crate) params: Vec<(usize, ArrayD<S>)>,
     pub(crate) ledger: KinkLedger,
     pub(crate) tape_addr: usize,
 }
@@ -21,7 +22,10 @@ impl<S: Scalar> Grads<S> {
         if v.tape() as *const _ as usize != self.tape_addr {
             return None;
         }
-        self.by_node.get(v.id()).and_then(|g| g.as_ref())
+        self.params
+            .binary_search_by_key(&v.id(), |(id, _)| *id)
+            .ok()
+            .map(|i| &self.params[i].1)
     }
 
     /// The gradient of a parameter (zeros if the output does not depend on it).
@@ -48,7 +52,8 @@ impl<S: Scalar> Grads<S> {
         if v.tape() as *const _ as usize != self.tape_addr {
             return None;
         }
-        self.by_node.get_mut(v.id()).and_then(Option::take)
+        let i = self.params.binary_search_by_key(&v.id(), |(id, _)| *id).ok()?;
+        Some(self.params.remove(i).1)
     }
 
     /// The kink ledger of this backward call.

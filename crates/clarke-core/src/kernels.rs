@@ -16,11 +16,33 @@ pub(crate) fn parallel(len: usize) -> bool {
     len >= PARALLEL_ELEMENTS
 }
 
+// The kernels below take a slice fast path for contiguous standard-layout arrays: ndarray's
+// generic `Zip` over dynamic-rank arrays spends hundreds of instructions per call on layout
+// analysis, which dominates for the small arrays of long tapes.
+
+/// `x[i] = f(x[i])` in place, in parallel for large arrays.
+#[inline]
+pub(crate) fn map_inplace<S: Scalar>(x: &mut ArrayD<S>, f: impl Fn(S) -> S + Sync + Send) {
+    if parallel(x.len()) {
+        x.par_mapv_inplace(f);
+    } else if let Some(s) = x.as_slice_mut() {
+        for v in s {
+            *v = f(*v);
+        }
+    } else {
+        x.mapv_inplace(f);
+    }
+}
+
 /// `f` applied to every element, in parallel for large arrays.
 #[inline]
 pub(crate) fn map<S: Scalar>(x: &ArrayD<S>, f: impl Fn(S) -> S + Sync + Send) -> ArrayD<S> {
     if parallel(x.len()) {
         Zip::from(x).par_map_collect(|&v| f(v))
+    } else if x.is_standard_layout() {
+        let mut y = x.clone();
+        map_inplace(&mut y, f);
+        y
     } else {
         x.mapv(f)
     }
@@ -31,8 +53,33 @@ pub(crate) fn map<S: Scalar>(x: &ArrayD<S>, f: impl Fn(S) -> S + Sync + Send) ->
 pub(crate) fn update_with<S: Scalar>(g: &mut ArrayD<S>, x: &ArrayD<S>, f: impl Fn(S, S) -> S + Sync + Send) {
     if parallel(g.len()) {
         Zip::from(g).and(x).par_for_each(|g, &x| *g = f(*g, x));
+    } else if let (true, Some(xs)) = (g.is_standard_layout(), x.as_slice()) {
+        let gs = g.as_slice_mut().expect("standard layout");
+        for (g, &x) in gs.iter_mut().zip(xs) {
+            *g = f(*g, x);
+        }
     } else {
         Zip::from(g).and(x).for_each(|g, &x| *g = f(*g, x));
+    }
+}
+
+/// `acc += g` for equal-shaped arrays (gradient accumulation).
+#[inline]
+pub(crate) fn add_into<S: Scalar>(acc: &mut ArrayD<S>, g: &ArrayD<S>) {
+    update_with(acc, g, |a, g| a + g);
+}
+
+/// `f(a[i], b[i])` for equal-shaped arrays, in parallel for large arrays.
+#[inline]
+pub(crate) fn zip_map<S: Scalar>(a: &ArrayD<S>, b: &ArrayD<S>, f: impl Fn(S, S) -> S + Sync + Send) -> ArrayD<S> {
+    if parallel(a.len()) {
+        Zip::from(a).and(b).par_map_collect(|&a, &b| f(a, b))
+    } else if a.is_standard_layout() && b.is_standard_layout() {
+        let mut y = a.clone();
+        update_with(&mut y, b, f);
+        y
+    } else {
+        Zip::from(a).and(b).map_collect(|&a, &b| f(a, b))
     }
 }
 

@@ -12,19 +12,53 @@ use crate::ops::reduce::ReduceOp;
 use crate::ops::shape::ShapeOp;
 use crate::ops::unary::UnaryOp;
 use crate::policy::KinkPolicy;
+use crate::tape::Node;
 use crate::{Result, Scalar};
 
 /// Gradients with respect to an op's inputs (`None`: input needs none).
 pub(crate) type InputGrads<S> = SmallVec<[Option<ArrayD<S>>; 2]>;
 
+/// The input values of a node, read in place from the arena (no per-node collection).
+#[derive(Clone, Copy)]
+pub(crate) struct InputValues<'a, S: Scalar> {
+    nodes: &'a [Node<S>],
+    ids: &'a [usize],
+}
+
+impl<'a, S: Scalar> InputValues<'a, S> {
+    pub fn new(nodes: &'a [Node<S>], ids: &'a [usize]) -> Self {
+        InputValues { nodes, ids }
+    }
+    /// Number of inputs.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+    /// Whether input `i` needs a gradient.
+    #[inline]
+    pub fn needs_grad(&self, i: usize) -> bool {
+        self.nodes[self.ids[i]].needs_grad
+    }
+    /// The values, in input order.
+    pub fn iter(&self) -> impl Iterator<Item = &'a ArrayD<S>> + '_ {
+        self.ids.iter().map(|&i| &self.nodes[i].value)
+    }
+}
+
+impl<S: Scalar> std::ops::Index<usize> for InputValues<'_, S> {
+    type Output = ArrayD<S>;
+    #[inline]
+    fn index(&self, i: usize) -> &ArrayD<S> {
+        &self.nodes[self.ids[i]].value
+    }
+}
+
 /// What a backward rule sees of its node.
 pub(crate) struct Ctx<'a, S: Scalar> {
     /// Values of the inputs.
-    pub inputs: SmallVec<[&'a ArrayD<S>; 2]>,
+    pub inputs: InputValues<'a, S>,
     /// Value of the node.
     pub output: &'a ArrayD<S>,
-    /// Which inputs need a gradient.
-    pub needs: SmallVec<[bool; 2]>,
     /// The kink policy of this backward call.
     pub policy: &'a KinkPolicy,
 }
@@ -33,11 +67,14 @@ impl<S: Scalar> Ctx<'_, S> {
     /// Whether input `i` needs a gradient.
     #[inline]
     pub fn needs(&self, i: usize) -> bool {
-        self.needs[i]
+        self.inputs.needs_grad(i)
     }
 }
 
 /// An op on the tape. Each family keeps its forward and backward rules in one module.
+///
+/// Variants with large payloads are boxed so that a node stays small: the tape stores one
+/// node per op, and their size shows up directly in the per-node overhead.
 pub(crate) enum Op<S: Scalar> {
     /// A parameter, a constant, or a node recorded without gradient.
     Leaf,
@@ -48,15 +85,15 @@ pub(crate) enum Op<S: Scalar> {
     /// Nonsmooth elementwise ops and reductions with selectable derivatives at kinks.
     Kink(KinkOp<S>),
     /// Matrix products and axis permutations.
-    Linalg(LinalgOp),
+    Linalg(Box<LinalgOp>),
     /// Reshape, broadcast, concat, stack, slice, index-select.
-    Shape(ShapeOp),
+    Shape(Box<ShapeOp>),
     /// Sums and means.
-    Reduce(ReduceOp),
+    Reduce(Box<ReduceOp>),
     /// log-softmax, cross-entropy, mean squared error.
-    Loss(LossOp<S>),
+    Loss(Box<LossOp<S>>),
     /// A user op with its own vector-Jacobian product.
-    Custom(CustomNode<S>),
+    Custom(Box<CustomNode<S>>),
 }
 
 impl<S: Scalar> Op<S> {

@@ -12,7 +12,7 @@ use ndarray::{ArrayD, IxDyn};
 use smallvec::SmallVec;
 
 use crate::ledger::KinkLedger;
-use crate::op::Op;
+use crate::op::{InputValues, Op};
 use crate::policy::KinkPolicy;
 use crate::var::Var;
 use crate::{Error, Result, Scalar, Stage};
@@ -214,8 +214,7 @@ impl<S: Scalar> Tape<S> {
         let mut ledger = KinkLedger::new(policy.name);
         for (id, node) in nodes.iter().enumerate() {
             if let Op::Kink(k) = &node.op {
-                let inputs: SmallVec<[&ArrayD<S>; 2]> = node.inputs.iter().map(|&i| &nodes[i].value).collect();
-                ledger.push(k.ledger_record(id, &inputs, &node.value, policy));
+                ledger.push(k.ledger_record(id, InputValues::new(&nodes, &node.inputs), &node.value, policy));
             }
         }
         ledger

@@ -2,7 +2,7 @@
 
 use ndarray::{ArrayD, Zip};
 
-use crate::kernels::{broadcast_shape, broadcast_view, map, reduce_to_shape};
+use crate::kernels::{broadcast_shape, broadcast_view, map, map_inplace, reduce_to_shape, update_with, zip_map};
 use crate::op::{Ctx, InputGrads, Op};
 use crate::tape::Inputs;
 use crate::var::Var;
@@ -38,12 +38,12 @@ impl<S: Scalar> ArithOp<S> {
                 let s = *scale;
                 let mut g = g;
                 if s != S::one() {
-                    g.mapv_inplace(|v| v * s);
+                    map_inplace(&mut g, |v| v * s);
                 }
                 out.push(Some(g));
             }
             ArithOp::Add | ArithOp::Sub => {
-                let (a, b) = (ctx.inputs[0].shape(), ctx.inputs[1].shape());
+                let (a, b) = (&ctx.inputs[0].shape(), &ctx.inputs[1].shape());
                 let gb = ctx.needs(1).then(|| {
                     let gb = reduce_to_shape(g.clone(), b);
                     if matches!(self, ArithOp::Sub) {
@@ -56,8 +56,19 @@ impl<S: Scalar> ArithOp<S> {
                 out.push(ga);
                 out.push(gb);
             }
+            ArithOp::Mul if ctx.inputs[0].shape() == ctx.inputs[1].shape() => {
+                let (a, b) = (&ctx.inputs[0], &ctx.inputs[1]);
+                let ga = ctx.needs(0).then(|| zip_map(&g, b, |g, b| g * b));
+                let gb = ctx.needs(1).then(|| {
+                    let mut gb = g;
+                    update_with(&mut gb, a, |g, a| g * a);
+                    gb
+                });
+                out.push(ga);
+                out.push(gb);
+            }
             ArithOp::Mul => {
-                let (a, b) = (ctx.inputs[0], ctx.inputs[1]);
+                let (a, b) = (&ctx.inputs[0], &ctx.inputs[1]);
                 let shape = g.shape().to_vec();
                 let ga = ctx.needs(0).then(|| {
                     let mut ga = g.clone();
@@ -78,7 +89,7 @@ impl<S: Scalar> ArithOp<S> {
             }
             ArithOp::Div => {
                 // y = a / b: dy/da = 1/b, dy/db = -y/b.
-                let (a, b, y) = (ctx.inputs[0], ctx.inputs[1], ctx.output);
+                let (a, b, y) = (&ctx.inputs[0], &ctx.inputs[1], ctx.output);
                 let shape = g.shape().to_vec();
                 let bv = broadcast_view(b, &shape);
                 let gb = ctx.needs(1).then(|| {
@@ -109,16 +120,15 @@ impl<'t, S: Scalar> Var<'t, S> {
         let value = {
             let nodes = self.tape().nodes();
             let (a, b) = (&nodes[self.id()].value, &nodes[other.id()].value);
-            let shape = broadcast_shape(name, a.shape(), b.shape())?;
             if a.shape() == b.shape() {
-                let z = Zip::from(a).and(b);
                 match op {
-                    ArithOp::Add => z.map_collect(|&a, &b| a + b),
-                    ArithOp::Sub => z.map_collect(|&a, &b| a - b),
-                    ArithOp::Mul => z.map_collect(|&a, &b| a * b),
-                    _ => z.map_collect(|&a, &b| a / b),
+                    ArithOp::Add => zip_map(a, b, |a, b| a + b),
+                    ArithOp::Sub => zip_map(a, b, |a, b| a - b),
+                    ArithOp::Mul => zip_map(a, b, |a, b| a * b),
+                    _ => zip_map(a, b, |a, b| a / b),
                 }
             } else {
+                let shape = broadcast_shape(name, a.shape(), b.shape())?;
                 let (av, bv) = (broadcast_view(a, &shape), broadcast_view(b, &shape));
                 let z = Zip::from(&av).and(&bv);
                 match op {

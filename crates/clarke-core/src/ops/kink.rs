@@ -10,7 +10,7 @@ use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Zip};
 
 use crate::kernels::{broadcast_shape, broadcast_view, check_axis, map, parallel, reduce_to_shape};
 use crate::ledger::{KinkRecord, Selection};
-use crate::op::{Ctx, InputGrads, Op};
+use crate::op::{Ctx, InputGrads, InputValues, Op};
 use crate::policy::{check_selection, check_tie_rule, KinkPolicy, TieRule};
 use crate::tape::Inputs;
 use crate::var::Var;
@@ -102,7 +102,7 @@ impl<S: Scalar> KinkOp<S> {
 
     pub fn backward(&self, ctx: &Ctx<'_, S>, g: ArrayD<S>) -> InputGrads<S> {
         let sel = self.selection(ctx.policy);
-        let x = ctx.inputs[0];
+        let x = &ctx.inputs[0];
         let mut g = g;
         let mut out = InputGrads::new();
         match (self.kind, sel) {
@@ -163,7 +163,7 @@ impl<S: Scalar> KinkOp<S> {
             (KinkKind::Maximum | KinkKind::Minimum, Selection::TieWeight(w)) => {
                 let w = S::from_f64_lossy(w);
                 let is_max = matches!(self.kind, KinkKind::Maximum);
-                let b = ctx.inputs[1];
+                let b = &ctx.inputs[1];
                 let shape = g.shape().to_vec();
                 let (av, bv) = (broadcast_view(x, &shape), broadcast_view(b, &shape));
                 // Share of the gradient that goes to `a`.
@@ -213,12 +213,12 @@ impl<S: Scalar> KinkOp<S> {
     pub fn ledger_record(
         &self,
         node: usize,
-        inputs: &[&ArrayD<S>],
+        inputs: InputValues<'_, S>,
         output: &ArrayD<S>,
         policy: &KinkPolicy,
     ) -> KinkRecord {
         let tol = S::from_f64_lossy(policy.tolerance);
-        let x = inputs[0];
+        let x = &inputs[0];
         let (elements, exact_idx, near) = match self.kind {
             KinkKind::Relu | KinkKind::LeakyRelu { .. } | KinkKind::Abs | KinkKind::Sign => scan(x.view(), tol, |v| v),
             KinkKind::Clamp { lo, hi } => scan(x.view(), tol, move |v| {
@@ -231,7 +231,7 @@ impl<S: Scalar> KinkOp<S> {
             KinkKind::Maximum | KinkKind::Minimum => {
                 let shape = output.shape();
                 let diff = Zip::from(&broadcast_view(x, shape))
-                    .and(&broadcast_view(inputs[1], shape))
+                    .and(&broadcast_view(&inputs[1], shape))
                     .map_collect(|&a, &b| a - b);
                 scan(diff.view(), tol, |v| v)
             }
@@ -251,7 +251,7 @@ impl<S: Scalar> KinkOp<S> {
 
     /// Which side of each kink every element sits on. Two points with equal codes lie in the
     /// same smooth piece of this op, so differencing between them is safe.
-    pub fn region_codes(&self, inputs: &[&ArrayD<S>]) -> Vec<i64> {
+    pub fn region_codes(&self, inputs: InputValues<'_, S>) -> Vec<i64> {
         let sign = |v: S| -> i64 {
             if v > S::zero() {
                 1
@@ -261,7 +261,7 @@ impl<S: Scalar> KinkOp<S> {
                 0
             }
         };
-        let x = inputs[0];
+        let x = &inputs[0];
         match self.kind {
             KinkKind::Relu | KinkKind::LeakyRelu { .. } | KinkKind::Abs | KinkKind::Sign => {
                 x.iter().map(|&v| sign(v)).collect()
@@ -270,7 +270,7 @@ impl<S: Scalar> KinkOp<S> {
             KinkKind::Maximum | KinkKind::Minimum => {
                 let shape = broadcast_shape("maximum", x.shape(), inputs[1].shape()).expect("checked at record time");
                 Zip::from(&broadcast_view(x, &shape))
-                    .and(&broadcast_view(inputs[1], &shape))
+                    .and(&broadcast_view(&inputs[1], &shape))
                     .map_collect(|&a, &b| sign(a - b))
                     .into_iter()
                     .collect()

@@ -138,7 +138,7 @@ impl LinalgOp {
                 out.push(Some(g.permuted_axes(IxDyn(&inv))));
             }
             LinalgOp::MatMul(p) => {
-                let (a, b) = (ctx.inputs[0], ctx.inputs[1]);
+                let (a, b) = (&ctx.inputs[0], &ctx.inputs[1]);
                 let (ga, gb) = matmul_backward(*p, a, b, &g, ctx.needs(0), ctx.needs(1));
                 out.push(ga);
                 out.push(gb);
@@ -291,7 +291,7 @@ impl<'t, S: Scalar> Var<'t, S> {
         };
         let (p, value) = value;
         Ok(self.tape().push(
-            Op::Linalg(LinalgOp::MatMul(p)),
+            Op::Linalg(Box::new(LinalgOp::MatMul(p))),
             Inputs::from_slice(&[self.id(), other.id()]),
             value,
         ))
@@ -315,7 +315,7 @@ impl<'t, S: Scalar> Var<'t, S> {
         }
         let value = self.with_value(|x| x.clone().permuted_axes(IxDyn(perm)));
         Ok(self.tape().push(
-            Op::Linalg(LinalgOp::Permute(perm.to_vec())),
+            Op::Linalg(Box::new(LinalgOp::Permute(perm.to_vec()))),
             Inputs::from_slice(&[self.id()]),
             value,
         ))

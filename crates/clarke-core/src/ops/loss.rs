@@ -72,7 +72,7 @@ impl<S: Scalar> LossOp<S> {
                 }
             }
             LossOp::Mse => {
-                let (a, b) = (ctx.inputs[0], ctx.inputs[1]);
+                let (a, b) = (&ctx.inputs[0], &ctx.inputs[1]);
                 let gv = *g.iter().next().expect("0-d loss");
                 let k = (S::one() + S::one()) * gv / S::from_usize(a.len().max(1)).expect("count fits");
                 let diff = Zip::from(a).and(b).map_collect(|&a, &b| k * (a - b));
@@ -91,7 +91,7 @@ impl<'t, S: Scalar> Var<'t, S> {
         check_axis("log_softmax", axis, self.ndim())?;
         let value = self.with_value(|x| log_softmax(x, axis));
         Ok(self.tape().push(
-            Op::Loss(LossOp::LogSoftmax { axis }),
+            Op::Loss(Box::new(LossOp::LogSoftmax { axis })),
             Inputs::from_slice(&[self.id()]),
             value,
         ))
@@ -138,7 +138,9 @@ impl<'t, S: Scalar> Var<'t, S> {
             labels: labels.to_vec(),
             probs,
         };
-        Ok(self.tape().push(Op::Loss(op), Inputs::from_slice(&[self.id()]), value))
+        Ok(self
+            .tape()
+            .push(Op::Loss(Box::new(op)), Inputs::from_slice(&[self.id()]), value))
     }
     /// Panicking form of [`try_softmax_cross_entropy`](Self::try_softmax_cross_entropy).
     #[track_caller]
@@ -170,7 +172,7 @@ impl<'t, S: Scalar> Var<'t, S> {
             ArrayD::from_elem(IxDyn(&[]), s / n)
         };
         Ok(self.tape().push(
-            Op::Loss(LossOp::Mse),
+            Op::Loss(Box::new(LossOp::Mse)),
             Inputs::from_slice(&[self.id(), target.id()]),
             value,
         ))

@@ -27,7 +27,7 @@ impl ReduceOp {
 
     pub fn backward<S: Scalar>(&self, ctx: &Ctx<'_, S>, g: ArrayD<S>) -> InputGrads<S> {
         let ReduceOp::Sum { axes, keep_dims, mean } = self;
-        let x = ctx.inputs[0];
+        let x = &ctx.inputs[0];
         let mut g = g;
         if !keep_dims {
             for &a in axes {
@@ -77,7 +77,7 @@ impl<'t, S: Scalar> Var<'t, S> {
             Ok(v)
         })?;
         Ok(self.tape().push(
-            Op::Reduce(ReduceOp::Sum { axes, keep_dims, mean }),
+            Op::Reduce(Box::new(ReduceOp::Sum { axes, keep_dims, mean })),
             Inputs::from_slice(&[self.id()]),
             value,
         ))

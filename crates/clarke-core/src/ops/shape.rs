@@ -47,7 +47,7 @@ impl ShapeOp {
 
     pub fn backward<S: Scalar>(&self, ctx: &Ctx<'_, S>, g: ArrayD<S>) -> InputGrads<S> {
         let mut out = InputGrads::new();
-        let x = ctx.inputs[0];
+        let x = &ctx.inputs[0];
         match self {
             ShapeOp::Reshape => out.push(Some(reshape(g, x.shape()))),
             ShapeOp::BroadcastTo => out.push(Some(reduce_to_shape(g, x.shape()))),
@@ -100,9 +100,11 @@ impl<'t, S: Scalar> Var<'t, S> {
             return Err(Error::shapes("reshape", &from, shape, "element counts differ"));
         }
         let value = self.with_value(|x| reshape(x.clone(), shape));
-        Ok(self
-            .tape()
-            .push(Op::Shape(ShapeOp::Reshape), Inputs::from_slice(&[self.id()]), value))
+        Ok(self.tape().push(
+            Op::Shape(Box::new(ShapeOp::Reshape)),
+            Inputs::from_slice(&[self.id()]),
+            value,
+        ))
     }
     /// Panicking form of [`try_reshape`](Self::try_reshape).
     #[track_caller]
@@ -117,9 +119,11 @@ impl<'t, S: Scalar> Var<'t, S> {
                 .map(|v| v.to_owned())
                 .ok_or_else(|| Error::shapes("broadcast_to", x.shape(), shape, "not a broadcast of the input"))
         })?;
-        Ok(self
-            .tape()
-            .push(Op::Shape(ShapeOp::BroadcastTo), Inputs::from_slice(&[self.id()]), value))
+        Ok(self.tape().push(
+            Op::Shape(Box::new(ShapeOp::BroadcastTo)),
+            Inputs::from_slice(&[self.id()]),
+            value,
+        ))
     }
     /// Panicking form of [`try_broadcast_to`](Self::try_broadcast_to).
     #[track_caller]
@@ -146,7 +150,9 @@ impl<'t, S: Scalar> Var<'t, S> {
             start: range.start,
             end: range.end,
         };
-        Ok(self.tape().push(Op::Shape(op), Inputs::from_slice(&[self.id()]), value))
+        Ok(self
+            .tape()
+            .push(Op::Shape(Box::new(op)), Inputs::from_slice(&[self.id()]), value))
     }
     /// Panicking form of [`try_slice_axis`](Self::try_slice_axis).
     #[track_caller]
@@ -169,7 +175,9 @@ impl<'t, S: Scalar> Var<'t, S> {
             axis,
             indices: indices.to_vec(),
         };
-        Ok(self.tape().push(Op::Shape(op), Inputs::from_slice(&[self.id()]), value))
+        Ok(self
+            .tape()
+            .push(Op::Shape(Box::new(op)), Inputs::from_slice(&[self.id()]), value))
     }
     /// Panicking form of [`try_index_select`](Self::try_index_select).
     #[track_caller]
@@ -213,7 +221,7 @@ impl<S: Scalar> Tape<S> {
             (concatenate(Axis(axis), &views).expect("shapes checked"), lengths)
         };
         let inputs: Inputs = parts.iter().map(|p| p.id()).collect();
-        Ok(self.push(Op::Shape(ShapeOp::Concat { axis, lengths }), inputs, value))
+        Ok(self.push(Op::Shape(Box::new(ShapeOp::Concat { axis, lengths })), inputs, value))
     }
 
     /// Panicking form of [`try_concat`](Self::try_concat).
@@ -253,7 +261,7 @@ impl<S: Scalar> Tape<S> {
             ndarray::stack(Axis(axis), &views).expect("shapes checked")
         };
         let inputs: Inputs = parts.iter().map(|p| p.id()).collect();
-        Ok(self.push(Op::Shape(ShapeOp::Stack { axis }), inputs, value))
+        Ok(self.push(Op::Shape(Box::new(ShapeOp::Stack { axis })), inputs, value))
     }
 
     /// Panicking form of [`try_stack`](Self::try_stack).

@@ -69,7 +69,7 @@ impl<S: Scalar> UnaryOp<S> {
 
     pub fn backward(&self, ctx: &Ctx<'_, S>, g: ArrayD<S>) -> InputGrads<S> {
         let mut g = g;
-        let (x, y) = (ctx.inputs[0], ctx.output);
+        let (x, y) = (&ctx.inputs[0], ctx.output);
         let two = S::one() + S::one();
         match *self {
             UnaryOp::Exp => update_with(&mut g, y, |g, y| g * y),

@@ -1,0 +1,53 @@
+//! Tape overhead: a chain of 100,000 ops on one-element arrays, forward and backward.
+//!
+//! With one-element values the arithmetic is negligible, so the time per node is the cost
+//! of recording a node (allocation of its value, the push) and of its backward step
+//! (the rule, gradient accumulation). The chain alternates affine, relu, mul and tanh nodes.
+
+use std::hint::black_box;
+
+use clarke::core::Tape;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ndarray::arr1;
+
+fn chain(c: &mut Criterion) {
+    let mut group = c.benchmark_group("tape_overhead");
+    group.sample_size(20);
+    for &nodes in &[10_000usize, 100_000] {
+        group.throughput(Throughput::Elements(nodes as u64));
+        group.bench_with_input(BenchmarkId::new("forward_backward", nodes), &nodes, |b, &nodes| {
+            b.iter(|| {
+                let tape = Tape::<f64>::with_capacity(nodes + 2);
+                let x = tape.param(arr1(&[0.3]).into_dyn());
+                let w = tape.param(arr1(&[0.999]).into_dyn());
+                let mut h = x;
+                for i in 0..nodes / 4 {
+                    h = (h * 1.0001 + 0.01).relu();
+                    h = h * w;
+                    h = if i % 2 == 0 { h.tanh() } else { h + 0.0 };
+                }
+                let loss = h.sum();
+                let grads = loss.backward().unwrap();
+                black_box(grads.wrt(w).unwrap()[0])
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("forward_only", nodes), &nodes, |b, &nodes| {
+            b.iter(|| {
+                let tape = Tape::<f64>::with_capacity(nodes + 2);
+                let x = tape.param(arr1(&[0.3]).into_dyn());
+                let w = tape.param(arr1(&[0.999]).into_dyn());
+                let mut h = x;
+                for i in 0..nodes / 4 {
+                    h = (h * 1.0001 + 0.01).relu();
+                    h = h * w;
+                    h = if i % 2 == 0 { h.tanh() } else { h + 0.0 };
+                }
+                black_box(h.sum().scalar())
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, chain);
+criterion_main!(benches);
