@@ -6,6 +6,9 @@ use ndarray::{arr0, ArrayD};
 
 type Program = for<'t> fn(Var<'t, f64>) -> Var<'t, f64>;
 
+/// (name, program, AD output at 0 as a function of s = relu'(0), true derivative off 0).
+type Row = (&'static str, Program, fn(f64) -> f64, fn(f64) -> f64);
+
 fn relu2(t: Var<'_, f64>) -> Var<'_, f64> {
     (-t).relu() + t
 }
@@ -22,8 +25,7 @@ fn relu_minus_relu(t: Var<'_, f64>) -> Var<'_, f64> {
     t.relu() - (-t).relu()
 }
 
-/// (name, program, AD output at 0 as a function of s = relu'(0), true derivative at t != 0).
-fn table() -> Vec<(&'static str, Program, fn(f64) -> f64, fn(f64) -> f64)> {
+fn table() -> Vec<Row> {
     vec![
         ("relu2", relu2, |s| 1.0 - s, |t| if t > 0.0 { 1.0 } else { 0.0 }),
         ("relu3", relu3, |_| 0.5, |t| if t > 0.0 { 1.0 } else { 0.0 }),
@@ -57,7 +59,11 @@ fn t1_spurious_outputs_at_zero_are_exact_for_each_selection() {
 fn t1_digest_columns_s0_and_s1() {
     let expect = [(1.0, 0.0), (0.5, 0.5), (1.0, -1.0), (0.0, 2.0), (0.0, 2.0)];
     for ((name, program, _, _), (at0, at1)) in table().into_iter().zip(expect) {
-        assert_eq!(derivative_at(program, 0.0, &KinkPolicy::pytorch()).0, at0, "{name}, s = 0");
+        assert_eq!(
+            derivative_at(program, 0.0, &KinkPolicy::pytorch()).0,
+            at0,
+            "{name}, s = 0"
+        );
         assert_eq!(derivative_at(program, 0.0, &KinkPolicy::one()).0, at1, "{name}, s = 1");
     }
 }
@@ -81,7 +87,9 @@ fn t1_one_recording_replayed_under_three_policies() {
     let t = tape.param(arr0(0.0).into_dyn());
     let y = id_minus_zero(t);
     for s in [0.0, 0.5, 1.0] {
-        let g = y.backward_with(&BackwardOptions::policy(KinkPolicy::pytorch().with_relu(s))).unwrap();
+        let g = y
+            .backward_with(&BackwardOptions::policy(KinkPolicy::pytorch().with_relu(s)))
+            .unwrap();
         assert_eq!(g.wrt(t).unwrap()[[]], 2.0 * s);
     }
 }
@@ -98,7 +106,11 @@ fn t2<S: clarke_core::Scalar>(s: f64) -> (f64, usize) {
 #[test]
 fn t2_precision_dependent_kink_hit() {
     for s in [0.0, 0.5, 1.0] {
-        assert_eq!(t2::<f32>(s), (s, 1), "f32: (1e8 + 1) - 1e8 == 0, derivative is the selection");
+        assert_eq!(
+            t2::<f32>(s),
+            (s, 1),
+            "f32: (1e8 + 1) - 1e8 == 0, derivative is the selection"
+        );
         assert_eq!(t2::<f64>(s), (1.0, 0), "f64: the difference is 1, no kink");
     }
 }
