@@ -69,7 +69,7 @@ fn elementwise(c: &mut Criterion) {
                         "abs" => xv.abs(),
                         _ => xv.maximum(tape.param(other.clone())),
                     };
-                    let grads = y.backward_with(&clarke::core::BackwardOptions::seed(seed.clone())).unwrap();
+                    let grads = y.backward_seeded(seed.clone()).unwrap();
                     black_box(grads.ledger().exact_hits())
                 })
             });

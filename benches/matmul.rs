@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use clarke::core::gemm::gemm;
-use clarke::core::{BackwardOptions, Tape};
+use clarke::core::Tape;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ndarray::{Array2, ArrayD};
 use rand::{Rng, SeedableRng};
@@ -30,7 +30,7 @@ fn matmul(c: &mut Criterion) {
                 let av = tape.param(a.clone().into_dyn());
                 let bv = tape.param(b.clone().into_dyn());
                 let y = av.matmul(bv);
-                let grads = y.backward_with(&BackwardOptions::seed(seed.clone())).unwrap();
+                let grads = y.backward_seeded(seed.clone()).unwrap();
                 black_box(grads.wrt(av).unwrap()[[0, 0]])
             })
         });

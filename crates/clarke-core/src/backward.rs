@@ -105,24 +105,35 @@ impl<S: Scalar> GradBuffer<S> {
 impl<S: Scalar> Tape<S> {
     /// Backpropagates from `output`. See [`Var::backward`] and [`Var::backward_with`].
     pub fn backward(&self, output: Var<'_, S>, options: &BackwardOptions<S>) -> Result<Grads<S>> {
+        self.backward_impl(output, options.seed.clone(), options.policy.as_ref())
+    }
+
+    /// The sweep. `seed` is moved in: backward rules update gradients in place, so an owned
+    /// seed saves a copy of the output-sized array.
+    pub(crate) fn backward_impl(
+        &self,
+        output: Var<'_, S>,
+        seed: Option<ArrayD<S>>,
+        policy: Option<&KinkPolicy>,
+    ) -> Result<Grads<S>> {
         if !std::ptr::eq(output.tape(), self) {
             return Err(Error::ForeignVar {
                 op: "backward",
                 node: output.id(),
             });
         }
-        if let Some(p) = &options.policy {
+        if let Some(p) = policy {
             p.validate()?;
         }
         self.check_anomaly()?;
         let own_policy = self.policy();
-        let policy = options.policy.as_ref().unwrap_or(&own_policy);
+        let policy = policy.unwrap_or(&own_policy);
         let anomaly = self.anomaly_detection();
         let nodes = self.nodes();
         let out_id = output.id();
         let out_shape = nodes[out_id].value.shape();
-        let seed = match &options.seed {
-            Some(s) if s.shape() == out_shape => s.clone(),
+        let seed = match seed {
+            Some(s) if s.shape() == out_shape => s,
             Some(s) => {
                 return Err(Error::shapes(
                     "backward",

@@ -16,7 +16,6 @@ use ndarray::{ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::backward::BackwardOptions;
 use crate::op::{InputValues, Op};
 use crate::tape::Tape;
 use crate::var::Var;
@@ -160,7 +159,7 @@ where
     for j in 0..m {
         let mut seed = ArrayD::<S>::zeros(IxDyn(&y_shape));
         seed.as_slice_mut().expect("fresh array")[j] = S::one();
-        let grads = y.backward_with(&BackwardOptions::seed(seed))?;
+        let grads = y.backward_seeded(seed)?;
         rows.push(
             vars.iter()
                 .map(|v| grads.wrt(*v).cloned())
@@ -217,7 +216,7 @@ where
         .iter()
         .map(|x| ArrayD::<S>::from_shape_simple_fn(x.raw_dim(), || S::from_f64_lossy(rng.random_range(-1.0..1.0))))
         .collect();
-    let grads = y.backward_with(&BackwardOptions::seed(u.clone()))?;
+    let grads = y.backward_seeded(u.clone())?;
     let mut analytic = 0.0;
     for (var, dir) in vars.iter().zip(&v) {
         let g = grads.wrt(*var)?;

@@ -120,6 +120,12 @@ impl<'t, S: Scalar> Var<'t, S> {
     pub fn backward_with(&self, options: &BackwardOptions<S>) -> Result<Grads<S>> {
         self.tape.backward(*self, options)
     }
+
+    /// Backward from this output with the given seed (its shape), moved in rather than
+    /// copied, under the tape's kink policy.
+    pub fn backward_seeded(&self, seed: ArrayD<S>) -> Result<Grads<S>> {
+        self.tape.backward_impl(*self, Some(seed), None)
+    }
 }
 
 fn fail<T>(r: Result<T>) -> T {

@@ -8,7 +8,7 @@
 
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Zip};
 
-use crate::kernels::{broadcast_shape, broadcast_view, check_axis, map, parallel, reduce_to_shape};
+use crate::kernels::{broadcast_shape, broadcast_view, check_axis, from_vec_like, map, parallel, reduce_to_shape};
 use crate::ledger::{KinkRecord, Selection};
 use crate::op::{Ctx, InputGrads, InputValues, Op};
 use crate::policy::{check_selection, check_tie_rule, KinkPolicy, TieRule};
@@ -164,8 +164,6 @@ impl<S: Scalar> KinkOp<S> {
                 let w = S::from_f64_lossy(w);
                 let is_max = matches!(self.kind, KinkKind::Maximum);
                 let b = &ctx.inputs[1];
-                let shape = g.shape().to_vec();
-                let (av, bv) = (broadcast_view(x, &shape), broadcast_view(b, &shape));
                 // Share of the gradient that goes to `a`.
                 let share = move |a: S, b: S| {
                     if a == b {
@@ -176,6 +174,24 @@ impl<S: Scalar> KinkOp<S> {
                         S::zero()
                     }
                 };
+                if let (Some(xs), Some(bs), true) = (x.as_slice(), b.as_slice(), g.is_standard_layout()) {
+                    if x.shape() == b.shape() && !parallel(xs.len()) {
+                        // Same shapes, contiguous: one pass for both gradients.
+                        let gs = g.as_slice_mut().expect("standard layout");
+                        let mut gb = Vec::with_capacity(gs.len());
+                        for ((g, &a), &b) in gs.iter_mut().zip(xs).zip(bs) {
+                            let s = share(a, b);
+                            gb.push(*g * (S::one() - s));
+                            *g *= s;
+                        }
+                        let gb = ctx.needs(1).then(|| from_vec_like(b, gb));
+                        out.push(ctx.needs(0).then_some(g));
+                        out.push(gb);
+                        return out;
+                    }
+                }
+                let shape = g.shape().to_vec();
+                let (av, bv) = (broadcast_view(x, &shape), broadcast_view(b, &shape));
                 let gb = ctx.needs(1).then(|| {
                     let mut gb = g.clone();
                     Zip::from(&mut gb)
@@ -228,6 +244,28 @@ impl<S: Scalar> KinkOp<S> {
                     v - hi
                 }
             }),
+            KinkKind::Maximum | KinkKind::Minimum if x.shape() == inputs[1].shape() && tol == S::zero() => {
+                match (x.as_slice(), inputs[1].as_slice()) {
+                    (Some(a), Some(b)) => {
+                        let ties = a.iter().zip(b).filter(|(a, b)| a == b).count();
+                        let idx = if ties > 0 {
+                            a.iter()
+                                .zip(b)
+                                .enumerate()
+                                .filter(|(_, (a, b))| a == b)
+                                .map(|(i, _)| i)
+                                .collect()
+                        } else {
+                            Vec::new()
+                        };
+                        (a.len(), idx, 0)
+                    }
+                    _ => {
+                        let diff = Zip::from(x).and(&inputs[1]).map_collect(|&a, &b| a - b);
+                        scan(diff.view(), tol, |v| v)
+                    }
+                }
+            }
             KinkKind::Maximum | KinkKind::Minimum => {
                 let shape = output.shape();
                 let diff = Zip::from(&broadcast_view(x, shape))
