@@ -8,7 +8,7 @@
 
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Zip};
 
-use crate::kernels::{broadcast_shape, broadcast_view, check_axis, from_vec_like, map, parallel, reduce_to_shape};
+use crate::kernels::{broadcast_shape, broadcast_view, check_axis, map, parallel, reduce_to_shape, zip_map};
 use crate::ledger::{KinkRecord, Selection};
 use crate::op::{Ctx, InputGrads, InputValues, Op};
 use crate::policy::{check_selection, check_tie_rule, KinkPolicy, TieRule};
@@ -109,103 +109,42 @@ impl<S: Scalar> KinkOp<S> {
             (KinkKind::Relu, Selection::Slope(s)) => {
                 let s = S::from_f64_lossy(s);
                 slope_update(&mut g, x, move |x| {
-                    if x > S::zero() {
-                        S::one()
-                    } else if x < S::zero() {
-                        S::zero()
-                    } else {
-                        s
-                    }
+                    one_if::<S>(x > S::zero()) + s * one_if::<S>(x == S::zero())
                 });
             }
             (KinkKind::LeakyRelu { alpha }, Selection::Slope(s)) => {
                 let s = S::from_f64_lossy(s);
                 slope_update(&mut g, x, move |x| {
-                    if x > S::zero() {
-                        S::one()
-                    } else if x < S::zero() {
-                        alpha
-                    } else {
-                        s
-                    }
+                    alpha + (S::one() - alpha) * one_if::<S>(x > S::zero()) + (s - alpha) * one_if::<S>(x == S::zero())
                 });
             }
             (KinkKind::Abs, Selection::Slope(s)) => {
                 let s = S::from_f64_lossy(s);
                 slope_update(&mut g, x, move |x| {
-                    if x > S::zero() {
-                        S::one()
-                    } else if x < S::zero() {
-                        -S::one()
-                    } else {
-                        s
-                    }
+                    one_if::<S>(x > S::zero()) - one_if::<S>(x < S::zero()) + s * one_if::<S>(x == S::zero())
                 });
             }
             (KinkKind::Sign, Selection::Slope(s)) => {
                 let s = S::from_f64_lossy(s);
-                slope_update(&mut g, x, move |x| if x == S::zero() { s } else { S::zero() });
+                slope_update(&mut g, x, move |x| s * one_if::<S>(x == S::zero()));
             }
             (KinkKind::Clamp { lo, hi }, Selection::Clamp { low, high }) => {
                 let (dl, dh) = (S::from_f64_lossy(low), S::from_f64_lossy(high));
+                // At x == lo == hi the lower bound's selection applies.
                 slope_update(&mut g, x, move |x| {
-                    if x == lo {
-                        dl
-                    } else if x == hi {
-                        dh
-                    } else if x > lo && x < hi {
-                        S::one()
-                    } else {
-                        S::zero()
-                    }
+                    one_if::<S>(x > lo && x < hi) + dl * one_if::<S>(x == lo) + dh * one_if::<S>(x == hi && x != lo)
                 });
             }
             (KinkKind::Maximum | KinkKind::Minimum, Selection::TieWeight(w)) => {
                 let w = S::from_f64_lossy(w);
-                let is_max = matches!(self.kind, KinkKind::Maximum);
                 let b = &ctx.inputs[1];
-                // Share of the gradient that goes to `a`.
-                let share = move |a: S, b: S| {
-                    if a == b {
-                        w
-                    } else if (a > b) == is_max {
-                        S::one()
-                    } else {
-                        S::zero()
-                    }
+                let (ga, gb) = if matches!(self.kind, KinkKind::Maximum) {
+                    extremum_backward(x, b, g, w, |a, b| a > b)
+                } else {
+                    extremum_backward(x, b, g, w, |a, b| a < b)
                 };
-                if let (Some(xs), Some(bs), true) = (x.as_slice(), b.as_slice(), g.is_standard_layout()) {
-                    if x.shape() == b.shape() && !parallel(xs.len()) {
-                        // Same shapes, contiguous: one pass for both gradients.
-                        let gs = g.as_slice_mut().expect("standard layout");
-                        let mut gb = Vec::with_capacity(gs.len());
-                        for ((g, &a), &b) in gs.iter_mut().zip(xs).zip(bs) {
-                            let s = share(a, b);
-                            gb.push(*g * (S::one() - s));
-                            *g *= s;
-                        }
-                        let gb = ctx.needs(1).then(|| from_vec_like(b, gb));
-                        out.push(ctx.needs(0).then_some(g));
-                        out.push(gb);
-                        return out;
-                    }
-                }
-                let shape = g.shape().to_vec();
-                let (av, bv) = (broadcast_view(x, &shape), broadcast_view(b, &shape));
-                let gb = ctx.needs(1).then(|| {
-                    let mut gb = g.clone();
-                    Zip::from(&mut gb)
-                        .and(&av)
-                        .and(&bv)
-                        .for_each(|g, &a, &b| *g *= S::one() - share(a, b));
-                    reduce_to_shape(gb, b.shape())
-                });
-                Zip::from(&mut g)
-                    .and(&av)
-                    .and(&bv)
-                    .for_each(|g, &a, &b| *g *= share(a, b));
-                out.push(ctx.needs(0).then(|| reduce_to_shape(g, x.shape())));
-                out.push(gb);
+                out.push(ctx.needs(0).then_some(ga));
+                out.push(ctx.needs(1).then_some(gb));
                 return out;
             }
             (
@@ -331,6 +270,59 @@ impl<S: Scalar> KinkOp<S> {
             }
         }
     }
+}
+
+/// Gradients of `maximum(a, b)` (with `wins = >`) or `minimum(a, b)` (with `wins = <`): the
+/// winner of each element gets the gradient, a tie sends the share `w` to `a`.
+fn extremum_backward<S: Scalar>(
+    a: &ArrayD<S>,
+    b: &ArrayD<S>,
+    mut g: ArrayD<S>,
+    w: S,
+    wins: impl Fn(S, S) -> bool + Sync + Send,
+) -> (ArrayD<S>, ArrayD<S>) {
+    // Branch-free: the winner is data dependent and unpredictable.
+    let share = |a: S, b: S| {
+        let win = one_if::<S>(wins(a, b));
+        win + one_if::<S>(a == b) * (w - win)
+    };
+    let split = |g: &mut S, gb: &mut S, a: S, b: S| {
+        let s = share(a, b);
+        *gb = *g * (S::one() - s);
+        *g *= s;
+    };
+    if a.shape() == b.shape() {
+        let mut gb = ArrayD::<S>::zeros(g.raw_dim());
+        if parallel(g.len()) {
+            Zip::from(&mut g)
+                .and(&mut gb)
+                .and(a)
+                .and(b)
+                .par_for_each(|g, gb, &a, &b| split(g, gb, a, b));
+        } else if let (Some(xs), Some(bs), true) = (a.as_slice(), b.as_slice(), g.is_standard_layout()) {
+            let gs = g.as_slice_mut().expect("standard layout");
+            let gbs = gb.as_slice_mut().expect("fresh array");
+            for (((g, gb), &a), &b) in gs.iter_mut().zip(gbs).zip(xs).zip(bs) {
+                split(g, gb, a, b);
+            }
+        } else {
+            Zip::from(&mut g)
+                .and(&mut gb)
+                .and(a)
+                .and(b)
+                .for_each(|g, gb, &a, &b| split(g, gb, a, b));
+        }
+        return (g, gb);
+    }
+    let shape = g.shape().to_vec();
+    let (av, bv) = (broadcast_view(a, &shape), broadcast_view(b, &shape));
+    let mut gb = ArrayD::<S>::zeros(g.raw_dim());
+    Zip::from(&mut g)
+        .and(&mut gb)
+        .and(&av)
+        .and(&bv)
+        .for_each(|g, gb, &a, &b| split(g, gb, a, b));
+    (reduce_to_shape(g, a.shape()), reduce_to_shape(gb, b.shape()))
 }
 
 /// `g[i] *= d(x[i])`, in parallel for large arrays.
@@ -492,20 +484,14 @@ impl<'t, S: Scalar> Var<'t, S> {
 
     /// `max(x, 0)`; relu'(0) from the policy.
     pub fn relu(self) -> Var<'t, S> {
-        self.kink_unary(KinkKind::Relu, None, |v| if v > S::zero() { v } else { S::zero() })
+        self.kink_unary(KinkKind::Relu, None, relu_value)
     }
 
     /// relu with relu'(0) = `slope` for this node only (in [0, 1] unless the tape's policy
     /// allows selections outside the hull).
     pub fn try_relu_with(self, slope: f64) -> Result<Var<'t, S>> {
         check_selection("relu'(0)", slope, 0.0, 1.0, self.outside_ok())?;
-        Ok(self.kink_unary(KinkKind::Relu, Some(Selection::Slope(slope)), |v| {
-            if v > S::zero() {
-                v
-            } else {
-                S::zero()
-            }
-        }))
+        Ok(self.kink_unary(KinkKind::Relu, Some(Selection::Slope(slope)), relu_value))
     }
 
     /// Panicking form of [`try_relu_with`](Self::try_relu_with).
@@ -518,10 +504,10 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// `leaky_relu` position between `alpha` and 1.
     pub fn leaky_relu(self, alpha: S) -> Var<'t, S> {
         self.kink_unary(KinkKind::LeakyRelu { alpha }, None, move |v| {
-            if v > S::zero() {
-                v
-            } else {
+            if v < S::zero() {
                 alpha * v
+            } else {
+                v
             }
         })
     }
@@ -614,17 +600,25 @@ impl<'t, S: Scalar> Var<'t, S> {
         let value = {
             let nodes = self.tape().nodes();
             let (a, b) = (&nodes[self.id()].value, &nodes[other.id()].value);
-            let shape = broadcast_shape(name, a.shape(), b.shape())?;
-            Zip::from(&broadcast_view(a, &shape))
-                .and(&broadcast_view(b, &shape))
-                .map_collect(|&a, &b| {
-                    let keep_a = if is_max { a >= b } else { a <= b };
-                    if keep_a {
-                        a
-                    } else {
-                        b
-                    }
-                })
+            // Propagates NaN (a comparison with NaN is false both ways).
+            let pick = move |a: S, b: S| {
+                let (keep_a, keep_b) = if is_max { (a >= b, a < b) } else { (a <= b, a > b) };
+                if keep_a {
+                    a
+                } else if keep_b {
+                    b
+                } else {
+                    a + b
+                }
+            };
+            if a.shape() == b.shape() {
+                zip_map(a, b, pick)
+            } else {
+                let shape = broadcast_shape(name, a.shape(), b.shape())?;
+                Zip::from(&broadcast_view(a, &shape))
+                    .and(&broadcast_view(b, &shape))
+                    .map_collect(|&a, &b| pick(a, b))
+            }
         };
         let kind = if is_max { KinkKind::Maximum } else { KinkKind::Minimum };
         Ok(self.tape().push(
@@ -744,6 +738,22 @@ impl<'t, S: Scalar> Var<'t, S> {
     #[track_caller]
     pub fn min_all(self) -> Var<'t, S> {
         self.try_min_all().unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// 1 if `c`, else 0, without a branch (kink masks are data dependent and unpredictable).
+#[inline(always)]
+fn one_if<S: Scalar>(c: bool) -> S {
+    S::from_u8(u8::from(c)).unwrap_or_else(S::zero)
+}
+
+/// `max(v, 0)`, propagating NaN.
+#[inline]
+fn relu_value<S: Scalar>(v: S) -> S {
+    if v < S::zero() {
+        S::zero()
+    } else {
+        v
     }
 }
 
