@@ -18,6 +18,27 @@ pub struct BackwardOptions<S: Scalar> {
     pub seed: Option<ArrayD<S>>,
     /// Kink policy for this call instead of the tape's. Per-op overrides still win.
     pub policy: Option<KinkPolicy>,
+    /// Selections for single kink elements, overriding everything else at those elements.
+    pub element_selections: Vec<ElementSelection>,
+}
+
+/// The selection at one element of one nonsmooth node, for one backward call.
+///
+/// This is how a check explores the conservative Jacobian element by element: the implicit
+/// layers' hypothesis check flips the selection at each kink the inner map hit. `element` is
+/// the flat (row-major) index reported in the ledger's `kink_indices`. The value is the
+/// derivative at that element (relu, leaky relu, abs, sign; for clamp the derivative at
+/// whichever bound the element sits on) or the share sent to the first argument
+/// (`maximum`/`minimum` of equal-shaped operands). It applies only where the element sits
+/// exactly at the kink; elsewhere the ordinary derivative stands. Reductions ignore it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ElementSelection {
+    /// Node id of the nonsmooth op.
+    pub node: usize,
+    /// Flat index of the element.
+    pub element: usize,
+    /// The selection there.
+    pub value: f64,
 }
 
 impl<S: Scalar> BackwardOptions<S> {
@@ -25,14 +46,14 @@ impl<S: Scalar> BackwardOptions<S> {
     pub fn seed(seed: ArrayD<S>) -> Self {
         BackwardOptions {
             seed: Some(seed),
-            policy: None,
+            ..Default::default()
         }
     }
     /// Options with a kink policy.
     pub fn policy(policy: KinkPolicy) -> Self {
         BackwardOptions {
-            seed: None,
             policy: Some(policy),
+            ..Default::default()
         }
     }
     /// Adds a seed.
@@ -43,6 +64,11 @@ impl<S: Scalar> BackwardOptions<S> {
     /// Adds a kink policy.
     pub fn with_policy(mut self, policy: KinkPolicy) -> Self {
         self.policy = Some(policy);
+        self
+    }
+    /// Adds a selection for one kink element (see [`ElementSelection`]).
+    pub fn with_element_selection(mut self, node: usize, element: usize, value: f64) -> Self {
+        self.element_selections.push(ElementSelection { node, element, value });
         self
     }
 }
@@ -105,7 +131,12 @@ impl<S: Scalar> GradBuffer<S> {
 impl<S: Scalar> Tape<S> {
     /// Backpropagates from `output`. See [`Var::backward`] and [`Var::backward_with`].
     pub fn backward(&self, output: Var<'_, S>, options: &BackwardOptions<S>) -> Result<Grads<S>> {
-        self.backward_impl(output, options.seed.clone(), options.policy.as_ref())
+        self.backward_impl(
+            output,
+            options.seed.clone(),
+            options.policy.as_ref(),
+            &options.element_selections,
+        )
     }
 
     /// The sweep. `seed` is moved in: backward rules update gradients in place, so an owned
@@ -115,6 +146,7 @@ impl<S: Scalar> Tape<S> {
         output: Var<'_, S>,
         seed: Option<ArrayD<S>>,
         policy: Option<&KinkPolicy>,
+        element_selections: &[ElementSelection],
     ) -> Result<Grads<S>> {
         if !std::ptr::eq(output.tape(), self) {
             return Err(Error::ForeignVar {
@@ -125,6 +157,19 @@ impl<S: Scalar> Tape<S> {
         if let Some(p) = policy {
             p.validate()?;
         }
+        for e in element_selections {
+            if !e.value.is_finite() {
+                return Err(Error::InvalidSelection {
+                    op: "element selection",
+                    value: e.value,
+                    low: f64::NEG_INFINITY,
+                    high: f64::INFINITY,
+                    hint: " (selections must be finite)",
+                });
+            }
+        }
+        let mut element_selections = element_selections.to_vec();
+        element_selections.sort_by_key(|e| e.node);
         self.check_anomaly()?;
         let own_policy = self.policy();
         let policy = policy.unwrap_or(&own_policy);
@@ -167,10 +212,13 @@ impl<S: Scalar> Tape<S> {
                 ledger.push(k.ledger_record(id, inputs, &node.value, policy));
             }
             let grad_was_finite = anomaly && g.iter().all(|v| v.is_finite());
+            let lo = element_selections.partition_point(|e| e.node < id);
+            let hi = element_selections.partition_point(|e| e.node <= id);
             let ctx = Ctx {
                 inputs,
                 output: &node.value,
                 policy,
+                element_selections: &element_selections[lo..hi],
             };
             let input_grads = node.op.backward(&ctx, g)?;
             for (k, gi) in input_grads.into_iter().enumerate() {

@@ -11,6 +11,7 @@ use std::rc::Rc;
 use ndarray::{ArrayD, ArrayViewD};
 
 use crate::op::{Ctx, InputGrads, Op};
+use crate::policy::KinkPolicy;
 use crate::tape::{Inputs, Tape};
 use crate::var::Var;
 use crate::{Error, Result, Scalar};
@@ -36,16 +37,33 @@ pub trait CustomOp<S: Scalar> {
 pub type VjpFn<S> =
     dyn Fn(&[ArrayViewD<'_, S>], ArrayViewD<'_, S>, ArrayViewD<'_, S>) -> Result<Vec<Option<ArrayD<S>>>>;
 
+/// What a context-aware VJP learns about the backward call it runs in.
+#[derive(Debug, Clone, Copy)]
+pub struct VjpContext<'a> {
+    /// The kink policy of this backward call. A node that differentiates an inner program
+    /// (an implicit layer) applies it there too, so one policy governs the whole gradient.
+    pub policy: &'a KinkPolicy,
+}
+
+/// A context-aware VJP: `(context, inputs, output, grad) -> per-input gradients`.
+pub type VjpCtxFn<S> = dyn Fn(
+    &VjpContext<'_>,
+    &[ArrayViewD<'_, S>],
+    ArrayViewD<'_, S>,
+    ArrayViewD<'_, S>,
+) -> Result<Vec<Option<ArrayD<S>>>>;
+
 /// A custom node on the tape.
 pub(crate) struct CustomNode<S: Scalar> {
     name: String,
-    vjp: Box<VjpFn<S>>,
+    vjp: Box<VjpCtxFn<S>>,
 }
 
 impl<S: Scalar> CustomNode<S> {
     pub fn backward(&self, ctx: &Ctx<'_, S>, grad: ArrayD<S>) -> Result<InputGrads<S>> {
         let views: Vec<ArrayViewD<'_, S>> = ctx.inputs.iter().map(|a| a.view()).collect();
-        let grads = (self.vjp)(&views, ctx.output.view(), grad.view())?;
+        let vctx = VjpContext { policy: ctx.policy };
+        let grads = (self.vjp)(&vctx, &views, ctx.output.view(), grad.view())?;
         if grads.len() != views.len() {
             return Err(Error::CustomOp {
                 op: self.name.clone(),
@@ -93,7 +111,9 @@ impl<S: Scalar> Tape<S> {
         };
         let op = Rc::new(op);
         let name = op.name().to_string();
-        let vjp = move |i: &[ArrayViewD<'_, S>], o: ArrayViewD<'_, S>, g: ArrayViewD<'_, S>| op.vjp(i, o, g);
+        let vjp = move |_: &VjpContext<'_>, i: &[ArrayViewD<'_, S>], o: ArrayViewD<'_, S>, g: ArrayViewD<'_, S>| {
+            op.vjp(i, o, g)
+        };
         Ok(self.record_custom(name, inputs, value, Box::new(vjp)))
     }
 
@@ -110,6 +130,30 @@ impl<S: Scalar> Tape<S> {
         F: Fn(&[ArrayViewD<'_, S>], ArrayViewD<'_, S>, ArrayViewD<'_, S>) -> Result<Vec<Option<ArrayD<S>>>> + 'static,
     {
         self.check_inputs(name, inputs)?;
+        let vjp =
+            move |_: &VjpContext<'_>, i: &[ArrayViewD<'_, S>], o: ArrayViewD<'_, S>, g: ArrayViewD<'_, S>| vjp(i, o, g);
+        Ok(self.record_custom(name.to_string(), inputs, value, Box::new(vjp)))
+    }
+
+    /// Like [`try_custom_fn`](Self::try_custom_fn), with a VJP that also receives the
+    /// backward call's [`VjpContext`] (its kink policy).
+    pub fn try_custom_fn_ctx<'t, F>(
+        &'t self,
+        name: &str,
+        inputs: &[Var<'t, S>],
+        value: ArrayD<S>,
+        vjp: F,
+    ) -> Result<Var<'t, S>>
+    where
+        F: Fn(
+                &VjpContext<'_>,
+                &[ArrayViewD<'_, S>],
+                ArrayViewD<'_, S>,
+                ArrayViewD<'_, S>,
+            ) -> Result<Vec<Option<ArrayD<S>>>>
+            + 'static,
+    {
+        self.check_inputs(name, inputs)?;
         Ok(self.record_custom(name.to_string(), inputs, value, Box::new(vjp)))
     }
 
@@ -118,7 +162,7 @@ impl<S: Scalar> Tape<S> {
         name: String,
         inputs: &[Var<'t, S>],
         value: ArrayD<S>,
-        vjp: Box<VjpFn<S>>,
+        vjp: Box<VjpCtxFn<S>>,
     ) -> Var<'t, S> {
         let ids: Inputs = inputs.iter().map(|v| v.id()).collect();
         self.push(Op::Custom(Box::new(CustomNode { name, vjp })), ids, value)

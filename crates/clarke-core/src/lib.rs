@@ -42,8 +42,8 @@ pub mod scalar;
 pub mod tape;
 pub mod var;
 
-pub use backward::BackwardOptions;
-pub use custom::CustomOp;
+pub use backward::{BackwardOptions, ElementSelection};
+pub use custom::{CustomOp, VjpContext};
 pub use error::{Error, Result, Stage};
 pub use gradcheck::{gradcheck, gradcheck_direction, GradcheckOptions, GradcheckReport};
 pub use grads::Grads;

@@ -3,6 +3,7 @@
 use ndarray::ArrayD;
 use smallvec::SmallVec;
 
+use crate::backward::ElementSelection;
 use crate::custom::CustomNode;
 use crate::ops::arith::ArithOp;
 use crate::ops::kink::KinkOp;
@@ -61,6 +62,8 @@ pub(crate) struct Ctx<'a, S: Scalar> {
     pub output: &'a ArrayD<S>,
     /// The kink policy of this backward call.
     pub policy: &'a KinkPolicy,
+    /// Element-wise selections for this node (see [`ElementSelection`]).
+    pub element_selections: &'a [ElementSelection],
 }
 
 impl<S: Scalar> Ctx<'_, S> {

@@ -114,3 +114,22 @@ fn t2_precision_dependent_kink_hit() {
         assert_eq!(t2::<f64>(s), (1.0, 0), "f64: the difference is 1, no kink");
     }
 }
+
+#[test]
+fn element_selections_pick_the_derivative_of_single_kink_elements() {
+    use ndarray::arr1;
+    let tape = Tape::<f64>::new();
+    let x = tape.param(arr1(&[0.0, 0.0, 2.0, -1.0]).into_dyn());
+    let y = x.relu();
+    let seed = arr1(&[3.0, 3.0, 3.0, 3.0]).into_dyn();
+    // Default policy: relu'(0) = 0 at both kinks.
+    let g = y.backward_with(&BackwardOptions::seed(seed.clone())).unwrap();
+    assert_eq!(g.wrt(x).unwrap().as_slice().unwrap(), &[0.0, 0.0, 3.0, 0.0]);
+    assert_eq!(g.ledger().record(y.id()).unwrap().kink_indices, vec![0, 1]);
+    // Flip only element 1; an override on a non-kink element (3) changes nothing.
+    let opts = BackwardOptions::seed(seed)
+        .with_element_selection(y.id(), 1, 1.0)
+        .with_element_selection(y.id(), 3, 0.7);
+    let g = y.backward_with(&opts).unwrap();
+    assert_eq!(g.wrt(x).unwrap().as_slice().unwrap(), &[0.0, 3.0, 3.0, 0.0]);
+}

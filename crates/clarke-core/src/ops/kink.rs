@@ -104,6 +104,13 @@ impl<S: Scalar> KinkOp<S> {
         let sel = self.selection(ctx.policy);
         let x = &ctx.inputs[0];
         let mut g = g;
+        // Upstream gradients at elements with their own selection, before the in-place update.
+        let pinned: Vec<(usize, S, S)> = ctx
+            .element_selections
+            .iter()
+            .filter(|e| e.element < g.len())
+            .map(|e| (e.element, flat(&g, e.element), S::from_f64_lossy(e.value)))
+            .collect();
         let mut out = InputGrads::new();
         match (self.kind, sel) {
             (KinkKind::Relu, Selection::Slope(s)) => {
@@ -138,11 +145,19 @@ impl<S: Scalar> KinkOp<S> {
             (KinkKind::Maximum | KinkKind::Minimum, Selection::TieWeight(w)) => {
                 let w = S::from_f64_lossy(w);
                 let b = &ctx.inputs[1];
-                let (ga, gb) = if matches!(self.kind, KinkKind::Maximum) {
+                let (mut ga, mut gb) = if matches!(self.kind, KinkKind::Maximum) {
                     extremum_backward(x, b, g, w, |a, b| a > b)
                 } else {
                     extremum_backward(x, b, g, w, |a, b| a < b)
                 };
+                if x.shape() == b.shape() {
+                    for &(e, upstream, share) in &pinned {
+                        if flat(x, e) == flat(b, e) {
+                            *flat_mut(&mut ga, e) = upstream * share;
+                            *flat_mut(&mut gb, e) = upstream * (S::one() - share);
+                        }
+                    }
+                }
                 out.push(ctx.needs(0).then_some(ga));
                 out.push(ctx.needs(1).then_some(gb));
                 return out;
@@ -159,6 +174,16 @@ impl<S: Scalar> KinkOp<S> {
                 return out;
             }
             _ => unreachable!("selection kind always matches the op kind"),
+        }
+        for &(e, upstream, value) in &pinned {
+            let v = flat(x, e);
+            let at_kink = match self.kind {
+                KinkKind::Clamp { lo, hi } => v == lo || v == hi,
+                _ => v == S::zero(),
+            };
+            if at_kink {
+                *flat_mut(&mut g, e) = upstream * value;
+            }
         }
         out.push(Some(g));
         out
@@ -739,6 +764,34 @@ impl<'t, S: Scalar> Var<'t, S> {
     pub fn min_all(self) -> Var<'t, S> {
         self.try_min_all().unwrap_or_else(|e| panic!("{e}"))
     }
+}
+
+/// The element at row-major flat index `i`.
+fn flat<S: Scalar>(a: &ArrayD<S>, i: usize) -> S {
+    match a.as_slice() {
+        Some(s) => s[i],
+        None => a[unravel(a.shape(), i).as_slice()],
+    }
+}
+
+/// Mutable element at row-major flat index `i`.
+fn flat_mut<S: Scalar>(a: &mut ArrayD<S>, i: usize) -> &mut S {
+    let idx = unravel(a.shape(), i);
+    if a.is_standard_layout() {
+        &mut a.as_slice_mut().expect("standard layout")[i]
+    } else {
+        &mut a[idx.as_slice()]
+    }
+}
+
+/// Multi-index of row-major flat index `i` in `shape`.
+fn unravel(shape: &[usize], mut i: usize) -> Vec<usize> {
+    let mut idx = vec![0; shape.len()];
+    for (k, &d) in shape.iter().enumerate().rev() {
+        idx[k] = i % d.max(1);
+        i /= d.max(1);
+    }
+    idx
 }
 
 /// 1 if `c`, else 0, without a branch (kink masks are data dependent and unpredictable).
