@@ -39,6 +39,11 @@ pub(crate) fn map_inplace<S: Scalar>(x: &mut ArrayD<S>, f: impl Fn(S) -> S + Syn
 pub(crate) fn map<S: Scalar>(x: &ArrayD<S>, f: impl Fn(S) -> S + Sync + Send) -> ArrayD<S> {
     if parallel(x.len()) {
         Zip::from(x).par_map_collect(|&v| f(v))
+    } else if x.len() <= SMALL_ELEMENTS && x.is_standard_layout() {
+        // For tiny arrays, cloning the shape and strides beats recomputing the strides.
+        let mut y = x.clone();
+        map_inplace(&mut y, f);
+        y
     } else if let Some(s) = x.as_slice() {
         from_vec_like(x, s.iter().map(|&v| f(v)).collect())
     } else {
@@ -49,17 +54,10 @@ pub(crate) fn map<S: Scalar>(x: &ArrayD<S>, f: impl Fn(S) -> S + Sync + Send) ->
 /// An array of `like`'s shape (standard layout) holding `data`.
 #[inline]
 pub(crate) fn from_vec_like<S: Scalar>(like: &ArrayD<S>, data: Vec<S>) -> ArrayD<S> {
-    if like.len() <= SMALL_ELEMENTS {
-        // For tiny arrays, cloning the shape and strides beats recomputing the strides.
-        let mut y = like.clone();
-        y.as_slice_mut().expect("standard layout").copy_from_slice(&data);
-        y
-    } else {
-        ArrayD::from_shape_vec(like.raw_dim(), data).expect("same element count")
-    }
+    ArrayD::from_shape_vec(like.raw_dim(), data).expect("same element count")
 }
 
-/// Arrays up to this many elements are built by cloning a template (see [`from_vec_like`]).
+/// Arrays up to this many elements are built by cloning an input and updating it in place.
 const SMALL_ELEMENTS: usize = 16;
 
 /// `g[i] = f(g[i], x[i])` in place, in parallel for large arrays. Shapes must match.
@@ -88,6 +86,10 @@ pub(crate) fn add_into<S: Scalar>(acc: &mut ArrayD<S>, g: &ArrayD<S>) {
 pub(crate) fn zip_map<S: Scalar>(a: &ArrayD<S>, b: &ArrayD<S>, f: impl Fn(S, S) -> S + Sync + Send) -> ArrayD<S> {
     if parallel(a.len()) {
         Zip::from(a).and(b).par_map_collect(|&a, &b| f(a, b))
+    } else if a.len() <= SMALL_ELEMENTS && a.is_standard_layout() && b.is_standard_layout() {
+        let mut y = a.clone();
+        update_with(&mut y, b, f);
+        y
     } else if let (Some(xs), Some(ys)) = (a.as_slice(), b.as_slice()) {
         from_vec_like(a, xs.iter().zip(ys).map(|(&x, &y)| f(x, y)).collect())
     } else {
