@@ -122,7 +122,11 @@ impl<S: Scalar> KinkOp<S> {
             (KinkKind::LeakyRelu { alpha }, Selection::Slope(s)) => {
                 let s = S::from_f64_lossy(s);
                 slope_update(&mut g, x, move |x| {
-                    alpha + (S::one() - alpha) * one_if::<S>(x > S::zero()) + (s - alpha) * one_if::<S>(x == S::zero())
+                    {
+                        // Exactly one of the three masks is 1, so the sum is exact.
+                        let (pos, zero) = (one_if::<S>(x > S::zero()), one_if::<S>(x == S::zero()));
+                        pos + alpha * (S::one() - pos - zero) + s * zero
+                    }
                 });
             }
             (KinkKind::Abs, Selection::Slope(s)) => {
