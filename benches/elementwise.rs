@@ -24,7 +24,9 @@ fn data(n: usize, seed: u64) -> ArrayD<f64> {
 fn baseline_relu(x: &ArrayD<f64>, g: &ArrayD<f64>) -> (ArrayD<f64>, ArrayD<f64>) {
     if x.len() >= PARALLEL_ELEMENTS {
         let y = Zip::from(x).par_map_collect(|&v| v.max(0.0));
-        let gx = Zip::from(g).and(x).par_map_collect(|&g, &v| if v > 0.0 { g } else { 0.0 });
+        let gx = Zip::from(g)
+            .and(x)
+            .par_map_collect(|&g, &v| if v > 0.0 { g } else { 0.0 });
         (y, gx)
     } else {
         let y = x.mapv(|v| v.max(0.0));
@@ -47,8 +49,14 @@ fn baseline_abs(x: &ArrayD<f64>, g: &ArrayD<f64>) -> (ArrayD<f64>, ArrayD<f64>) 
 
 fn baseline_max(a: &ArrayD<f64>, b: &ArrayD<f64>, g: &ArrayD<f64>) -> (ArrayD<f64>, ArrayD<f64>, ArrayD<f64>) {
     let y = Zip::from(a).and(b).map_collect(|&a, &b| a.max(b));
-    let ga = Zip::from(g).and(a).and(b).map_collect(|&g, &a, &b| if a > b { g } else { 0.0 });
-    let gb = Zip::from(g).and(a).and(b).map_collect(|&g, &a, &b| if a > b { 0.0 } else { g });
+    let ga = Zip::from(g)
+        .and(a)
+        .and(b)
+        .map_collect(|&g, &a, &b| if a > b { g } else { 0.0 });
+    let gb = Zip::from(g)
+        .and(a)
+        .and(b)
+        .map_collect(|&g, &a, &b| if a > b { 0.0 } else { g });
     (y, ga, gb)
 }
 

@@ -67,7 +67,10 @@ fn load_digits(path: &str) -> Result<Split, String> {
             return Err(format!("{path}:{}: expected 65 fields, found {}", i + 1, fields.len()));
         }
         let parse = |s: &str| s.parse::<f64>().map_err(|e| format!("{path}:{}: {e}", i + 1));
-        let pixels = fields[..64].iter().map(|s| parse(s).map(|v| v / 16.0)).collect::<Result<Vec<_>, _>>()?;
+        let pixels = fields[..64]
+            .iter()
+            .map(|s| parse(s).map(|v| v / 16.0))
+            .collect::<Result<Vec<_>, _>>()?;
         let label = parse(fields[64])? as usize;
         rows.push((pixels, label));
     }
@@ -82,7 +85,12 @@ fn load_digits(path: &str) -> Result<Split, String> {
         }
     }
     let to2 = |v: Vec<f64>, n: usize| Array2::from_shape_vec((n, 64), v).expect("64 pixels per row");
-    Ok(Split { x_train: to2(xtr, ytr.len()), y_train: ytr, x_test: to2(xte, yte.len()), y_test: yte })
+    Ok(Split {
+        x_train: to2(xtr, ytr.len()),
+        y_train: ytr,
+        x_test: to2(xte, yte.len()),
+        y_test: yte,
+    })
 }
 
 /// Weights and biases of the three layers (W is out x in).
@@ -96,7 +104,9 @@ impl<S: Scalar> Mlp<S> {
         let mut params = Vec::new();
         for w in sizes.windows(2) {
             let bound = (6.0 / w[0] as f64).sqrt(); // He-uniform for relu
-            params.push(Array2::from_shape_fn((w[1], w[0]), |_| S::from_f64_lossy(rng.random_range(-bound..bound))));
+            params.push(Array2::from_shape_fn((w[1], w[0]), |_| {
+                S::from_f64_lossy(rng.random_range(-bound..bound))
+            }));
             params.push(Array2::zeros((1, w[1])));
         }
         let velocity = params.iter().map(|p| Array2::zeros(p.raw_dim())).collect();
@@ -120,7 +130,12 @@ impl<S: Scalar> Mlp<S> {
         if let Some(lr) = lr {
             let momentum = S::from_f64_lossy(0.9);
             for ((p, v), var) in self.params.iter_mut().zip(&mut self.velocity).zip(&vars) {
-                let g = grads.wrt(*var).expect("parameter").view().into_dimensionality::<ndarray::Ix2>().expect("2-D");
+                let g = grads
+                    .wrt(*var)
+                    .expect("parameter")
+                    .view()
+                    .into_dimensionality::<ndarray::Ix2>()
+                    .expect("2-D");
                 v.zip_mut_with(&g, |v, &g| *v = momentum * *v + g);
                 p.scaled_add(-lr, v);
             }
@@ -141,7 +156,10 @@ impl<S: Scalar> Mlp<S> {
             .axis_iter(Axis(0))
             .zip(y)
             .filter(|(row, &label)| {
-                let best = row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b });
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .fold(0, |b, (i, &v)| if v > row[b] { i } else { b });
                 best == label
             })
             .count();
@@ -225,6 +243,10 @@ fn main() {
         data.y_test.len(),
         if args.f32 { "f32" } else { "f64" }
     );
-    let result = if args.f32 { run::<f32>(&args, &data, &policy) } else { run::<f64>(&args, &data, &policy) };
+    let result = if args.f32 {
+        run::<f32>(&args, &data, &policy)
+    } else {
+        run::<f64>(&args, &data, &policy)
+    };
     println!("{result}");
 }
