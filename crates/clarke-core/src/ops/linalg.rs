@@ -1,6 +1,6 @@
 //! Matrix products (2-D, matrix-vector, vector-matrix, dot, batched) and axis permutations.
 //!
-//! Products go through [`gemm`](crate::gemm::gemm) on strided views, so the transposes in
+//! Products go through [`gemm`](crate::gemm::gemm()) on strided views, so the transposes in
 //! the backward rules (`G B^T`, `A^T G`) cost no copies.
 
 use ndarray::{Array2, ArrayD, ArrayView2, Axis, Ix1, Ix2, Ix3, IxDyn};
