@@ -801,7 +801,11 @@ fn unravel(shape: &[usize], mut i: usize) -> Vec<usize> {
 /// 1 if `c`, else 0, without a branch (kink masks are data dependent and unpredictable).
 #[inline(always)]
 fn one_if<S: Scalar>(c: bool) -> S {
-    S::from_u8(u8::from(c)).unwrap_or_else(S::zero)
+    if c {
+        S::one()
+    } else {
+        S::zero()
+    }
 }
 
 /// `max(v, 0)`, propagating NaN.
