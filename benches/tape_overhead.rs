@@ -7,9 +7,22 @@
 
 use std::hint::black_box;
 
-use clarke::core::Tape;
+use clarke::core::{Tape, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use ndarray::arr1;
+
+/// Records the chain on `tape`; returns the parameter `w` and the scalar output.
+fn record_chain(tape: &Tape<f64>, nodes: usize) -> (Var<'_, f64>, Var<'_, f64>) {
+    let x = tape.param(arr1(&[0.3]).into_dyn());
+    let w = tape.param(arr1(&[0.999]).into_dyn());
+    let mut h = x;
+    for i in 0..nodes / 5 {
+        h = (h * 1.0001 + 0.01).relu();
+        h = h * w;
+        h = if i % 2 == 0 { h.tanh() } else { h + 0.0 };
+    }
+    (w, h.sum())
+}
 
 fn chain(c: &mut Criterion) {
     let mut group = c.benchmark_group("tape_overhead");
@@ -18,32 +31,16 @@ fn chain(c: &mut Criterion) {
         group.throughput(Throughput::Elements(nodes as u64));
         group.bench_with_input(BenchmarkId::new("forward_backward", nodes), &nodes, |b, &nodes| {
             b.iter(|| {
-                let tape = Tape::<f64>::with_capacity(nodes + 2);
-                let x = tape.param(arr1(&[0.3]).into_dyn());
-                let w = tape.param(arr1(&[0.999]).into_dyn());
-                let mut h = x;
-                for i in 0..nodes / 5 {
-                    h = (h * 1.0001 + 0.01).relu();
-                    h = h * w;
-                    h = if i % 2 == 0 { h.tanh() } else { h + 0.0 };
-                }
-                let loss = h.sum();
+                let tape = Tape::<f64>::with_capacity(nodes + 3);
+                let (w, loss) = record_chain(&tape, nodes);
                 let grads = loss.backward().unwrap();
                 black_box(grads.wrt(w).unwrap()[0])
             })
         });
         group.bench_with_input(BenchmarkId::new("forward_only", nodes), &nodes, |b, &nodes| {
             b.iter(|| {
-                let tape = Tape::<f64>::with_capacity(nodes + 2);
-                let x = tape.param(arr1(&[0.3]).into_dyn());
-                let w = tape.param(arr1(&[0.999]).into_dyn());
-                let mut h = x;
-                for i in 0..nodes / 5 {
-                    h = (h * 1.0001 + 0.01).relu();
-                    h = h * w;
-                    h = if i % 2 == 0 { h.tanh() } else { h + 0.0 };
-                }
-                black_box(h.sum().scalar())
+                let tape = Tape::<f64>::with_capacity(nodes + 3);
+                black_box(record_chain(&tape, nodes).1.scalar())
             })
         });
     }
