@@ -121,6 +121,39 @@ pub enum Error {
         /// The estimate (for example the smallest singular value of I - J_z) and the selection.
         detail: String,
     },
+    /// An implicit layer's forward or adjoint solve stopped without reaching its tolerance
+    /// (or diverged, or met a non-finite value), and the layer's failure policy is to refuse.
+    #[error("{node}: {stage} solve failed: {solver} {status} after {iterations} iterations, residual {residual:e} > tolerance {tolerance:e}; residual trace {}", format_trace(.trace))]
+    SolveFailed {
+        /// The implicit layer.
+        node: String,
+        /// `"forward"` or `"adjoint"`.
+        stage: &'static str,
+        /// The solver.
+        solver: &'static str,
+        /// How it ended (`"diverged"`, `"maximum iterations reached"`, ...).
+        status: &'static str,
+        /// Iterations run.
+        iterations: usize,
+        /// Final residual.
+        residual: f64,
+        /// Requested tolerance.
+        tolerance: f64,
+        /// Residual after each iteration, when it was recorded.
+        trace: Box<[f64]>,
+    },
+    /// An error raised inside an implicit layer (by its inner map, a solver or a check), with
+    /// the layer's name and what it was doing.
+    #[error("{node}: {context}: {source}")]
+    InImplicit {
+        /// The implicit layer.
+        node: String,
+        /// What the layer was doing (`"forward solve"`, `"adjoint solve"`, ...).
+        context: &'static str,
+        /// The underlying error.
+        #[source]
+        source: Box<Error>,
+    },
     /// A finite-difference check would difference across a kink and refuses.
     #[error("gradcheck: refusing to difference across a kink: node {node} ({op}) changes branch when input {input} element {element} moves by ±{step:e}; check a point away from the kink or test the kink value exactly")]
     KinkInFiniteDifference {
@@ -162,6 +195,22 @@ pub enum Error {
     /// Reading or parsing data failed.
     #[error("data: {0}")]
     Data(String),
+}
+
+/// A residual trace for an error message: every entry when short, else the first and last
+/// few.
+fn format_trace(trace: &[f64]) -> String {
+    let show = |xs: &[f64]| xs.iter().map(|r| format!("{r:.3e}")).collect::<Vec<_>>().join(", ");
+    match trace.len() {
+        0 => "not recorded".to_string(),
+        n if n <= 12 => format!("[{}]", show(trace)),
+        n => format!(
+            "[{}, ... ({} more) ..., {}]",
+            show(&trace[..5]),
+            n - 10,
+            show(&trace[n - 5..])
+        ),
+    }
 }
 
 /// Result type of clarke.

@@ -59,6 +59,12 @@ pub struct KinkRecord {
     pub overridden: bool,
     /// Flat (row-major) indices of the exact kink elements (for reductions: of the lanes).
     pub kink_indices: Vec<usize>,
+    /// The interval an [`ElementSelection`](crate::ElementSelection) at one of these kinks
+    /// ranges over: the convex hull of the one-sided derivatives (relu `[0, 1]`, abs
+    /// `[-1, 1]`, leaky relu `[alpha, 1]`, sign `[0, 0]`, clamp `[0, 1]`, the tie weight of
+    /// maximum/minimum `[0, 1]`). `None` for reductions, whose ties follow a rule instead.
+    /// The hypothesis check of implicit layers walks the vertices of these intervals.
+    pub hull: Option<(f64, f64)>,
 }
 
 /// The kink records of one backward call (or of [`Tape::kink_ledger`](crate::Tape::kink_ledger)).

@@ -220,6 +220,54 @@ impl<S: Scalar> Tape<S> {
         ledger
     }
 
+    /// Records `f` on a scratch frame of this tape and returns the value of its output. The
+    /// nodes `f` records are dropped when it returns, so evaluating a map many times (the
+    /// iterations of a forward solver) neither grows the tape nor copies the inputs again.
+    ///
+    /// `inputs` are ids of nodes recorded before the call (for example parameters recorded
+    /// once); `f` receives them as Vars. The Vars `f` creates cannot outlive it: their
+    /// lifetime is `f`'s own, so none can refer to a dropped node.
+    ///
+    /// ```
+    /// use clarke_core::Tape;
+    /// use ndarray::arr1;
+    ///
+    /// let tape = Tape::<f64>::new();
+    /// let theta = tape.constant(arr1(&[1.0, 2.0]).into_dyn());
+    /// let mut z = arr1(&[0.0, 0.0]).into_dyn();
+    /// for _ in 0..50 {
+    ///     z = tape
+    ///         .eval_scoped(&[theta.id()], |t, th| Ok(t.constant(z.clone()) * 0.5 + th[0]))
+    ///         .unwrap();
+    /// }
+    /// assert_eq!(tape.len(), 1); // only theta
+    /// assert!((z[1] - 4.0).abs() < 1e-12);
+    /// ```
+    pub fn eval_scoped<F>(&self, inputs: &[usize], f: F) -> Result<ArrayD<S>>
+    where
+        F: for<'s> FnOnce(&'s Tape<S>, &[Var<'s, S>]) -> Result<Var<'s, S>>,
+    {
+        let mark = self.len();
+        if let Some(&bad) = inputs.iter().find(|&&id| id >= mark) {
+            return Err(Error::invalid(
+                "Tape::eval_scoped",
+                format!("input node {bad} does not exist (the tape has {mark} nodes)"),
+            ));
+        }
+        let vars: Vec<Var<'_, S>> = inputs.iter().map(|&id| Var::new(id, self)).collect();
+        let out = f(self, &vars).map(|v| v.id());
+        let mut nodes = self.nodes.borrow_mut();
+        let value = out.map(|id| {
+            if id >= mark {
+                std::mem::replace(&mut nodes[id].value, ArrayD::zeros(IxDyn(&[0])))
+            } else {
+                nodes[id].value.clone()
+            }
+        });
+        nodes.truncate(mark);
+        value
+    }
+
     /// Borrow of the node arena (crate-internal).
     pub(crate) fn nodes(&self) -> Ref<'_, Vec<Node<S>>> {
         self.nodes.borrow()

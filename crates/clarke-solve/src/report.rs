@@ -36,15 +36,22 @@ impl SolveStatus {
     }
 }
 
-impl fmt::Display for SolveStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl SolveStatus {
+    /// The status in words.
+    pub fn as_str(self) -> &'static str {
+        match self {
             SolveStatus::Converged => "converged",
             SolveStatus::MaxIterations => "maximum iterations reached",
             SolveStatus::Breakdown => "breakdown",
             SolveStatus::Diverged => "diverged",
             SolveStatus::NonFinite => "non-finite value",
-        })
+        }
+    }
+}
+
+impl fmt::Display for SolveStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -3,10 +3,22 @@
 use clarke_core::{Error, Result, Scalar};
 use ndarray::{Array1, ArrayView1};
 
-/// Euclidean norm, scaled by the largest magnitude so that it neither overflows nor
-/// underflows for `f32` vectors with large or tiny entries. NaN if any entry is NaN,
-/// infinite if any entry is infinite.
+/// Euclidean norm that neither overflows nor underflows for `f32` vectors with large or tiny
+/// entries. NaN if any entry is NaN, infinite if any entry is infinite.
+///
+/// The fast path is one vectorisable pass `sqrt(x . x)`; only when that sum over- or
+/// underflows (or is not finite) does it rescale by the largest magnitude in a second pass.
 pub(crate) fn norm2<S: Scalar>(x: ArrayView1<'_, S>) -> S {
+    let sum = x.dot(&x);
+    let lo = S::min_positive_value() / S::epsilon();
+    if sum.is_finite() && sum > lo {
+        return sum.sqrt();
+    }
+    scaled_norm2(x)
+}
+
+/// The two-pass norm, scaled by the largest magnitude.
+fn scaled_norm2<S: Scalar>(x: ArrayView1<'_, S>) -> S {
     let mut amax = S::zero();
     for &v in x.iter() {
         let a = v.abs();

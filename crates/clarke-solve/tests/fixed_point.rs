@@ -397,3 +397,22 @@ fn newton_krylov_without_a_root_reports_failure() {
     .unwrap();
     assert_eq!(report.status, SolveStatus::NonFinite);
 }
+
+#[test]
+fn a_map_without_fixed_point_is_not_declared_converged_where_rounding_absorbs_the_step() {
+    // T(z) = z + e has no fixed point; a secant step can jump to a z so large that z + e
+    // rounds to z. That residual of zero must not count as convergence.
+    for (name, solver) in [
+        ("anderson", run_anderson as FpSolver),
+        ("broyden", run_broyden as FpSolver),
+    ] {
+        let mut map = |z: ArrayView1<'_, f64>| Ok(z.mapv(|v| v + std::f64::consts::E));
+        let (_, report) = solver(
+            &mut map,
+            array![0.0].view(),
+            &FixedPointOptions::default().with_max_iter(200),
+        )
+        .unwrap();
+        assert_ne!(report.status, SolveStatus::Converged, "{name}: {report:?}");
+    }
+}

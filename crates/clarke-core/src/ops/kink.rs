@@ -252,6 +252,22 @@ impl<S: Scalar> KinkOp<S> {
             selection: self.selection(policy),
             overridden: self.over.is_some(),
             kink_indices: exact_idx,
+            hull: self.element_hull(),
+        }
+    }
+
+    /// The convex hull of the one-sided derivatives at one kink element (see
+    /// [`KinkRecord::hull`]).
+    fn element_hull(&self) -> Option<(f64, f64)> {
+        match self.kind {
+            KinkKind::Relu | KinkKind::Clamp { .. } | KinkKind::Maximum | KinkKind::Minimum => Some((0.0, 1.0)),
+            KinkKind::LeakyRelu { alpha } => {
+                let a = alpha.to_f64_exact();
+                Some((a.min(1.0), a.max(1.0)))
+            }
+            KinkKind::Abs => Some((-1.0, 1.0)),
+            KinkKind::Sign => Some((0.0, 0.0)),
+            KinkKind::Reduce { .. } => None,
         }
     }
 

@@ -54,7 +54,7 @@ where
     let tz = eval.eval(z.view())?;
     track.set_scale(tz.view());
     let mut g = &tz - &z;
-    let res = track.residual(g.view());
+    let res = track.residual_at(g.view(), z.view());
     if let Some(status) = track.check(res, opts.max_iter) {
         return Ok((z, track.report(eval.count, res, status)));
     }
@@ -81,7 +81,7 @@ where
         track.iterations += 1;
         let tz_new = eval.eval(z_new.view())?;
         let g_new = &tz_new - &z_new;
-        let res = track.residual(g_new.view());
+        let res = track.residual_at(g_new.view(), z_new.view());
         if m > 0 {
             dx.push_back(&z_new - &z);
             dg.push_back(&g_new - &g);

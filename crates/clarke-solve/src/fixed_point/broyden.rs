@@ -78,7 +78,7 @@ where
     track.set_scale(tz.view());
     // g = T(z) - z = -F(z)
     let mut g = &tz - &z;
-    let res = track.residual(g.view());
+    let res = track.residual_at(g.view(), z.view());
     if let Some(status) = track.check(res, opts.max_iter) {
         return Ok((z, track.report(eval.count, res, status)));
     }
@@ -89,7 +89,7 @@ where
         track.iterations += 1;
         let tz_new = eval.eval(z_new.view())?;
         let g_new = &tz_new - &z_new;
-        let res = track.residual(g_new.view());
+        let res = track.residual_at(g_new.view(), z_new.view());
         if let Some(status) = track.check(res, opts.max_iter) {
             return Ok((z_new, track.report(eval.count, res, status)));
         }

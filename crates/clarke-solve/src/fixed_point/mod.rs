@@ -275,6 +275,9 @@ pub(crate) struct Tracker {
     scale: f64,
     initial: f64,
     divergence_factor: f64,
+    /// Rounding resolution of the last residual: `eps * ||z|| / scale`. A residual below it
+    /// says nothing (for huge `z`, `T(z) - z` rounds to zero whatever `T` is).
+    floor: f64,
     pub(crate) iterations: usize,
     pub(crate) inner_iterations: usize,
 }
@@ -289,6 +292,7 @@ impl Tracker {
             scale: f64::NAN,
             initial: f64::NAN,
             divergence_factor: opts.divergence_factor,
+            floor: 0.0,
             iterations: 0,
             inner_iterations: 0,
         }
@@ -304,6 +308,7 @@ impl Tracker {
             scale: 1.0,
             initial: f64::NAN,
             divergence_factor: f64::INFINITY,
+            floor: 0.0,
             iterations: 0,
             inner_iterations: 0,
         }
@@ -334,10 +339,22 @@ impl Tracker {
         r
     }
 
-    /// The status implied by a residual, if the run should stop.
+    /// Scaled residual of `g = T(z) - z` at the iterate `z`, recorded, with the rounding
+    /// resolution at `z` noted for [`Tracker::check`].
+    pub(crate) fn residual_at<S: Scalar>(&mut self, g: ArrayView1<'_, S>, z: ArrayView1<'_, S>) -> f64 {
+        self.floor = S::epsilon().to_f64_exact() * f(norm2(z)) / self.scale;
+        self.residual(g)
+    }
+
+    /// The status implied by a residual, if the run should stop. A residual at the tolerance
+    /// from an iterate whose rounding resolution `eps ||z|| / scale` is above both ten times
+    /// the tolerance and `1e-8` is a breakdown, not convergence: such an iterate ran away,
+    /// and there `T(z) - z` rounds to zero for any map, including one without a fixed point.
     pub(crate) fn check(&self, residual: f64, max_iter: usize) -> Option<SolveStatus> {
         if !residual.is_finite() {
             Some(SolveStatus::NonFinite)
+        } else if residual <= self.tol && self.floor > (10.0 * self.tol).max(1e-8) {
+            Some(SolveStatus::Breakdown)
         } else if residual <= self.tol {
             Some(SolveStatus::Converged)
         } else if self.initial > 0.0 && residual > self.divergence_factor * self.initial {

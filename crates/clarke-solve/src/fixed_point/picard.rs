@@ -43,7 +43,7 @@ where
         let tz = eval.eval(z.view())?;
         track.set_scale(tz.view());
         let g = &tz - &z;
-        let res = track.residual(g.view());
+        let res = track.residual_at(g.view(), z.view());
         if let Some(status) = track.check(res, opts.max_iter) {
             return Ok((z, track.report(eval.count, res, status)));
         }

@@ -1,0 +1,242 @@
+//! The inner map of a layer: evaluated without recording during the forward solve, and
+//! linearized at the solution during backward.
+//!
+//! Each evaluation records the map on a fresh, short-lived tape; nothing of it reaches the
+//! outer tape. The linearization records the map once at `(z*, theta)` with `z` as the only
+//! parameter, and every product with `J_z^T` is a replay of that recording with another seed.
+//! The product with `J_theta^T` records the map once more, with `theta` as parameters.
+
+use std::rc::Rc;
+
+use clarke_core::{BackwardOptions, ElementSelection, Error, KinkLedger, KinkPolicy, Result, Scalar, Tape, Var};
+use ndarray::{Array1, Array2, ArrayD, ArrayView1, ArrayViewD, IxDyn};
+
+/// A flat copy of an array in row-major order (a memcpy when it is contiguous).
+pub(crate) fn flat<S: Scalar>(a: &ArrayD<S>) -> Array1<S> {
+    match a.as_slice() {
+        Some(s) => Array1::from(s.to_vec()),
+        None => a.iter().copied().collect(),
+    }
+}
+
+/// An array as a flat vector, without copying when it is in standard layout.
+pub(crate) fn into_flat<S: Scalar>(a: ArrayD<S>) -> Array1<S> {
+    let n = a.len();
+    if a.is_standard_layout() {
+        a.into_shape_with_order(n)
+            .expect("a standard-layout array reshapes to one axis")
+    } else {
+        a.iter().copied().collect()
+    }
+}
+
+/// A map recorded onto any tape: `(z, theta) -> T(z, theta)` or `F(z, theta)`.
+pub type MapFn<S> = dyn for<'s> Fn(Var<'s, S>, &[Var<'s, S>]) -> Result<Var<'s, S>>;
+
+/// The map with the layer's name and the shape of `z`.
+pub(crate) struct InnerMap<S: Scalar> {
+    pub name: String,
+    pub map: Rc<MapFn<S>>,
+    pub shape: Vec<usize>,
+}
+
+impl<S: Scalar> InnerMap<S> {
+    fn to_shaped(&self, z: ArrayView1<'_, S>) -> Result<ArrayD<S>> {
+        z.to_owned()
+            .into_shape_with_order(IxDyn(&self.shape))
+            .map_err(|e| Error::invalid("implicit layer", e.to_string()))
+    }
+
+    /// Records the map on `tape` and checks that the output has the shape of `z`.
+    pub fn record<'s>(&self, z: Var<'s, S>, theta: &[Var<'s, S>]) -> Result<Var<'s, S>> {
+        let out = (self.map)(z, theta)?;
+        if out.shape() != self.shape {
+            return Err(Error::ShapeMismatch {
+                op: "implicit layer",
+                lhs: out.shape(),
+                rhs: self.shape.clone(),
+                detail: format!(
+                    "{}: the map returned an array of shape {:?} for z of shape {:?}; it must return z's shape",
+                    self.name,
+                    out.shape(),
+                    self.shape
+                ),
+            });
+        }
+        Ok(out)
+    }
+
+    /// A scratch tape holding `theta` for repeated evaluations (see [`InnerMap::eval_in`]).
+    pub fn scratch(&self, theta: &[ArrayViewD<'_, S>]) -> Scratch<S> {
+        let tape = Tape::new();
+        let ids = theta.iter().map(|t| tape.constant(t.to_owned()).id()).collect();
+        Scratch { tape, ids }
+    }
+
+    /// `T(z, theta)` (or `F`) on the flat state, recorded on a scratch frame of `scratch`
+    /// and dropped at once: `theta` is not copied again and nothing outlives the call. A
+    /// non-finite output is reported with the inner node that produced it.
+    pub fn eval_in(&self, scratch: &Scratch<S>, z: ArrayView1<'_, S>) -> Result<Array1<S>> {
+        let zd = self.to_shaped(z)?;
+        let value = into_flat(
+            scratch
+                .tape
+                .eval_scoped(&scratch.ids, |t, th| self.record(t.constant(zd), th))?,
+        );
+        if value.iter().all(|v| v.is_finite()) {
+            return Ok(value);
+        }
+        let theta: Vec<ArrayD<S>> = scratch.ids.iter().map(|&id| scratch.value(id)).collect();
+        let views: Vec<ArrayViewD<'_, S>> = theta.iter().map(|t| t.view()).collect();
+        Err(self.locate_non_finite(z, &views))
+    }
+
+    /// One evaluation on its own scratch tape.
+    pub fn eval(&self, z: ArrayView1<'_, S>, theta: &[ArrayViewD<'_, S>]) -> Result<Array1<S>> {
+        self.eval_in(&self.scratch(theta), z)
+    }
+
+    fn eval_on<'s>(&self, tape: &'s Tape<S>, z: ArrayView1<'_, S>, theta: &[ArrayViewD<'_, S>]) -> Result<Var<'s, S>> {
+        let zv = tape.constant(self.to_shaped(z)?);
+        let th: Vec<Var<'s, S>> = theta.iter().map(|t| tape.constant(t.to_owned())).collect();
+        self.record(zv, &th)
+    }
+
+    /// Re-runs the map with anomaly detection to name the inner node that produced a NaN or
+    /// an infinity.
+    fn locate_non_finite(&self, z: ArrayView1<'_, S>, theta: &[ArrayViewD<'_, S>]) -> Error {
+        let detail = if !z.iter().all(|v| v.is_finite()) {
+            Error::invalid("implicit layer", "the iterate z itself is not finite")
+        } else {
+            let tape = Tape::new();
+            tape.set_anomaly_detection(true);
+            match self.eval_on(&tape, z, theta).and_then(|_| tape.check_anomaly()) {
+                Err(e) => e,
+                Ok(()) => Error::invalid(
+                    "implicit layer",
+                    "the map returned a non-finite value (an input theta may be non-finite)",
+                ),
+            }
+        };
+        Error::InImplicit {
+            node: self.name.clone(),
+            context: "the inner map produced a non-finite value",
+            source: Box::new(detail),
+        }
+    }
+
+    /// Records the map at `(z*, theta)` for products with `J_z^T`.
+    pub fn linearize<'s>(
+        &self,
+        tape: &'s Tape<S>,
+        z_star: ArrayViewD<'_, S>,
+        theta: &[ArrayViewD<'_, S>],
+        policy: KinkPolicy,
+    ) -> Result<Linearization<'s, S>> {
+        let z = tape.param(z_star.to_owned());
+        let th: Vec<Var<'s, S>> = theta.iter().map(|t| tape.constant(t.to_owned())).collect();
+        let out = self.record(z, &th)?;
+        Ok(Linearization {
+            z,
+            out,
+            shape: self.shape.clone(),
+            policy,
+        })
+    }
+
+    /// `J_theta^T w` for every `theta`, at `(z*, theta)`, under `policy`.
+    pub fn theta_vjp(
+        &self,
+        z_star: ArrayViewD<'_, S>,
+        theta: &[ArrayViewD<'_, S>],
+        w: ArrayView1<'_, S>,
+        policy: &KinkPolicy,
+    ) -> Result<Vec<ArrayD<S>>> {
+        let tape = Tape::new();
+        let z = tape.constant(z_star.to_owned());
+        let th: Vec<Var<'_, S>> = theta.iter().map(|t| tape.param(t.to_owned())).collect();
+        let out = self.record(z, &th)?;
+        let options = BackwardOptions::seed(self.to_shaped(w)?).with_policy(policy.clone());
+        let mut grads = out.backward_with(&options)?;
+        Ok(th
+            .iter()
+            .map(|t| grads.take(*t).unwrap_or_else(|| ArrayD::zeros(t.value().raw_dim())))
+            .collect())
+    }
+}
+
+/// A tape holding the parameters of repeated forward evaluations.
+pub(crate) struct Scratch<S: Scalar> {
+    tape: Tape<S>,
+    ids: Vec<usize>,
+}
+
+impl<S: Scalar> Scratch<S> {
+    fn value(&self, id: usize) -> ArrayD<S> {
+        self.tape
+            .eval_scoped(&[id], |_, v| Ok(v[0]))
+            .unwrap_or_else(|_| ArrayD::zeros(IxDyn(&[0])))
+    }
+}
+
+/// The map recorded at `(z*, theta)`: products with `J_z^T` replay it.
+pub(crate) struct Linearization<'s, S: Scalar> {
+    z: Var<'s, S>,
+    out: Var<'s, S>,
+    shape: Vec<usize>,
+    policy: KinkPolicy,
+}
+
+impl<'s, S: Scalar> Linearization<'s, S> {
+    /// Number of elements of `z`.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The map's value at `z*` (flat).
+    pub fn value(&self) -> Array1<S> {
+        self.out.with_value(flat)
+    }
+
+    /// `z*` (flat).
+    pub fn z(&self) -> Array1<S> {
+        self.z.with_value(flat)
+    }
+
+    /// `J_z^T w`, with `selections` overriding the policy at single kink elements.
+    pub fn vjp(&self, w: ArrayView1<'_, S>, selections: &[ElementSelection]) -> Result<Array1<S>> {
+        let seed = w
+            .to_owned()
+            .into_shape_with_order(IxDyn(&self.shape))
+            .map_err(|e| Error::invalid("implicit layer", e.to_string()))?;
+        let options = BackwardOptions {
+            seed: Some(seed),
+            policy: Some(self.policy.clone()),
+            element_selections: selections.to_vec(),
+        };
+        let mut grads = self.out.backward_with(&options)?;
+        match grads.take(self.z) {
+            Some(g) => Ok(into_flat(g)),
+            None => Ok(Array1::zeros(self.len())),
+        }
+    }
+
+    /// The dense `J_z` (row `i` is `J_z^T e_i`), one product per element.
+    pub fn jacobian(&self, selections: &[ElementSelection]) -> Result<Array2<S>> {
+        let n = self.len();
+        let mut j = Array2::zeros((n, n));
+        let mut e = Array1::zeros(n);
+        for i in 0..n {
+            e[i] = S::one();
+            let row = self.vjp(e.view(), selections)?;
+            j.row_mut(i).assign(&row);
+            e[i] = S::zero();
+        }
+        Ok(j)
+    }
+
+    /// The kinks the map hit at `z*` under the policy.
+    pub fn ledger(&self) -> KinkLedger {
+        self.z.tape().kink_ledger(Some(&self.policy))
+    }
+}

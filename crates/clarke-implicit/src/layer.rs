@@ -1,0 +1,465 @@
+//! Implicit layers on the tape: the public entry points.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use clarke_core::{Error, KinkLedger, KinkPolicy, Result, Scalar, Tape, Var};
+use clarke_solve::{FixedPointReport, SolveStatus};
+use ndarray::{Array1, ArrayD, ArrayViewD, IxDyn};
+
+use crate::adjoint::solve_adjoint;
+use crate::check::{run_check, Form};
+use crate::forward::solve_forward;
+use crate::inner::{flat, into_flat, InnerMap, MapFn};
+use crate::options::{AdjointSolver, GradientMode, ImplicitOptions};
+use crate::report::{BackwardReport, CheckOutcome, HypothesisCheck, ReportLog};
+
+/// A reusable implicit layer: a map, its options, the adjoint warm start shared by every
+/// call, and the reports of every backward pass.
+///
+/// Build one per layer of a model and call [`ImplicitLayer::apply`] on each forward pass;
+/// the adjoint of one training step starts from the previous step's.
+pub struct ImplicitLayer<S: Scalar> {
+    inner: Rc<InnerMap<S>>,
+    form: Form,
+    options: Rc<ImplicitOptions>,
+    warm_adjoint: Rc<RefCell<Option<Array1<S>>>>,
+    last_z: RefCell<Option<ArrayD<S>>>,
+    reports: ReportLog,
+}
+
+impl<S: Scalar> ImplicitLayer<S> {
+    /// A fixed-point layer `z* = map(z*, theta)`.
+    ///
+    /// The map records onto whatever tape its arguments live on: it is called on short-lived
+    /// tapes during the forward solve and the backward pass, and (unrolled and one-step
+    /// modes) on the outer tape. It must return an array of `z`'s shape.
+    pub fn fixed_point<F>(map: F, options: ImplicitOptions) -> Result<Self>
+    where
+        F: for<'s> Fn(Var<'s, S>, &[Var<'s, S>]) -> Result<Var<'s, S>> + 'static,
+    {
+        Self::new(Form::FixedPoint, Rc::new(map), options)
+    }
+
+    /// A root layer `F(z*, theta) = 0`. Gradient modes: implicit (dense, GMRES, BiCGSTAB)
+    /// and least squares; the others need a fixed-point map.
+    pub fn root<F>(map: F, options: ImplicitOptions) -> Result<Self>
+    where
+        F: for<'s> Fn(Var<'s, S>, &[Var<'s, S>]) -> Result<Var<'s, S>> + 'static,
+    {
+        Self::new(Form::Root, Rc::new(map), options)
+    }
+
+    fn new(form: Form, map: Rc<MapFn<S>>, options: ImplicitOptions) -> Result<Self> {
+        let name = options.name.clone().unwrap_or_else(|| match form {
+            Form::FixedPoint => "fixed_point".to_string(),
+            Form::Root => "root".to_string(),
+        });
+        validate(&name, form, &options)?;
+        Ok(ImplicitLayer {
+            inner: Rc::new(InnerMap {
+                name,
+                map,
+                shape: Vec::new(),
+            }),
+            form,
+            options: Rc::new(options),
+            warm_adjoint: Rc::new(RefCell::new(None)),
+            last_z: RefCell::new(None),
+            reports: ReportLog::default(),
+        })
+    }
+
+    /// The layer's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The reports of every backward pass through this layer.
+    pub fn reports(&self) -> &ReportLog {
+        &self.reports
+    }
+
+    /// The solution of the most recent [`apply`](Self::apply), as a warm start for the next.
+    pub fn last_solution(&self) -> Option<ArrayD<S>> {
+        self.last_z.borrow().clone()
+    }
+
+    /// Solves from `z0` with parameters `theta` (at least one, all on one tape) and records
+    /// the result on their tape: one node holding `z*` in the implicit, truncated and least
+    /// squares modes; the iterations themselves in the unrolled mode; one application of the
+    /// map in the one-step mode.
+    pub fn apply<'t>(&self, z0: &ArrayD<S>, theta: &[Var<'t, S>]) -> Result<Solution<'t, S>> {
+        let name = &self.inner.name;
+        let tape = match theta.first() {
+            Some(t) => t.tape(),
+            None => {
+                return Err(Error::invalid(
+                    "implicit layer",
+                    format!("{name}: needs at least one parameter Var theta (the layer records onto its tape)"),
+                ))
+            }
+        };
+        if let Some(bad) = theta.iter().find(|t| !std::ptr::eq(t.tape(), tape)) {
+            return Err(Error::ForeignVar {
+                op: "implicit layer",
+                node: bad.id(),
+            });
+        }
+        if let Some((i, v)) = z0.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::invalid(
+                "implicit layer",
+                format!("{name}: z0 has a non-finite value {v} at flat index {i}"),
+            ));
+        }
+        let inner = Rc::new(InnerMap {
+            name: name.clone(),
+            map: self.inner.map.clone(),
+            shape: z0.shape().to_vec(),
+        });
+        let solution = match self.options.mode {
+            GradientMode::Unrolled { iterations } => self.unrolled(tape, &inner, z0, theta, iterations)?,
+            GradientMode::OneStep => self.one_step(tape, &inner, z0, theta)?,
+            _ => self.implicit(tape, &inner, z0, theta)?,
+        };
+        *self.last_z.borrow_mut() = Some(solution.z.value());
+        Ok(solution)
+    }
+
+    fn forward_solve<'t>(
+        &self,
+        inner: &InnerMap<S>,
+        z0: &ArrayD<S>,
+        theta: &[Var<'t, S>],
+    ) -> Result<(Vec<ArrayD<S>>, ArrayD<S>, FixedPointReport)> {
+        let values: Vec<ArrayD<S>> = theta.iter().map(|t| t.value()).collect();
+        let views: Vec<ArrayViewD<'_, S>> = values.iter().map(|v| v.view()).collect();
+        let z0_flat = flat(z0);
+        let (z, report) = solve_forward(inner, self.form, z0_flat.view(), &views, &self.options)?;
+        let z = z
+            .into_shape_with_order(IxDyn(z0.shape()))
+            .map_err(|e| Error::invalid("implicit layer", e.to_string()))?;
+        Ok((values, z, report))
+    }
+
+    fn implicit<'t>(
+        &self,
+        tape: &'t Tape<S>,
+        inner: &Rc<InnerMap<S>>,
+        z0: &ArrayD<S>,
+        theta: &[Var<'t, S>],
+    ) -> Result<Solution<'t, S>> {
+        let (_, z_star, forward) = self.forward_solve(inner, z0, theta)?;
+        let node = AdjointNode {
+            inner: inner.clone(),
+            form: self.form,
+            options: self.options.clone(),
+            forward: forward.clone(),
+            warm: self.warm_adjoint.clone(),
+            reports: self.reports.clone(),
+        };
+        let z = tape.try_custom_fn_ctx(&inner.name, theta, z_star, move |ctx, inputs, output, grad| {
+            node.backward(ctx.policy, inputs, output, grad)
+        })?;
+        Ok(Solution { z, forward })
+    }
+
+    fn unrolled<'t>(
+        &self,
+        tape: &'t Tape<S>,
+        inner: &Rc<InnerMap<S>>,
+        z0: &ArrayD<S>,
+        theta: &[Var<'t, S>],
+        iterations: usize,
+    ) -> Result<Solution<'t, S>> {
+        let mut z = tape.constant(z0.clone());
+        let mut trace = Vec::with_capacity(iterations + 1);
+        for _ in 0..iterations {
+            let next = inner.record(z, theta)?;
+            trace.push(distance(&next.value(), &z.value()));
+            z = next;
+        }
+        let values: Vec<ArrayD<S>> = theta.iter().map(|t| t.value()).collect();
+        let views: Vec<ArrayViewD<'_, S>> = values.iter().map(|v| v.view()).collect();
+        let z_last = z.with_value(flat);
+        let t_last = inner.eval(z_last.view(), &views)?;
+        let residual = distance(&t_last, &z_last);
+        trace.push(residual);
+        let forward = FixedPointReport {
+            solver: "unrolled",
+            iterations,
+            evaluations: iterations + 1,
+            inner_iterations: 0,
+            residual,
+            tolerance: 0.0,
+            status: SolveStatus::MaxIterations,
+            trace,
+        };
+        let reason = "the unrolled mode backpropagates through the iterations; no inverse is taken";
+        let z = self.logged(tape, inner, z, &forward, residual, reason)?;
+        Ok(Solution { z, forward })
+    }
+
+    fn one_step<'t>(
+        &self,
+        tape: &'t Tape<S>,
+        inner: &Rc<InnerMap<S>>,
+        z0: &ArrayD<S>,
+        theta: &[Var<'t, S>],
+    ) -> Result<Solution<'t, S>> {
+        let (_, z_star, forward) = self.forward_solve(inner, z0, theta)?;
+        let detached = tape.constant(z_star.clone());
+        let out = inner.record(detached, theta)?;
+        let residual = distance(&out.value(), &z_star);
+        let reason = "the one-step mode differentiates one application of the map; no inverse is taken";
+        let z = self.logged(tape, inner, out, &forward, residual, reason)?;
+        Ok(Solution { z, forward })
+    }
+
+    /// Passes `z` through an identity node whose backward logs a report.
+    fn logged<'t>(
+        &self,
+        tape: &'t Tape<S>,
+        inner: &InnerMap<S>,
+        z: Var<'t, S>,
+        forward: &FixedPointReport,
+        forward_residual: f64,
+        reason: &str,
+    ) -> Result<Var<'t, S>> {
+        let report = BackwardReport {
+            node: inner.name.clone(),
+            mode: self.options.mode,
+            forward: forward.clone(),
+            forward_residual,
+            adjoint: None,
+            fallback: None,
+            approximate: self.options.mode == GradientMode::OneStep || !forward.is_converged(),
+            check: HypothesisCheck::not_checked(reason),
+            kinks: KinkLedger::default(),
+        };
+        let reports = self.reports.clone();
+        tape.try_custom_fn_ctx(&inner.name, &[z], z.value(), move |_, _, _, grad| {
+            reports.push(report.clone());
+            Ok(vec![Some(grad.to_owned())])
+        })
+    }
+}
+
+impl<S: Scalar> std::fmt::Debug for ImplicitLayer<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImplicitLayer")
+            .field("name", &self.inner.name)
+            .field("form", &self.form)
+            .field("mode", &self.options.mode)
+            .field("backward_passes", &self.reports.len())
+            .finish()
+    }
+}
+
+/// The result of [`ImplicitLayer::apply`]: the solution on the tape and the forward report.
+#[derive(Debug, Clone)]
+pub struct Solution<'t, S: Scalar> {
+    /// `z*` (for the unrolled mode `z_K`; for the one-step mode `T(z*, theta)`) on the outer
+    /// tape.
+    pub z: Var<'t, S>,
+    /// How the forward solve went (for the unrolled mode: its iterations).
+    pub forward: FixedPointReport,
+}
+
+/// A one-shot fixed-point layer: `z* = map(z*, theta)` solved from `z0`, recorded on the
+/// tape of `theta`. Returns the solution and, through the layer, the backward reports.
+///
+/// ```
+/// use clarke_core::Tape;
+/// use clarke_implicit::{fixed_point, ImplicitOptions};
+/// use ndarray::arr1;
+///
+/// // z = 0.5 z + theta, so z* = 2 theta and dz*/dtheta = 2.
+/// let tape = Tape::<f64>::new();
+/// let theta = tape.param(arr1(&[1.0, -3.0]).into_dyn());
+/// let (solution, layer) = fixed_point(
+///     |z, th| Ok(z * 0.5 + th[0]),
+///     &arr1(&[0.0, 0.0]).into_dyn(),
+///     &[theta],
+///     ImplicitOptions::default(),
+/// )
+/// .unwrap();
+/// let grads = solution.z.sum().backward().unwrap();
+/// assert!((grads.wrt(theta).unwrap()[0] - 2.0).abs() < 1e-9);
+/// println!("{}", layer.reports().last().unwrap());
+/// ```
+pub fn fixed_point<'t, S, F>(
+    map: F,
+    z0: &ArrayD<S>,
+    theta: &[Var<'t, S>],
+    options: ImplicitOptions,
+) -> Result<(Solution<'t, S>, ImplicitLayer<S>)>
+where
+    S: Scalar,
+    F: for<'s> Fn(Var<'s, S>, &[Var<'s, S>]) -> Result<Var<'s, S>> + 'static,
+{
+    one_shot(ImplicitLayer::fixed_point(map, options)?, z0, theta)
+}
+
+/// A one-shot root layer: `F(z*, theta) = 0` solved from `z0` (see [`fixed_point`]).
+pub fn root<'t, S, F>(
+    map: F,
+    z0: &ArrayD<S>,
+    theta: &[Var<'t, S>],
+    options: ImplicitOptions,
+) -> Result<(Solution<'t, S>, ImplicitLayer<S>)>
+where
+    S: Scalar,
+    F: for<'s> Fn(Var<'s, S>, &[Var<'s, S>]) -> Result<Var<'s, S>> + 'static,
+{
+    one_shot(ImplicitLayer::root(map, options)?, z0, theta)
+}
+
+fn one_shot<'t, S: Scalar>(
+    layer: ImplicitLayer<S>,
+    z0: &ArrayD<S>,
+    theta: &[Var<'t, S>],
+) -> Result<(Solution<'t, S>, ImplicitLayer<S>)> {
+    let solution = layer.apply(z0, theta)?;
+    Ok((solution, layer))
+}
+
+/// Refuses options that do not fit the layer.
+fn validate(name: &str, form: Form, options: &ImplicitOptions) -> Result<()> {
+    let refuse = |detail: String| Err(Error::invalid("implicit layer", format!("{name}: {detail}")));
+    let mode = options.mode;
+    if form == Form::Root
+        && matches!(
+            mode,
+            GradientMode::Implicit(AdjointSolver::Neumann)
+                | GradientMode::TruncatedNeumann { .. }
+                | GradientMode::Unrolled { .. }
+                | GradientMode::OneStep
+        )
+    {
+        return refuse(format!(
+            "the {} mode needs a fixed-point map z = T(z, theta); a root layer supports implicit (dense, GMRES, BiCGSTAB) and least squares",
+            mode.name()
+        ));
+    }
+    match mode {
+        GradientMode::TruncatedNeumann { terms: 0 } => refuse("truncated Neumann needs at least one term".into()),
+        GradientMode::Unrolled { iterations: 0 } => refuse("the unrolled mode needs at least one iteration".into()),
+        _ => Ok(()),
+    }?;
+    if let Some(b) = options.check.contraction_bound {
+        if !(b.is_finite() && b >= 0.0) {
+            return refuse(format!("the contraction bound must be finite and >= 0, got {b}"));
+        }
+    }
+    Ok(())
+}
+
+/// The backward pass of an implicit node: linearize, check, solve the adjoint, pull back.
+struct AdjointNode<S: Scalar> {
+    inner: Rc<InnerMap<S>>,
+    form: Form,
+    options: Rc<ImplicitOptions>,
+    forward: FixedPointReport,
+    warm: Rc<RefCell<Option<Array1<S>>>>,
+    reports: ReportLog,
+}
+
+impl<S: Scalar> AdjointNode<S> {
+    fn backward(
+        &self,
+        policy: &KinkPolicy,
+        theta: &[ArrayViewD<'_, S>],
+        z_star: ArrayViewD<'_, S>,
+        grad: ArrayViewD<'_, S>,
+    ) -> Result<Vec<Option<ArrayD<S>>>> {
+        let name = &self.inner.name;
+        let options = &*self.options;
+        let within = |context: &'static str| {
+            move |e: Error| match e {
+                e @ (Error::InImplicit { .. } | Error::SolveFailed { .. } | Error::HypothesisViolated { .. }) => e,
+                e => Error::InImplicit {
+                    node: name.clone(),
+                    context,
+                    source: Box::new(e),
+                },
+            }
+        };
+        let tape = Tape::new();
+        let lin = self
+            .inner
+            .linearize(&tape, z_star.view(), theta, policy.clone())
+            .map_err(within("recording the map at z*"))?;
+        let t_value = lin.value();
+        let z = lin.z();
+        let forward_residual = match self.form {
+            Form::FixedPoint => distance(&t_value, &z),
+            Form::Root => t_value.iter().map(|v| v.to_f64_exact().powi(2)).sum::<f64>().sqrt(),
+        };
+        let checked =
+            run_check(&lin, self.form, forward_residual, &options.check).map_err(within("hypothesis check"))?;
+        let mut report = BackwardReport {
+            node: name.clone(),
+            mode: options.mode,
+            forward: self.forward.clone(),
+            forward_residual,
+            adjoint: None,
+            fallback: None,
+            approximate: !self.forward.is_converged(),
+            check: checked.check,
+            kinks: lin.ledger(),
+        };
+        let least_squares = options.mode == GradientMode::LeastSquaresNoHypothesis;
+        if report.check.outcome == CheckOutcome::Violated && options.check.refuse_violated && !least_squares {
+            let detail = report.check.to_string();
+            self.reports.push(report);
+            return Err(Error::HypothesisViolated {
+                node: name.clone(),
+                detail,
+            });
+        }
+
+        let g = into_flat(grad.to_owned());
+        let warm = if options.warm_start {
+            self.warm.borrow().as_ref().filter(|w| w.len() == g.len()).cloned()
+        } else {
+            None
+        };
+        let adjoint = solve_adjoint(
+            name,
+            &lin,
+            self.form,
+            g.view(),
+            warm.as_ref().map(|w| w.view()),
+            checked.block,
+            options,
+        )
+        .map_err(within("adjoint solve"))?;
+        if options.warm_start {
+            *self.warm.borrow_mut() = Some(adjoint.w.clone());
+        }
+        // theta_bar = J_theta^T w for a fixed point; -J_theta^T w for a root.
+        let w = match self.form {
+            Form::FixedPoint => adjoint.w,
+            Form::Root => adjoint.w.mapv(|v| -v),
+        };
+        let grads = self
+            .inner
+            .theta_vjp(z_star, theta, w.view(), policy)
+            .map_err(within("parameter vector-Jacobian product"))?;
+        report.adjoint = Some(adjoint.report);
+        report.fallback = adjoint.fallback;
+        report.approximate |= adjoint.approximate;
+        self.reports.push(report);
+        Ok(grads.into_iter().map(Some).collect())
+    }
+}
+
+/// Euclidean distance between two arrays of the same shape and any rank, in f64.
+fn distance<'a, S: Scalar>(a: impl IntoIterator<Item = &'a S>, b: impl IntoIterator<Item = &'a S>) -> f64 {
+    a.into_iter()
+        .zip(b)
+        .map(|(x, y)| (x.to_f64_exact() - y.to_f64_exact()).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
