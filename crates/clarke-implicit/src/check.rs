@@ -178,12 +178,14 @@ pub(crate) fn run_check<S: Scalar>(
             None => frozen_ties += r.exact,
         }
     }
-    let mut check = HypothesisCheck::not_checked("");
-    check.reasons.clear();
-    check.outcome = CheckOutcome::Warning;
-    check.kink_elements = kink_elements;
-    check.flippable = kinks.len();
-    check.contraction_bound = opts.contraction_bound;
+    let mut check = HypothesisCheck {
+        outcome: CheckOutcome::Warning,
+        kink_elements,
+        flippable: kinks.len(),
+        contraction_bound: opts.contraction_bound,
+        reasons: Vec::new(),
+        ..HypothesisCheck::not_checked("")
+    };
     if near > 0 {
         check.reasons.push(format!(
             "{near} element(s) within the policy's tolerance of a kink were not explored"

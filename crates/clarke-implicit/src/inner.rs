@@ -86,9 +86,7 @@ impl<S: Scalar> InnerMap<S> {
         if value.iter().all(|v| v.is_finite()) {
             return Ok(value);
         }
-        let theta: Vec<ArrayD<S>> = scratch.ids.iter().map(|&id| scratch.value(id)).collect();
-        let views: Vec<ArrayViewD<'_, S>> = theta.iter().map(|t| t.view()).collect();
-        Err(self.locate_non_finite(z, &views))
+        Err(self.locate_non_finite(scratch, z))
     }
 
     /// One evaluation on its own scratch tape.
@@ -96,21 +94,20 @@ impl<S: Scalar> InnerMap<S> {
         self.eval_in(&self.scratch(theta), z)
     }
 
-    fn eval_on<'s>(&self, tape: &'s Tape<S>, z: ArrayView1<'_, S>, theta: &[ArrayViewD<'_, S>]) -> Result<Var<'s, S>> {
-        let zv = tape.constant(self.to_shaped(z)?);
-        let th: Vec<Var<'s, S>> = theta.iter().map(|t| tape.constant(t.to_owned())).collect();
-        self.record(zv, &th)
-    }
-
-    /// Re-runs the map with anomaly detection to name the inner node that produced a NaN or
-    /// an infinity.
-    fn locate_non_finite(&self, z: ArrayView1<'_, S>, theta: &[ArrayViewD<'_, S>]) -> Error {
+    /// Re-runs the map on the same scratch tape with anomaly detection, to name the inner
+    /// node that produced a NaN or an infinity.
+    fn locate_non_finite(&self, scratch: &Scratch<S>, z: ArrayView1<'_, S>) -> Error {
         let detail = if !z.iter().all(|v| v.is_finite()) {
             Error::invalid("implicit layer", "the iterate z itself is not finite")
         } else {
-            let tape = Tape::new();
+            let tape = &scratch.tape;
             tape.set_anomaly_detection(true);
-            match self.eval_on(&tape, z, theta).and_then(|_| tape.check_anomaly()) {
+            let rerun = self
+                .to_shaped(z)
+                .and_then(|zd| tape.eval_scoped(&scratch.ids, |t, th| self.record(t.constant(zd), th)))
+                .and_then(|_| tape.check_anomaly());
+            tape.set_anomaly_detection(false);
+            match rerun {
                 Err(e) => e,
                 Ok(()) => Error::invalid(
                     "implicit layer",
@@ -169,14 +166,6 @@ impl<S: Scalar> InnerMap<S> {
 pub(crate) struct Scratch<S: Scalar> {
     tape: Tape<S>,
     ids: Vec<usize>,
-}
-
-impl<S: Scalar> Scratch<S> {
-    fn value(&self, id: usize) -> ArrayD<S> {
-        self.tape
-            .eval_scoped(&[id], |_, v| Ok(v[0]))
-            .unwrap_or_else(|_| ArrayD::zeros(IxDyn(&[0])))
-    }
 }
 
 /// The map recorded at `(z*, theta)`: products with `J_z^T` replay it.

@@ -24,7 +24,6 @@ pub struct ImplicitLayer<S: Scalar> {
     form: Form,
     options: Rc<ImplicitOptions>,
     warm_adjoint: Rc<RefCell<Option<Array1<S>>>>,
-    last_z: RefCell<Option<ArrayD<S>>>,
     reports: ReportLog,
 }
 
@@ -65,7 +64,6 @@ impl<S: Scalar> ImplicitLayer<S> {
             form,
             options: Rc::new(options),
             warm_adjoint: Rc::new(RefCell::new(None)),
-            last_z: RefCell::new(None),
             reports: ReportLog::default(),
         })
     }
@@ -78,11 +76,6 @@ impl<S: Scalar> ImplicitLayer<S> {
     /// The reports of every backward pass through this layer.
     pub fn reports(&self) -> &ReportLog {
         &self.reports
-    }
-
-    /// The solution of the most recent [`apply`](Self::apply), as a warm start for the next.
-    pub fn last_solution(&self) -> Option<ArrayD<S>> {
-        self.last_z.borrow().clone()
     }
 
     /// Solves from `z0` with parameters `theta` (at least one, all on one tape) and records
@@ -117,13 +110,11 @@ impl<S: Scalar> ImplicitLayer<S> {
             map: self.inner.map.clone(),
             shape: z0.shape().to_vec(),
         });
-        let solution = match self.options.mode {
-            GradientMode::Unrolled { iterations } => self.unrolled(tape, &inner, z0, theta, iterations)?,
-            GradientMode::OneStep => self.one_step(tape, &inner, z0, theta)?,
-            _ => self.implicit(tape, &inner, z0, theta)?,
-        };
-        *self.last_z.borrow_mut() = Some(solution.z.value());
-        Ok(solution)
+        match self.options.mode {
+            GradientMode::Unrolled { iterations } => self.unrolled(tape, &inner, z0, theta, iterations),
+            GradientMode::OneStep => self.one_step(tape, &inner, z0, theta),
+            _ => self.implicit(tape, &inner, z0, theta),
+        }
     }
 
     fn forward_solve<'t>(
@@ -131,7 +122,7 @@ impl<S: Scalar> ImplicitLayer<S> {
         inner: &InnerMap<S>,
         z0: &ArrayD<S>,
         theta: &[Var<'t, S>],
-    ) -> Result<(Vec<ArrayD<S>>, ArrayD<S>, FixedPointReport)> {
+    ) -> Result<(ArrayD<S>, FixedPointReport)> {
         let values: Vec<ArrayD<S>> = theta.iter().map(|t| t.value()).collect();
         let views: Vec<ArrayViewD<'_, S>> = values.iter().map(|v| v.view()).collect();
         let z0_flat = flat(z0);
@@ -139,7 +130,7 @@ impl<S: Scalar> ImplicitLayer<S> {
         let z = z
             .into_shape_with_order(IxDyn(z0.shape()))
             .map_err(|e| Error::invalid("implicit layer", e.to_string()))?;
-        Ok((values, z, report))
+        Ok((z, report))
     }
 
     fn implicit<'t>(
@@ -149,7 +140,7 @@ impl<S: Scalar> ImplicitLayer<S> {
         z0: &ArrayD<S>,
         theta: &[Var<'t, S>],
     ) -> Result<Solution<'t, S>> {
-        let (_, z_star, forward) = self.forward_solve(inner, z0, theta)?;
+        let (z_star, forward) = self.forward_solve(inner, z0, theta)?;
         let node = AdjointNode {
             inner: inner.clone(),
             form: self.form,
@@ -176,7 +167,7 @@ impl<S: Scalar> ImplicitLayer<S> {
         let mut trace = Vec::with_capacity(iterations + 1);
         for _ in 0..iterations {
             let next = inner.record(z, theta)?;
-            trace.push(distance(&next.value(), &z.value()));
+            trace.push(next.with_value(|a| z.with_value(|b| distance(a, b))));
             z = next;
         }
         let values: Vec<ArrayD<S>> = theta.iter().map(|t| t.value()).collect();
@@ -207,10 +198,10 @@ impl<S: Scalar> ImplicitLayer<S> {
         z0: &ArrayD<S>,
         theta: &[Var<'t, S>],
     ) -> Result<Solution<'t, S>> {
-        let (_, z_star, forward) = self.forward_solve(inner, z0, theta)?;
+        let (z_star, forward) = self.forward_solve(inner, z0, theta)?;
         let detached = tape.constant(z_star.clone());
         let out = inner.record(detached, theta)?;
-        let residual = distance(&out.value(), &z_star);
+        let residual = out.with_value(|a| distance(a, &z_star));
         let reason = "the one-step mode differentiates one application of the map; no inverse is taken";
         let z = self.logged(tape, inner, out, &forward, residual, reason)?;
         Ok(Solution { z, forward })

@@ -34,9 +34,7 @@ impl SolveStatus {
     pub fn is_converged(self) -> bool {
         self == SolveStatus::Converged
     }
-}
 
-impl SolveStatus {
     /// The status in words.
     pub fn as_str(self) -> &'static str {
         match self {

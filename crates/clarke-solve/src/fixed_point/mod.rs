@@ -341,9 +341,14 @@ impl Tracker {
 
     /// Scaled residual of `g = T(z) - z` at the iterate `z`, recorded, with the rounding
     /// resolution at `z` noted for [`Tracker::check`].
+    /// The resolution only matters once the residual meets the tolerance, so `||z||` is
+    /// computed only then, not on every iteration.
     pub(crate) fn residual_at<S: Scalar>(&mut self, g: ArrayView1<'_, S>, z: ArrayView1<'_, S>) -> f64 {
-        self.floor = S::epsilon().to_f64_exact() * f(norm2(z)) / self.scale;
-        self.residual(g)
+        let r = self.residual(g);
+        if r <= self.tol {
+            self.floor = S::epsilon().to_f64_exact() * f(norm2(z)) / self.scale;
+        }
+        r
     }
 
     /// The status implied by a residual, if the run should stop. A residual at the tolerance
