@@ -83,6 +83,14 @@ impl KinkLedger {
         }
     }
 
+    /// A ledger from records produced outside the tape: a fused layer (a DEQ cell, a
+    /// prox operator) that resolves its own kinks reports them here, so users read one
+    /// format whatever produced the gradient. Records are kept in node order.
+    pub fn from_records(policy: &'static str, mut records: Vec<KinkRecord>) -> Self {
+        records.sort_by_key(|r| r.node);
+        KinkLedger { policy, records }
+    }
+
     pub(crate) fn push(&mut self, record: KinkRecord) {
         self.records.push(record);
     }

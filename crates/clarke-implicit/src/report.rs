@@ -198,7 +198,9 @@ pub struct ReportLog {
 }
 
 impl ReportLog {
-    pub(crate) fn push(&self, report: BackwardReport) {
+    /// Appends a report. Layers built outside this crate on the same theorem (the fused
+    /// DEQ cell of `clarke-nn`) log their backward passes here too.
+    pub fn push(&self, report: BackwardReport) {
         self.reports.borrow_mut().push(report);
     }
 

@@ -217,6 +217,12 @@ impl<S: Scalar, B: Backend> LuWith<S, B> {
         let lu = B::lu_factor(a).map_err(|e| retag(op, e))?;
         let (ratio, imin) = pivot_ratio(&B::lu_pivots(&lu));
         let threshold = singular_threshold::<S>(n);
+        if n > 0 && norm1 == 0.0 {
+            return Err(Error::Singular {
+                op,
+                detail: format!("{n}x{n} matrix: every entry is zero"),
+            });
+        }
         if ratio.is_nan() || ratio <= threshold {
             return Err(Error::Singular {
                 op,
