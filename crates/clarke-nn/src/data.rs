@@ -1,0 +1,251 @@
+//! Tabular data: a CSV loader, feature scaling, index splits and seeded mini-batches.
+
+use std::path::Path;
+
+use clarke_core::{Error, Result, Scalar};
+use ndarray::{Array1, Array2, Axis};
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+/// A classification data set: features `[rows, features]` and integer labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    /// Features, one row per example.
+    pub x: Array2<f64>,
+    /// Labels in `0..classes`.
+    pub y: Vec<usize>,
+    /// Number of classes (largest label + 1).
+    pub classes: usize,
+}
+
+impl Dataset {
+    /// Reads a CSV file with a header line, numeric features and the integer label in the last
+    /// column.
+    ///
+    /// # Errors
+    /// An unreadable file, a row with the wrong number of fields, a non-numeric or non-finite
+    /// feature, a label that is not a non-negative integer, or no rows: each names the line.
+    pub fn from_csv(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let bad = |detail: String| Error::invalid("Dataset::from_csv", format!("{}: {detail}", path.display()));
+        let mut reader = csv::Reader::from_path(path).map_err(|e| bad(e.to_string()))?;
+        let columns = reader.headers().map_err(|e| bad(e.to_string()))?.len();
+        if columns < 2 {
+            return Err(bad(format!(
+                "need at least one feature and a label, found {columns} column(s)"
+            )));
+        }
+        let mut data = Vec::new();
+        let mut y = Vec::new();
+        for (i, record) in reader.records().enumerate() {
+            let line = i + 2;
+            let record = record.map_err(|e| bad(format!("line {line}: {e}")))?;
+            if record.len() != columns {
+                return Err(bad(format!(
+                    "line {line}: {} fields, the header has {columns}",
+                    record.len()
+                )));
+            }
+            for field in record.iter().take(columns - 1) {
+                let v: f64 = field
+                    .trim()
+                    .parse()
+                    .map_err(|_| bad(format!("line {line}: feature {field:?} is not a number")))?;
+                if !v.is_finite() {
+                    return Err(bad(format!("line {line}: feature {field:?} is not finite")));
+                }
+                data.push(v);
+            }
+            let label = record[columns - 1].trim();
+            let label: usize = label
+                .parse()
+                .or_else(|_| {
+                    label
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|v| v.fract() == 0.0 && *v >= 0.0)
+                        .map(|v| v as usize)
+                        .ok_or(())
+                })
+                .map_err(|_| bad(format!("line {line}: label {label:?} is not a non-negative integer")))?;
+            y.push(label);
+        }
+        if y.is_empty() {
+            return Err(bad("no data rows".into()));
+        }
+        let x = Array2::from_shape_vec((y.len(), columns - 1), data).map_err(|e| bad(e.to_string()))?;
+        let classes = y.iter().max().map_or(0, |m| m + 1);
+        Ok(Dataset { x, y, classes })
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.y.len()
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.y.is_empty()
+    }
+
+    /// Number of features.
+    pub fn features(&self) -> usize {
+        self.x.ncols()
+    }
+
+    /// Splits rows by index: those for which `test(i)` holds go to the second set.
+    ///
+    /// # Errors
+    /// When either side would be empty.
+    pub fn split_by_index(&self, test: impl Fn(usize) -> bool) -> Result<(Dataset, Dataset)> {
+        let (te, tr): (Vec<usize>, Vec<usize>) = (0..self.len()).partition(|&i| test(i));
+        if te.is_empty() || tr.is_empty() {
+            return Err(Error::invalid(
+                "Dataset::split_by_index",
+                format!("the split leaves {} training and {} test rows", tr.len(), te.len()),
+            ));
+        }
+        Ok((self.select(&tr), self.select(&te)))
+    }
+
+    /// The rows `idx`, in that order.
+    pub fn select(&self, idx: &[usize]) -> Dataset {
+        Dataset {
+            x: self.x.select(Axis(0), idx),
+            y: idx.iter().map(|&i| self.y[i]).collect(),
+            classes: self.classes,
+        }
+    }
+
+    /// The features converted to the training precision.
+    pub fn x_as<S: Scalar>(&self) -> Array2<S> {
+        self.x.mapv(S::from_f64_lossy)
+    }
+}
+
+/// A per-feature affine scaling `x -> (x - shift) / scale`, fitted on training data and
+/// applied unchanged to test data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scaler {
+    shift: Array1<f64>,
+    scale: Array1<f64>,
+}
+
+impl Scaler {
+    /// Divides every feature by the same constant (digits: 16).
+    ///
+    /// # Errors
+    /// A zero or non-finite constant.
+    pub fn constant(features: usize, divisor: f64) -> Result<Self> {
+        if !(divisor != 0.0 && divisor.is_finite()) {
+            return Err(Error::invalid(
+                "Scaler::constant",
+                format!("cannot divide by {divisor}"),
+            ));
+        }
+        Ok(Scaler {
+            shift: Array1::zeros(features),
+            scale: Array1::from_elem(features, divisor),
+        })
+    }
+
+    /// Maps each feature's training range to `[0, 1]`; a constant feature is only shifted.
+    pub fn min_max(x: &Array2<f64>) -> Self {
+        let lo = x.fold_axis(Axis(0), f64::INFINITY, |a, &b| a.min(b));
+        let hi = x.fold_axis(Axis(0), f64::NEG_INFINITY, |a, &b| a.max(b));
+        let scale = (&hi - &lo).mapv(|r| if r > 0.0 { r } else { 1.0 });
+        Scaler { shift: lo, scale }
+    }
+
+    /// Zero mean and unit variance per feature on the training data; a constant feature is
+    /// only centred.
+    pub fn standardize(x: &Array2<f64>) -> Self {
+        let mean = x.mean_axis(Axis(0)).unwrap_or_else(|| Array1::zeros(x.ncols()));
+        let std = x.std_axis(Axis(0), 0.0).mapv(|s| if s > 0.0 { s } else { 1.0 });
+        Scaler {
+            shift: mean,
+            scale: std,
+        }
+    }
+
+    /// Applies the scaling.
+    ///
+    /// # Errors
+    /// When the number of features differs from the fitted one.
+    pub fn apply(&self, x: &Array2<f64>) -> Result<Array2<f64>> {
+        if x.ncols() != self.shift.len() {
+            return Err(Error::shapes(
+                "Scaler::apply",
+                x.shape(),
+                &[x.nrows(), self.shift.len()],
+                "the scaler was fitted on another number of features",
+            ));
+        }
+        Ok((x - &self.shift) / &self.scale)
+    }
+}
+
+/// Seeded mini-batches of row indices: a fresh permutation per epoch.
+pub fn batches(rows: usize, batch: usize, rng: &mut impl Rng) -> Vec<Vec<usize>> {
+    let mut idx: Vec<usize> = (0..rows).collect();
+    idx.shuffle(rng);
+    idx.chunks(batch.max(1)).map(|c| c.to_vec()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn write(name: &str, text: &str) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!("clarke-data-{}-{name}", std::process::id()));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn reads_splits_and_scales() {
+        let p = write("ok.csv", "a,b,label\n0,16,1\n8,4,0\n16,0,2\n4,4,1\n2,2,0\n");
+        let d = Dataset::from_csv(&p).unwrap();
+        assert_eq!((d.len(), d.features(), d.classes), (5, 2, 3));
+        let (train, test) = d.split_by_index(|i| i % 5 == 0).unwrap();
+        assert_eq!((train.len(), test.len()), (4, 1));
+        assert_eq!(test.y, vec![1]);
+        let s = Scaler::constant(2, 16.0).unwrap();
+        assert_eq!(s.apply(&test.x).unwrap()[[0, 1]], 1.0);
+        let mm = Scaler::min_max(&train.x).apply(&train.x).unwrap();
+        assert!(mm.iter().all(|v| (0.0..=1.0).contains(v)));
+        let st = Scaler::standardize(&d.x).apply(&d.x).unwrap();
+        assert!(st.mean_axis(Axis(0)).unwrap().iter().all(|m| m.abs() < 1e-12));
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn bad_files_name_the_line() {
+        let p = write("bad.csv", "a,b,label\n0,1,1\n0,x,1\n");
+        let e = Dataset::from_csv(&p).unwrap_err().to_string();
+        assert!(e.contains("line 3") && e.contains("\"x\""), "{e}");
+        let p2 = write("short.csv", "a,b,label\n0,1\n");
+        assert!(Dataset::from_csv(&p2).unwrap_err().to_string().contains("line 2"));
+        let p3 = write("label.csv", "a,label\n0,-1\n");
+        assert!(Dataset::from_csv(&p3).unwrap_err().to_string().contains("label"));
+        let p4 = write("nan.csv", "a,label\nNaN,1\n");
+        assert!(Dataset::from_csv(&p4).unwrap_err().to_string().contains("not finite"));
+        for p in [p, p2, p3, p4] {
+            std::fs::remove_file(p).unwrap();
+        }
+        assert!(Scaler::constant(2, 0.0).is_err());
+    }
+
+    #[test]
+    fn batches_are_a_seeded_permutation() {
+        let mut r1 = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let mut r2 = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let a = batches(10, 4, &mut r1);
+        assert_eq!(a, batches(10, 4, &mut r2));
+        assert_eq!(a.iter().map(Vec::len).collect::<Vec<_>>(), vec![4, 4, 2]);
+        let mut all: Vec<usize> = a.concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+    }
+}

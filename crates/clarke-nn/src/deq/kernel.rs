@@ -1,0 +1,336 @@
+//! The fused batched kernels of the DEQ cell `z = sigma(z W^T + c)`, `c = x U^T + b`.
+//!
+//! Rows are samples. Each sample has its own fixed point and `J_z` is block diagonal
+//! (`diag(sigma'(p_i)) W` for sample `i`), so the batch is cut into one row block per thread
+//! and every block runs its whole solve (forward or adjoint) on its own core with sequential
+//! GEMMs: no synchronisation per iteration, and each GEMM is large enough to run near peak.
+
+use clarke_core::{Error, Result, Scalar};
+use faer::{Accum, Par};
+use faer_ext::IntoFaer;
+use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis};
+use rayon::prelude::*;
+
+use super::Activation;
+
+/// Sequential `c = a b` (or `c += a b`) on one core.
+pub(crate) fn gemm_seq<S: Scalar>(
+    a: ArrayView2<'_, S>,
+    b: ArrayView2<'_, S>,
+    accumulate: bool,
+    c: ArrayViewMut2<'_, S>,
+) {
+    if c.is_empty() {
+        return;
+    }
+    let accum = if accumulate { Accum::Add } else { Accum::Replace };
+    faer::linalg::matmul::matmul(c.into_faer(), accum, a.into_faer(), b.into_faer(), S::one(), Par::Seq);
+}
+
+/// Row blocks for the threads: one per thread when the batch is worth splitting.
+pub(crate) fn row_blocks(rows: usize, n: usize) -> Vec<(usize, usize)> {
+    let threads = rayon::current_num_threads().max(1);
+    // Below ~2^17 multiply-adds per product a second thread costs more than it saves.
+    let parts = if rows * n * n < (1 << 17) || rows < 2 * threads {
+        1
+    } else {
+        threads
+    };
+    let per = rows.div_ceil(parts);
+    (0..parts)
+        .map(|p| (p * per, ((p + 1) * per).min(rows)))
+        .filter(|(a, b)| a < b)
+        .collect()
+}
+
+/// How many iterations to run and when to stop.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Budget {
+    /// Relative residual at which a block stops (ignored when `fixed`).
+    pub tol: f64,
+    /// Iteration cap (or the exact count when `fixed`).
+    pub max_iter: usize,
+    /// Run exactly `max_iter` iterations, whatever the residual.
+    pub fixed: bool,
+}
+
+/// What one block's iteration did.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BlockRun {
+    pub iterations: usize,
+    /// Largest per-sample relative residual of the last iteration.
+    pub residual: f64,
+    /// Residual after each iteration.
+    pub trace: Vec<f64>,
+    /// The residual stopped being finite.
+    pub non_finite: bool,
+}
+
+impl BlockRun {
+    /// Records one iteration's change; `true` when the iteration should stop (a non-finite
+    /// change, or the tolerance reached without a fixed count).
+    fn record(&mut self, change: f64, budget: Budget) -> bool {
+        self.iterations += 1;
+        self.residual = change;
+        self.trace.push(change);
+        if !change.is_finite() {
+            self.non_finite = true;
+            return true;
+        }
+        !budget.fixed && change <= budget.tol
+    }
+}
+
+/// Merges block runs: the batch took as long as its slowest block and is as far from
+/// converged as its worst sample.
+pub(crate) fn merge(runs: Vec<BlockRun>) -> BlockRun {
+    let mut out = BlockRun::default();
+    for r in runs {
+        out.iterations = out.iterations.max(r.iterations);
+        out.residual = if r.residual.is_nan() {
+            f64::NAN
+        } else {
+            out.residual.max(r.residual)
+        };
+        out.non_finite |= r.non_finite;
+        if r.trace.len() > out.trace.len() {
+            out.trace.resize(r.trace.len(), 0.0);
+        }
+        for (t, v) in out.trace.iter_mut().zip(r.trace) {
+            *t = t.max(v);
+        }
+    }
+    out
+}
+
+/// One row of the fused forward pass: `z_j <- f(p_j + c_j, z_j)`, returning the sums of
+/// `(z_new - z_old)^2` and `z_new^2`. Four accumulators let the reductions vectorise.
+#[inline(always)]
+fn forward_row<S: Scalar>(z: &mut [S], p: &[S], c: &[S], f: impl Fn(S, S) -> S) -> (S, S) {
+    let mut d2 = [S::zero(); 4];
+    let mut n2 = [S::zero(); 4];
+    let mut zc = z.chunks_exact_mut(4);
+    let mut pc = p.chunks_exact(4);
+    let mut cc = c.chunks_exact(4);
+    for ((z4, p4), c4) in (&mut zc).zip(&mut pc).zip(&mut cc) {
+        for k in 0..4 {
+            let v = f(p4[k] + c4[k], z4[k]);
+            let d = v - z4[k];
+            d2[k] += d * d;
+            n2[k] += v * v;
+            z4[k] = v;
+        }
+    }
+    for ((zz, &pp), &cv) in zc.into_remainder().iter_mut().zip(pc.remainder()).zip(cc.remainder()) {
+        let v = f(pp + cv, *zz);
+        let d = v - *zz;
+        d2[0] += d * d;
+        n2[0] += v * v;
+        *zz = v;
+    }
+    ((d2[0] + d2[1]) + (d2[2] + d2[3]), (n2[0] + n2[1]) + (n2[2] + n2[3]))
+}
+
+/// One row of the fused adjoint pass: `w_new = q + g` (with `q = (w o d) W` from the GEMM),
+/// returns the sum of `(w_new - w)^2`, writes `w <- w_new` and `t <- w_new o d`.
+#[inline(always)]
+fn adjoint_row<S: Scalar>(w: &mut [S], t: &mut [S], q: &[S], g: &[S], d: &[S]) -> S {
+    let mut d2 = [S::zero(); 4];
+    let n = w.len();
+    let body = n / 4 * 4;
+    for j in (0..body).step_by(4) {
+        for k in 0..4 {
+            let v = q[j + k] + g[j + k];
+            let diff = v - w[j + k];
+            d2[k] += diff * diff;
+            w[j + k] = v;
+            t[j + k] = v * d[j + k];
+        }
+    }
+    for j in body..n {
+        let v = q[j] + g[j];
+        let diff = v - w[j];
+        d2[0] += diff * diff;
+        w[j] = v;
+        t[j] = v * d[j];
+    }
+    (d2[0] + d2[1]) + (d2[2] + d2[3])
+}
+
+/// Folds a row's relative change into the block's worst, keeping NaN visible.
+fn worst(change: f64, r: f64) -> f64 {
+    if r.is_nan() || change.is_nan() {
+        f64::NAN
+    } else {
+        change.max(r)
+    }
+}
+
+/// A contiguous row of a standard-layout block.
+fn row<'a, S>(a: &'a ArrayView2<'_, S>, i: usize) -> &'a [S] {
+    let n = a.ncols();
+    let start = i * a.strides()[0] as usize;
+    &a.as_slice_memory_order().expect("a standard-layout block")[start..start + n]
+}
+
+/// The forward iteration of one row block: plain Picard `z <- sigma(z W^T + c)`, or the
+/// forward-backward splitting of a monotone relu cell `z <- relu((1 - a) z + a (z W^T + c))`
+/// when `relax = Some(a)`. `z` holds the start and receives the last iterate.
+///
+/// Per iteration: one GEMM and one fused pass that adds `c`, applies the activation, measures
+/// each row's change and writes the new iterate.
+pub(crate) fn picard_block<S: Scalar>(
+    w: ArrayView2<'_, S>,
+    c: ArrayView2<'_, S>,
+    mut z: ArrayViewMut2<'_, S>,
+    act: Activation,
+    relax: Option<f64>,
+    budget: Budget,
+) -> BlockRun {
+    let c = c.as_standard_layout();
+    let cv = c.view();
+    let mut pre = Array2::<S>::zeros(c.raw_dim());
+    let mut run = BlockRun::default();
+    let (a, keep) = relax.map_or((S::one(), S::zero()), |a| {
+        (S::from_f64_lossy(a), S::from_f64_lossy(1.0 - a))
+    });
+    let zero = S::zero();
+    while run.iterations < budget.max_iter {
+        gemm_seq(z.view(), w.t(), false, pre.view_mut());
+        let mut change = 0.0f64;
+        for (i, (mut zr, pr)) in z.outer_iter_mut().zip(pre.outer_iter()).enumerate() {
+            let zs = zr
+                .as_slice_mut()
+                .expect("rows of a standard-layout batch are contiguous");
+            let ps = pr.to_slice().expect("contiguous");
+            let cs = row(&cv, i);
+            let (d2, n2) = match (act, relax.is_some()) {
+                (Activation::Relu, false) => forward_row(zs, ps, cs, |p, _| if p > zero { p } else { zero }),
+                (Activation::Relu, true) => forward_row(zs, ps, cs, |p, old| {
+                    let r = keep * old + a * p;
+                    if r > zero {
+                        r
+                    } else {
+                        zero
+                    }
+                }),
+                _ => forward_row(zs, ps, cs, |p, _| act.value(p)),
+            };
+            change = worst(change, d2.to_f64_exact().sqrt() / n2.to_f64_exact().sqrt().max(1.0));
+        }
+        if run.record(change, budget) {
+            break;
+        }
+    }
+    run
+}
+
+/// The adjoint Neumann iteration of one row block, `w <- g + (w o d) W`, started from `w`.
+/// The change of an update is the residual `g - (w - (w o d) W)` of the previous iterate;
+/// each row stops relative to its `||g_i||`.
+///
+/// Per iteration: one GEMM and one fused pass that adds `g`, measures the change, writes the
+/// new iterate and its product with `d` for the next GEMM.
+pub(crate) fn neumann_block<S: Scalar>(
+    w_mat: ArrayView2<'_, S>,
+    d: ArrayView2<'_, S>,
+    g: ArrayView2<'_, S>,
+    mut w: ArrayViewMut2<'_, S>,
+    budget: Budget,
+) -> BlockRun {
+    let (d, g) = (d.as_standard_layout(), g.as_standard_layout());
+    let (dv, gv) = (d.view(), g.view());
+    let g_norms: Vec<f64> = g
+        .outer_iter()
+        .map(|r| {
+            r.iter()
+                .map(|v| v.to_f64_exact().powi(2))
+                .sum::<f64>()
+                .sqrt()
+                .max(f64::MIN_POSITIVE)
+        })
+        .collect();
+    let mut t = &w * &d;
+    let mut q = Array2::<S>::zeros(g.raw_dim());
+    let mut run = BlockRun::default();
+    while run.iterations < budget.max_iter {
+        gemm_seq(t.view(), w_mat, false, q.view_mut());
+        let mut change = 0.0f64;
+        for (i, ((mut wr, mut tr), qr)) in w
+            .outer_iter_mut()
+            .zip(t.outer_iter_mut())
+            .zip(q.outer_iter())
+            .enumerate()
+        {
+            let d2 = adjoint_row(
+                wr.as_slice_mut().expect("contiguous rows"),
+                tr.as_slice_mut().expect("contiguous rows"),
+                qr.to_slice().expect("contiguous rows"),
+                row(&gv, i),
+                row(&dv, i),
+            );
+            change = worst(change, d2.to_f64_exact().sqrt() / g_norms[i]);
+        }
+        if run.record(change, budget) {
+            break;
+        }
+    }
+    run
+}
+
+/// `c = x U^T + b`, computed by row blocks in parallel.
+pub(crate) fn input_term<S: Scalar>(
+    x: ArrayView2<'_, S>,
+    u: ArrayView2<'_, S>,
+    b: ndarray::ArrayView1<'_, S>,
+) -> Array2<S> {
+    let mut c = Array2::<S>::zeros((x.nrows(), u.nrows()));
+    c.axis_iter_mut(Axis(0)).for_each(|mut row| row.assign(&b));
+    let blocks = row_blocks(x.nrows(), u.nrows().max(x.ncols()));
+    let mut parts = split_rows(c.view_mut(), &blocks);
+    parts.par_iter_mut().zip(blocks.par_iter()).for_each(|(cb, &(r0, r1))| {
+        gemm_seq(x.slice(s![r0..r1, ..]), u.t(), true, cb.view_mut());
+    });
+    c
+}
+
+/// Mutable row blocks of `a` (disjoint).
+pub(crate) fn split_rows<'a, S>(mut a: ArrayViewMut2<'a, S>, blocks: &[(usize, usize)]) -> Vec<ArrayViewMut2<'a, S>> {
+    let mut out = Vec::with_capacity(blocks.len());
+    let mut start = 0;
+    for &(r0, r1) in blocks {
+        debug_assert_eq!(r0, start);
+        let (head, tail) = a.split_at(Axis(0), r1 - r0);
+        out.push(head);
+        a = tail;
+        start = r1;
+    }
+    out
+}
+
+/// `p = z W^T + c` for the whole batch (the pre-activation at the solution).
+pub(crate) fn pre_activation<S: Scalar>(w: ArrayView2<'_, S>, c: ArrayView2<'_, S>, z: ArrayView2<'_, S>) -> Array2<S> {
+    let mut p = c.to_owned();
+    let blocks = row_blocks(z.nrows(), w.nrows());
+    let mut parts = split_rows(p.view_mut(), &blocks);
+    parts.par_iter_mut().zip(blocks.par_iter()).for_each(|(pb, &(r0, r1))| {
+        gemm_seq(z.slice(s![r0..r1, ..]), w.t(), true, pb.view_mut());
+    });
+    p
+}
+
+/// Checks a matrix for non-finite entries, naming it.
+pub(crate) fn ensure_finite<S: Scalar>(name: &str, a: ArrayView2<'_, S>) -> Result<()> {
+    match a.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(Error::invalid(
+            "deq",
+            format!(
+                "{name} has a non-finite entry {} at row {}, column {}",
+                a.iter().nth(i).map_or(f64::NAN, |v| v.to_f64_exact()),
+                i / a.ncols().max(1),
+                i % a.ncols().max(1)
+            ),
+        )),
+    }
+}

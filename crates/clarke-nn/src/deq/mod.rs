@@ -1,0 +1,830 @@
+//! Deep equilibrium layers: `z* = sigma(W z* + U x + b)`, one fixed point per sample.
+//!
+//! The layer is an implicit node on the tape (the theorem of `clarke-implicit`) with a fused
+//! cell: the forward runs a batched solver on raw arrays (no tape), the outer tape gets one
+//! node holding `z*`, and its backward solves the adjoint `(I - J_z)^T w = g` with
+//! `J_z^T v = (v o sigma'(p*)) W` row by row, then returns `W_bar = (w o d)^T z*`,
+//! `U_bar = (w o d)^T x`, `b_bar`, `x_bar`. The relu kink selection comes from the kink
+//! policy of the backward call, the kinks hit at `z*` go to the report's ledger, and every
+//! backward leaves a [`BackwardReport`] with the theorem's check
+//! (see [`Parametrization`] for what each form certifies).
+//!
+//! Fusing the cell (rather than replaying a recorded map per adjoint product, as the
+//! generic [`clarke_implicit::fixed_point`] does) removes the per-product tape overhead;
+//! the tests check both give the same gradients.
+//!
+//! ```
+//! use clarke_core::Tape;
+//! use clarke_nn::deq::{DeqConfig, DeqLayer};
+//! use clarke_nn::ParamSet;
+//! use ndarray::Array2;
+//! use rand::SeedableRng;
+//!
+//! let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+//! let mut params = ParamSet::<f64>::new();
+//! let deq = DeqLayer::new(&mut params, "deq", 4, 8, DeqConfig::default(), &mut rng).unwrap();
+//! let tape = Tape::new();
+//! let bound = params.bind(&tape);
+//! let x = tape.constant(Array2::from_elem((3, 4), 0.5).into_dyn());
+//! let z = deq.forward(&bound, x).unwrap();
+//! let grads = z.sum().backward().unwrap();
+//! assert_eq!(bound.gradients(&grads, &params).unwrap().len(), params.len());
+//! let report = deq.reports().last().unwrap();
+//! assert_eq!(report.check.outcome, clarke_implicit::CheckOutcome::Certified);
+//! ```
+
+mod activation;
+mod check;
+mod config;
+mod kernel;
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use clarke_core::gemm::gemm;
+use clarke_core::{Error, KinkLedger, KinkPolicy, Result, Scalar, Var};
+use clarke_implicit::{AdjointSolver, BackwardReport, CheckOutcome, GradientMode, HypothesisCheck, ReportLog};
+use clarke_solve::{FixedPointOptions, FixedPointReport, FnOperator, SolveOptions, SolveReport, SolveStatus};
+use ndarray::{s, Array1, Array2, Array3, ArrayD, ArrayView2, Axis, Ix1, Ix2, Zip};
+use rand::Rng;
+use rayon::prelude::*;
+
+pub use activation::Activation;
+pub use config::{DeqConfig, ForwardMethod, Parametrization};
+
+use crate::init::{glorot_uniform, normal};
+use crate::params::{Bound, ParamId, ParamSet};
+use kernel::{merge, neumann_block, picard_block, row_blocks, split_rows, BlockRun, Budget};
+
+/// The parameters behind `W`.
+#[derive(Debug, Clone, Copy)]
+enum WeightParams {
+    Spectral { v: ParamId },
+    Monotone { a: ParamId, b: ParamId },
+    Free { w: ParamId },
+}
+
+/// Figures of the most recent forward solve, for progress displays.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ForwardStats {
+    /// Iterations of the slowest row block.
+    pub iterations: usize,
+    /// `max_i ||T(z_i) - z_i|| / max(||T(z_i)||, 1)` at the returned solution.
+    pub residual: f64,
+}
+
+/// A batched deep equilibrium layer. See the [module docs](self).
+#[derive(Debug)]
+pub struct DeqLayer<S: Scalar> {
+    name: String,
+    input_dim: usize,
+    width: usize,
+    config: DeqConfig,
+    weight: WeightParams,
+    u: ParamId,
+    b: ParamId,
+    /// Right singular vector estimate of `V` (spectral form), warm-started across steps.
+    power_vector: RefCell<Array1<S>>,
+    reports: ReportLog,
+    last_forward: Cell<Option<ForwardStats>>,
+}
+
+impl<S: Scalar> DeqLayer<S> {
+    /// Adds the layer's parameters to `params` (names prefixed with `name`) and returns it.
+    /// `x` will be `[batch, input_dim]`, `z` `[batch, width]`.
+    ///
+    /// # Errors
+    /// Invalid options or dimensions, or a duplicate parameter name.
+    pub fn new(
+        params: &mut ParamSet<S>,
+        name: &str,
+        input_dim: usize,
+        width: usize,
+        config: DeqConfig,
+        rng: &mut impl Rng,
+    ) -> Result<Self> {
+        config.validate()?;
+        if input_dim == 0 || width == 0 {
+            return Err(Error::invalid(
+                "DeqLayer::new",
+                format!("input_dim ({input_dim}) and width ({width}) must be positive"),
+            ));
+        }
+        let n = width;
+        let weight = match config.parametrization {
+            Parametrization::SpectralNorm { .. } => WeightParams::Spectral {
+                v: params.add(format!("{name}.v"), glorot_uniform(n, n, rng).into_dyn())?,
+            },
+            Parametrization::Monotone { .. } => {
+                let scale = 1.0 / (n as f64).sqrt();
+                WeightParams::Monotone {
+                    a: params.add(format!("{name}.a"), normal(n, n, scale, rng).into_dyn())?,
+                    b: params.add(format!("{name}.b_skew"), normal(n, n, scale, rng).into_dyn())?,
+                }
+            }
+            Parametrization::Unconstrained => {
+                let mut w = glorot_uniform::<S>(n, n, rng);
+                w.mapv_inplace(|v| v * S::from_f64_lossy(0.5));
+                WeightParams::Free {
+                    w: params.add(format!("{name}.w"), w.into_dyn())?,
+                }
+            }
+        };
+        let u = params.add(format!("{name}.u"), glorot_uniform::<S>(n, input_dim, rng).into_dyn())?;
+        let b = params.add(format!("{name}.bias"), ArrayD::zeros(vec![n]))?;
+        let power_vector = Array1::from_shape_fn(n, |_| S::from_f64_lossy(rng.random_range(-1.0..1.0)));
+        Ok(DeqLayer {
+            name: name.to_string(),
+            input_dim,
+            width,
+            config,
+            weight,
+            u,
+            b,
+            power_vector: RefCell::new(power_vector),
+            reports: ReportLog::default(),
+            last_forward: Cell::new(None),
+        })
+    }
+
+    /// The layer's options.
+    pub fn config(&self) -> &DeqConfig {
+        &self.config
+    }
+
+    /// Width `n` of `z`.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// The backward reports of this layer, oldest first (a shared handle).
+    pub fn reports(&self) -> ReportLog {
+        self.reports.clone()
+    }
+
+    /// Figures of the most recent forward solve (not recorded for the unrolled mode).
+    pub fn last_forward(&self) -> Option<ForwardStats> {
+        self.last_forward.get()
+    }
+
+    /// `W` as a tape expression of the bound parameters.
+    ///
+    /// # Errors
+    /// When the spectral-norm estimate is zero or not finite.
+    pub fn weight<'t>(&self, bound: &Bound<'t, S>) -> Result<Var<'t, S>> {
+        let n = self.width;
+        match (self.weight, self.config.parametrization) {
+            (WeightParams::Spectral { v }, Parametrization::SpectralNorm { gamma }) => {
+                let v = bound.var(v);
+                let (left, right) = self.power_iteration(&v.value())?;
+                let tape = v.tape();
+                // sigma = u^T V v with u, v fixed: its gradient is u v^T, as in spectral
+                // normalisation.
+                let u_row = tape.constant(left.insert_axis(Axis(0)).into_dyn());
+                let v_col = tape.constant(right.insert_axis(Axis(1)).into_dyn());
+                let sigma = u_row.try_matmul(v)?.try_matmul(v_col)?.reshape(&[]);
+                let scale = sigma.recip() * tape.constant_scalar(S::from_f64_lossy(gamma));
+                v.try_mul(scale)
+            }
+            (WeightParams::Monotone { a, b }, Parametrization::Monotone { m }) => {
+                let (a, b) = (bound.var(a), bound.var(b));
+                let tape = a.tape();
+                let eye = Array2::<S>::eye(n).mapv(|v| v * S::from_f64_lossy(1.0 - m));
+                let ata = a.t().try_matmul(a)?;
+                tape.constant(eye.into_dyn()).try_sub(ata)?.try_add(b)?.try_sub(b.t())
+            }
+            (WeightParams::Free { w }, _) => Ok(bound.var(w)),
+            _ => unreachable!("the weight parameters follow the parametrisation"),
+        }
+    }
+
+    /// Warm-started power iteration on `V`: returns unit `(u, v)` with `u^T V v ~ sigma_max`.
+    fn power_iteration(&self, v_mat: &ArrayD<S>) -> Result<(Array1<S>, Array1<S>)> {
+        let v_mat = v_mat.view().into_dimensionality::<Ix2>().expect("V is square");
+        let mut right = self.power_vector.borrow_mut();
+        let normalise = |a: &mut Array1<S>| -> Result<()> {
+            let norm = a.dot(a).sqrt();
+            if norm <= S::zero() || !norm.is_finite() {
+                return Err(Error::invalid(
+                    "deq spectral norm",
+                    format!("power iteration hit a zero or non-finite vector (norm {norm}); is V zero or non-finite?"),
+                ));
+            }
+            a.mapv_inplace(|x| x / norm);
+            Ok(())
+        };
+        normalise(&mut right)?;
+        let mut left = v_mat.dot(&*right);
+        normalise(&mut left)?;
+        for _ in 1..self.config.power_iterations.max(1) {
+            let mut next = v_mat.t().dot(&left);
+            normalise(&mut next)?;
+            let change = (&next - &*right).mapv(|x| x.abs()).sum().to_f64_exact();
+            *right = next;
+            left = v_mat.dot(&*right);
+            normalise(&mut left)?;
+            if change < self.config.power_tol {
+                break;
+            }
+        }
+        Ok((left, right.clone()))
+    }
+
+    /// `z*` for the inputs `x` (`[batch, input_dim]`), recorded on `x`'s tape according to
+    /// the gradient mode.
+    ///
+    /// # Errors
+    /// A shape mismatch, a non-finite input or parameter, or a forward solve that did not
+    /// converge (with its residual trace).
+    pub fn forward<'t>(&self, bound: &Bound<'t, S>, x: Var<'t, S>) -> Result<Var<'t, S>> {
+        let xs = x.shape();
+        if xs.len() != 2 || xs[1] != self.input_dim {
+            return Err(Error::ShapeMismatch {
+                op: "deq",
+                lhs: xs,
+                rhs: vec![0, self.input_dim],
+                detail: format!("{}: x must be [batch, {}]", self.name, self.input_dim),
+            });
+        }
+        let w = self.weight(bound)?;
+        let (u, b) = (bound.var(self.u), bound.var(self.b));
+        match self.config.gradient {
+            GradientMode::Unrolled { iterations } => self.unrolled(x, w, u, b, iterations),
+            mode => {
+                let solved = self.solve(x, w, u, b)?;
+                if mode == GradientMode::OneStep {
+                    let tape = x.tape();
+                    let z = tape.constant(solved.z.into_dyn());
+                    let pre = z.try_matmul(w.t())?.try_add(x.try_matmul(u.t())?)?.try_add(b)?;
+                    return Ok(self.config.activation.record(pre));
+                }
+                self.record_implicit(x, w, u, b, solved)
+            }
+        }
+    }
+
+    /// `K` iterations from zero recorded on the tape (memory grows with `K`).
+    fn unrolled<'t>(&self, x: Var<'t, S>, w: Var<'t, S>, u: Var<'t, S>, b: Var<'t, S>, k: usize) -> Result<Var<'t, S>> {
+        let tape = x.tape();
+        let input = x.try_matmul(u.t())?.try_add(b)?;
+        let mut z = tape.constant(ArrayD::zeros(vec![x.shape()[0], self.width]));
+        for _ in 0..k {
+            z = self.config.activation.record(z.try_matmul(w.t())?.try_add(input)?);
+        }
+        Ok(z)
+    }
+
+    /// The forward solve on raw arrays.
+    fn solve(&self, x: Var<'_, S>, w: Var<'_, S>, u: Var<'_, S>, b: Var<'_, S>) -> Result<Solved<S>> {
+        let two = |v: Var<'_, S>| v.value().into_dimensionality::<Ix2>().expect("2-D by construction");
+        let (xv, wv, uv) = (two(x), two(w), two(u));
+        let bv = b.value().into_dimensionality::<Ix1>().expect("1-D by construction");
+        for (name, a) in [("x", xv.view()), ("W", wv.view()), ("U", uv.view())] {
+            kernel::ensure_finite(name, a)?;
+        }
+        if let Some(v) = bv.iter().find(|v| !v.is_finite()) {
+            return Err(Error::invalid(
+                "deq",
+                format!("{}: the bias has a non-finite entry {v}", self.name),
+            ));
+        }
+        let c = kernel::input_term(xv.view(), uv.view(), bv.view());
+        let batch = xv.nrows();
+        let mut z = Array2::<S>::zeros((batch, self.width));
+        let (run, solver, tol) = self.forward_iterate(wv.view(), c.view(), &mut z)?;
+        let pre = kernel::pre_activation(wv.view(), c.view(), z.view());
+        let mut out = pre.clone();
+        self.config.activation.apply_in_place(out.view_mut());
+        let residual = plain_residual(out.view(), z.view());
+        let fixed = self.config.fixed_forward_iterations.is_some();
+        let status = if run.non_finite || !residual.is_finite() {
+            SolveStatus::NonFinite
+        } else if fixed || run.residual <= tol {
+            SolveStatus::Converged
+        } else {
+            SolveStatus::MaxIterations
+        };
+        let report = FixedPointReport {
+            solver,
+            iterations: run.iterations,
+            evaluations: run.iterations + 1,
+            inner_iterations: 0,
+            residual: run.residual,
+            tolerance: tol,
+            status,
+            trace: run.trace,
+        };
+        if status != SolveStatus::Converged {
+            return Err(solve_failed(
+                &self.name,
+                "forward",
+                solver,
+                status,
+                report.iterations,
+                report.residual,
+                tol,
+                &report.trace,
+            ));
+        }
+        self.last_forward.set(Some(ForwardStats {
+            iterations: report.iterations,
+            residual,
+        }));
+        Ok(Solved {
+            z,
+            pre,
+            out,
+            report,
+            residual,
+        })
+    }
+
+    /// Runs the forward method over row blocks in parallel; `z` holds the start (zeros).
+    fn forward_iterate(
+        &self,
+        w: ArrayView2<'_, S>,
+        c: ArrayView2<'_, S>,
+        z: &mut Array2<S>,
+    ) -> Result<(BlockRun, &'static str, f64)> {
+        let budget = match self.config.fixed_forward_iterations {
+            Some(k) => Budget {
+                tol: 0.0,
+                max_iter: k,
+                fixed: true,
+            },
+            None => Budget {
+                tol: self.config.forward_tol,
+                max_iter: self.config.forward_max_iter,
+                fixed: false,
+            },
+        };
+        let blocks = row_blocks(z.nrows(), self.width);
+        let act = self.config.activation;
+        let parts = split_rows(z.view_mut(), &blocks);
+        let (runs, solver): (Vec<Result<BlockRun>>, &'static str) = match self.config.resolved_forward() {
+            ForwardMethod::Picard | ForwardMethod::Auto => (
+                parts
+                    .into_par_iter()
+                    .zip(blocks.par_iter())
+                    .map(|(zb, &(r0, r1))| Ok(picard_block(w, c.slice(s![r0..r1, ..]), zb, act, None, budget)))
+                    .collect(),
+                "picard",
+            ),
+            ForwardMethod::ForwardBackward { alpha } => {
+                let alpha = match alpha {
+                    Some(a) => a,
+                    None => self.forward_backward_step(w)?,
+                };
+                (
+                    parts
+                        .into_par_iter()
+                        .zip(blocks.par_iter())
+                        .map(|(zb, &(r0, r1))| {
+                            Ok(picard_block(w, c.slice(s![r0..r1, ..]), zb, act, Some(alpha), budget))
+                        })
+                        .collect(),
+                    "forward_backward",
+                )
+            }
+            ForwardMethod::Anderson { memory } => (
+                parts
+                    .into_par_iter()
+                    .zip(blocks.par_iter())
+                    .map(|(zb, &(r0, r1))| anderson_block(w, c.slice(s![r0..r1, ..]), zb, act, memory, budget))
+                    .collect(),
+                "anderson",
+            ),
+        };
+        let runs = runs.into_iter().collect::<Result<Vec<_>>>()?;
+        Ok((merge(runs), solver, budget.tol))
+    }
+
+    /// `alpha = m / ||I - W||^2` for a monotone `W`.
+    fn forward_backward_step(&self, w: ArrayView2<'_, S>) -> Result<f64> {
+        let m = match self.config.parametrization {
+            Parametrization::Monotone { m } => m,
+            _ => {
+                return Err(Error::invalid(
+                    "deq",
+                    "forward-backward splitting needs an explicit step unless the parametrisation is monotone",
+                ))
+            }
+        };
+        let n = w.nrows();
+        let mut iw = Array2::<S>::eye(n);
+        iw -= &w;
+        let l = clarke_solve::dense::singular_values(iw.view())?
+            .first()
+            .map_or(1.0, |v| v.to_f64_exact());
+        Ok((m / (l * l)).min(1.0))
+    }
+
+    /// Records the solution as one node whose backward is the adjoint solve.
+    fn record_implicit<'t>(
+        &self,
+        x: Var<'t, S>,
+        w: Var<'t, S>,
+        u: Var<'t, S>,
+        b: Var<'t, S>,
+        solved: Solved<S>,
+    ) -> Result<Var<'t, S>> {
+        let node_id = Rc::new(Cell::new(0usize));
+        let backward = AdjointContext {
+            name: self.name.clone(),
+            config: self.config.clone(),
+            z: solved.z,
+            pre: solved.pre,
+            forward: solved.report,
+            forward_residual: solved.residual,
+            reports: self.reports.clone(),
+            node: node_id.clone(),
+        };
+        let out = x.tape().try_custom_fn_ctx(
+            &self.name,
+            &[x, w, u, b],
+            solved.out.into_dyn(),
+            move |ctx, inputs, _output, grad| backward.vjp(ctx.policy, inputs, grad),
+        )?;
+        node_id.set(out.id());
+        Ok(out)
+    }
+}
+
+/// The error of a solve that did not converge, with its residual trace.
+#[allow(clippy::too_many_arguments)]
+fn solve_failed(
+    node: &str,
+    stage: &'static str,
+    solver: &'static str,
+    status: SolveStatus,
+    iterations: usize,
+    residual: f64,
+    tolerance: f64,
+    trace: &[f64],
+) -> Error {
+    Error::SolveFailed {
+        node: node.to_string(),
+        stage,
+        solver,
+        status: status.as_str(),
+        iterations,
+        residual,
+        tolerance,
+        trace: trace.into(),
+    }
+}
+
+/// The forward solution of a batch.
+struct Solved<S> {
+    /// The last iterate `z*`.
+    z: Array2<S>,
+    /// `p* = z* W^T + c`.
+    pre: Array2<S>,
+    /// `sigma(p*)`, the layer's output.
+    out: Array2<S>,
+    report: FixedPointReport,
+    /// The plain map's residual at `z*`.
+    residual: f64,
+}
+
+fn plain_residual<S: Scalar>(out: ArrayView2<'_, S>, z: ArrayView2<'_, S>) -> f64 {
+    let mut worst = 0.0f64;
+    for (a, b) in out.outer_iter().zip(z.outer_iter()) {
+        let d = a
+            .iter()
+            .zip(b.iter())
+            .map(|(x, y)| (*x - *y).to_f64_exact().powi(2))
+            .sum::<f64>();
+        let n = a.iter().map(|x| x.to_f64_exact().powi(2)).sum::<f64>();
+        worst = worst.max(d.sqrt() / n.sqrt().max(1.0));
+    }
+    worst
+}
+
+/// Anderson on one row block (flattened), through `clarke-solve`.
+fn anderson_block<S: Scalar>(
+    w: ArrayView2<'_, S>,
+    c: ArrayView2<'_, S>,
+    mut z: ndarray::ArrayViewMut2<'_, S>,
+    act: Activation,
+    memory: usize,
+    budget: Budget,
+) -> Result<BlockRun> {
+    let (rows, n) = c.dim();
+    let map = |v: ndarray::ArrayView1<'_, S>| -> Result<Array1<S>> {
+        let zb = v
+            .into_shape_with_order((rows, n))
+            .map_err(|e| Error::invalid("deq", e.to_string()))?;
+        let mut p = c.to_owned();
+        kernel::gemm_seq(zb, w.t(), true, p.view_mut());
+        act.apply_in_place(p.view_mut());
+        Ok(p.into_shape_with_order(rows * n).expect("contiguous"))
+    };
+    let z0: Array1<S> = z.iter().copied().collect();
+    let mut opts = FixedPointOptions::for_precision::<S>()
+        .with_anderson_memory(memory)
+        .with_max_iter(budget.max_iter);
+    opts.tol = if budget.fixed { 0.0 } else { budget.tol };
+    let (zs, report) = clarke_solve::anderson(map, z0.view(), &opts)?;
+    z.assign(&zs.into_shape_with_order((rows, n)).expect("same length"));
+    Ok(BlockRun {
+        iterations: report.iterations,
+        residual: report.residual,
+        non_finite: report.status == SolveStatus::NonFinite,
+        trace: report.trace,
+    })
+}
+
+/// Everything the backward pass needs, captured by the node's VJP.
+struct AdjointContext<S: Scalar> {
+    name: String,
+    config: DeqConfig,
+    z: Array2<S>,
+    pre: Array2<S>,
+    forward: FixedPointReport,
+    forward_residual: f64,
+    reports: ReportLog,
+    node: Rc<Cell<usize>>,
+}
+
+impl<S: Scalar> AdjointContext<S> {
+    fn vjp(
+        &self,
+        policy: &KinkPolicy,
+        inputs: &[ndarray::ArrayViewD<'_, S>],
+        grad: ndarray::ArrayViewD<'_, S>,
+    ) -> Result<Vec<Option<ArrayD<S>>>> {
+        let (x, w, u) = (as_matrix(&inputs[0]), as_matrix(&inputs[1]), as_matrix(&inputs[2]));
+        let g = grad.into_dimensionality::<Ix2>().expect("the output is 2-D");
+        if let Some(v) = g.iter().find(|v| !v.is_finite()) {
+            return Err(Error::invalid(
+                "deq",
+                format!("{}: the incoming gradient has a non-finite entry {v}", self.name),
+            ));
+        }
+        let derivative = self
+            .config
+            .activation
+            .derivative(self.pre.view(), policy, self.node.get());
+        let d = derivative.d;
+        let kinks = derivative.record.as_ref().map_or(0, |r| r.exact);
+        let check = if self.config.check {
+            check::run(
+                self.config.parametrization,
+                self.config.activation.lipschitz(),
+                w,
+                d.view(),
+                kinks,
+                self.forward_residual,
+            )?
+        } else {
+            HypothesisCheck::not_checked("the check is off for this layer")
+        };
+        if check.outcome == CheckOutcome::Violated {
+            return Err(Error::HypothesisViolated {
+                node: self.name.clone(),
+                detail: check.to_string(),
+            });
+        }
+        let (adj, adjoint) = self.adjoint(w, d.view(), g)?;
+        let mut delta = adj;
+        delta *= &d;
+        let mut w_bar = Array2::<S>::zeros(w.raw_dim());
+        gemm(S::one(), delta.t(), self.z.view(), false, w_bar.view_mut());
+        let mut u_bar = Array2::<S>::zeros(u.raw_dim());
+        gemm(S::one(), delta.t(), x, false, u_bar.view_mut());
+        let b_bar = delta.sum_axis(Axis(0));
+        let mut x_bar = Array2::<S>::zeros(x.raw_dim());
+        gemm(S::one(), delta.view(), u, false, x_bar.view_mut());
+        let approximate = matches!(self.config.gradient, GradientMode::TruncatedNeumann { .. });
+        self.reports.push(BackwardReport {
+            node: self.name.clone(),
+            mode: self.config.gradient,
+            forward: self.forward.clone(),
+            forward_residual: self.forward_residual,
+            adjoint: Some(adjoint),
+            fallback: None,
+            approximate,
+            check,
+            kinks: KinkLedger::from_records(policy.name, derivative.record.into_iter().collect()),
+        });
+        Ok(vec![
+            Some(x_bar.into_dyn()),
+            Some(w_bar.into_dyn()),
+            Some(u_bar.into_dyn()),
+            Some(b_bar.into_dyn()),
+        ])
+    }
+
+    /// Solves `(I - J_z)^T w = g` row by row; `J_z^T v = (v o d) W`.
+    fn adjoint(
+        &self,
+        w: ArrayView2<'_, S>,
+        d: ArrayView2<'_, S>,
+        g: ArrayView2<'_, S>,
+    ) -> Result<(Array2<S>, SolveReport)> {
+        let (batch, n) = g.dim();
+        let blocks = row_blocks(batch, n);
+        let tol = self.config.adjoint_tol;
+        let max_iter = self.config.adjoint_max_iter;
+        let mut sol = g.to_owned();
+        let (run, solver, fixed): (BlockRun, &'static str, bool) = match self.config.gradient {
+            GradientMode::TruncatedNeumann { terms } => {
+                let budget = Budget {
+                    tol: 0.0,
+                    max_iter: terms - 1,
+                    fixed: true,
+                };
+                (
+                    self.neumann(w, d, g, &mut sol, &blocks, budget),
+                    "truncated_neumann",
+                    true,
+                )
+            }
+            GradientMode::Implicit(AdjointSolver::Neumann) => {
+                let budget = Budget {
+                    tol,
+                    max_iter,
+                    fixed: false,
+                };
+                (self.neumann(w, d, g, &mut sol, &blocks, budget), "neumann", false)
+            }
+            GradientMode::Implicit(AdjointSolver::Dense) => {
+                let mut a = Array3::<S>::zeros((batch, n, n));
+                Zip::from(a.outer_iter_mut())
+                    .and(d.outer_iter())
+                    .par_for_each(|mut ai, di| {
+                        for i in 0..n {
+                            for j in 0..n {
+                                ai[[i, j]] = -di[i] * w[[i, j]];
+                            }
+                            ai[[i, i]] += S::one();
+                        }
+                    });
+                sol = clarke_solve::batched_solve(a.view(), g, true).map_err(|e| Error::InImplicit {
+                    node: self.name.clone(),
+                    context: "the dense per-sample adjoint solve failed",
+                    source: Box::new(e),
+                })?;
+                let residual = adjoint_residual(w, d, g, sol.view());
+                let run = BlockRun {
+                    iterations: 1,
+                    residual,
+                    trace: vec![residual],
+                    non_finite: !residual.is_finite(),
+                };
+                (run, "dense_lu", false)
+            }
+            GradientMode::Implicit(method) => {
+                let parts = split_rows(sol.view_mut(), &blocks);
+                let runs: Vec<Result<BlockRun>> = parts
+                    .into_par_iter()
+                    .zip(blocks.par_iter())
+                    .map(|(sb, &(r0, r1))| {
+                        krylov_block(
+                            method,
+                            w,
+                            d.slice(s![r0..r1, ..]),
+                            g.slice(s![r0..r1, ..]),
+                            sb,
+                            tol,
+                            max_iter,
+                        )
+                    })
+                    .collect();
+                let name = if method == AdjointSolver::Gmres {
+                    "gmres"
+                } else {
+                    "bicgstab"
+                };
+                (merge(runs.into_iter().collect::<Result<Vec<_>>>()?), name, false)
+            }
+            GradientMode::Unrolled { .. } | GradientMode::OneStep | GradientMode::LeastSquaresNoHypothesis => {
+                unreachable!("these modes record no implicit node")
+            }
+        };
+        let residual = adjoint_residual(w, d, g, sol.view());
+        let status = if run.non_finite || !residual.is_finite() {
+            SolveStatus::NonFinite
+        } else if fixed || residual <= tol * 10.0 {
+            SolveStatus::Converged
+        } else {
+            SolveStatus::MaxIterations
+        };
+        if status != SolveStatus::Converged {
+            return Err(solve_failed(
+                &self.name,
+                "adjoint",
+                solver,
+                status,
+                run.iterations,
+                residual,
+                tol,
+                &run.trace,
+            ));
+        }
+        let report = SolveReport {
+            solver,
+            iterations: run.iterations,
+            matvecs: run.iterations,
+            residual,
+            tolerance: tol,
+            status,
+            residual_history: run.trace,
+        };
+        Ok((sol, report))
+    }
+
+    fn neumann(
+        &self,
+        w: ArrayView2<'_, S>,
+        d: ArrayView2<'_, S>,
+        g: ArrayView2<'_, S>,
+        sol: &mut Array2<S>,
+        blocks: &[(usize, usize)],
+        budget: Budget,
+    ) -> BlockRun {
+        let parts = split_rows(sol.view_mut(), blocks);
+        let runs: Vec<BlockRun> = parts
+            .into_par_iter()
+            .zip(blocks.par_iter())
+            .map(|(sb, &(r0, r1))| neumann_block(w, d.slice(s![r0..r1, ..]), g.slice(s![r0..r1, ..]), sb, budget))
+            .collect();
+        merge(runs)
+    }
+}
+
+/// A 2-D view of an input the layer recorded as a matrix.
+fn as_matrix<'a, S: Scalar>(a: &ndarray::ArrayViewD<'a, S>) -> ArrayView2<'a, S> {
+    a.clone()
+        .into_dimensionality::<Ix2>()
+        .expect("the layer records 2-D inputs")
+}
+
+/// Relative residual `||g - (w - (w o d) W)|| / ||g||` of an adjoint solution.
+fn adjoint_residual<S: Scalar>(
+    w: ArrayView2<'_, S>,
+    d: ArrayView2<'_, S>,
+    g: ArrayView2<'_, S>,
+    sol: ArrayView2<'_, S>,
+) -> f64 {
+    let t = &sol * &d;
+    let mut r = Array2::<S>::zeros(g.raw_dim());
+    gemm(S::one(), t.view(), w, false, r.view_mut());
+    // r <- g - sol + (sol o d) W
+    Zip::from(&mut r).and(g).and(sol).for_each(|r, &g, &s| *r = g - s + *r);
+    let num = r.iter().map(|v| v.to_f64_exact().powi(2)).sum::<f64>().sqrt();
+    let den = g.iter().map(|v| v.to_f64_exact().powi(2)).sum::<f64>().sqrt();
+    if den > 0.0 {
+        num / den
+    } else {
+        num
+    }
+}
+
+/// GMRES or BiCGSTAB on one row block (flattened), through `clarke-solve`.
+fn krylov_block<S: Scalar>(
+    method: AdjointSolver,
+    w: ArrayView2<'_, S>,
+    d: ArrayView2<'_, S>,
+    g: ArrayView2<'_, S>,
+    mut sol: ndarray::ArrayViewMut2<'_, S>,
+    tol: f64,
+    max_iter: usize,
+) -> Result<BlockRun> {
+    let (rows, n) = g.dim();
+    let op = FnOperator::new(
+        rows * n,
+        rows * n,
+        |v: ndarray::ArrayView1<'_, S>, mut y: ndarray::ArrayViewMut1<'_, S>| {
+            let v2 = v
+                .into_shape_with_order((rows, n))
+                .map_err(|e| Error::invalid("deq", e.to_string()))?;
+            let t = &v2 * &d;
+            let mut y2 = y
+                .view_mut()
+                .into_shape_with_order((rows, n))
+                .map_err(|e| Error::invalid("deq", e.to_string()))?;
+            kernel::gemm_seq(t.view(), w, false, y2.view_mut());
+            Zip::from(&mut y2).and(v2).for_each(|y, &v| *y = v - *y);
+            Ok(())
+        },
+    );
+    let rhs: Array1<S> = g.iter().copied().collect();
+    let opts = SolveOptions {
+        tol,
+        max_iter,
+        ..SolveOptions::for_precision::<S>()
+    };
+    let (x, report) = match method {
+        AdjointSolver::Gmres => clarke_solve::gmres(&op, rhs.view(), None, &opts)?,
+        _ => clarke_solve::bicgstab(&op, rhs.view(), None, &opts)?,
+    };
+    sol.assign(&x.into_shape_with_order((rows, n)).expect("same length"));
+    Ok(BlockRun {
+        iterations: report.iterations,
+        residual: report.residual,
+        non_finite: report.status == SolveStatus::NonFinite,
+        trace: report.residual_history,
+    })
+}

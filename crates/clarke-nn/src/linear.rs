@@ -1,0 +1,81 @@
+//! The affine layer `y = x W^T + b`.
+
+use clarke_core::{Error, Result, Scalar, Var};
+use ndarray::ArrayD;
+use rand::Rng;
+
+use crate::init::he_uniform;
+use crate::params::{Bound, ParamId, ParamSet};
+
+/// `y = x W^T + b` with `W` `[out, in]` and `b` `[out]`; `x` is `[batch, in]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Linear {
+    weight: ParamId,
+    bias: ParamId,
+    input_dim: usize,
+    output_dim: usize,
+}
+
+impl Linear {
+    /// Adds `name.weight` (He-uniform) and `name.bias` (zeros) to `params`.
+    ///
+    /// # Errors
+    /// A zero dimension or a duplicate name.
+    pub fn new<S: Scalar>(
+        params: &mut ParamSet<S>,
+        name: &str,
+        input_dim: usize,
+        output_dim: usize,
+        rng: &mut impl Rng,
+    ) -> Result<Self> {
+        if input_dim == 0 || output_dim == 0 {
+            return Err(Error::invalid(
+                "Linear::new",
+                format!("dimensions must be positive, got {input_dim} -> {output_dim}"),
+            ));
+        }
+        let weight = params.add(
+            format!("{name}.weight"),
+            he_uniform::<S>(output_dim, input_dim, rng).into_dyn(),
+        )?;
+        let bias = params.add(format!("{name}.bias"), ArrayD::zeros(vec![output_dim]))?;
+        Ok(Linear {
+            weight,
+            bias,
+            input_dim,
+            output_dim,
+        })
+    }
+
+    /// The weight's id.
+    pub fn weight(&self) -> ParamId {
+        self.weight
+    }
+
+    /// The bias's id.
+    pub fn bias(&self) -> ParamId {
+        self.bias
+    }
+
+    /// Output width.
+    pub fn output_dim(&self) -> usize {
+        self.output_dim
+    }
+
+    /// Applies the layer on the tape.
+    ///
+    /// # Errors
+    /// When `x` is not `[batch, input_dim]`.
+    pub fn forward<'t, S: Scalar>(&self, bound: &Bound<'t, S>, x: Var<'t, S>) -> Result<Var<'t, S>> {
+        let shape = x.shape();
+        if shape.len() != 2 || shape[1] != self.input_dim {
+            return Err(Error::ShapeMismatch {
+                op: "linear",
+                lhs: shape,
+                rhs: vec![0, self.input_dim],
+                detail: format!("x must be [batch, {}]", self.input_dim),
+            });
+        }
+        x.try_matmul(bound.var(self.weight).t())?.try_add(bound.var(self.bias))
+    }
+}

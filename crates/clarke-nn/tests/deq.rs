@@ -1,0 +1,415 @@
+//! The DEQ layer: gradients against the generic implicit node and finite differences, every
+//! adjoint solver, both parametrisations, exact values at kinks, and bad input.
+
+use clarke_core::{BackwardOptions, Error, KinkPolicy, Tape, Var};
+use clarke_implicit::{AdjointSolver, CheckOutcome, GradientMode, ImplicitOptions};
+use clarke_nn::deq::{Activation, DeqConfig, DeqLayer, ForwardMethod, Parametrization};
+use clarke_nn::{Linear, ParamSet};
+use clarke_solve::FixedPointOptions;
+use ndarray::{Array2, ArrayD};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+fn inputs(batch: usize, d: usize, seed: u64) -> Array2<f64> {
+    clarke_nn::init::normal(batch, d, 1.0, &mut rng(seed))
+}
+
+struct Model {
+    params: ParamSet<f64>,
+    deq: DeqLayer<f64>,
+    head: Linear,
+}
+
+fn model(config: DeqConfig, d: usize, n: usize, seed: u64) -> Model {
+    let config = config.with_power_iterations(5000, 1e-15);
+    let mut r = rng(seed);
+    let mut params = ParamSet::new();
+    let deq = DeqLayer::new(&mut params, "deq", d, n, config, &mut r).unwrap();
+    let head = Linear::new(&mut params, "head", n, 3, &mut r).unwrap();
+    // A non-zero bias so that relu cells are not all at their kink.
+    let bias = params.id("deq.bias").unwrap();
+    *params.get_mut(bias) = clarke_nn::init::normal::<f64>(1, n, 0.5, &mut r)
+        .into_shape_with_order(vec![n])
+        .unwrap();
+    Model { params, deq, head }
+}
+
+/// Loss and gradients (all parameters, then x) of cross-entropy(head(deq(x))).
+fn loss_and_grads(m: &Model, x: &Array2<f64>, labels: &[usize], policy: KinkPolicy) -> (f64, Vec<ArrayD<f64>>) {
+    let tape = Tape::with_policy(policy).unwrap();
+    let bound = m.params.bind(&tape);
+    let xv = tape.param(x.clone().into_dyn());
+    let z = m.deq.forward(&bound, xv).unwrap();
+    let loss = m.head.forward(&bound, z).unwrap().softmax_cross_entropy(labels);
+    let grads = loss.backward().unwrap();
+    let mut out = bound.gradients(&grads, &m.params).unwrap();
+    out.push(grads.wrt(xv).unwrap().clone());
+    (loss.scalar(), out)
+}
+
+fn max_rel_diff(a: &[ArrayD<f64>], b: &[ArrayD<f64>]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| {
+            let scale = a.iter().map(|v| v.abs()).fold(1e-3, f64::max);
+            a.iter().zip(b).map(|(x, y)| (x - y).abs() / scale).fold(0.0, f64::max)
+        })
+        .fold(0.0, f64::max)
+}
+
+/// The DEQ cell `sigma(z W^T + x U^T + b)` recorded on a tape, `th = [x, W, U, b]`.
+fn cell<'s>(act: Activation, z: Var<'s, f64>, th: &[Var<'s, f64>]) -> clarke_core::Result<Var<'s, f64>> {
+    let pre = z
+        .try_matmul(th[1].t())?
+        .try_add(th[0].try_matmul(th[2].t())?)?
+        .try_add(th[3])?;
+    Ok(match act {
+        Activation::Relu => pre.relu(),
+        Activation::LeakyRelu(a) => pre.leaky_relu(a),
+        Activation::Tanh => pre.tanh(),
+    })
+}
+
+const LABELS: [usize; 5] = [0, 2, 1, 1, 0];
+
+#[test]
+fn fused_gradient_equals_the_generic_implicit_node() {
+    for act in [Activation::Tanh, Activation::Relu, Activation::LeakyRelu(0.1)] {
+        let config = DeqConfig::default()
+            .with_activation(act)
+            .with_forward_tolerance(1e-13, 2000)
+            .with_adjoint_tolerance(1e-13, 2000);
+        let m = model(config, 4, 6, 1);
+        let x = inputs(5, 4, 2);
+        let (_, fused) = loss_and_grads(&m, &x, &LABELS, KinkPolicy::pytorch());
+
+        // The same cell through clarke_implicit::fixed_point, with W from the layer.
+        let tape = Tape::<f64>::new();
+        let bound = m.params.bind(&tape);
+        let xv = tape.param(x.clone().into_dyn());
+        let w = m.deq.weight(&bound).unwrap();
+        let (u, b) = (
+            bound.var(m.params.id("deq.u").unwrap()),
+            bound.var(m.params.id("deq.bias").unwrap()),
+        );
+        let options = ImplicitOptions::default()
+            .with_forward(
+                FixedPointOptions::for_precision::<f64>()
+                    .with_tol(1e-13)
+                    .with_max_iter(2000),
+            )
+            .with_mode(GradientMode::Implicit(AdjointSolver::Gmres));
+        let (sol, _) = clarke_implicit::fixed_point(
+            move |z, th| cell(act, z, th),
+            &ArrayD::zeros(vec![5, 6]),
+            &[xv, w, u, b],
+            options,
+        )
+        .unwrap();
+        let loss = m.head.forward(&bound, sol.z).unwrap().softmax_cross_entropy(&LABELS);
+        let grads = loss.backward().unwrap();
+        let mut generic = bound.gradients(&grads, &m.params).unwrap();
+        generic.push(grads.wrt(xv).unwrap().clone());
+        let diff = max_rel_diff(&fused, &generic);
+        assert!(diff < 1e-8, "{act:?}: fused and generic gradients differ by {diff:e}");
+    }
+}
+
+#[test]
+fn gradients_match_central_finite_differences() {
+    let config = DeqConfig::default()
+        .with_activation(Activation::Tanh)
+        .with_forward_tolerance(1e-14, 5000)
+        .with_adjoint_tolerance(1e-13, 5000);
+    let mut m = model(config, 3, 5, 4);
+    let x = inputs(5, 3, 5);
+    let (_, grads) = loss_and_grads(&m, &x, &LABELS, KinkPolicy::pytorch());
+    let h = 1e-6;
+    let ids: Vec<_> = m.params.ids().collect();
+    for (k, id) in ids.iter().enumerate() {
+        let len = m.params.get(*id).len();
+        for e in 0..len {
+            let orig = m.params.get(*id).as_slice().unwrap()[e];
+            m.params.get_mut(*id).as_slice_mut().unwrap()[e] = orig + h;
+            let plus = loss_and_grads(&m, &x, &LABELS, KinkPolicy::pytorch()).0;
+            m.params.get_mut(*id).as_slice_mut().unwrap()[e] = orig - h;
+            let minus = loss_and_grads(&m, &x, &LABELS, KinkPolicy::pytorch()).0;
+            m.params.get_mut(*id).as_slice_mut().unwrap()[e] = orig;
+            let fd = (plus - minus) / (2.0 * h);
+            let ad = *grads[k].iter().nth(e).unwrap();
+            assert!(
+                (fd - ad).abs() <= 1e-7 * (1.0 + fd.abs()),
+                "{}[{e}]: finite difference {fd}, implicit gradient {ad}",
+                m.params.name(*id)
+            );
+        }
+    }
+}
+
+#[test]
+fn every_adjoint_solver_gives_the_same_gradient() {
+    let x = inputs(5, 4, 7);
+    let solve = |solver| {
+        let config = DeqConfig::default()
+            .with_forward_tolerance(1e-13, 2000)
+            .with_adjoint_tolerance(1e-12, 2000)
+            .with_gradient(GradientMode::Implicit(solver));
+        let m = model(config, 4, 8, 8);
+        let (_, g) = loss_and_grads(&m, &x, &LABELS, KinkPolicy::pytorch());
+        let report = m.deq.reports().last().unwrap();
+        assert_eq!(report.check.outcome, CheckOutcome::Certified, "{}", report.check);
+        assert!(report.adjoint.as_ref().unwrap().residual <= 1e-11);
+        g
+    };
+    let dense = solve(AdjointSolver::Dense);
+    for solver in [AdjointSolver::Neumann, AdjointSolver::Gmres, AdjointSolver::Bicgstab] {
+        let diff = max_rel_diff(&dense, &solve(solver));
+        assert!(diff < 1e-9, "{solver:?} differs from the dense solve by {diff:e}");
+    }
+}
+
+#[test]
+fn unrolled_converges_to_implicit_and_truncated_neumann_is_reported_approximate() {
+    let x = inputs(5, 4, 9);
+    let grads = |mode| {
+        let config = DeqConfig::default()
+            .with_activation(Activation::Tanh)
+            .with_forward_tolerance(1e-14, 5000)
+            .with_adjoint_tolerance(1e-13, 5000)
+            .with_gradient(mode);
+        let m = model(config, 4, 6, 10);
+        let g = loss_and_grads(&m, &x, &LABELS, KinkPolicy::pytorch()).1;
+        (g, m.deq.reports().last())
+    };
+    let (implicit, _) = grads(GradientMode::Implicit(AdjointSolver::Neumann));
+    let errors: Vec<f64> = [5, 20, 80, 300]
+        .iter()
+        .map(|&k| max_rel_diff(&implicit, &grads(GradientMode::Unrolled { iterations: k }).0))
+        .collect();
+    // Geometric decrease until rounding.
+    assert!(
+        errors[..3].windows(2).all(|w| w[1] < 1e-2 * w[0]),
+        "unrolled errors {errors:?}"
+    );
+    assert!(errors[2] < 1e-9 && errors[3] < 1e-9, "unrolled errors {errors:?}");
+    let (one_step, _) = grads(GradientMode::OneStep);
+    assert!(
+        max_rel_diff(&implicit, &one_step) > 1e-3,
+        "one-step should differ from implicit"
+    );
+    let (truncated, report) = grads(GradientMode::TruncatedNeumann { terms: 200 });
+    assert!(max_rel_diff(&implicit, &truncated) < 1e-7);
+    let report = report.unwrap();
+    assert!(report.approximate);
+    assert_eq!(report.adjoint.unwrap().iterations, 199);
+}
+
+#[test]
+fn monotone_parametrisation_is_certified_even_when_w_is_not_a_contraction() {
+    let config = DeqConfig::default()
+        .with_parametrization(Parametrization::Monotone { m: 0.5 })
+        .with_gradient(GradientMode::Implicit(AdjointSolver::Gmres))
+        .with_forward_tolerance(1e-12, 20000)
+        .with_adjoint_tolerance(1e-12, 2000);
+    let m = model(config.clone(), 4, 8, 11);
+    let tape = Tape::<f64>::new();
+    let w = m.deq.weight(&m.params.bind(&tape)).unwrap().value();
+    let w = w.into_dimensionality::<ndarray::Ix2>().unwrap();
+    let norm = clarke_solve::dense::singular_values(w.view()).unwrap()[0];
+    assert!(norm > 1.0, "the test wants ||W|| > 1, got {norm}");
+    let x = inputs(5, 4, 12);
+    let (_, fused) = loss_and_grads(&m, &x, &LABELS, KinkPolicy::pytorch());
+    let report = m.deq.reports().last().unwrap();
+    assert_eq!(report.forward.solver, "forward_backward");
+    assert_eq!(report.check.outcome, CheckOutcome::Certified);
+    assert!(report.forward_residual < 1e-10);
+    // Anderson on the plain map reaches the same fixed point and gradient.
+    let m2 = model(config.with_forward(ForwardMethod::Anderson { memory: 6 }), 4, 8, 11);
+    let (_, anderson) = loss_and_grads(&m2, &x, &LABELS, KinkPolicy::pytorch());
+    assert!(max_rel_diff(&fused, &anderson) < 1e-7);
+    let dense = model(
+        DeqConfig::default()
+            .with_parametrization(Parametrization::Monotone { m: 0.5 })
+            .with_gradient(GradientMode::Implicit(AdjointSolver::Dense))
+            .with_forward_tolerance(1e-12, 20000),
+        4,
+        8,
+        11,
+    );
+    let (_, dense_grads) = loss_and_grads(&dense, &x, &LABELS, KinkPolicy::pytorch());
+    assert!(max_rel_diff(&fused, &dense_grads) < 1e-8);
+}
+
+/// With x = 0 and b = 0 the fixed point is z* = 0 and every relu sits at its kink: the
+/// gradient is exactly the policy's element.
+#[test]
+fn at_the_kink_the_gradient_is_the_policy_element() {
+    let n = 5;
+    let config = DeqConfig::default()
+        .with_gradient(GradientMode::Implicit(AdjointSolver::Dense))
+        .with_forward_tolerance(1e-12, 100)
+        .with_power_iterations(5000, 1e-15);
+    let mut params = ParamSet::<f64>::new();
+    let deq = DeqLayer::new(&mut params, "deq", 3, n, config, &mut rng(13)).unwrap();
+    let seed = Array2::from_shape_fn((2, n), |(i, j)| (i * n + j) as f64 * 0.1 - 0.3);
+    for slope in [0.0, 0.5, 1.0] {
+        let tape = Tape::<f64>::new();
+        let bound = params.bind(&tape);
+        let x = tape.constant(ArrayD::zeros(vec![2, 3]));
+        let z = deq.forward(&bound, x).unwrap();
+        assert!(z.value().iter().all(|v| *v == 0.0));
+        let policy = KinkPolicy::pytorch().with_relu(slope);
+        let grads = z
+            .backward_with(&BackwardOptions::seed(seed.clone().into_dyn()).with_policy(policy))
+            .unwrap();
+        let b_bar = grads.wrt(bound.var(params.id("deq.bias").unwrap())).unwrap();
+        // Row form: w (I - d W) = g with d = slope, then b_bar = d * sum_rows(w).
+        let w = deq
+            .weight(&bound)
+            .unwrap()
+            .value()
+            .into_dimensionality::<ndarray::Ix2>()
+            .unwrap();
+        let a = Array2::<f64>::eye(n) - &w * slope;
+        let rows = clarke_solve::lu_solve_transpose(a.view(), seed.t()).unwrap();
+        let expected = rows.sum_axis(ndarray::Axis(1)) * slope;
+        for (g, e) in b_bar.iter().zip(expected.iter()) {
+            assert!((g - e).abs() < 1e-12, "relu'(0) = {slope}: {g} vs {e}");
+        }
+        let report = deq.reports().last().unwrap();
+        assert_eq!(report.kinks.exact_hits(), 2 * n);
+        assert_eq!(report.kinks.records()[0].hull, Some((0.0, 1.0)));
+        assert_eq!(report.check.outcome, CheckOutcome::Certified, "{}", report.check);
+    }
+}
+
+#[test]
+fn a_singular_selected_element_is_refused() {
+    // W = I (unconstrained): at z* = 0 every relu is at its kink; relu'(0) = 1 makes I - W = 0.
+    let n = 3;
+    let config = DeqConfig::default()
+        .with_parametrization(Parametrization::Unconstrained)
+        .with_forward_tolerance(1e-12, 100);
+    let mut params = ParamSet::<f64>::new();
+    let deq = DeqLayer::new(&mut params, "deq", 2, n, config, &mut rng(14)).unwrap();
+    *params.get_mut(params.id("deq.w").unwrap()) = Array2::<f64>::eye(n).into_dyn();
+    let tape = Tape::<f64>::new();
+    let bound = params.bind(&tape);
+    let x = tape.constant(ArrayD::zeros(vec![1, 2]));
+    let z = deq.forward(&bound, x).unwrap();
+    let err = z
+        .sum()
+        .backward_with(&BackwardOptions::policy(KinkPolicy::pytorch().with_relu(1.0)))
+        .unwrap_err();
+    match err {
+        Error::HypothesisViolated { node, detail } => {
+            assert_eq!(node, "deq");
+            assert!(detail.contains("singular"), "{detail}");
+        }
+        other => panic!("expected a violated hypothesis, got {other}"),
+    }
+    // relu'(0) = 0 selects d = 0: invertible, but no certificate for every selection.
+    z.sum().backward().unwrap();
+    let report = deq.reports().last().unwrap();
+    assert_eq!(report.check.outcome, CheckOutcome::Warning, "{}", report.check);
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let m = model(DeqConfig::default(), 4, 6, 15);
+    let tape = Tape::<f64>::new();
+    let bound = m.params.bind(&tape);
+    let wrong = tape.constant(ArrayD::zeros(vec![2, 5]));
+    let e = m.deq.forward(&bound, wrong).unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+    let mut bad = Array2::<f64>::zeros((2, 4));
+    bad[[1, 2]] = f64::NAN;
+    let e = m
+        .deq
+        .forward(&bound, tape.constant(bad.into_dyn()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("x has a non-finite entry") && e.contains("row 1, column 2"),
+        "{e}"
+    );
+
+    for (config, needle) in [
+        (
+            DeqConfig::default().with_parametrization(Parametrization::SpectralNorm { gamma: 1.2 }),
+            "gamma",
+        ),
+        (
+            DeqConfig::default().with_parametrization(Parametrization::Monotone { m: 0.0 }),
+            "margin",
+        ),
+        (
+            DeqConfig::default().with_activation(Activation::LeakyRelu(1.5)),
+            "leaky",
+        ),
+        (
+            DeqConfig::default()
+                .with_activation(Activation::Tanh)
+                .with_forward(ForwardMethod::ForwardBackward { alpha: None }),
+            "relu cell only",
+        ),
+        (
+            DeqConfig::default().with_gradient(GradientMode::LeastSquaresNoHypothesis),
+            "least-squares",
+        ),
+    ] {
+        let e = DeqLayer::<f64>::new(&mut ParamSet::new(), "deq", 2, 3, config, &mut rng(0)).unwrap_err();
+        assert!(e.to_string().contains(needle), "{e}");
+    }
+
+    // A map that is not a contraction and a tiny budget: the forward says it did not converge.
+    let config = DeqConfig::default()
+        .with_parametrization(Parametrization::Unconstrained)
+        .with_activation(Activation::Tanh)
+        .with_forward_tolerance(1e-12, 5);
+    let mut params = ParamSet::<f64>::new();
+    let deq = DeqLayer::new(&mut params, "deq", 2, 3, config, &mut rng(16)).unwrap();
+    *params.get_mut(params.id("deq.w").unwrap()) = (Array2::<f64>::eye(3) * 3.0).into_dyn();
+    let tape = Tape::<f64>::new();
+    let bound = params.bind(&tape);
+    let x = tape.constant(Array2::from_elem((1, 2), 1.0).into_dyn());
+    match deq.forward(&bound, x).unwrap_err() {
+        Error::SolveFailed {
+            stage,
+            iterations,
+            trace,
+            ..
+        } => {
+            assert_eq!((stage, iterations, trace.len()), ("forward", 5, 5));
+        }
+        other => panic!("expected SolveFailed, got {other}"),
+    }
+}
+
+#[test]
+fn f32_layer_trains_a_step() {
+    let mut r = rng(17);
+    let mut params = ParamSet::<f32>::new();
+    let deq = DeqLayer::new(
+        &mut params,
+        "deq",
+        4,
+        8,
+        DeqConfig::default().with_forward_tolerance(1e-5, 500),
+        &mut r,
+    )
+    .unwrap();
+    let head = Linear::new(&mut params, "head", 8, 3, &mut r).unwrap();
+    let x: Array2<f32> = clarke_nn::init::normal(5, 4, 1.0, &mut r);
+    let tape = Tape::<f32>::new();
+    let bound = params.bind(&tape);
+    let z = deq.forward(&bound, tape.constant(x.into_dyn())).unwrap();
+    let loss = head.forward(&bound, z).unwrap().softmax_cross_entropy(&LABELS);
+    let grads = bound.gradients(&loss.backward().unwrap(), &params).unwrap();
+    assert!(grads.iter().all(|g| g.iter().all(|v| v.is_finite())));
+    assert!(grads[0].iter().any(|v| *v != 0.0));
+}
