@@ -1,0 +1,133 @@
+//! Regression data: a numeric CSV reader, a train/validation split centred by the training
+//! means, and a seeded synthetic sparse regression problem.
+
+use std::path::Path;
+
+use clarke_core::{Error, Result};
+use ndarray::{s, Array1, Array2, Axis};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+/// A regression data set: features and target.
+#[derive(Debug, Clone)]
+pub struct Regression {
+    /// Feature names (from the header).
+    pub names: Vec<String>,
+    /// `n x p` features.
+    pub x: Array2<f64>,
+    /// Target.
+    pub y: Array1<f64>,
+}
+
+/// Reads a numeric CSV with a header line; the last column is the target.
+pub fn read_csv(path: impl AsRef<Path>) -> Result<Regression> {
+    let path = path.as_ref();
+    let text =
+        std::fs::read_to_string(path).map_err(|e| Error::Data(format!("cannot read {}: {e}", path.display())))?;
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<String> = lines
+        .next()
+        .ok_or_else(|| Error::Data(format!("{}: empty file", path.display())))?
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    if header.len() < 2 {
+        return Err(Error::Data(format!(
+            "{}: need at least one feature and a target column, header has {}",
+            path.display(),
+            header.len()
+        )));
+    }
+    let cols = header.len();
+    let mut values = Vec::new();
+    let mut rows = 0;
+    for (k, line) in lines.enumerate() {
+        let fields: Vec<&str> = line.split(',').collect();
+        if fields.len() != cols {
+            return Err(Error::Data(format!(
+                "{}: line {} has {} fields, the header has {cols}",
+                path.display(),
+                k + 2,
+                fields.len()
+            )));
+        }
+        for (c, f) in fields.iter().enumerate() {
+            let v: f64 = f.trim().parse().map_err(|_| {
+                Error::Data(format!(
+                    "{}: line {}, column {:?}: {:?} is not a number",
+                    path.display(),
+                    k + 2,
+                    header[c],
+                    f
+                ))
+            })?;
+            values.push(v);
+        }
+        rows += 1;
+    }
+    let all = Array2::from_shape_vec((rows, cols), values).map_err(|e| Error::Data(e.to_string()))?;
+    Ok(Regression {
+        names: header[..cols - 1].to_vec(),
+        x: all.slice(s![.., ..cols - 1]).to_owned(),
+        y: all.column(cols - 1).to_owned(),
+    })
+}
+
+/// A train/validation split, both centred by the **training** means.
+#[derive(Debug, Clone)]
+pub struct Split {
+    /// Training features.
+    pub x_train: Array2<f64>,
+    /// Training target.
+    pub y_train: Array1<f64>,
+    /// Validation features.
+    pub x_val: Array2<f64>,
+    /// Validation target.
+    pub y_val: Array1<f64>,
+}
+
+/// Rows `train` for training and `val` for validation, centred by the training means of
+/// `X` and `y`. Errors on empty or out-of-range row ranges.
+pub fn split_centred(data: &Regression, train: std::ops::Range<usize>, val: std::ops::Range<usize>) -> Result<Split> {
+    let n = data.x.nrows();
+    for (what, r) in [("training", &train), ("validation", &val)] {
+        if r.start >= r.end || r.end > n {
+            return Err(Error::invalid(
+                "split_centred",
+                format!("the {what} rows {r:?} are empty or outside the {n} rows of the data"),
+            ));
+        }
+    }
+    let xt = data.x.slice(s![train.clone(), ..]);
+    let yt = data.y.slice(s![train.clone()]);
+    let mx = xt.mean_axis(Axis(0)).expect("non-empty");
+    let my = yt.mean().expect("non-empty");
+    Ok(Split {
+        x_train: &xt - &mx,
+        y_train: yt.mapv(|v| v - my),
+        x_val: &data.x.slice(s![val.clone(), ..]) - &mx,
+        y_val: data.y.slice(s![val]).mapv(|v| v - my),
+    })
+}
+
+/// A seeded sparse regression problem: `n` rows of i.i.d. standard normal features (`p`
+/// columns), `informative` non-zero coefficients (the first ones, values `+-1` to `+-2`),
+/// Gaussian noise of standard deviation `noise`.
+pub fn synthetic(n: usize, p: usize, informative: usize, noise: f64, seed: u64) -> Regression {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let x = Array2::from_shape_simple_fn((n, p), || StandardNormal.sample(&mut rng));
+    let k = informative.min(p);
+    let mut beta = Array1::zeros(p);
+    for j in 0..k {
+        let mag = 1.0 + (j as f64) / (k.max(2) - 1) as f64;
+        beta[j] = if j % 2 == 0 { mag } else { -mag };
+    }
+    let eps: Array1<f64> = Array1::from_shape_simple_fn(n, || StandardNormal.sample(&mut rng));
+    let y = x.dot(&beta) + eps * noise;
+    Regression {
+        names: (0..p).map(|j| format!("x{j}")).collect(),
+        x,
+        y,
+    }
+}

@@ -1,0 +1,243 @@
+//! The support-restricted hypergradient of Prop. 5.
+//!
+//! At a solution `beta_hat` with correlations `c = w X^T (y - X beta_hat)`, the
+//! forward-backward map `T(beta) = S_{gamma lambda}(beta - gamma grad f(beta))` has the
+//! conservative Jacobian `J_beta = D (I - gamma H)`, `J_theta = -gamma D diag(lambda
+//! sign(c))` (with respect to `theta = log lambda`), `H = w X^T diag(s) X + l2 I` the
+//! Hessian of the smooth part (`s = 1` for the squared loss, `sigmoid (1 - sigmoid)` for the
+//! logistic loss), `D = diag(q)`,
+//! `q_j = 1` on the support, the policy's selection on the kinks `E \ S`, `0` elsewhere.
+//! The adjoint system `(I - J_beta)^T v = grad C` is the identity off `A = {q > 0}`, so only
+//! an `|A| x |A|` system is solved:
+//!
+//! - `q` in `{0, 1}` everywhere: `H_AA v_A = grad_A C` (Cholesky) and
+//!   `dC/dtheta_j = -lambda_j sign(c_j) v_j`. The step cancels.
+//! - some `0 < q < 1`: `(I - D_A + gamma D_A H_AA)^T v_A = grad_A C` (LU) and
+//!   `dC/dtheta_j = -gamma lambda_j q_j sign(c_j) v_j`.
+//!
+//! The hypothesis of Prop. 5 (`X_E^T X_E` full rank; with a ridge term it always holds) is
+//! checked from the singular values of `w X_E^T X_E + l2 I`. When it fails, the result still
+//! comes back if the block actually solved (`A`, smaller than `E` when `q = 0` at kinks) is
+//! well conditioned, with the violation in its check; otherwise the call refuses with
+//! [`Error::HypothesisViolated`].
+
+use std::time::Instant;
+
+use clarke_core::{Error, KinkLedger, KinkRecord, Result, Selection};
+use clarke_implicit::CheckOutcome;
+use clarke_solve::dense::singular_values;
+use clarke_solve::{cholesky_solve, lu_solve_transpose};
+use ndarray::{Array1, Array2};
+
+use super::{check_criterion, Criterion, HypergradOptions, Hypergradient, Method, SupportCheck};
+use crate::cd::Fit;
+use crate::model::{dot, LassoModel, Loss, Penalty};
+
+/// The sets of Prop. 5 at a fit, the rank check, and the kink ledger.
+pub fn analyze(model: &LassoModel, fit: &Fit, options: &HypergradOptions) -> Result<(SupportCheck, KinkLedger)> {
+    let q = options.policy.soft_threshold;
+    let pen = &fit.penalty;
+    let mut support = Vec::new();
+    let mut equi = Vec::new();
+    let mut kinks = Vec::new();
+    for j in 0..model.p() {
+        let c = fit.correlations[j].abs();
+        let l = pen.at(j);
+        if fit.beta[j] != 0.0 {
+            support.push(j);
+            equi.push(j);
+        } else if c >= l * (1.0 - options.kink_tol) {
+            equi.push(j);
+            kinks.push(j);
+        }
+    }
+    let curvature = curvature_at(model, fit);
+    let h = gram(model, &equi, curvature.as_deref());
+    let (sigma_min, sigma_max) = if equi.is_empty() {
+        (f64::INFINITY, f64::INFINITY)
+    } else {
+        let sv = singular_values(h.view())?;
+        (sv[sv.len() - 1], sv[0])
+    };
+    let full_rank = equi.is_empty() || sigma_min > options.rank_tol * sigma_max;
+    let (outcome, detail) = if full_rank {
+        let d = if kinks.is_empty() {
+            "X_E^T X_E has full rank and no feature sits at a kink: the derivative is unique".to_string()
+        } else {
+            format!(
+                "X_E^T X_E has full rank; {} feature(s) sit exactly at the kink (E \\ S = {:?}), so the derivative is a set and the selection q = {q} picks one element",
+                kinks.len(),
+                kinks
+            )
+        };
+        (CheckOutcome::Certified, d)
+    } else {
+        (
+            CheckOutcome::Violated,
+            format!(
+                "X_E^T X_E is rank deficient (sigma_min / sigma_max = {:.3e} <= {:e}): the Lasso solution may not be unique and Prop. 5 does not apply",
+                sigma_min / sigma_max,
+                options.rank_tol
+            ),
+        )
+    };
+    let record = KinkRecord {
+        node: 0,
+        op: "lasso_equicorrelation",
+        elements: model.p(),
+        exact: kinks.len(),
+        near: 0,
+        selection: Selection::Slope(q),
+        overridden: false,
+        kink_indices: kinks.clone(),
+        hull: Some((0.0, 1.0)),
+    };
+    let ledger = KinkLedger::from_records(options.policy.name, vec![record]);
+    Ok((
+        SupportCheck {
+            support,
+            equicorrelation: equi,
+            kinks,
+            selection: q,
+            sigma_min,
+            sigma_max,
+            outcome,
+            detail,
+        },
+        ledger,
+    ))
+}
+
+/// `w X_I^T diag(s) X_I + l2 I` for the columns `idx`, `s` the loss curvature at the fit
+/// (`None`: the squared loss, `s = 1`).
+pub(crate) fn gram(model: &LassoModel, idx: &[usize], s: Option<&[f64]>) -> Array2<f64> {
+    let m = idx.len();
+    let w = model.weight();
+    let mut h = Array2::zeros((m, m));
+    let weighted: Vec<Vec<f64>> = match s {
+        Some(s) => idx
+            .iter()
+            .map(|&j| model.col(j).iter().zip(s).map(|(x, c)| x * c).collect())
+            .collect(),
+        None => Vec::new(),
+    };
+    for a in 0..m {
+        let left = if s.is_some() {
+            &weighted[a][..]
+        } else {
+            model.col(idx[a])
+        };
+        for b in a..m {
+            let v = w * dot(left, model.col(idx[b]));
+            h[[a, b]] = v;
+            h[[b, a]] = v;
+        }
+        h[[a, a]] += model.l2();
+    }
+    h
+}
+
+/// The loss curvature at the fit's rows (`None` for the squared loss, where it is 1).
+pub(crate) fn curvature_at(model: &LassoModel, fit: &Fit) -> Option<Vec<f64>> {
+    match model.loss() {
+        Loss::Squared => None,
+        Loss::Logistic => Some(model.curvature(fit.residual.as_slice().expect("contiguous"))),
+    }
+}
+
+/// `sign(c_j)`.
+fn sign(c: f64) -> f64 {
+    if c > 0.0 {
+        1.0
+    } else if c < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+/// The Prop. 5 hypergradient (see the module documentation).
+pub fn hypergradient(
+    model: &LassoModel,
+    fit: &Fit,
+    criterion: &dyn Criterion,
+    options: &HypergradOptions,
+) -> Result<Hypergradient> {
+    let start = Instant::now();
+    options.policy.validate()?;
+    let (check, kinks) = analyze(model, fit, options)?;
+    let g = criterion.gradient(fit.beta.view());
+    check_criterion(model, &g)?;
+    let q = check.selection;
+    // A = S plus the kinks when q > 0.
+    let mut active: Vec<(usize, f64)> = check.support.iter().map(|&j| (j, 1.0)).collect();
+    if q > 0.0 {
+        active.extend(check.kinks.iter().map(|&j| (j, q)));
+        active.sort_by_key(|a| a.0);
+    }
+    let idx: Vec<usize> = active.iter().map(|a| a.0).collect();
+    let qa: Vec<f64> = active.iter().map(|a| a.1).collect();
+    let fractional = qa.iter().any(|&v| v < 1.0);
+    let pen = &fit.penalty;
+    let mut grad = Array1::zeros(pen.len());
+    if !idx.is_empty() {
+        let curvature = curvature_at(model, fit);
+        let h = gram(model, &idx, curvature.as_deref());
+        let ga = Array1::from_iter(idx.iter().map(|&j| g[j]));
+        let refuse = |e: Error| Error::HypothesisViolated {
+            node: "lasso hypergradient (support)".to_string(),
+            detail: format!(
+                "the restricted system on {} feature(s) is singular ({e}); {}",
+                idx.len(),
+                check
+            ),
+        };
+        if check.outcome == CheckOutcome::Violated {
+            // The solved system H_AA is a principal block of H_EE: when it is the whole of it
+            // (or itself rank deficient) there is no derivative to return.
+            let sv = singular_values(h.view())?;
+            let (lo, hi) = (sv[sv.len() - 1], sv[0]);
+            if idx.len() == check.equicorrelation.len() || lo <= options.rank_tol * hi {
+                return Err(Error::HypothesisViolated {
+                    node: "lasso hypergradient (support)".to_string(),
+                    detail: format!(
+                        "the system on the {} selected feature(s) is singular (sigma_min / sigma_max = {:.3e}); {}",
+                        idx.len(),
+                        lo / hi,
+                        check
+                    ),
+                });
+            }
+        }
+        let (v, scale) = if fractional {
+            let gamma = options.step_for(model)?;
+            let mut m = h.mapv(|x| gamma * x);
+            for (a, &qv) in qa.iter().enumerate() {
+                for b in 0..idx.len() {
+                    m[[a, b]] *= qv;
+                }
+                m[[a, a]] += 1.0 - qv;
+            }
+            (lu_solve_transpose(m.view(), ga.view()).map_err(refuse)?, gamma)
+        } else {
+            (cholesky_solve(h.view(), ga.view()).map_err(refuse)?, 1.0)
+        };
+        for (a, &j) in idx.iter().enumerate() {
+            let contrib = -scale * qa[a] * pen.at(j) * sign(fit.correlations[j]) * v[a];
+            match pen {
+                Penalty::Uniform(_) => grad[0] += contrib,
+                Penalty::PerFeature(_) => grad[j] += contrib,
+            }
+        }
+    }
+    Ok(Hypergradient {
+        method: Method::Support,
+        value: criterion.value(fit.beta.view()),
+        gradient: grad,
+        check,
+        layer_check: None,
+        kinks,
+        iterations: 0,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,192 @@
+//! Projections on the tape: box, non-negative orthant, simplex, l1 ball.
+//!
+//! The box and the non-negative orthant are the tape's own `clamp` and `relu`: their kinks
+//! go straight into the backward ledger and follow the policy's `clamp_low`/`clamp_high` and
+//! `relu` selections. The simplex and l1-ball projections are fused nodes: both are
+//! `x_i = s_i max(|u_i| - tau, 0)` with a threshold `tau(u)` that makes the constraint
+//! tight, so their Jacobian is `J = D - (d s)(d s)^T / sum(d)` with `d` the derivative of
+//! the `max` (1 active, 0 inactive, the policy's selection at `|u_i| == tau`) and `s` the
+//! signs. This is what backpropagation through `relu(u - tau(u))` computes when `tau` is
+//! differentiated implicitly, hence an element of a conservative Jacobian for every
+//! selection in `[0, 1]`.
+
+use clarke_core::{Error, Result, Scalar, Var};
+use ndarray::{ArrayD, IxDyn};
+
+use crate::kinks::{KinkSite, Prox, SiteKind};
+use crate::prox::check_finite;
+
+/// Clamps every element to `[lo, hi]` (the projection onto a box). The derivative at a
+/// bound is the policy's `clamp_low` / `clamp_high`; the kinks are in the backward ledger
+/// under `"clamp"`. Errors on `lo > hi` or NaN bounds.
+pub fn project_box<'t, S: Scalar>(u: Var<'t, S>, lo: S, hi: S) -> Result<Var<'t, S>> {
+    u.with_value(|v| check_finite("project_box", "input u", v))?;
+    u.try_clamp(lo, hi)
+}
+
+/// `max(u, 0)`, the projection onto the non-negative orthant: the tape's `relu`, with
+/// relu'(0) from the policy and its kinks in the backward ledger.
+pub fn project_nonneg<'t, S: Scalar>(u: Var<'t, S>) -> Result<Var<'t, S>> {
+    u.with_value(|v| check_finite("project_nonneg", "input u", v))?;
+    Ok(u.relu())
+}
+
+/// The threshold `tau` with `sum_i max(a_i - tau, 0) = radius` (for `a` with
+/// `sum_i max(a_i, 0) > radius`), by sorting: O(p log p).
+pub fn simplex_threshold(a: &[f64], radius: f64) -> f64 {
+    let mut sorted: Vec<f64> = a.to_vec();
+    sorted.sort_by(|x, y| y.total_cmp(x));
+    let mut cumsum = 0.0;
+    let mut tau = 0.0;
+    for (k, &v) in sorted.iter().enumerate() {
+        cumsum += v;
+        let t = (cumsum - radius) / (k + 1) as f64;
+        if v - t > 0.0 {
+            tau = t;
+        } else {
+            break;
+        }
+    }
+    tau
+}
+
+/// Projection onto the simplex `{x >= 0, sum x = radius}` (`radius > 0`):
+/// `x = max(u - tau, 0)`.
+///
+/// The derivative at `u_i == tau` (a coordinate on the boundary of the active face) is the
+/// policy's `relu` selection `d_i`; the Jacobian is `D - d d^T / sum(d)`. The site reports
+/// those coordinates (`"project_simplex"`).
+///
+/// ```
+/// use clarke_convex::project::project_simplex;
+/// use clarke_core::{BackwardOptions, KinkPolicy, Tape};
+/// use ndarray::{arr1, Array1};
+///
+/// let tape = Tape::<f64>::new();
+/// let u = tape.param(arr1(&[1.0, 0.0, -1.0]).into_dyn());
+/// let x = project_simplex(u, 1.0).unwrap();
+/// assert_eq!(x.out.value().as_slice().unwrap(), &[1.0, 0.0, 0.0]);
+/// assert_eq!(x.site.kink_indices, vec![1]); // u_1 == tau == 0
+/// // With relu'(0) = 1 the kink coordinate counts as active: J = [[.5, -.5, 0], [-.5, .5, 0], [0, 0, 0]].
+/// let seed = arr1(&[1.0, 0.0, 0.0]).into_dyn();
+/// let g = x.out.backward_with(&BackwardOptions::seed(seed).with_policy(KinkPolicy::one())).unwrap();
+/// assert_eq!(g.wrt(u).unwrap().as_slice().unwrap(), &[0.5, -0.5, 0.0]);
+/// ```
+pub fn project_simplex<S: Scalar>(u: Var<'_, S>, radius: f64) -> Result<Prox<'_, S>> {
+    threshold_projection(u, radius, false)
+}
+
+/// Projection onto the l1 ball `{||x||_1 <= radius}` (`radius > 0`): `u` itself inside the
+/// ball, else soft-thresholding `S_tau(u)` with `tau` such that `||S_tau(u)||_1 = radius`.
+///
+/// At `|u_i| == tau` the derivative is the policy's `soft_threshold` selection; the
+/// Jacobian is `D - (d s)(d s)^T / sum(d)` with `s = sign(u)`. A point exactly on the
+/// sphere `||u||_1 == radius` is treated as inside (the identity Jacobian).
+pub fn project_l1_ball<S: Scalar>(u: Var<'_, S>, radius: f64) -> Result<Prox<'_, S>> {
+    threshold_projection(u, radius, true)
+}
+
+fn threshold_projection<S: Scalar>(u: Var<'_, S>, radius: f64, l1: bool) -> Result<Prox<'_, S>> {
+    let op: &'static str = if l1 { "project_l1_ball" } else { "project_simplex" };
+    if !(radius.is_finite() && radius > 0.0) {
+        return Err(Error::invalid(
+            op,
+            format!("radius must be finite and > 0, got {radius}"),
+        ));
+    }
+    let uv = u.value();
+    if uv.ndim() != 1 {
+        return Err(Error::shapes(op, uv.shape(), &[uv.len()], "the input must be a vector"));
+    }
+    if uv.is_empty() {
+        return Err(Error::invalid(op, "the input is empty"));
+    }
+    check_finite(op, "input u", &uv)?;
+    let x: Vec<f64> = uv.iter().map(|v| v.to_f64_exact()).collect();
+    let a: Vec<f64> = if l1 {
+        x.iter().map(|v| v.abs()).collect()
+    } else {
+        x.clone()
+    };
+    let inside = l1 && a.iter().sum::<f64>() <= radius;
+    let tau = if inside { 0.0 } else { simplex_threshold(&a, radius) };
+    let tol = u.tape().policy().tolerance;
+    let mut kinks = Vec::new();
+    let mut near = 0;
+    let mut out = Vec::with_capacity(x.len());
+    for (i, (&xi, &ai)) in x.iter().zip(&a).enumerate() {
+        if inside {
+            out.push(S::from_f64_lossy(xi));
+            continue;
+        }
+        let gap = ai - tau;
+        if gap == 0.0 {
+            kinks.push(i);
+        } else if gap.abs() <= tol {
+            near += 1;
+        }
+        let v = gap.max(0.0);
+        out.push(S::from_f64_lossy(if l1 { v * xi.signum() } else { v }));
+    }
+    let p = x.len();
+    let value = ArrayD::from_shape_vec(IxDyn(&[p]), out).map_err(|e| Error::invalid(op, e.to_string()))?;
+    let kind = if l1 { SiteKind::SoftThreshold } else { SiteKind::Relu };
+    let sign: Vec<f64> = x.iter().map(|v| if l1 { sign_f64(*v) } else { 1.0 }).collect();
+    let out = u
+        .tape()
+        .try_custom_fn_ctx(op, &[u], value, move |ctx, _inputs, _o, grad| {
+            let g: Vec<f64> = grad.iter().map(|v| v.to_f64_exact()).collect();
+            if inside {
+                return Ok(vec![Some(grad.to_owned())]);
+            }
+            let sel = match kind {
+                SiteKind::SoftThreshold => ctx.policy.soft_threshold,
+                SiteKind::Relu => ctx.policy.relu,
+            };
+            let d: Vec<f64> = a
+                .iter()
+                .map(|&ai| {
+                    let gap = ai - tau;
+                    if gap > 0.0 {
+                        1.0
+                    } else if gap < 0.0 {
+                        0.0
+                    } else {
+                        sel
+                    }
+                })
+                .collect();
+            let total: f64 = d.iter().sum();
+            let dsg: f64 = d.iter().zip(&sign).zip(&g).map(|((d, s), g)| d * s * g).sum();
+            let coef = if total > 0.0 { dsg / total } else { 0.0 };
+            let gu: Vec<S> = d
+                .iter()
+                .zip(&sign)
+                .zip(&g)
+                .map(|((&di, &si), &gi)| S::from_f64_lossy(di * gi - di * si * coef))
+                .collect();
+            let gu = ArrayD::from_shape_vec(IxDyn(&[gu.len()]), gu).map_err(|e| Error::invalid(op, e.to_string()))?;
+            Ok(vec![Some(gu)])
+        })?;
+    Ok(Prox {
+        out,
+        site: KinkSite {
+            node: out.id(),
+            op,
+            elements: p,
+            kink_indices: kinks,
+            near,
+            kind,
+        },
+    })
+}
+
+fn sign_f64(v: f64) -> f64 {
+    if v > 0.0 {
+        1.0
+    } else if v < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
