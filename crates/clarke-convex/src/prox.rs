@@ -45,6 +45,12 @@ pub(crate) fn thresholds<S: Scalar>(op: &'static str, u: &[usize], t: &ArrayD<S>
             format!("{what} must be a scalar (shape [] or [1]) or have the input's shape"),
         ));
     }
+    nonnegative_values(op, what, t)
+}
+
+/// The values of `t` (row-major), each checked finite and `>= 0`; the error names the first
+/// offending value and its flat index.
+fn nonnegative_values<S: Scalar>(op: &'static str, what: &str, t: &ArrayD<S>) -> Result<Vec<S>> {
     let vals: Vec<S> = t.iter().copied().collect();
     if let Some((i, v)) = vals
         .iter()
@@ -243,17 +249,7 @@ pub fn group_soft_threshold<'t, S: Scalar>(
             "lambda must be a scalar or have one value per group",
         ));
     }
-    let lam: Vec<S> = lv.iter().copied().collect();
-    if let Some((i, v)) = lam
-        .iter()
-        .enumerate()
-        .find(|(_, v)| !(v.is_finite() && **v >= S::zero()))
-    {
-        return Err(Error::invalid(
-            OP,
-            format!("lambda must be finite and >= 0, got {v} at index {i}"),
-        ));
-    }
+    let lam = nonnegative_values(OP, "lambda", &lv)?;
     let tol = S::from_f64_lossy(u.tape().policy().tolerance);
     let x: Vec<S> = uv.iter().copied().collect();
     let mut out = vec![S::zero(); p];

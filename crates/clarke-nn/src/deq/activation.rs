@@ -64,14 +64,7 @@ impl Activation {
 
     /// Applies the activation elementwise in place.
     pub(crate) fn apply_in_place<S: Scalar>(&self, mut a: ArrayViewMut2<'_, S>) {
-        match *self {
-            Activation::Relu => a.mapv_inplace(|p| if p > S::zero() { p } else { S::zero() }),
-            Activation::LeakyRelu(alpha) => {
-                let alpha = S::from_f64_lossy(alpha);
-                a.mapv_inplace(|p| if p > S::zero() { p } else { alpha * p })
-            }
-            Activation::Tanh => a.mapv_inplace(|p| p.tanh()),
-        }
+        a.mapv_inplace(|p| self.value(p));
     }
 
     /// Records the activation on a tape.

@@ -7,6 +7,7 @@ use clarke_solve::dense::singular_values;
 use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 
+use super::kernel::identity_minus_scaled;
 use super::Parametrization;
 
 /// Relative size of a singular value below which a selected block counts as singular.
@@ -55,12 +56,7 @@ pub(crate) fn run<S: Scalar>(
         .into_par_iter()
         .map(|di| {
             let mut a = Array2::<S>::zeros((n, n));
-            for i in 0..n {
-                for j in 0..n {
-                    a[[i, j]] = -di[i] * w[[i, j]];
-                }
-                a[[i, i]] += S::one();
-            }
+            identity_minus_scaled(di, w, a.view_mut());
             let s = singular_values(a.view())?;
             let max = s.first().map_or(0.0, |v| v.to_f64_exact());
             let min = s.last().map_or(0.0, |v| v.to_f64_exact());

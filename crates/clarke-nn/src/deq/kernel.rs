@@ -319,6 +319,18 @@ pub(crate) fn pre_activation<S: Scalar>(w: ArrayView2<'_, S>, c: ArrayView2<'_, 
     p
 }
 
+/// Writes one sample's block `I - diag(d) W` of `I - J_z` into `out` (`n x n`).
+pub(crate) fn identity_minus_scaled<S: Scalar>(
+    d: ndarray::ArrayView1<'_, S>,
+    w: ArrayView2<'_, S>,
+    mut out: ArrayViewMut2<'_, S>,
+) {
+    for (i, (mut row, wr)) in out.outer_iter_mut().zip(w.outer_iter()).enumerate() {
+        row.zip_mut_with(&wr, |o, &wv| *o = -d[i] * wv);
+        row[i] += S::one();
+    }
+}
+
 /// Checks a matrix for non-finite entries, naming it.
 pub(crate) fn ensure_finite<S: Scalar>(name: &str, a: ArrayView2<'_, S>) -> Result<()> {
     match a.iter().position(|v| !v.is_finite()) {

@@ -653,14 +653,7 @@ impl<S: Scalar> AdjointContext<S> {
                 let mut a = Array3::<S>::zeros((batch, n, n));
                 Zip::from(a.outer_iter_mut())
                     .and(d.outer_iter())
-                    .par_for_each(|mut ai, di| {
-                        for i in 0..n {
-                            for j in 0..n {
-                                ai[[i, j]] = -di[i] * w[[i, j]];
-                            }
-                            ai[[i, i]] += S::one();
-                        }
-                    });
+                    .par_for_each(|ai, di| kernel::identity_minus_scaled(di, w, ai));
                 sol = clarke_solve::batched_solve(a.view(), g, true).map_err(|e| Error::InImplicit {
                     node: self.name.clone(),
                     context: "the dense per-sample adjoint solve failed",
