@@ -1,7 +1,7 @@
 //! # clarke-convex
 //!
-//! Prox and projection ops with selectable conservative Jacobians, and Lasso-type models
-//! with fast inner solvers and hypergradients.
+//! Prox and projection ops with selectable conservative Jacobians, Lasso-type models with
+//! fast inner solvers and hypergradients, and differentiable cone programs.
 //!
 //! - [`prox`], [`project`]: soft-thresholding, group soft-thresholding, box, non-negative
 //!   orthant, simplex and l1-ball projections on the clarke tape. At their kinks the
@@ -15,6 +15,10 @@
 //!   and Silveti-Falls (NeurIPS 2021) with its hypothesis check, and unrolled ISTA in forward
 //!   mode.
 //! - [`search`]: gradient-based search on `log lambda` and a warm-started grid.
+//! - [`cone`]: cone programs (zero, non-negative, second-order, PSD cones) with an ADMM
+//!   solver, infeasibility detection and Newton refinement; forward and adjoint derivatives
+//!   of the solution through the residual map of the embedding, with the hypothesis check;
+//!   the conic layer on the tape; LP, QP, sparsemax, box and polytope constructors.
 //! - [`data`]: a CSV reader, a centred train/validation split, synthetic sparse regression.
 //!
 //! ```
@@ -37,6 +41,7 @@
 #![deny(missing_docs)]
 
 pub mod cd;
+pub mod cone;
 pub mod data;
 pub mod hypergrad;
 pub mod kinks;

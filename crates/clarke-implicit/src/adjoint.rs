@@ -93,7 +93,7 @@ pub(crate) fn solve_adjoint<S: Scalar>(
             };
             let (w, report) = neumann(&jt, g, None, &opts)?;
             if report.status == SolveStatus::NonFinite || report.status == SolveStatus::Diverged {
-                return Err(solve_failed(name, &report));
+                return Err(report.failure(name, "adjoint"));
             }
             Ok(Adjoint {
                 w,
@@ -113,7 +113,7 @@ pub(crate) fn solve_adjoint<S: Scalar>(
                 });
             }
             match options.on_adjoint_failure {
-                OnAdjointFailure::Error => Err(solve_failed(name, &report)),
+                OnAdjointFailure::Error => Err(report.failure(name, "adjoint")),
                 OnAdjointFailure::Dense => {
                     let (w, dense_report) = dense_solve(name, &dense_block(dense)?, g)?;
                     Ok(Adjoint {
@@ -135,7 +135,7 @@ pub(crate) fn solve_adjoint<S: Scalar>(
                     report,
                     approximate: true,
                 }),
-                OnAdjointFailure::AcceptApproximate => Err(solve_failed(name, &report)),
+                OnAdjointFailure::AcceptApproximate => Err(report.failure(name, "adjoint")),
             }
         }
         GradientMode::Unrolled { .. } | GradientMode::OneStep => {
@@ -177,19 +177,5 @@ fn dense_report<S: Scalar>(
         tolerance: 0.0,
         status: SolveStatus::Converged,
         residual_history: Vec::new(),
-    }
-}
-
-/// The error of a failed adjoint solve.
-fn solve_failed(name: &str, report: &SolveReport) -> Error {
-    Error::SolveFailed {
-        node: name.to_string(),
-        stage: "adjoint",
-        solver: report.solver,
-        status: report.status.as_str(),
-        iterations: report.iterations,
-        residual: report.residual,
-        tolerance: report.tolerance,
-        trace: report.residual_history.clone().into_boxed_slice(),
     }
 }

@@ -77,15 +77,22 @@ struct KinkElement {
     high: f64,
 }
 
-/// Extreme singular values and the sign of the determinant of a square matrix.
-struct Spectrum {
-    sigma_min: f64,
-    sigma_max: f64,
-    det_sign: i8,
+/// Extreme singular values and the sign of the determinant of a square matrix: what a
+/// check needs to call one element of a conservative Jacobian singular, and to see a
+/// determinant change sign between two elements (then an element in between is singular).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spectrum {
+    /// Smallest singular value.
+    pub sigma_min: f64,
+    /// Largest singular value.
+    pub sigma_max: f64,
+    /// Sign of the determinant (-1, 0 or 1).
+    pub det_sign: i8,
 }
 
 impl Spectrum {
-    fn of<S: Scalar>(a: ArrayView2<'_, S>) -> Result<Self> {
+    /// The spectrum of a square matrix (an SVD and an LU).
+    pub fn of<S: Scalar>(a: ArrayView2<'_, S>) -> Result<Self> {
         let s = singular_values(a)?;
         let sigma_max = s.iter().map(|v| v.to_f64_exact()).fold(0.0, f64::max);
         let sigma_min = s.iter().map(|v| v.to_f64_exact()).fold(f64::INFINITY, f64::min);
@@ -98,7 +105,7 @@ impl Spectrum {
     }
 
     /// `sigma_min / sigma_max` (0 for the zero matrix).
-    fn relative(&self) -> f64 {
+    pub fn relative(&self) -> f64 {
         if self.sigma_max > 0.0 {
             self.sigma_min / self.sigma_max
         } else {

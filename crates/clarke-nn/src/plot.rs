@@ -226,7 +226,10 @@ fn draw_panel(panel: &Panel, area: &DrawingArea<BitMapBackend<'_>, Shift>, text:
             let mut chart = $chart;
             let mut mesh = chart.configure_mesh();
             if text {
-                mesh.x_desc(panel.x_label.as_str()).y_desc(panel.y_label.as_str());
+                mesh.x_desc(panel.x_label.as_str())
+                    .y_desc(panel.y_label.as_str())
+                    .x_label_formatter(&|v| tick_label(*v))
+                    .y_label_formatter(&|v| tick_label(*v));
             } else {
                 mesh.disable_x_axis().disable_y_axis();
             }
@@ -270,9 +273,32 @@ fn draw_panel(panel: &Panel, area: &DrawingArea<BitMapBackend<'_>, Shift>, text:
     }
 }
 
+/// A compact tick label: `0.25`, `1200`, `1e-5` (not `9.999999999999998e-6`).
+fn tick_label(v: f64) -> String {
+    let a = v.abs();
+    if a == 0.0 {
+        return "0".into();
+    }
+    if !(1e-3..1e5).contains(&a) {
+        return format!("{v:.1e}").replace(".0e", "e");
+    }
+    let s = format!("{v:.4}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tick_labels_are_compact() {
+        assert_eq!(tick_label(9.999999999999998e-6), "1e-5");
+        assert_eq!(tick_label(1.0000000000000001e-7), "1e-7");
+        assert_eq!(tick_label(0.25), "0.25");
+        assert_eq!(tick_label(1200.0), "1200");
+        assert_eq!(tick_label(0.0), "0");
+        assert_eq!(tick_label(-2.5e6), "-2.5e6");
+    }
 
     #[test]
     fn writes_a_png_with_linear_and_log_panels() {

@@ -120,9 +120,18 @@ impl Progress {
 
     /// Reports a finished epoch.
     pub fn epoch(&self, r: &EpochRecord) {
+        // Iteration counts only for models that have them (0 means not applicable).
+        let iterations = if r.forward_iterations > 0.0 || r.adjoint_iterations > 0.0 {
+            format!(
+                "  fwd it {:.1}  adj it {:.1}",
+                r.forward_iterations, r.adjoint_iterations
+            )
+        } else {
+            String::new()
+        };
         let msg = format!(
-            "loss {:.4}  test acc {:.4}  fwd it {:.1}  adj it {:.1}  {:.2}s",
-            r.train_loss, r.test_accuracy, r.forward_iterations, r.adjoint_iterations, r.seconds
+            "loss {:.4}  test acc {:.4}{iterations}  {:.2}s",
+            r.train_loss, r.test_accuracy, r.seconds
         );
         match &self.bar {
             Some(bar) => {

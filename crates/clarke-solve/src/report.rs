@@ -99,6 +99,23 @@ impl SolveReport {
     }
 }
 
+impl SolveReport {
+    /// The error of a layer whose `stage` (`"forward"` or `"adjoint"`) solve ended like
+    /// this without converging: [`Error::SolveFailed`] with the numbers and the residual trace.
+    pub fn failure(&self, node: &str, stage: &'static str) -> Error {
+        Error::SolveFailed {
+            node: node.to_string(),
+            stage,
+            solver: self.solver,
+            status: self.status.as_str(),
+            iterations: self.iterations,
+            residual: self.residual,
+            tolerance: self.tolerance,
+            trace: self.residual_history.clone().into_boxed_slice(),
+        }
+    }
+}
+
 impl fmt::Display for SolveReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

@@ -1,0 +1,365 @@
+//! The hypothesis check of the implicit function theorem for a cone program.
+//!
+//! The derivative inverts `M = (Q - I) J + I` (see [`super::residual`]). The theorem of
+//! Bolte, Le, Pauwels and Silveti-Falls needs **every** element of the conservative Jacobian
+//! of `Pi_{K*}` at the solution to give an invertible `M`, not only the selected one. Away
+//! from the kinks of the projections (strict complementarity: no entry with `y_i = s_i = 0`,
+//! no second-order block on a cone boundary, no zero eigenvalue) there is one element; on a
+//! kink the selection ranges over a convex set and the check walks it:
+//!
+//! - every non-negative entry within the boundary tolerance of its kink is a selection
+//!   `q_i in [0, 1]` that moves one column of `M` affinely, so `det M` is affine in each
+//!   `q_i` separately. If `det M` has one sign at all `2^k` vertices, no element of the box is
+//!   singular: **certified** (exact, like the implicit node's check).
+//! - second-order and PSD blocks on a boundary move several columns at once; their vertices
+//!   and the midpoint are examined, which finds sign changes but certifies nothing:
+//!   **warning** at best.
+//! - a singular element, or a determinant that changes sign between two elements (so an
+//!   element in between is singular): **violated**.
+//!
+//! Entries within the tolerance (not only exact kinks) are walked, because a numerical
+//! solution within the solver's accuracy of a kink is indistinguishable from one on it.
+
+use clarke_core::Result;
+use clarke_implicit::check::Spectrum;
+use clarke_implicit::{CheckOptions, CheckOutcome, HypothesisCheck};
+use clarke_solve::DenseLu;
+use ndarray::{s, Array1, Array2, ArrayView1};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::cones::{psd_eigen, Boundary, BoundaryKind, Cone, Cones};
+use super::problem::ConeProgram;
+use super::residual::jacobian_matrix;
+
+/// Strict complementarity of one cone at a solution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConeMargin {
+    /// Index of the cone in the product.
+    pub cone: usize,
+    /// Its kind (`"nonneg"`, `"soc"`, `"psd"`).
+    pub kind: &'static str,
+    /// Distance of `v = y - s` from the projection's kinks in this cone: `min_i |v_i|`
+    /// (`= min_i (y_i + s_i)`) for the orthant, `| ||x|| - |t| |` for a second-order cone,
+    /// the smallest `|lambda|` for a PSD block.
+    pub margin: f64,
+    /// `margin` above the boundary tolerance.
+    pub strict: bool,
+}
+
+/// The check of one derivative: the verdict with its numbers, where the kinks are, and
+/// strict complementarity per cone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConicCheck {
+    /// The verdict and its numbers (`sigma_min` of the selected `M`, vertices walked, ...).
+    pub check: HypothesisCheck,
+    /// The boundary tolerance used.
+    pub boundary_tol: f64,
+    /// The kinks within the tolerance.
+    pub boundaries: Vec<Boundary>,
+    /// Strict complementarity per cone (zero cones left out).
+    pub margins: Vec<ConeMargin>,
+}
+
+impl ConicCheck {
+    /// The verdict.
+    pub fn outcome(&self) -> CheckOutcome {
+        self.check.outcome
+    }
+
+    /// Whether strict complementarity holds in every cone.
+    pub fn strictly_complementary(&self) -> bool {
+        self.margins.iter().all(|m| m.strict)
+    }
+}
+
+impl std::fmt::Display for ConicCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let weak = self.margins.iter().filter(|m| !m.strict).count();
+        write!(
+            f,
+            "{}; strict complementarity {} ({} of {} cones weak, tolerance {:.1e})",
+            self.check,
+            if weak == 0 { "holds" } else { "fails" },
+            weak,
+            self.margins.len(),
+            self.boundary_tol
+        )
+    }
+}
+
+/// Distance of `v` from the kinks of `Pi_{K*}`, per cone.
+pub(crate) fn cone_margins(cones: &Cones, v: ArrayView1<'_, f64>, tol: f64) -> Vec<ConeMargin> {
+    cones
+        .blocks()
+        .filter_map(|(index, cone, r)| {
+            let vb = v.slice(s![r]);
+            let margin = match cone {
+                Cone::Zero(_) => return None,
+                Cone::NonNeg(_) => vb.iter().fold(f64::INFINITY, |a, x| a.min(x.abs())),
+                Cone::Soc(_) => {
+                    let t = vb[0];
+                    let nx = vb.iter().skip(1).map(|x| x * x).sum::<f64>().sqrt();
+                    (nx - t.abs()).abs()
+                }
+                Cone::Psd(k) => psd_eigen(vb, k).0.iter().fold(f64::INFINITY, |a, l| a.min(l.abs())),
+            };
+            Some(ConeMargin {
+                cone: index,
+                kind: cone.name(),
+                margin,
+                strict: margin > tol,
+            })
+        })
+        .collect()
+}
+
+/// What the check examines: the linearisation of a solution.
+pub(crate) struct Linearisation<'a> {
+    /// The program.
+    pub prog: &'a ConeProgram,
+    /// `v = y - s` at the solution.
+    pub v: ArrayView1<'a, f64>,
+    /// The kinks within tolerance.
+    pub boundaries: &'a [Boundary],
+    /// The selection at those kinks for the selected element.
+    pub default_q: f64,
+    /// `M` for the selected element (`None` when it is too large to form: the check then
+    /// only reports the kinks).
+    pub selected: Option<&'a Array2<f64>>,
+    /// Its LU, when the derivative factored it.
+    pub lu: Option<&'a DenseLu<f64>>,
+    /// The solution's KKT residual (for the error bound).
+    pub residual: f64,
+}
+
+/// Runs the check (see the module docs).
+pub(crate) fn run(lin: &Linearisation<'_>, opts: &CheckOptions) -> Result<HypothesisCheck> {
+    let Linearisation {
+        prog,
+        v,
+        boundaries,
+        default_q,
+        selected,
+        lu,
+        residual,
+    } = *lin;
+    let exact = boundaries.iter().filter(|b| b.exact).count();
+    let scalar = boundaries
+        .iter()
+        .filter(|b| matches!(b.kind, BoundaryKind::Entry(_)))
+        .count();
+    let blocks = boundaries.len() - scalar;
+    let mut check = HypothesisCheck {
+        outcome: CheckOutcome::Warning,
+        kink_elements: exact,
+        flippable: boundaries.len(),
+        reasons: Vec::new(),
+        ..HypothesisCheck::not_checked("")
+    };
+    if !opts.enabled {
+        return Ok(HypothesisCheck::not_checked("the check is switched off"));
+    }
+    let dim = prog.n() + prog.m();
+    let selected = match selected {
+        Some(m) if dim <= opts.dense_limit => m,
+        _ => {
+            check.reasons.push(format!(
+                "M is {dim} x {dim}, above the dense limit {}: not examined ({} kink(s) within tolerance)",
+                opts.dense_limit,
+                boundaries.len()
+            ));
+            return Ok(check);
+        }
+    };
+    let k = boundaries.len();
+    let estimate = match (k, lu) {
+        (0, Some(lu)) => Some(estimated_extremes(selected, lu)?),
+        _ => None,
+    };
+    // Near the warning threshold the estimate's bias (toward a larger ratio) matters: there
+    // the SVD decides.
+    if let Some((sigma_min, sigma_max)) = estimate.filter(|(lo, hi)| *lo > 1e2 * opts.warn_tol * *hi) {
+        // One element, and its LU exists (so it is invertible to working precision): its
+        // extreme singular values come from the factorisation instead of an SVD.
+        check.sigma_min = Some(sigma_min);
+        check.sigma_max = Some(sigma_max);
+        check.error_bound = Some(residual / sigma_min);
+        check.exhaustive = true;
+        check.outcome = CheckOutcome::Certified;
+        check.reasons.push(
+            "strictly complementary solution: one element, invertible (singular values estimated from its LU)".into(),
+        );
+        return Ok(check);
+    }
+    let sel = Spectrum::of(selected.view())?;
+    check.sigma_min = Some(sel.sigma_min);
+    check.sigma_max = Some(sel.sigma_max);
+    check.error_bound = Some(if sel.sigma_min > 0.0 {
+        residual / sel.sigma_min
+    } else {
+        f64::INFINITY
+    });
+    let mut violated = Vec::new();
+    if sel.relative() <= opts.singular_tol {
+        violated.push(format!(
+            "the selected element is singular: sigma_min(M) = {:.3e}, sigma_max = {:.3e}",
+            sel.sigma_min, sel.sigma_max
+        ));
+    }
+
+    let exhaustive = k <= opts.exhaustive_limit;
+    let mut patterns: Vec<Vec<Option<f64>>> = Vec::new();
+    if k == 0 {
+        // One element: the selected one, already examined.
+    } else if exhaustive {
+        for bits in 0..(1u64 << k) {
+            patterns.push((0..k).map(|i| Some(((bits >> i) & 1) as f64)).collect());
+        }
+    } else {
+        let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+        for _ in 0..opts.samples {
+            patterns.push(
+                (0..k)
+                    .map(|_| Some(if rng.random::<bool>() { 1.0 } else { 0.0 }))
+                    .collect(),
+            );
+        }
+    }
+    if blocks > 0 {
+        patterns.push(vec![Some(0.5); k]);
+    }
+    let exhaustive = exhaustive || k == 0;
+    let mut signs = vec![sel.det_sign];
+    let mut min_vertex: Option<f64> = None;
+    for pattern in &patterns {
+        let j = prog.cones.dual_jacobian(v, boundaries, pattern, default_q);
+        let m = jacobian_matrix(prog, &j);
+        let spec = Spectrum::of(m.view())?;
+        min_vertex = Some(min_vertex.map_or(spec.sigma_min, |a: f64| a.min(spec.sigma_min)));
+        signs.push(spec.det_sign);
+        if spec.relative() <= opts.singular_tol && violated.len() < 4 {
+            violated.push(format!(
+                "the element with selections {:?} at the {} kink(s) is singular: sigma_min(M) = {:.3e}",
+                pattern.iter().map(|q| q.unwrap_or(default_q)).collect::<Vec<_>>(),
+                k,
+                spec.sigma_min
+            ));
+        }
+    }
+    check.vertices = if k > 0 { patterns.len() } else { 0 };
+    check.exhaustive = exhaustive;
+    check.min_vertex_sigma = if k > 0 { min_vertex } else { None };
+    let nonzero: Vec<i8> = signs.iter().copied().filter(|&s| s != 0).collect();
+    check.determinant_sign_change = nonzero.windows(2).any(|w| w[0] != w[1]);
+    if check.determinant_sign_change {
+        violated.push("det(M) changes sign over the selections, so an element in between is singular".into());
+    }
+    let smallest = min_vertex.map_or(sel.sigma_min, |v| v.min(sel.sigma_min));
+    if !violated.is_empty() {
+        check.outcome = CheckOutcome::Violated;
+        check.reasons.extend(violated);
+        return Ok(check);
+    }
+    let relative = smallest / sel.sigma_max.max(f64::MIN_POSITIVE);
+    if relative <= opts.warn_tol {
+        check.reasons.push(format!(
+            "nearly singular: smallest sigma_min(M) / sigma_max = {relative:.3e} <= {:.1e}",
+            opts.warn_tol
+        ));
+        return Ok(check);
+    }
+    if k == 0 {
+        check.outcome = CheckOutcome::Certified;
+        check
+            .reasons
+            .push("strictly complementary solution: one element, invertible".into());
+    } else if exhaustive && blocks == 0 {
+        check.outcome = CheckOutcome::Certified;
+        check.reasons.push(format!(
+            "det(M) keeps one sign at all {} vertices of the {k} kink selection(s): every element is invertible",
+            patterns.len()
+        ));
+    } else if blocks > 0 {
+        check.reasons.push(format!(
+            "{blocks} second-order or PSD block(s) on a boundary: vertices and midpoint invertible, no certificate"
+        ));
+    } else {
+        check
+            .reasons
+            .push(format!("{} of 2^{k} vertices sampled, all invertible", patterns.len()));
+    }
+    Ok(check)
+}
+
+/// Estimates of `sigma_min(M)` (inverse iteration on `M^T M` through the LU) and
+/// `sigma_max(M)` (power iteration), each stopped when it changes by less than `1e-4`
+/// relative (at most twelve steps, from a fixed start). Both are Rayleigh-quotient values,
+/// so `sigma_min` is an upper bound and `sigma_max` a lower bound of the true values, tight
+/// when the extreme singular values are separated; the check falls back to an SVD when the
+/// estimated ratio comes near its thresholds.
+fn estimated_extremes(m: &Array2<f64>, lu: &DenseLu<f64>) -> Result<(f64, f64)> {
+    let n = m.nrows();
+    let start = Array1::from_shape_fn(n, |i| 1.0 + 0.5 * ((i as f64) * 0.618_034).fract());
+    let normalise = |v: Array1<f64>| {
+        let norm = v.dot(&v).sqrt();
+        if norm > 0.0 {
+            v / norm
+        } else {
+            v
+        }
+    };
+    let settled = |new: f64, old: f64| (new - old).abs() <= 1e-4 * new.abs().max(f64::MIN_POSITIVE);
+    let mut v = normalise(start.clone());
+    let mut sigma_max = 0.0;
+    for _ in 0..12 {
+        let mv = m.dot(&v);
+        let estimate = mv.dot(&mv).sqrt();
+        let done = settled(estimate, sigma_max);
+        sigma_max = estimate;
+        if done {
+            break;
+        }
+        v = normalise(m.t().dot(&mv));
+    }
+    let mut u = normalise(start);
+    let mut sigma_min = f64::INFINITY;
+    for _ in 0..12 {
+        let w = lu.solve_transpose(u.view())?;
+        u = normalise(lu.solve(w.view())?);
+        let mu = m.dot(&u);
+        let estimate = mu.dot(&mu).sqrt();
+        let done = settled(estimate, sigma_min);
+        sigma_min = estimate;
+        if done {
+            break;
+        }
+    }
+    Ok((sigma_min, sigma_max))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clarke_solve::dense::singular_values;
+
+    #[test]
+    fn estimated_extremes_match_the_svd_on_a_kkt_like_matrix() {
+        // M = [[P, A^T J], [-A, I - J]] for a small QP with two active constraints.
+        let m = ndarray::array![
+            [2.0, 0.5, 1.0, -1.0, 0.0],
+            [0.5, 1.0, 0.3, 2.0, 0.0],
+            [0.0, 0.0, 1.0, 0.0, 0.0],
+            [-1.0, -0.3, 0.0, 0.0, 0.0],
+            [1.0, -2.0, 0.0, 0.0, 1.0]
+        ];
+        let m = m.t().to_owned();
+        let lu = DenseLu::new(m.view()).unwrap();
+        let (lo, hi) = estimated_extremes(&m, &lu).unwrap();
+        let sv = singular_values(m.view()).unwrap();
+        let (true_hi, true_lo) = (sv[0], sv[sv.len() - 1]);
+        assert!((lo - true_lo).abs() < 1e-3 * true_lo, "{lo} vs {true_lo}");
+        assert!((hi - true_hi).abs() < 1e-2 * true_hi, "{hi} vs {true_hi}");
+        assert!(lo >= true_lo * (1.0 - 1e-12) && hi <= true_hi * (1.0 + 1e-12));
+    }
+}

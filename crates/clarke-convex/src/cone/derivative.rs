@@ -1,0 +1,358 @@
+//! Derivatives of a cone program's solution `(x, y, s)` with respect to its data
+//! `(P, A, b, c)`: the forward (directional) map and the adjoint, through the residual map.
+//!
+//! At a solution `N(z) = 0` with `z = (x, v)`. Perturbing the data by `(dP, dA, db, dc)`
+//! moves the residual by `dN = (dP x + dA^T y + dc, db - dA x)`, and the implicit function
+//! theorem gives `dz = -M^{-1} dN` with `M = (Q - I) J + I` (see [`super::residual`]). Then
+//!
+//! ```text
+//! dx = dz_u,   dy = J_y dz_v,   ds = dy - dz_v.
+//! ```
+//!
+//! The adjoint of a loss gradient `(g_x, g_y, g_s)`: `g_z = (g_x, J_y (g_y + g_s) - g_s)`,
+//! solve `M^T w = -g_z`, then
+//!
+//! ```text
+//! dc = w_u,  db = w_v,  dA = y w_u^T - w_v x^T,  dP = (w_u x^T + x w_u^T) / 2.
+//! ```
+//!
+//! `M` is solved densely (one LU, reused by every product) or matrix-free by GMRES with
+//! `M d` and `M^T d` products; the check ([`super::check`]) runs first and can refuse.
+
+use clarke_core::{Error, Result};
+use clarke_implicit::{CheckOptions, CheckOutcome, OnAdjointFailure};
+use clarke_solve::{gmres, lstsq, DenseLu, FnOperator, SolveOptions, SolveReport};
+use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2};
+
+use super::check::{cone_margins, run, ConicCheck, Linearisation};
+use super::cones::ProjectionJacobian;
+use super::problem::ConeProgram;
+use super::residual::{apply_jacobian, apply_jacobian_transpose, inf_norm, jacobian_matrix};
+use super::solver::{ConeSolution, ConeStatus};
+
+/// How `M` (and `M^T`) is solved.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DerivativeSolver {
+    /// One dense LU of the `(n + m) x (n + m)` matrix.
+    Dense,
+    /// GMRES with matrix-free products (`M` is never formed).
+    Gmres(SolveOptions),
+}
+
+/// Options of [`ConeDerivative::new`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DerivativeOptions {
+    /// The linear solver. Default dense.
+    pub solver: DerivativeSolver,
+    /// The hypothesis check (shared with the implicit node). Default: on, refusing a
+    /// violated hypothesis.
+    pub check: CheckOptions,
+    /// Entries of `v = y - s` within `boundary_tol * max(1, ||v||_inf)` (plus ten times the
+    /// solution's KKT residual) of a kink count as on it. Default `1e-9`.
+    pub boundary_tol: f64,
+    /// What a GMRES solve that does not converge does. Default: refuse.
+    pub on_failure: OnAdjointFailure,
+}
+
+impl Default for DerivativeOptions {
+    fn default() -> Self {
+        DerivativeOptions {
+            solver: DerivativeSolver::Dense,
+            check: CheckOptions::default(),
+            boundary_tol: 1e-9,
+            on_failure: OnAdjointFailure::Error,
+        }
+    }
+}
+
+impl DerivativeOptions {
+    /// The check switched off (the derivative is computed whatever the hypothesis).
+    pub fn unchecked() -> Self {
+        DerivativeOptions {
+            check: CheckOptions::off(),
+            ..Default::default()
+        }
+    }
+
+    /// Matrix-free GMRES solves with these options.
+    pub fn with_gmres(mut self, opts: SolveOptions) -> Self {
+        self.solver = DerivativeSolver::Gmres(opts);
+        self
+    }
+}
+
+/// A perturbation of the data, or a gradient with respect to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataGradient {
+    /// With respect to `P` (symmetric), when the program has a quadratic term.
+    pub p: Option<Array2<f64>>,
+    /// With respect to `A`.
+    pub a: Array2<f64>,
+    /// With respect to `b`.
+    pub b: Array1<f64>,
+    /// With respect to `c`.
+    pub c: Array1<f64>,
+}
+
+/// A direction in the data for the forward map.
+#[derive(Debug, Clone, Copy)]
+pub struct DataDirection<'a> {
+    /// `dP` (ignored without a quadratic term).
+    pub p: Option<ArrayView2<'a, f64>>,
+    /// `dA`.
+    pub a: ArrayView2<'a, f64>,
+    /// `db`.
+    pub b: ArrayView1<'a, f64>,
+    /// `dc`.
+    pub c: ArrayView1<'a, f64>,
+}
+
+/// A direction of the solution, or a loss gradient with respect to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SolutionDirection {
+    /// `dx`.
+    pub x: Array1<f64>,
+    /// `dy`.
+    pub y: Array1<f64>,
+    /// `ds`.
+    pub s: Array1<f64>,
+}
+
+/// The derivative of a solved cone program at its solution, checked.
+pub struct ConeDerivative<'p> {
+    prog: &'p ConeProgram,
+    x: Array1<f64>,
+    y: Array1<f64>,
+    j: ProjectionJacobian,
+    lu: Option<DenseLu<f64>>,
+    /// `M` when it is singular and the caller chose to go on: minimum-norm least squares.
+    singular: Option<Array2<f64>>,
+    solver: DerivativeSolver,
+    on_failure: OnAdjointFailure,
+    check: ConicCheck,
+    last_solve: std::cell::RefCell<Option<SolveReport>>,
+}
+
+impl<'p> ConeDerivative<'p> {
+    /// Linearises `prog` at `sol` with selection `q` at the kinks within tolerance (the kink policy's
+    /// `relu'(0)`), runs the check, and factors `M` for the dense solver. Errors: an
+    /// unsolved `sol`, a solution of another program, a violated hypothesis (unless the
+    /// check is told not to refuse), a singular `M`.
+    pub fn new(prog: &'p ConeProgram, sol: &ConeSolution, q: f64, opts: &DerivativeOptions) -> Result<Self> {
+        const OP: &str = "cone_program derivative";
+        if sol.status != ConeStatus::Solved {
+            sol.clone().ensure_solved(OP)?;
+        }
+        if sol.x.len() != prog.n() || sol.v.len() != prog.m() {
+            return Err(Error::shapes(
+                OP,
+                &[sol.x.len(), sol.v.len()],
+                &[prog.n(), prog.m()],
+                "the solution is not one of this program",
+            ));
+        }
+        if opts.boundary_tol.is_nan() || opts.boundary_tol < 0.0 {
+            return Err(Error::invalid(
+                OP,
+                format!("boundary_tol must be >= 0, got {}", opts.boundary_tol),
+            ));
+        }
+        let v = sol.v.view();
+        let tol = opts.boundary_tol * inf_norm(v).max(1.0) + 10.0 * sol.residuals.max();
+        let boundaries = prog.cones.boundaries(v, tol);
+        let j = prog.cones.dual_jacobian(v, &boundaries, &[], q);
+        let dense_needed = opts.solver == DerivativeSolver::Dense
+            || (opts.check.enabled && prog.n() + prog.m() <= opts.check.dense_limit);
+        let m = dense_needed.then(|| jacobian_matrix(prog, &j));
+        // Factor first: a strictly complementary check reuses the LU for its estimates.
+        let factored = match (&opts.solver, &m) {
+            (DerivativeSolver::Dense, Some(m)) => Some(DenseLu::new(m.view())),
+            _ => None,
+        };
+        let lu_ref = factored.as_ref().and_then(|f| f.as_ref().ok());
+        let lin = Linearisation {
+            prog,
+            v,
+            boundaries: &boundaries,
+            default_q: q,
+            selected: m.as_ref(),
+            lu: lu_ref,
+            residual: sol.residuals.max(),
+        };
+        let hypothesis = run(&lin, &opts.check)?;
+        let check = ConicCheck {
+            check: hypothesis,
+            boundary_tol: tol,
+            margins: cone_margins(&prog.cones, v, tol),
+            boundaries,
+        };
+        if check.outcome() == CheckOutcome::Violated && opts.check.refuse_violated {
+            return Err(Error::HypothesisViolated {
+                node: "cone_program".into(),
+                detail: check.to_string(),
+            });
+        }
+        let (mut lu, mut singular) = (None, None);
+        match (factored, m) {
+            (Some(Ok(f)), _) => lu = Some(f),
+            // The caller switched the check off (or told it not to refuse): do what
+            // least-squares implicit differentiation does (diffcp's LSQR), and say so.
+            (Some(Err(Error::Singular { .. })), Some(m)) => singular = Some(m),
+            (Some(Err(e)), _) => return Err(e),
+            (None, _) => {}
+        }
+        let mut check = check;
+        if singular.is_some() {
+            check.check.reasons.push(
+                "M is singular: the derivative is the minimum-norm least-squares solution, not justified by the theorem".into(),
+            );
+        }
+        Ok(ConeDerivative {
+            prog,
+            x: sol.x.clone(),
+            y: sol.y.clone(),
+            j,
+            lu,
+            singular,
+            solver: opts.solver.clone(),
+            on_failure: opts.on_failure,
+            check,
+            last_solve: std::cell::RefCell::new(None),
+        })
+    }
+
+    /// The check's verdict and numbers.
+    pub fn check(&self) -> &ConicCheck {
+        &self.check
+    }
+
+    /// The report of the last GMRES solve (none for the dense solver).
+    pub fn last_solve(&self) -> Option<SolveReport> {
+        self.last_solve.borrow().clone()
+    }
+
+    /// Solves `M d = rhs` (or `M^T d = rhs`).
+    fn solve(&self, rhs: Array1<f64>, transpose: bool) -> Result<Array1<f64>> {
+        if let Some(lu) = &self.lu {
+            return if transpose {
+                lu.solve_transpose(rhs.view())
+            } else {
+                lu.solve(rhs.view())
+            };
+        }
+        if let Some(m) = &self.singular {
+            let a = if transpose { m.t() } else { m.view() };
+            return Ok(lstsq(a, rhs.view())?.solution);
+        }
+        let opts = match &self.solver {
+            DerivativeSolver::Gmres(o) => o.clone(),
+            DerivativeSolver::Dense => SolveOptions::default(),
+        };
+        let dim = rhs.len();
+        let (prog, j) = (self.prog, &self.j);
+        let forward = move |d: ArrayView1<'_, f64>, out: ndarray::ArrayViewMut1<'_, f64>| {
+            apply_jacobian(prog, j, d, out);
+            Ok(())
+        };
+        let backward = move |d: ArrayView1<'_, f64>, out: ndarray::ArrayViewMut1<'_, f64>| {
+            apply_jacobian_transpose(prog, j, d, out);
+            Ok(())
+        };
+        let (d, report) = if transpose {
+            gmres(&FnOperator::new(dim, dim, backward), rhs.view(), None, &opts)?
+        } else {
+            gmres(&FnOperator::new(dim, dim, forward), rhs.view(), None, &opts)?
+        };
+        *self.last_solve.borrow_mut() = Some(report.clone());
+        if report.is_converged() {
+            return Ok(d);
+        }
+        match self.on_failure {
+            OnAdjointFailure::AcceptApproximate if report.status == clarke_solve::SolveStatus::MaxIterations => Ok(d),
+            OnAdjointFailure::Dense => {
+                let m = jacobian_matrix(self.prog, &self.j);
+                let lu = DenseLu::new(m.view())?;
+                if transpose {
+                    lu.solve_transpose(rhs.view())
+                } else {
+                    lu.solve(rhs.view())
+                }
+            }
+            _ => Err(report.failure("cone_program", "adjoint")),
+        }
+    }
+
+    /// The forward map: the first-order change of `(x, y, s)` for a data direction.
+    pub fn forward(&self, d: &DataDirection<'_>) -> Result<SolutionDirection> {
+        let (n, m) = (self.prog.n(), self.prog.m());
+        if d.a.dim() != (m, n) || d.b.len() != m || d.c.len() != n {
+            return Err(Error::shapes(
+                "cone_program forward",
+                &[d.a.nrows(), d.a.ncols(), d.b.len(), d.c.len()],
+                &[m, n, m, n],
+                "the direction (dA, db, dc) must match (A, b, c)",
+            ));
+        }
+        let mut top = d.a.t().dot(&self.y) + d.c;
+        if let (Some(dp), Some(_)) = (d.p, &self.prog.p) {
+            if dp.dim() != (n, n) {
+                return Err(Error::shapes(
+                    "cone_program forward",
+                    dp.shape(),
+                    &[n, n],
+                    "dP must be n x n",
+                ));
+            }
+            top += &dp.dot(&self.x);
+        }
+        let bottom = &d.b - &d.a.dot(&self.x);
+        let mut dn = Array1::zeros(n + m);
+        dn.slice_mut(s![..n]).assign(&top);
+        dn.slice_mut(s![n..]).assign(&bottom);
+        let dz = self.solve(-dn, false)?;
+        let dv = dz.slice(s![n..]);
+        let dy = self.j.apply_new(dv);
+        let ds = &dy - &dv;
+        Ok(SolutionDirection {
+            x: dz.slice(s![..n]).to_owned(),
+            y: dy,
+            s: ds,
+        })
+    }
+
+    /// The adjoint map: the gradient with respect to the data of a loss whose gradient with
+    /// respect to `(x, y, s)` is `g`.
+    pub fn adjoint(&self, g: &SolutionDirection) -> Result<DataGradient> {
+        let (n, m) = (self.prog.n(), self.prog.m());
+        if g.x.len() != n || g.y.len() != m || g.s.len() != m {
+            return Err(Error::shapes(
+                "cone_program adjoint",
+                &[g.x.len(), g.y.len(), g.s.len()],
+                &[n, m, m],
+                "the gradient (g_x, g_y, g_s) must match (x, y, s)",
+            ));
+        }
+        let mut gz = Array1::zeros(n + m);
+        gz.slice_mut(s![..n]).assign(&g.x);
+        gz.slice_mut(s![n..])
+            .assign(&(self.j.apply_new((&g.y + &g.s).view()) - &g.s));
+        let w = self.solve(-gz, true)?;
+        let (wu, wv) = (w.slice(s![..n]), w.slice(s![n..]));
+        let outer = |a: ArrayView1<'_, f64>, b: ArrayView1<'_, f64>| {
+            a.to_owned()
+                .insert_axis(ndarray::Axis(1))
+                .dot(&b.insert_axis(ndarray::Axis(0)))
+        };
+        let da = outer(self.y.view(), wu) - outer(wv, self.x.view());
+        let dp = self.prog.p.as_ref().map(|_| {
+            let wx = outer(wu, self.x.view());
+            (&wx + &wx.t()) * 0.5
+        });
+        Ok(DataGradient {
+            p: dp,
+            a: da,
+            b: wv.to_owned(),
+            c: wu.to_owned(),
+        })
+    }
+}

@@ -1,0 +1,337 @@
+//! Cone programs and constructors for the LPs, QPs and projection layers people use.
+//!
+//! A [`ConeProgram`] is
+//!
+//! ```text
+//! minimise   (1/2) x^T P x + c^T x
+//! subject to A x + s = b,  s in K
+//! ```
+//!
+//! with `K` a product of [`Cones`] and `P` symmetric positive semidefinite (absent for a pure
+//! cone program, the form of Agrawal et al. 2019). Its dual is
+//! `maximise -(1/2) x^T P x - b^T y` subject to `P x + A^T y + c = 0`, `y in K*`.
+
+use clarke_core::{Error, Result};
+use faer::{Mat, Side};
+use ndarray::{concatenate, s, Array1, Array2, ArrayView1, ArrayView2, Axis};
+
+use super::cones::{Cone, Cones};
+
+/// A cone program with dense data (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConeProgram {
+    /// The quadratic term `P` (`n x n`, symmetric PSD), if any.
+    pub p: Option<Array2<f64>>,
+    /// The constraint matrix `A` (`m x n`).
+    pub a: Array2<f64>,
+    /// The right-hand side `b` (`m`).
+    pub b: Array1<f64>,
+    /// The cost `c` (`n`).
+    pub c: Array1<f64>,
+    /// The cone `K` (`m` rows in total).
+    pub cones: Cones,
+}
+
+impl ConeProgram {
+    /// The cone program `min c^T x` s.t. `A x + s = b`, `s in K`. Errors name the op, the
+    /// shapes and the first non-finite entry.
+    pub fn new(a: Array2<f64>, b: Array1<f64>, c: Array1<f64>, cones: Cones) -> Result<Self> {
+        const OP: &str = "ConeProgram::new";
+        let (m, n) = a.dim();
+        if n == 0 {
+            return Err(Error::invalid(OP, "A has no columns: the program has no variables"));
+        }
+        if b.len() != m {
+            return Err(Error::shapes(
+                OP,
+                &[b.len()],
+                &[m],
+                "b must have one entry per row of A",
+            ));
+        }
+        if c.len() != n {
+            return Err(Error::shapes(
+                OP,
+                &[c.len()],
+                &[n],
+                "c must have one entry per column of A",
+            ));
+        }
+        if cones.dim() != m {
+            return Err(Error::shapes(
+                OP,
+                &[cones.dim()],
+                &[m],
+                format!(
+                    "the cones {:?} take {} rows but A and b have {m}",
+                    cones.list(),
+                    cones.dim()
+                ),
+            ));
+        }
+        check_finite(OP, "A", a.iter())?;
+        check_finite(OP, "b", b.iter())?;
+        check_finite(OP, "c", c.iter())?;
+        Ok(ConeProgram {
+            p: None,
+            a,
+            b,
+            c,
+            cones,
+        })
+    }
+
+    /// Adds the quadratic term `(1/2) x^T P x`. Errors: wrong shape, non-finite, not
+    /// symmetric, or an eigenvalue below `-1e-10 max|P|` (the program would not be convex).
+    pub fn with_quadratic(mut self, p: Array2<f64>) -> Result<Self> {
+        const OP: &str = "ConeProgram::with_quadratic";
+        let n = self.n();
+        if p.dim() != (n, n) {
+            return Err(Error::shapes(
+                OP,
+                p.shape(),
+                &[n, n],
+                "P must be n x n with n = columns of A",
+            ));
+        }
+        check_finite(OP, "P", p.iter())?;
+        let scale = p.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+        let asym = (&p - &p.t()).iter().fold(0.0f64, |a, v| a.max(v.abs()));
+        if asym > 1e-12 * scale.max(1.0) {
+            return Err(Error::invalid(
+                OP,
+                format!("P is not symmetric: max |P - P^T| = {asym:e}"),
+            ));
+        }
+        // A Cholesky factorisation of P + delta I succeeds for every PSD P (cheap); only when
+        // it fails are the eigenvalues computed, to report the smallest.
+        let delta = 1e-10 * scale.max(1.0);
+        let shifted = Mat::<f64>::from_fn(n, n, |i, j| p[[i, j]] + if i == j { delta } else { 0.0 });
+        if shifted.llt(Side::Lower).is_ok() {
+            self.p = Some(p);
+            return Ok(self);
+        }
+        let eig = Mat::<f64>::from_fn(n, n, |i, j| p[[i, j]])
+            .self_adjoint_eigenvalues(Side::Lower)
+            .map_err(|e| Error::invalid(OP, format!("eigenvalues of P failed: {e:?}")))?;
+        let lowest = eig.iter().copied().fold(f64::INFINITY, f64::min);
+        if lowest < -delta {
+            return Err(Error::invalid(
+                OP,
+                format!("P is not positive semidefinite: smallest eigenvalue {lowest:e}; the program is not convex"),
+            ));
+        }
+        self.p = Some(p);
+        Ok(self)
+    }
+
+    /// Variables `n`.
+    pub fn n(&self) -> usize {
+        self.a.ncols()
+    }
+
+    /// Constraint rows `m`.
+    pub fn m(&self) -> usize {
+        self.a.nrows()
+    }
+
+    /// `P x` (zero without a quadratic term).
+    pub fn p_times(&self, x: ArrayView1<'_, f64>) -> Array1<f64> {
+        match &self.p {
+            Some(p) => p.dot(&x),
+            None => Array1::zeros(self.n()),
+        }
+    }
+
+    /// The same program with another cost (the data of a batch that shares `P`, `A`, `b`).
+    pub fn with_cost(&self, c: ArrayView1<'_, f64>) -> Result<Self> {
+        if c.len() != self.n() {
+            return Err(Error::shapes(
+                "ConeProgram::with_cost",
+                &[c.len()],
+                &[self.n()],
+                "c must have n entries",
+            ));
+        }
+        check_finite("ConeProgram::with_cost", "c", c.iter())?;
+        Ok(ConeProgram {
+            c: c.to_owned(),
+            ..self.clone()
+        })
+    }
+}
+
+fn check_finite<'a>(op: &'static str, what: &str, values: impl Iterator<Item = &'a f64>) -> Result<()> {
+    for (i, v) in values.enumerate() {
+        if !v.is_finite() {
+            return Err(Error::invalid(
+                op,
+                format!("{what} has a non-finite entry {v} at flat index {i}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Inequalities `G x <= h` and equalities `A x = b` stacked into cone-program rows (zero
+/// cone first).
+fn stack_constraints(
+    op: &'static str,
+    n: usize,
+    ineq: Option<(ArrayView2<'_, f64>, ArrayView1<'_, f64>)>,
+    eq: Option<(ArrayView2<'_, f64>, ArrayView1<'_, f64>)>,
+) -> Result<(Array2<f64>, Array1<f64>, Cones)> {
+    let mut rows: Vec<ArrayView2<'_, f64>> = Vec::new();
+    let mut rhs: Vec<ArrayView1<'_, f64>> = Vec::new();
+    let mut cones = Vec::new();
+    for (what, part, cone) in [
+        ("equality", eq, Cone::Zero as fn(usize) -> Cone),
+        ("inequality", ineq, Cone::NonNeg),
+    ] {
+        if let Some((g, h)) = part {
+            if g.ncols() != n {
+                return Err(Error::shapes(
+                    op,
+                    g.shape(),
+                    &[g.nrows(), n],
+                    format!("the {what} matrix needs n = {n} columns"),
+                ));
+            }
+            if h.len() != g.nrows() {
+                return Err(Error::shapes(
+                    op,
+                    &[h.len()],
+                    &[g.nrows()],
+                    format!("the {what} right-hand side needs one entry per row"),
+                ));
+            }
+            if g.nrows() > 0 {
+                rows.push(g);
+                rhs.push(h);
+                cones.push(cone(g.nrows()));
+            }
+        }
+    }
+    if rows.is_empty() {
+        return Err(Error::invalid(
+            op,
+            "no constraints: give inequalities, equalities or both",
+        ));
+    }
+    let a = concatenate(Axis(0), &rows).map_err(|e| Error::invalid(op, e.to_string()))?;
+    let b = concatenate(Axis(0), &rhs).map_err(|e| Error::invalid(op, e.to_string()))?;
+    Ok((a, b, Cones::new(cones)?))
+}
+
+/// The LP `min c^T x` s.t. `G x <= h`, `A x = b` (either part may be absent).
+pub fn lp(
+    c: ArrayView1<'_, f64>,
+    ineq: Option<(ArrayView2<'_, f64>, ArrayView1<'_, f64>)>,
+    eq: Option<(ArrayView2<'_, f64>, ArrayView1<'_, f64>)>,
+) -> Result<ConeProgram> {
+    let (a, b, cones) = stack_constraints("lp", c.len(), ineq, eq)?;
+    ConeProgram::new(a, b, c.to_owned(), cones)
+}
+
+/// The QP `min (1/2) x^T P x + c^T x` s.t. `G x <= h`, `A x = b`.
+pub fn qp(
+    p: ArrayView2<'_, f64>,
+    c: ArrayView1<'_, f64>,
+    ineq: Option<(ArrayView2<'_, f64>, ArrayView1<'_, f64>)>,
+    eq: Option<(ArrayView2<'_, f64>, ArrayView1<'_, f64>)>,
+) -> Result<ConeProgram> {
+    let (a, b, cones) = stack_constraints("qp", c.len(), ineq, eq)?;
+    ConeProgram::new(a, b, c.to_owned(), cones)?.with_quadratic(p.to_owned())
+}
+
+/// Euclidean projection onto the polytope `{x : G x <= h}` as the QP
+/// `min (1/2)||x||^2 - u^T x` s.t. `G x <= h` (so the cost is `c = -u`).
+pub fn polytope_projection(
+    u: ArrayView1<'_, f64>,
+    g: ArrayView2<'_, f64>,
+    h: ArrayView1<'_, f64>,
+) -> Result<ConeProgram> {
+    let n = u.len();
+    qp(Array2::eye(n).view(), (-&u).view(), Some((g, h)), None)
+}
+
+/// Projection onto the box `[lo, hi]^n` as a QP with `2n` inequalities (`x <= hi`, `-x <= -lo`).
+/// Errors when `lo > hi`.
+pub fn box_projection(u: ArrayView1<'_, f64>, lo: f64, hi: f64) -> Result<ConeProgram> {
+    if lo.is_nan() || hi.is_nan() || lo > hi {
+        return Err(Error::invalid(
+            "box_projection",
+            format!("needs lo <= hi, got lo = {lo}, hi = {hi}"),
+        ));
+    }
+    let n = u.len();
+    let eye = Array2::<f64>::eye(n);
+    let g = concatenate(Axis(0), &[eye.view(), (-&eye).view()])
+        .map_err(|e| Error::invalid("box_projection", e.to_string()))?;
+    let mut h = Array1::from_elem(2 * n, hi);
+    h.slice_mut(s![n..]).fill(-lo);
+    polytope_projection(u, g.view(), h.view())
+}
+
+/// Sparsemax (Martins and Astudillo 2016): projection onto the simplex
+/// `{x >= 0, sum x = radius}` as the QP `min (1/2)||x||^2 - u^T x` s.t. `1^T x = radius`,
+/// `-x <= 0`.
+pub fn simplex_projection(u: ArrayView1<'_, f64>, radius: f64) -> Result<ConeProgram> {
+    if !(radius.is_finite() && radius > 0.0) {
+        return Err(Error::invalid(
+            "simplex_projection",
+            format!("radius must be finite and > 0, got {radius}"),
+        ));
+    }
+    let n = u.len();
+    let g = -Array2::<f64>::eye(n);
+    let h = Array1::zeros(n);
+    let a = Array2::ones((1, n));
+    let b = Array1::from_elem(1, radius);
+    qp(
+        Array2::eye(n).view(),
+        (-&u).view(),
+        Some((g.view(), h.view())),
+        Some((a.view(), b.view())),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    #[test]
+    fn shapes_and_values_are_checked() {
+        let cones = Cones::new(vec![Cone::NonNeg(2)]).unwrap();
+        let a = Array2::<f64>::eye(2);
+        let e = ConeProgram::new(a.clone(), array![1.0, 2.0, 3.0], array![1.0, 1.0], cones.clone()).unwrap_err();
+        assert!(e.to_string().contains("[3] vs [2]"), "{e}");
+        let e = ConeProgram::new(a.clone(), array![1.0, f64::NAN], array![1.0, 1.0], cones.clone()).unwrap_err();
+        assert!(
+            e.to_string().contains("b has a non-finite entry NaN at flat index 1"),
+            "{e}"
+        );
+        let three = Cones::new(vec![Cone::NonNeg(1), Cone::Soc(2)]).unwrap();
+        let e = ConeProgram::new(a.clone(), array![1.0, 2.0], array![1.0, 1.0], three).unwrap_err();
+        assert!(e.to_string().contains("take 3 rows but A and b have 2"), "{e}");
+        let prog = ConeProgram::new(a, array![1.0, 2.0], array![1.0, 1.0], cones).unwrap();
+        let e = prog.clone().with_quadratic(array![[1.0, 2.0], [0.0, 1.0]]).unwrap_err();
+        assert!(e.to_string().contains("not symmetric"), "{e}");
+        let e = prog.with_quadratic(array![[1.0, 0.0], [0.0, -1.0]]).unwrap_err();
+        assert!(e.to_string().contains("not positive semidefinite"), "{e}");
+    }
+
+    #[test]
+    fn constructors_stack_equalities_first() {
+        let u = array![0.2, 0.5, -0.1];
+        let prog = simplex_projection(u.view(), 1.0).unwrap();
+        assert_eq!(prog.cones.list(), &[Cone::Zero(1), Cone::NonNeg(3)]);
+        assert_eq!(prog.a.row(0).to_vec(), vec![1.0, 1.0, 1.0]);
+        assert_eq!(prog.c, -&u);
+        let e = box_projection(u.view(), 1.0, 0.0).unwrap_err();
+        assert!(e.to_string().contains("lo <= hi"), "{e}");
+        let e = lp(array![1.0, 2.0].view(), None, None).unwrap_err();
+        assert!(e.to_string().contains("no constraints"), "{e}");
+    }
+}
