@@ -44,11 +44,10 @@ use std::time::Instant;
 
 use clap::Parser;
 use clarke::convex::cone::{
-    cone_program, lp, Cone, ConeDerivative, ConeSolution, Cones, ConicBackwardReport, ConicCheck, ConicLayerOptions,
-    DerivativeOptions, SolverOptions,
+    cone_program, Cone, ConeSolution, Cones, ConicBackwardReport, ConicLayerOptions, DerivativeOptions, SolverOptions,
 };
 use clarke::core::{Error, Result, Tape};
-use clarke::implicit::{CheckOptions, CheckOutcome};
+use clarke::implicit::CheckOutcome;
 use clarke::nn::plot::{save_png, Panel};
 use ndarray::{arr1, arr2, Array1, Array2};
 use rand::{Rng, SeedableRng};
@@ -181,21 +180,6 @@ fn evaluate(lp_box: &BoxLp, p: [f64; 2], opts: &ConicLayerOptions) -> Result<Eva
         report: layer.log.last(),
         solution: layer.solutions[0].clone(),
     })
-}
-
-/// The check of the layer's derivative at an evaluated point, run without refusing (for its
-/// numbers: `sigma_min(M)`, kinks, reasons).
-fn inspect(lp_box: &BoxLp, p: [f64; 2], sol: &ConeSolution) -> Result<ConicCheck> {
-    let c = c_of(p);
-    let prog = lp(arr1(&[-c, -c]).view(), Some((lp_box.g.view(), lp_box.h.view())), None)?;
-    let opts = DerivativeOptions {
-        check: CheckOptions {
-            refuse_violated: false,
-            ..CheckOptions::default()
-        },
-        ..DerivativeOptions::default()
-    };
-    Ok(ConeDerivative::new(&prog, sol, 0.0, &opts)?.check().clone())
 }
 
 /// A gradient-descent run.
@@ -395,17 +379,15 @@ fn sweep(lp_box: &BoxLp, base: [f64; 2], tolerance: f64, k_max: i32) -> Result<V
                     continue;
                 }
             };
-            let off_grad = evaluate(lp_box, p, &off_opts).map(|e| e.grad);
-            let off_grad = match off_grad {
-                Ok(g) => g,
-                Err(e) => Err(e),
-            };
-            let check = inspect(lp_box, p, &on_eval.solution)?;
+            let off_grad = evaluate(lp_box, p, &off_opts).and_then(|e| e.grad);
+            // The layer's report keeps the check of a refused sample too.
+            let report = on_eval.report.as_ref().expect("a checked backward pass reports");
+            let (sigma_min, kinks, outcome) = (report.min_sigma, report.kinks, on_eval.outcome());
             let refused = matches!(on_eval.grad, Err(Error::HypothesisViolated { .. }));
             let verdict = if refused {
                 "refused".to_string()
             } else {
-                check.outcome().to_string()
+                outcome.to_string()
             };
             let refinement = match on_eval.solution.refinement.stopped {
                 "converged" | "converged (at rounding level)" => "converged",
@@ -420,15 +402,15 @@ fn sweep(lp_box: &BoxLp, base: [f64; 2], tolerance: f64, k_max: i32) -> Result<V
                 on_eval.solution.iterations,
                 refinement,
                 verdict,
-                check.check.sigma_min.map_or("-".into(), |s| format!("{s:.3e}")),
-                check.boundaries.len(),
+                sigma_min.map_or("-".into(), |s| format!("{s:.3e}")),
+                kinks,
                 fmt_grad(&off_grad)
             );
             rows.push(SweepRow {
                 distance: d,
                 c: c_of(p),
                 refused,
-                sigma_min: check.check.sigma_min,
+                sigma_min,
                 json: json!({
                     "k": k,
                     "distance": d,
@@ -437,9 +419,9 @@ fn sweep(lp_box: &BoxLp, base: [f64; 2], tolerance: f64, k_max: i32) -> Result<V
                     "admm_iterations": on_eval.solution.iterations,
                     "refinement": on_eval.solution.refinement.stopped,
                     "refused": refused,
-                    "outcome": check.outcome().to_string(),
-                    "sigma_min": check.check.sigma_min,
-                    "kinks": check.boundaries.len(),
+                    "outcome": outcome.to_string(),
+                    "sigma_min": sigma_min,
+                    "kinks": kinks,
                     "gradient_check_off": off_grad.as_ref().ok(),
                 }),
             });

@@ -28,7 +28,7 @@ use ndarray::{s, Array1, Array2, ArrayView1};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::cones::{psd_eigen, Boundary, BoundaryKind, Cone, Cones};
+use super::cones::{psd_eigen, soc_margin, Boundary, BoundaryKind, Cone, Cones};
 use super::problem::ConeProgram;
 use super::residual::jacobian_matrix;
 
@@ -97,11 +97,7 @@ pub(crate) fn cone_margins(cones: &Cones, v: ArrayView1<'_, f64>, tol: f64) -> V
             let margin = match cone {
                 Cone::Zero(_) => return None,
                 Cone::NonNeg(_) => vb.iter().fold(f64::INFINITY, |a, x| a.min(x.abs())),
-                Cone::Soc(_) => {
-                    let t = vb[0];
-                    let nx = vb.iter().skip(1).map(|x| x * x).sum::<f64>().sqrt();
-                    (nx - t.abs()).abs()
-                }
+                Cone::Soc(_) => soc_margin(vb),
                 Cone::Psd(k) => psd_eigen(vb, k).0.iter().fold(f64::INFINITY, |a, l| a.min(l.abs())),
             };
             Some(ConeMargin {

@@ -182,7 +182,7 @@ impl Cones {
                 }
                 Cone::Soc(_) => {
                     let (t, nx) = soc_parts(vb);
-                    let margin = (nx - t.abs()).abs();
+                    let margin = soc_margin(vb);
                     if margin <= tol || (nx <= tol && t.abs() <= tol) {
                         out.push(Boundary {
                             cone: index,
@@ -223,8 +223,7 @@ impl Cones {
         selection: &[Option<f64>],
         default_q: f64,
     ) -> ProjectionJacobian {
-        let pick =
-            |_: &Boundary, i: usize| -> Option<f64> { Some(selection.get(i).copied().flatten().unwrap_or(default_q)) };
+        let pick = |i: usize| selection.get(i).copied().flatten().unwrap_or(default_q);
         let mut blocks = Vec::with_capacity(self.list.len());
         for (index, cone, r) in self.blocks() {
             let vb = v.slice(s![r.clone()]);
@@ -234,19 +233,17 @@ impl Cones {
                     let mut d: Vec<f64> = vb.iter().map(|&vi| if vi > 0.0 { 1.0 } else { 0.0 }).collect();
                     for (i, b) in boundaries.iter().enumerate() {
                         if let (true, BoundaryKind::Entry(row)) = (b.cone == index, &b.kind) {
-                            if let Some(q) = pick(b, i) {
-                                d[row - r.start] = q;
-                            }
+                            d[row - r.start] = pick(i);
                         }
                     }
                     JacobianBlock::Diagonal(d)
                 }
                 Cone::Soc(_) | Cone::Psd(_) => {
                     let found = boundaries.iter().enumerate().find(|(_, b)| b.cone == index);
-                    let q = found.and_then(|(i, b)| pick(b, i));
+                    let q = found.map(|(i, _)| pick(i));
                     JacobianBlock::Dense(match cone {
                         Cone::Soc(_) => soc_jacobian(vb, q),
-                        Cone::Psd(k) => psd_jacobian(vb, k, found.map(|(_, b)| b.tol).zip(q)),
+                        Cone::Psd(k) => psd_jacobian(vb, k, found.map(|(i, b)| (b.tol, pick(i)))),
                         _ => unreachable!("matched above"),
                     })
                 }
@@ -381,6 +378,13 @@ fn project_self_dual(cone: Cone, v: ArrayView1<'_, f64>, mut out: ArrayViewMut1<
             out.assign(&svec(&x));
         }
     }
+}
+
+/// Distance of a second-order-cone block `(t, x)` from the kinks of its projection:
+/// `| ||x|| - |t| |` (the cone's boundary, or its polar's).
+pub(crate) fn soc_margin(v: ArrayView1<'_, f64>) -> f64 {
+    let (t, nx) = soc_parts(v);
+    (nx - t.abs()).abs()
 }
 
 /// `(t, ||x||)` of a second-order-cone block `(t, x)`.
