@@ -481,7 +481,7 @@ fn run<S: Scalar>(args: &Args) -> std::result::Result<bool, Box<dyn std::error::
         params.num_scalars(),
         CLASSES,
         qp.cones.dim(),
-        policy.name,
+        policy.label(),
         S::NAME
     );
 
@@ -498,7 +498,7 @@ fn run<S: Scalar>(args: &Args) -> std::result::Result<bool, Box<dyn std::error::
     if at_kinks.max() > VERIFY_TOL {
         eprintln!(
             "  (at the kinks the two select different elements of the conservative Jacobian under policy {})",
-            policy.name
+            policy.label()
         );
     }
     if verification.max() > VERIFY_TOL || verification.max().is_nan() {
@@ -570,7 +570,7 @@ fn run<S: Scalar>(args: &Args) -> std::result::Result<bool, Box<dyn std::error::
     let summary = json!({
         "example": "conic_layer",
         "scalar": S::NAME,
-        "kink_policy": policy.name,
+        "kink_policy": policy.label(),
         "epochs": epochs,
         "hidden": args.hidden,
         "batch": args.batch,

@@ -140,7 +140,7 @@ fn run<S: Scalar>(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         params.num_scalars(),
         gradient.name(),
         parametrization,
-        policy.name,
+        policy.label(),
         S::NAME
     );
 
@@ -207,7 +207,7 @@ fn run<S: Scalar>(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         "mode": format!("{:?}", args.mode).to_lowercase(),
         "parametrization": format!("{:?}", args.param).to_lowercase(),
         "scalar": S::NAME,
-        "kink_policy": policy.name,
+        "kink_policy": policy.label(),
         "epochs": epochs,
         "width": args.width,
         "batch": args.batch,

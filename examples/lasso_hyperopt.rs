@@ -332,7 +332,7 @@ fn run(args: &Args) -> Result<(), clarke::core::Error> {
         "example": "lasso_hyperopt",
         "data": name,
         "weighted": args.weighted,
-        "kink_policy": policy.name,
+        "kink_policy": policy.label(),
         "n_train": n,
         "n_val": split.x_val.nrows(),
         "p": p,

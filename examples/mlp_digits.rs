@@ -210,7 +210,7 @@ fn run<S: Scalar>(args: &Args, data: &Split, policy: &KinkPolicy) -> serde_json:
     serde_json::json!({
         "example": "mlp_digits",
         "precision": S::NAME,
-        "kink_policy": policy.name,
+        "kink_policy": policy.label(),
         "epochs": epochs,
         "test_rows": ys.len(),
         "test_accuracy": test_accuracy,

@@ -52,6 +52,6 @@ pub mod search;
 
 pub use cd::{solve, CdOptions, Fit, FitStatus};
 pub use hypergrad::{hypergradient, Criterion, HypergradOptions, Hypergradient, Method, SupportCheck, ValidationMse};
-pub use kinks::{merge_ledger, KinkSite, Prox};
+pub use kinks::{KinkSite, Prox};
 pub use model::{LassoModel, Loss, LossScale, Penalty};
 pub use search::{geometric_grid, gradient_search, grid_search, SearchOptions, Stepper};

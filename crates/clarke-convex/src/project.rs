@@ -13,7 +13,7 @@
 use clarke_core::{Error, Result, Scalar, Var};
 use ndarray::{ArrayD, IxDyn};
 
-use crate::kinks::{KinkSite, Prox, SiteKind};
+use crate::kinks::{declare, resolve, KinkSite, Prox, SiteKind};
 use crate::prox::check_finite;
 
 /// Clamps every element to `[lo, hi]` (the projection onto a box). The derivative at a
@@ -129,6 +129,7 @@ fn threshold_projection<S: Scalar>(u: Var<'_, S>, radius: f64, l1: bool) -> Resu
         out.push(S::from_f64_lossy(if l1 { v * xi.signum() } else { v }));
     }
     let p = x.len();
+    let gaps: Vec<f64> = a.iter().map(|&ai| ai - tau).collect();
     let value = ArrayD::from_shape_vec(IxDyn(&[p]), out).map_err(|e| Error::invalid(op, e.to_string()))?;
     let kind = if l1 { SiteKind::SoftThreshold } else { SiteKind::Relu };
     let sign: Vec<f64> = x.iter().map(|v| if l1 { sign_f64(*v) } else { 1.0 }).collect();
@@ -139,23 +140,7 @@ fn threshold_projection<S: Scalar>(u: Var<'_, S>, radius: f64, l1: bool) -> Resu
             if inside {
                 return Ok(vec![Some(grad.to_owned())]);
             }
-            let sel = match kind {
-                SiteKind::SoftThreshold => ctx.policy.soft_threshold,
-                SiteKind::Relu => ctx.policy.relu,
-            };
-            let d: Vec<f64> = a
-                .iter()
-                .map(|&ai| {
-                    let gap = ai - tau;
-                    if gap > 0.0 {
-                        1.0
-                    } else if gap < 0.0 {
-                        0.0
-                    } else {
-                        sel
-                    }
-                })
-                .collect();
+            let d = resolve(ctx, op, kind, &[a.len()], a.iter().map(|&ai| ai - tau))?;
             let total: f64 = d.iter().sum();
             let dsg: f64 = d.iter().zip(&sign).zip(&g).map(|((d, s), g)| d * s * g).sum();
             let coef = if total > 0.0 { dsg / total } else { 0.0 };
@@ -168,6 +153,9 @@ fn threshold_projection<S: Scalar>(u: Var<'_, S>, radius: f64, l1: bool) -> Resu
             let gu = ArrayD::from_shape_vec(IxDyn(&[gu.len()]), gu).map_err(|e| Error::invalid(op, e.to_string()))?;
             Ok(vec![Some(gu)])
         })?;
+    if !inside {
+        declare(out, op, gaps)?;
+    }
     Ok(Prox {
         out,
         site: KinkSite {

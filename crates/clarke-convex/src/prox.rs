@@ -20,7 +20,7 @@ use std::ops::Range;
 use clarke_core::{Error, Result, Scalar, Var};
 use ndarray::{ArrayD, IxDyn};
 
-use crate::kinks::{KinkSite, Prox, SiteKind};
+use crate::kinks::{declare, resolve, KinkSite, Prox, SiteKind};
 
 /// `S_lambda(u) = sign(u) max(|u| - lambda, 0)` elementwise, in f64 (for solvers).
 #[inline]
@@ -133,25 +133,33 @@ pub fn soft_threshold<'t, S: Scalar>(u: Var<'t, S>, lambda: Var<'t, S>) -> Resul
     let out = u
         .tape()
         .try_custom_fn_ctx(OP, &[u, lambda], value, move |ctx, inputs, _out, grad| {
-            let q = S::from_f64_lossy(ctx.policy.soft_threshold);
             let (x, lam) = (&inputs[0], &inputs[1]);
             let lam_flat: Vec<S> = lam.iter().copied().collect();
-            let mut gu = Vec::with_capacity(x.len());
-            let mut gl = vec![S::zero(); lam_flat.len()];
-            for (i, (&xi, &gi)) in x.iter().zip(grad.iter()).enumerate() {
-                let (l, k) = if lam_flat.len() == 1 {
+            let at = |i: usize| {
+                if lam_flat.len() == 1 {
                     (lam_flat[0], 0)
                 } else {
                     (lam_flat[i], i)
-                };
-                let d = derivative(xi.abs() - l, q);
+                }
+            };
+            let gaps = x.iter().enumerate().map(|(i, &xi)| (xi.abs() - at(i).0).to_f64_exact());
+            let d = resolve(ctx, OP, SiteKind::SoftThreshold, x.shape(), gaps)?;
+            let mut gu = Vec::with_capacity(x.len());
+            let mut gl = vec![S::zero(); lam_flat.len()];
+            for (i, ((&xi, &gi), &di)) in x.iter().zip(grad.iter()).zip(&d).enumerate() {
+                let d = S::from_f64_lossy(di);
                 gu.push(gi * d);
-                gl[k] -= gi * d * sign(xi);
+                gl[at(i).1] -= gi * d * sign(xi);
             }
             let gu = ArrayD::from_shape_vec(x.raw_dim(), gu).map_err(|e| Error::invalid(OP, e.to_string()))?;
             let gl = ArrayD::from_shape_vec(lam.raw_dim(), gl).map_err(|e| Error::invalid(OP, e.to_string()))?;
             Ok(vec![Some(gu), Some(gl)])
         })?;
+    declare(
+        out,
+        OP,
+        uv.iter().enumerate().map(|(i, &x)| (x.abs() - th(i)).to_f64_exact()),
+    )?;
     Ok(Prox {
         out,
         site: KinkSite {
@@ -163,18 +171,6 @@ pub fn soft_threshold<'t, S: Scalar>(u: Var<'t, S>, lambda: Var<'t, S>) -> Resul
             kind: SiteKind::SoftThreshold,
         },
     })
-}
-
-/// The selected derivative of `max(gap, 0)`-type kinks: 1, 0, or `q` at `gap == 0`.
-#[inline]
-fn derivative<S: Scalar>(gap: S, q: S) -> S {
-    if gap > S::zero() {
-        S::one()
-    } else if gap < S::zero() {
-        S::zero()
-    } else {
-        q
-    }
 }
 
 #[inline]
@@ -275,29 +271,43 @@ pub fn group_soft_threshold<'t, S: Scalar>(
     let out = u
         .tape()
         .try_custom_fn_ctx(OP, &[u, lambda], value, move |ctx, inputs, _o, grad| {
-            let q = S::from_f64_lossy(ctx.policy.soft_threshold);
             let x: Vec<S> = inputs[0].iter().copied().collect();
             let lam: Vec<S> = inputs[1].iter().copied().collect();
             let g: Vec<S> = grad.iter().copied().collect();
+            let lam_of = |k: usize| if lam.len() == 1 { lam[0] } else { lam[k] };
+            // A group with a zero threshold has no kink (the prox is the identity there).
+            let gaps = groups_owned.iter().enumerate().map(|(k, r)| {
+                let l = lam_of(k);
+                if l == S::zero() {
+                    f64::INFINITY
+                } else {
+                    (norm(&x[r.clone()]) - l).to_f64_exact()
+                }
+            });
+            let d = resolve(ctx, OP, SiteKind::SoftThreshold, &[groups_owned.len()], gaps)?;
             let mut gu = vec![S::zero(); x.len()];
             let mut gl = vec![S::zero(); lam.len()];
             for (k, r) in groups_owned.iter().enumerate() {
-                let l = if lam.len() == 1 { lam[0] } else { lam[k] };
+                let l = lam_of(k);
                 let xs = &x[r.clone()];
                 let gs = &g[r.clone()];
                 let n = norm(xs);
                 let ug: S = xs.iter().zip(gs).map(|(&a, &b)| a * b).sum();
+                // The outer branch `x (1 - l / n)`, weighted by the group's derivative: 1 off
+                // the kink on the outside, the selection at (or within the band of) it, 0
+                // inside. At the kink its limit is `q l ug x / l^3`, the selected element.
                 let (gx, glam): (Vec<S>, S) = if l == S::zero() {
                     (gs.to_vec(), if n > S::zero() { -ug / n } else { S::zero() })
-                } else if n > l {
-                    let a = S::one() - l / n;
-                    let b = l * ug / (n * n * n);
-                    (xs.iter().zip(gs).map(|(&xi, &gi)| a * gi + b * xi).collect(), -ug / n)
-                } else if n == l {
-                    let b = q * ug / (l * l);
-                    (xs.iter().map(|&xi| b * xi).collect(), -q * ug / l)
-                } else {
+                } else if d[k] == 0.0 || n == S::zero() {
                     (vec![S::zero(); xs.len()], S::zero())
+                } else {
+                    let q = S::from_f64_lossy(d[k]);
+                    let a = (S::one() - l / n).max(S::zero());
+                    let b = l * ug / (n * n * n);
+                    (
+                        xs.iter().zip(gs).map(|(&xi, &gi)| q * (a * gi + b * xi)).collect(),
+                        -q * ug / n,
+                    )
                 };
                 for (i, v) in r.clone().zip(gx) {
                     gu[i] = v;
@@ -312,6 +322,19 @@ pub fn group_soft_threshold<'t, S: Scalar>(
             let gl = ArrayD::from_shape_vec(inputs[1].raw_dim(), gl).map_err(|e| Error::invalid(OP, e.to_string()))?;
             Ok(vec![Some(gu), Some(gl)])
         })?;
+    let xs: Vec<S> = uv.iter().copied().collect();
+    declare(
+        out,
+        OP,
+        groups.iter().enumerate().map(|(k, g)| {
+            let l = if lam.len() == 1 { lam[0] } else { lam[k] };
+            if l == S::zero() {
+                1.0
+            } else {
+                (norm(&xs[g.clone()]) - l).to_f64_exact()
+            }
+        }),
+    )?;
     Ok(Prox {
         out,
         site: KinkSite {

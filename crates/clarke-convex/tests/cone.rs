@@ -699,6 +699,12 @@ fn f32_tapes_work_and_the_policy_selects_at_exact_kinks() {
             .unwrap();
         // x = min(-c, 1): dx/dc = -1 inside, 0 on the bound; relu'(0) = q picks -(1 - q).
         assert_eq!(g.wrt(c).unwrap()[[0]], -(1.0 - expect));
+        // The backward ledger holds the layer's kink, attributed to it.
+        let rec = g.ledger().hits().next().unwrap();
+        assert_eq!((rec.op, rec.at_kink()), ("cone_projection", 1));
+        assert!(rec.node <= out.x.id());
+        assert!(rec.layer.is_some(), "{rec}");
+        assert_eq!(rec.selection, clarke_core::Selection::Slope(expect));
     }
 }
 

@@ -74,6 +74,18 @@ fn t6_at_the_kink_each_policy_selects_its_element() {
             let rec = &hg.kinks.records()[0];
             assert_eq!(rec.kink_indices, vec![0]);
             assert_eq!(rec.selection, clarke_core::Selection::Slope(q));
+            if m == Method::Implicit {
+                // The generic layer's own check sees the prox's kink and walks both of its
+                // selections: I - J = 1 + 3 d > 0 for d in [0, 1].
+                let layer = hg.layer_check.as_ref().unwrap();
+                assert_eq!(layer.outcome, CheckOutcome::Certified, "{layer}");
+                assert_eq!(
+                    (layer.kink_elements, layer.flippable, layer.vertices),
+                    (1, 1, 2),
+                    "{layer}"
+                );
+                assert!(layer.exhaustive);
+            }
         }
     }
 }

@@ -1,7 +1,6 @@
 //! Prox and projection ops: finite differences away from kinks, exact values at kinks per
 //! policy, kink sites, bad input.
 
-use clarke_convex::kinks::merge_ledger;
 use clarke_convex::project::{project_box, project_l1_ball, project_nonneg, project_simplex};
 use clarke_convex::prox::{group_soft_threshold, soft_threshold};
 use clarke_core::{gradcheck, BackwardOptions, Error, GradcheckOptions, KinkPolicy, Tape};
@@ -55,13 +54,60 @@ fn soft_threshold_values_and_kink_selection_per_policy() {
         assert_eq!(g.wrt(u).unwrap(), &a1(&[1.0, q, 0.0, q]));
         // d/dlambda = -sign(u) on the active side: -1 (element 0), +q (element 1), -q (element 3).
         assert_eq!(g.wrt(lambda).unwrap()[[]], -1.0 + q - q);
-        let rec = s.record(&policy);
-        assert_eq!(rec.exact, 2);
-        assert_eq!(rec.op, "soft_threshold");
+        // The fused op's kinks are in the ledger of the backward call.
+        let rec = g.ledger().record(s.out.id()).unwrap();
+        assert_eq!(
+            (rec.op, rec.exact, rec.kink_indices.clone()),
+            ("soft_threshold", 2, vec![1, 3])
+        );
         assert_eq!(rec.selection, clarke_core::Selection::Slope(q));
-        let ledger = merge_ledger(g.ledger(), [rec]);
-        assert_eq!(ledger.exact_hits(), 2);
+        assert_eq!(g.ledger().exact_hits(), 2);
     }
+}
+
+#[test]
+fn fused_kinks_take_the_band_element_selections_and_stop_gradcheck() {
+    let tape = Tape::<f64>::new();
+    let u = tape.param(a1(&[1.0 + 1e-10, -1.0, 3.0]));
+    let lambda = tape.param(arr0(1.0).into_dyn());
+    let s = soft_threshold(u, lambda).unwrap();
+    // A solver band of 1e-8 makes element 0 (1e-10 from the kink) a kink too.
+    let options = BackwardOptions::policy(KinkPolicy::pytorch().with_soft_threshold(0.25)).with_solver_band(1e-8);
+    let g = s.out.sum().backward_with(&options).unwrap();
+    assert_eq!(g.wrt(u).unwrap(), &a1(&[0.25, 0.25, 1.0]));
+    let rec = g.ledger().record(s.out.id()).unwrap();
+    assert_eq!((rec.exact, rec.within_solver_error), (1, 1));
+    // A per-element selection wins at its element; one outside [0, 1] is refused.
+    let pinned = options.clone().with_element_selection(s.out.id(), 1, 1.0);
+    let g = s.out.sum().backward_with(&pinned).unwrap();
+    assert_eq!(g.wrt(u).unwrap(), &a1(&[0.25, 1.0, 1.0]));
+    let outside = options.with_element_selection(s.out.id(), 1, 7.0);
+    assert!(s.out.sum().backward_with(&outside).is_err());
+    // Gradcheck refuses to difference across the fused kink at u_1 = -lambda.
+    let at_kink = [a1(&[0.5, -1.0]), arr0(1.0).into_dyn()];
+    let err = gradcheck(
+        |_, v| Ok(soft_threshold(v[0], v[1])?.out.sum()),
+        &at_kink,
+        &GradcheckOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::KinkInFiniteDifference {
+                op: "soft_threshold",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let away = [a1(&[0.5, -2.0]), arr0(1.0).into_dyn()];
+    gradcheck(
+        |_, v| Ok(soft_threshold(v[0], v[1])?.out.sum()),
+        &away,
+        &GradcheckOptions::default(),
+    )
+    .unwrap();
 }
 
 #[test]

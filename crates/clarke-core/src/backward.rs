@@ -1,12 +1,14 @@
 //! Reverse-mode sweep over the tape.
 
+use std::cell::RefCell;
+
 use ndarray::ArrayD;
 
 use crate::grads::Grads;
 use crate::kernels::add_into;
 use crate::ledger::KinkLedger;
 use crate::op::{Ctx, InputValues, Op};
-use crate::policy::KinkPolicy;
+use crate::policy::{check_selection, KinkPolicy};
 use crate::tape::{first_non_finite, Tape};
 use crate::var::Var;
 use crate::{Error, Result, Scalar, Stage};
@@ -20,6 +22,12 @@ pub struct BackwardOptions<S: Scalar> {
     pub policy: Option<KinkPolicy>,
     /// Selections for single kink elements, overriding everything else at those elements.
     pub element_selections: Vec<ElementSelection>,
+    /// The error bound of the solver that produced the point (0 by default): every element
+    /// whose argument lies within this distance of a kink is treated as at the kink (the
+    /// selection applies, the ledger reports it as *within solver error*). Implicit layers set
+    /// it when they differentiate their map at a solution that is only known to the solver's
+    /// accuracy. Finite and non-negative.
+    pub solver_band: f64,
 }
 
 /// The selection at one element of one nonsmooth node, for one backward call.
@@ -29,8 +37,11 @@ pub struct BackwardOptions<S: Scalar> {
 /// the flat (row-major) index reported in the ledger's `kink_indices`. The value is the
 /// derivative at that element (relu, leaky relu, abs, sign; for clamp the derivative at
 /// whichever bound the element sits on) or the share sent to the first argument
-/// (`maximum`/`minimum` of equal-shaped operands). It applies only where the element sits
-/// exactly at the kink; elsewhere the ordinary derivative stands. Reductions ignore it.
+/// (`maximum`/`minimum` of equal-shaped operands). It applies only where the element is
+/// treated as at the kink (exactly on it, or within the call's band); elsewhere the ordinary
+/// derivative stands. Reductions ignore it. A value outside the element's hull is refused
+/// unless the call's policy allows selections outside the hull. Custom nodes receive the
+/// selections for their own id through [`VjpContext`](crate::VjpContext).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ElementSelection {
     /// Node id of the nonsmooth op.
@@ -64,6 +75,11 @@ impl<S: Scalar> BackwardOptions<S> {
     /// Adds a kink policy.
     pub fn with_policy(mut self, policy: KinkPolicy) -> Self {
         self.policy = Some(policy);
+        self
+    }
+    /// Sets the solver error band (see [`BackwardOptions::solver_band`]).
+    pub fn with_solver_band(mut self, band: f64) -> Self {
+        self.solver_band = band;
         self
     }
     /// Adds a selection for one kink element (see [`ElementSelection`]).
@@ -129,6 +145,26 @@ impl<S: Scalar> GradBuffer<S> {
 }
 
 impl<S: Scalar> Tape<S> {
+    /// Refuses an element selection outside the hull of its core nonsmooth node (unless the
+    /// policy opts in), or one that names a node that does not exist.
+    fn check_element_hulls(&self, selections: &[ElementSelection], policy: &KinkPolicy) -> Result<()> {
+        let nodes = self.nodes();
+        for e in selections {
+            let Some(node) = nodes.get(e.node) else {
+                return Err(Error::invalid(
+                    "element selection",
+                    format!("node {} does not exist (the tape has {} nodes)", e.node, nodes.len()),
+                ));
+            };
+            if let Op::Kink(k) = &node.op {
+                if let Some((low, high)) = k.element_hull() {
+                    check_selection(k.name(), e.value, low, high, policy.allow_outside_hull)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Backpropagates from `output`. See [`Var::backward`] and [`Var::backward_with`].
     pub fn backward(&self, output: Var<'_, S>, options: &BackwardOptions<S>) -> Result<Grads<S>> {
         self.backward_impl(
@@ -136,6 +172,7 @@ impl<S: Scalar> Tape<S> {
             options.seed.clone(),
             options.policy.as_ref(),
             &options.element_selections,
+            options.solver_band,
         )
     }
 
@@ -147,6 +184,7 @@ impl<S: Scalar> Tape<S> {
         seed: Option<ArrayD<S>>,
         policy: Option<&KinkPolicy>,
         element_selections: &[ElementSelection],
+        solver_band: f64,
     ) -> Result<Grads<S>> {
         if !std::ptr::eq(output.tape(), self) {
             return Err(Error::ForeignVar {
@@ -168,11 +206,18 @@ impl<S: Scalar> Tape<S> {
                 });
             }
         }
+        if !(solver_band.is_finite() && solver_band >= 0.0) {
+            return Err(Error::invalid(
+                "backward",
+                format!("the solver band must be finite and >= 0, got {solver_band}"),
+            ));
+        }
         let mut element_selections = element_selections.to_vec();
         element_selections.sort_by_key(|e| e.node);
         self.check_anomaly()?;
         let own_policy = self.policy();
         let policy = policy.unwrap_or(&own_policy);
+        self.check_element_hulls(&element_selections, policy)?;
         let anomaly = self.anomaly_detection();
         let nodes = self.nodes();
         let out_id = output.id();
@@ -196,7 +241,8 @@ impl<S: Scalar> Tape<S> {
         };
 
         let mut grads = GradBuffer::new(out_id + 1);
-        let mut ledger = KinkLedger::new(policy.name);
+        let mut ledger = KinkLedger::new(policy.label());
+        let custom_kinks = RefCell::new(Vec::new());
         if nodes[out_id].needs_grad {
             grads.add(out_id, seed);
         }
@@ -209,7 +255,7 @@ impl<S: Scalar> Tape<S> {
             let Some(g) = grads.take(id) else { continue };
             let inputs = InputValues::new(&nodes, &node.inputs);
             if let Op::Kink(k) = &node.op {
-                ledger.push(k.ledger_record(id, inputs, &node.value, policy));
+                ledger.push(k.ledger_record(id, inputs, &node.value, policy, solver_band));
             }
             let grad_was_finite = anomaly && g.iter().all(|v| v.is_finite());
             let lo = element_selections.partition_point(|e| e.node < id);
@@ -219,6 +265,9 @@ impl<S: Scalar> Tape<S> {
                 output: &node.value,
                 policy,
                 element_selections: &element_selections[lo..hi],
+                node: id,
+                solver_band,
+                kinks: &custom_kinks,
             };
             let input_grads = node.op.backward(&ctx, g)?;
             for (k, gi) in input_grads.into_iter().enumerate() {
@@ -250,6 +299,9 @@ impl<S: Scalar> Tape<S> {
                 let g = grads.take(id).unwrap_or_else(|| ArrayD::zeros(node.value.raw_dim()));
                 params.push((id, g));
             }
+        }
+        for record in custom_kinks.into_inner() {
+            ledger.push(record);
         }
         ledger.sort();
         Ok(Grads {

@@ -6,10 +6,13 @@
 //! input, each `None` or an array of exactly that input's shape. A mismatch is an
 //! [`Error::CustomOp`] naming the op, never a silently broadcast gradient.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 
 use ndarray::{ArrayD, ArrayViewD};
 
+use crate::backward::ElementSelection;
+use crate::ledger::KinkRecord;
 use crate::op::{Ctx, InputGrads, Op};
 use crate::policy::KinkPolicy;
 use crate::tape::{Inputs, Tape};
@@ -37,12 +40,46 @@ pub trait CustomOp<S: Scalar> {
 pub type VjpFn<S> =
     dyn Fn(&[ArrayViewD<'_, S>], ArrayViewD<'_, S>, ArrayViewD<'_, S>) -> Result<Vec<Option<ArrayD<S>>>>;
 
-/// What a context-aware VJP learns about the backward call it runs in.
+/// What a context-aware VJP learns about the backward call it runs in, and where it
+/// declares the kinks it met.
+///
+/// This is the nonsmooth protocol for ops outside the core: a fused op or a layer that
+/// resolves kinks itself applies [`policy`](Self::policy)'s selection inside
+/// [`band`](Self::band) (and [`element_selections`](Self::element_selections) where given),
+/// and reports what it did with [`report_kinks`](Self::report_kinks), so the ledger of the
+/// backward call lists its kinks beside those of the core ops.
 #[derive(Debug, Clone, Copy)]
 pub struct VjpContext<'a> {
     /// The kink policy of this backward call. A node that differentiates an inner program
     /// (an implicit layer) applies it there too, so one policy governs the whole gradient.
     pub policy: &'a KinkPolicy,
+    /// This node's id on the tape (ledger records of its kinks carry it).
+    pub node: usize,
+    /// The solver error band of this backward call (see [`BackwardOptions::solver_band`](crate::BackwardOptions::solver_band)).
+    pub solver_band: f64,
+    /// Selections for single kink elements of this node (flat indices as in its records).
+    pub element_selections: &'a [ElementSelection],
+    kinks: &'a RefCell<Vec<KinkRecord>>,
+}
+
+impl VjpContext<'_> {
+    /// The band around each kink inside which elements are treated as at it:
+    /// `max(policy tolerance, solver band)`.
+    pub fn band(&self) -> f64 {
+        self.policy.tolerance.max(self.solver_band)
+    }
+
+    /// Adds records to the ledger of this backward call. A record whose `layer` is `None`
+    /// is this node's own kink and gets this node's id; a record with a `layer` (a kink
+    /// inside the layer) gets this node's id too, so every record points to a node of the
+    /// tape the user holds.
+    pub fn report_kinks(&self, records: impl IntoIterator<Item = KinkRecord>) {
+        let mut sink = self.kinks.borrow_mut();
+        sink.extend(records.into_iter().map(|mut r| {
+            r.node = self.node;
+            r
+        }));
+    }
 }
 
 /// A context-aware VJP: `(context, inputs, output, grad) -> per-input gradients`.
@@ -57,12 +94,22 @@ pub type VjpCtxFn<S> = dyn Fn(
 pub(crate) struct CustomNode<S: Scalar> {
     name: String,
     vjp: Box<VjpCtxFn<S>>,
+    /// Which side of its kinks each element sat on when the node was recorded (see
+    /// [`Tape::declare_kink_regions`]): the finite-difference check refuses to difference
+    /// across them.
+    pub(crate) regions: Option<(&'static str, Vec<i64>)>,
 }
 
 impl<S: Scalar> CustomNode<S> {
     pub fn backward(&self, ctx: &Ctx<'_, S>, grad: ArrayD<S>) -> Result<InputGrads<S>> {
         let views: Vec<ArrayViewD<'_, S>> = ctx.inputs.iter().map(|a| a.view()).collect();
-        let vctx = VjpContext { policy: ctx.policy };
+        let vctx = VjpContext {
+            policy: ctx.policy,
+            node: ctx.node,
+            solver_band: ctx.solver_band,
+            element_selections: ctx.element_selections,
+            kinks: ctx.kinks,
+        };
         let grads = (self.vjp)(&vctx, &views, ctx.output.view(), grad.view())?;
         if grads.len() != views.len() {
             return Err(Error::CustomOp {
@@ -165,6 +212,47 @@ impl<S: Scalar> Tape<S> {
         vjp: Box<VjpCtxFn<S>>,
     ) -> Var<'t, S> {
         let ids: Inputs = inputs.iter().map(|v| v.id()).collect();
-        self.push(Op::Custom(Box::new(CustomNode { name, vjp })), ids, value)
+        self.push(
+            Op::Custom(Box::new(CustomNode {
+                name,
+                vjp,
+                regions: None,
+            })),
+            ids,
+            value,
+        )
+    }
+
+    /// Declares, for a custom node that resolves kinks itself (a fused prox op, a layer),
+    /// which side of its kinks each element sat on when it was recorded: `op` names the
+    /// nonsmooth function and `codes` holds one integer per element (-1, 0, 1 for below, at
+    /// and above a kink, or any coding in which equal codes mean the same smooth piece).
+    /// [`gradcheck`](crate::gradcheck()) compares these codes at the perturbed points and
+    /// refuses to difference across a kink, as it does for the core nonsmooth ops.
+    ///
+    /// A node off the gradient path keeps no op, and the call does nothing for it.
+    pub fn declare_kink_regions(&self, node: Var<'_, S>, op: &'static str, codes: Vec<i64>) -> Result<()> {
+        if !std::ptr::eq(node.tape(), self) {
+            return Err(Error::ForeignVar {
+                op: "Tape::declare_kink_regions",
+                node: node.id(),
+            });
+        }
+        let mut nodes = self.nodes.borrow_mut();
+        match &mut nodes[node.id()].op {
+            Op::Custom(c) => {
+                c.regions = Some((op, codes));
+                Ok(())
+            }
+            Op::Leaf => Ok(()),
+            other => Err(Error::invalid(
+                "Tape::declare_kink_regions",
+                format!(
+                    "node {} is a core {} op, whose kinks the tape knows already; only custom nodes declare theirs",
+                    node.id(),
+                    other.name()
+                ),
+            )),
+        }
     }
 }

@@ -5,7 +5,7 @@
 //! [`gradcheck_direction`] compares one random directional derivative, `<u, J v>`, for large
 //! inputs, at the cost of two extra forward passes.
 //!
-//! Both are **kink aware**: every nonsmooth node reports on which side of its kink each
+//! Both are **kink aware**: every nonsmooth node (core ops, and custom nodes that declare their regions with [`Tape::declare_kink_regions`]) reports on which side of its kink each
 //! element sits, and a check whose perturbed points change side at any node refuses with
 //! [`Error::KinkInFiniteDifference`] naming the node, rather than comparing a one-sided
 //! selection with a two-sided difference quotient (central differences average the
@@ -73,6 +73,7 @@ fn regions<S: Scalar>(tape: &Tape<S>) -> Regions {
         .enumerate()
         .filter_map(|(id, n)| match &n.op {
             Op::Kink(k) => Some((id, k.name(), k.region_codes(InputValues::new(&nodes, &n.inputs)))),
+            Op::Custom(c) => c.regions.as_ref().map(|(op, codes)| (id, *op, codes.clone())),
             _ => None,
         })
         .collect()

@@ -3,8 +3,11 @@
 use ndarray::ArrayD;
 use smallvec::SmallVec;
 
+use std::cell::RefCell;
+
 use crate::backward::ElementSelection;
 use crate::custom::CustomNode;
+use crate::ledger::KinkRecord;
 use crate::ops::arith::ArithOp;
 use crate::ops::kink::KinkOp;
 use crate::ops::linalg::LinalgOp;
@@ -64,9 +67,21 @@ pub(crate) struct Ctx<'a, S: Scalar> {
     pub policy: &'a KinkPolicy,
     /// Element-wise selections for this node (see [`ElementSelection`]).
     pub element_selections: &'a [ElementSelection],
+    /// This node's id.
+    pub node: usize,
+    /// The solver error band of this backward call.
+    pub solver_band: f64,
+    /// Where custom nodes report their kinks.
+    pub kinks: &'a RefCell<Vec<KinkRecord>>,
 }
 
 impl<S: Scalar> Ctx<'_, S> {
+    /// The band around each kink inside which elements are treated as at it.
+    #[inline]
+    pub fn band(&self) -> f64 {
+        self.policy.tolerance.max(self.solver_band)
+    }
+
     /// Whether input `i` needs a gradient.
     #[inline]
     pub fn needs(&self, i: usize) -> bool {

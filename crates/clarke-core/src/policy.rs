@@ -70,12 +70,15 @@ pub struct KinkPolicy {
     /// Soft-thresholding `S_l(u)` at `|u| == l`: the derivative q there (read by the prox
     /// ops of the convex crate). Hull: [0, 1].
     pub soft_threshold: f64,
-    /// Band for the kink ledger: an element with `|x - kink| <= tolerance` is reported as
-    /// *near* the kink. It never changes a gradient: selections apply at exact kinks only.
+    /// Band around every kink: an element with `0 < |x - kink| <= tolerance` is treated as
+    /// *at* the kink (the selection applies there, the ledger reports it as *near*, and the
+    /// hypothesis check walks it). Default 0: selections apply at exact kinks only, unless a
+    /// solver's error bound widens the band (see [`crate::ledger`]).
     pub tolerance: f64,
     /// Accept selections outside the convex hull of the one-sided derivatives.
     pub allow_outside_hull: bool,
-    /// Name of the preset this policy started from (for reports).
+    /// Name of the preset this policy started from. Reports print [`label`](Self::label),
+    /// which also says what was changed since.
     pub name: &'static str,
 }
 
@@ -248,7 +251,7 @@ impl KinkPolicy {
         self.soft_threshold = q;
         self
     }
-    /// Sets the ledger's near-kink band (never changes gradients).
+    /// Sets the band around every kink inside which elements are treated as at the kink.
     pub fn with_tolerance(mut self, tolerance: f64) -> Self {
         self.tolerance = tolerance;
         self
@@ -259,6 +262,40 @@ impl KinkPolicy {
     pub fn allow_outside_hull(mut self) -> Self {
         self.allow_outside_hull = true;
         self
+    }
+
+    /// What reports print: the preset's name when the policy is that preset, otherwise
+    /// `custom (pytorch with relu'(0)=0.5)`, naming every value changed since the preset.
+    pub fn label(&self) -> String {
+        let Ok(base) = Self::preset(self.name) else {
+            return format!("custom ({self})");
+        };
+        let mut changed = Vec::new();
+        let mut diff = |what: &str, a: f64, b: f64| {
+            if a != b && !(a.is_nan() && b.is_nan()) {
+                changed.push(format!("{what}={a}"));
+            }
+        };
+        diff("relu'(0)", self.relu, base.relu);
+        diff("leaky t", self.leaky_relu, base.leaky_relu);
+        diff("abs'(0)", self.abs, base.abs);
+        diff("sign'(0)", self.sign, base.sign);
+        diff("tie", self.tie_weight, base.tie_weight);
+        diff("clamp low", self.clamp_low, base.clamp_low);
+        diff("clamp high", self.clamp_high, base.clamp_high);
+        diff("soft", self.soft_threshold, base.soft_threshold);
+        diff("tol", self.tolerance, base.tolerance);
+        if self.reduce_tie != base.reduce_tie {
+            changed.push(format!("reduce={}", self.reduce_tie));
+        }
+        if self.allow_outside_hull != base.allow_outside_hull {
+            changed.push("outside hull allowed".to_string());
+        }
+        if changed.is_empty() {
+            self.name.to_string()
+        } else {
+            format!("custom ({} with {})", self.name, changed.join(", "))
+        }
     }
 
     /// Checks every selection: finite, and inside its hull unless the policy opts out.
@@ -288,7 +325,13 @@ impl fmt::Display for KinkPolicy {
         write!(
             f,
             "{}: relu'(0)={} leaky t={} abs'(0)={} sign'(0)={} tie={} reduce={} clamp=({},{}) soft={}",
-            self.name,
+            // A preset's label; a policy whose name is no preset prints its name (and `label`
+            // prints this Display, so the two never call each other in a loop).
+            if Self::preset(self.name).is_ok() {
+                self.label()
+            } else {
+                self.name.to_string()
+            },
             self.relu,
             self.leaky_relu,
             self.abs,

@@ -205,19 +205,37 @@ impl<S: Scalar> Tape<S> {
         Var::new(id, self)
     }
 
-    /// Records the kink ledger of every nonsmooth node on the tape under `policy` (or the
-    /// tape's own), without running backward.
-    pub fn kink_ledger(&self, policy: Option<&KinkPolicy>) -> KinkLedger {
+    /// The kink ledger of every core nonsmooth node on the tape under `policy` (or the
+    /// tape's own) and the solver error band `solver_band`, without running backward. Kinks
+    /// that custom nodes resolve themselves reach the ledger of a backward call only.
+    ///
+    /// # Errors
+    /// An invalid policy (see [`KinkPolicy::validate`]) or a band that is not finite and
+    /// non-negative.
+    pub fn kink_ledger(&self, policy: Option<&KinkPolicy>, solver_band: f64) -> Result<KinkLedger> {
         let own = self.policy.borrow();
         let policy = policy.unwrap_or(&own);
+        policy.validate()?;
+        if !(solver_band.is_finite() && solver_band >= 0.0) {
+            return Err(Error::invalid(
+                "Tape::kink_ledger",
+                format!("the solver band must be finite and >= 0, got {solver_band}"),
+            ));
+        }
         let nodes = self.nodes.borrow();
-        let mut ledger = KinkLedger::new(policy.name);
+        let mut ledger = KinkLedger::new(policy.label());
         for (id, node) in nodes.iter().enumerate() {
             if let Op::Kink(k) = &node.op {
-                ledger.push(k.ledger_record(id, InputValues::new(&nodes, &node.inputs), &node.value, policy));
+                ledger.push(k.ledger_record(
+                    id,
+                    InputValues::new(&nodes, &node.inputs),
+                    &node.value,
+                    policy,
+                    solver_band,
+                ));
             }
         }
-        ledger
+        Ok(ledger)
     }
 
     /// Records `f` on a scratch frame of this tape and returns the value of its output. The

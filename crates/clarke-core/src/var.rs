@@ -124,7 +124,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Backward from this output with the given seed (its shape), moved in rather than
     /// copied, under the tape's kink policy.
     pub fn backward_seeded(&self, seed: ArrayD<S>) -> Result<Grads<S>> {
-        self.tape.backward_impl(*self, Some(seed), None, &[])
+        self.tape.backward_impl(*self, Some(seed), None, &[], 0.0)
     }
 }
 

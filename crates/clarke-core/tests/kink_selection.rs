@@ -229,15 +229,20 @@ fn ledger_counts_tolerance_summary_and_tape_scan() {
     let tape = Tape::<f64>::new();
     let x = tape.param(arr1(&[0.0, 1e-4, -5e-4, 0.5, 0.0]).into_dyn());
     let y = x.relu().sum();
-    let tol = KinkPolicy::pytorch().with_tolerance(1e-3);
-    let g_tol = y.backward_with(&BackwardOptions::policy(tol)).unwrap();
+    let tol = KinkPolicy::pytorch().with_tolerance(1e-3).with_relu(0.5);
+    let g_tol = y.backward_with(&BackwardOptions::policy(tol.clone())).unwrap();
     let g = y.backward().unwrap();
-    // The band never changes gradients.
-    assert_eq!(g_tol.wrt(x).unwrap(), g.wrt(x).unwrap());
+    // Inside the band the selection applies: 0.5 at the two exact and the two near kinks.
+    assert_eq!(g_tol.wrt(x).unwrap().as_slice().unwrap(), &[0.5, 0.5, 0.5, 1.0, 0.5]);
+    assert_eq!(g.wrt(x).unwrap().as_slice().unwrap(), &[0.0, 1.0, 0.0, 1.0, 0.0]);
     let rec = g_tol.ledger().records()[0].clone();
     assert_eq!((rec.op, rec.elements, rec.exact, rec.near), ("relu", 5, 2, 2));
-    assert_eq!(rec.kink_indices, vec![0, 4]);
+    assert_eq!(rec.kink_indices, vec![0, 1, 2, 4]);
+    assert_eq!(rec.max_distance, 5e-4);
     assert_eq!(g.ledger().near_hits(), 0);
+    // A modified preset is not reported under the preset's name.
+    assert_eq!(g_tol.ledger().policy, "custom (pytorch with relu'(0)=0.5, tol=0.001)");
+    assert_eq!(g.ledger().policy, "pytorch");
     let summary = g_tol.ledger().summary();
     assert!(
         summary.contains("2 exact") && summary.contains("2 near") && summary.contains("relu#"),
@@ -245,12 +250,92 @@ fn ledger_counts_tolerance_summary_and_tape_scan() {
     );
     assert!(!g.ledger().is_clean());
     // Without backward.
-    let scan = tape.kink_ledger(None);
+    let scan = tape.kink_ledger(None, 0.0).unwrap();
     assert_eq!(scan.exact_hits(), 2);
+    // A solver band beyond the tolerance: the elements in it are "within solver error".
+    let banded = y
+        .backward_with(&BackwardOptions::policy(KinkPolicy::one()).with_solver_band(2e-4))
+        .unwrap();
+    let rec = &banded.ledger().records()[0];
+    assert_eq!((rec.exact, rec.near, rec.within_solver_error), (2, 0, 1));
+    assert_eq!(rec.kink_indices, vec![0, 1, 4]);
+    assert_eq!(rec.solver_band, 2e-4);
+    assert_eq!(banded.wrt(x).unwrap().as_slice().unwrap(), &[1.0, 1.0, 0.0, 1.0, 1.0]);
+    assert!(banded.ledger().summary().contains("1 within solver error"));
+    // An invalid policy or band is refused by the scan.
+    assert!(tape
+        .kink_ledger(Some(&KinkPolicy::pytorch().with_relu(5.0)), 0.0)
+        .is_err());
+    assert!(tape.kink_ledger(None, f64::NAN).is_err());
     // A clean point.
     let t2 = Tape::<f64>::new();
     let z = t2.param(arr1(&[1.0, -1.0]).into_dyn());
     assert!(z.relu().sum().backward().unwrap().ledger().is_clean());
+}
+
+#[test]
+fn band_selects_for_every_core_nonsmooth_op() {
+    let tape = Tape::<f64>::new();
+    let x = tape.param(arr1(&[1e-9, -1e-9, 0.3]).into_dyn());
+    let b = tape.param(arr1(&[0.0, 0.0, 0.3 + 1e-9]).into_dyn());
+    let opts = |p: KinkPolicy| BackwardOptions::policy(p).with_solver_band(1e-8);
+    let g = x
+        .abs()
+        .sum()
+        .backward_with(&opts(KinkPolicy::pytorch().with_abs(0.25)))
+        .unwrap();
+    assert_eq!(g.wrt(x).unwrap().as_slice().unwrap(), &[0.25, 0.25, 1.0]);
+    let g = x.leaky_relu(0.1).sum().backward_with(&opts(KinkPolicy::one())).unwrap();
+    assert_eq!(g.wrt(x).unwrap().as_slice().unwrap(), &[1.0, 1.0, 1.0]);
+    let g = x
+        .clamp(0.0, 0.3)
+        .sum()
+        .backward_with(&opts(KinkPolicy::min_norm()))
+        .unwrap();
+    assert_eq!(g.wrt(x).unwrap().as_slice().unwrap(), &[0.0, 0.0, 0.0]);
+    // Ties within the band split by the tie weight.
+    let g = x
+        .maximum(b)
+        .sum()
+        .backward_with(&opts(KinkPolicy::pytorch().with_tie_weight(0.25)))
+        .unwrap();
+    assert_eq!(g.wrt(x).unwrap().as_slice().unwrap(), &[0.25, 0.25, 0.25]);
+    assert_eq!(g.wrt(b).unwrap().as_slice().unwrap(), &[0.75, 0.75, 0.75]);
+    let g = x
+        .minimum(b)
+        .sum()
+        .backward_with(&opts(KinkPolicy::pytorch().with_tie_weight(0.25)))
+        .unwrap();
+    assert_eq!(g.wrt(x).unwrap().as_slice().unwrap(), &[0.25, 0.25, 0.25]);
+    // A reduction whose runner-up is within the band splits the gradient.
+    let m = tape.param(arr1(&[2.0, 2.0 - 1e-9, 1.0]).into_dyn());
+    let g = m.max_all().backward_with(&opts(KinkPolicy::pytorch())).unwrap();
+    assert_eq!(g.wrt(m).unwrap().as_slice().unwrap(), &[0.5, 0.5, 0.0]);
+    assert_eq!(g.ledger().solver_error_hits(), 1);
+    // NaN is never at a kink, in the value or the derivative.
+    let n = tape.param(arr1(&[f64::NAN]).into_dyn());
+    let r = n.relu();
+    assert!(r.value()[0].is_nan());
+    let g = r.sum().backward_with(&opts(KinkPolicy::one())).unwrap();
+    assert_eq!(g.wrt(n).unwrap()[0], 0.0);
+    assert!(g.ledger().is_clean());
+}
+
+#[test]
+fn element_selection_outside_the_hull_is_refused() {
+    let tape = Tape::<f64>::new();
+    let x = tape.param(arr1(&[0.0]).into_dyn());
+    let y = x.relu();
+    let out = y.sum();
+    let bad = BackwardOptions::default().with_element_selection(y.id(), 0, -50.0);
+    assert!(matches!(
+        out.backward_with(&bad),
+        Err(Error::InvalidSelection { op: "relu", .. })
+    ));
+    let opted = bad.with_policy(KinkPolicy::pytorch().allow_outside_hull());
+    assert_eq!(out.backward_with(&opted).unwrap().wrt(x).unwrap()[0], -50.0);
+    let missing = BackwardOptions::default().with_element_selection(99, 0, 0.5);
+    assert!(out.backward_with(&missing).is_err());
 }
 
 #[test]

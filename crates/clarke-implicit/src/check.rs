@@ -18,8 +18,20 @@
 //!   violation, by continuity);
 //! - if `||J_z|| < 1` at all vertices, every element is a contraction (a certificate).
 //!
-//! With at most [`CheckOptions::exhaustive_limit`] kink elements all vertices are walked;
-//! with more, random vertices are sampled and the verdict is at best a warning. For `z`
+//! With at most [`CheckOptions::exhaustive_limit`] kink elements (and never more than
+//! [`MAX_EXHAUSTIVE`]) all vertices are walked; with more, random vertices are sampled and
+//! the verdict is at best a warning.
+//!
+//! **One engine.** [`walk_vertices`] is the walk, its thresholds and its verdicts; the generic
+//! layers, the fused DEQ cell and any other layer built on the theorem call it with a way to
+//! build the Jacobian for a set of per-element selections. Kinks within the forward solver's
+//! error bound (see [`clarke_core::ledger`]) are walked like exact ones.
+//!
+//! **Singular against what.** A block is singular when `sigma_min <= singular_tol * scale`
+//! or `sigma_min <= singular_floor`, where `scale = max(sigma_max, unit)`: `unit` is 1 for a
+//! fixed point (the identity in `I - J_z` sets the scale) and the largest row norm of
+//! `J_theta` for a root (the derivative scale of the map itself), so that a 1 x 1 block is
+//! not judged against itself. For `z`
 //! larger than [`CheckOptions::dense_limit`] the check estimates the spectral radius of
 //! `J_z` by power iteration (the selected element is invertible when it is below one) and
 //! relies on a declared [`CheckOptions::contraction_bound`] for a certificate.
@@ -38,9 +50,16 @@ use crate::inner::Linearization;
 use crate::options::CheckOptions;
 use crate::report::{CheckOutcome, HypothesisCheck};
 
+/// The largest number of kink elements whose `2^k` vertices are ever walked one by one;
+/// above it the walk samples, whatever [`CheckOptions::exhaustive_limit`] says.
+pub const MAX_EXHAUSTIVE: usize = 20;
+
+/// How many singular elements a report lists by name.
+pub const MAX_LISTED: usize = 4;
+
 /// Which equation a layer solves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Form {
+pub enum Form {
     /// `z = T(z, theta)`: the inverted block is `I - J_z`.
     FixedPoint,
     /// `F(z, theta) = 0`: the inverted block is `J_F`.
@@ -48,7 +67,7 @@ pub(crate) enum Form {
 }
 
 /// The inverted block `A` from the Jacobian of the map.
-pub(crate) fn block<S: Scalar>(form: Form, j: Array2<S>) -> Array2<S> {
+pub fn block<S: Scalar>(form: Form, j: Array2<S>) -> Array2<S> {
     match form {
         Form::Root => j,
         Form::FixedPoint => {
@@ -63,18 +82,77 @@ pub(crate) fn block<S: Scalar>(form: Form, j: Array2<S>) -> Array2<S> {
 
 /// A check's result, with the dense block of the selected element when it was built (the
 /// dense adjoint solve reuses it).
-pub(crate) struct Checked<S: Scalar> {
+#[derive(Debug, Clone)]
+pub struct Checked<S: Scalar> {
+    /// The report.
     pub check: HypothesisCheck,
+    /// The block `A` of the selected element, when the walk built it.
     pub block: Option<Array2<S>>,
 }
 
-/// One flippable kink element: where it is and the interval of its selection.
-#[derive(Debug, Clone, Copy)]
-struct KinkElement {
-    node: usize,
-    element: usize,
-    low: f64,
-    high: f64,
+/// One kink element whose selection the walk can move: where it is and its hull.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Flippable {
+    /// The node (on the tape the Jacobian is built from) or any id the caller's Jacobian
+    /// understands.
+    pub node: usize,
+    /// Flat index of the element.
+    pub element: usize,
+    /// Lower end of the hull of its selection.
+    pub low: f64,
+    /// Upper end of the hull.
+    pub high: f64,
+}
+
+/// What the walk needs besides the Jacobian.
+#[derive(Debug, Clone)]
+pub struct WalkInput {
+    /// Fixed point or root.
+    pub form: Form,
+    /// The elements to flip.
+    pub flippable: Vec<Flippable>,
+    /// Every element treated as at a kink (flippable or not).
+    pub kink_elements: usize,
+    /// Of these, the ties of reductions, which follow a rule and cannot be flipped.
+    pub frozen: usize,
+    /// Of these, the ones within the forward solver's error bound (for the reasons).
+    pub within_solver_error: usize,
+    /// `||T(z) - z||` or `||F(z)||` at the solution, for the error bound.
+    pub forward_residual: f64,
+    /// The scale below which a singular value is singular, besides `sigma_max`: 1 for a fixed
+    /// point, the map's derivative scale for a root.
+    pub unit: f64,
+}
+
+impl WalkInput {
+    /// Input from the records of a kink ledger (flippable: elementwise kinks with a hull).
+    pub fn from_ledger(form: Form, ledger: &clarke_core::KinkLedger, forward_residual: f64) -> Self {
+        let mut input = WalkInput {
+            form,
+            flippable: Vec::new(),
+            kink_elements: 0,
+            frozen: 0,
+            within_solver_error: ledger.solver_error_hits(),
+            forward_residual,
+            unit: 1.0,
+        };
+        for r in ledger.records() {
+            input.kink_elements += r.at_kink();
+            match r.hull {
+                Some((low, high)) if low < high => {
+                    input.flippable.extend(r.kink_indices.iter().map(|&element| Flippable {
+                        node: r.node,
+                        element,
+                        low,
+                        high,
+                    }))
+                }
+                Some(_) => {}
+                None => input.frozen += r.at_kink(),
+            }
+        }
+        input
+    }
 }
 
 /// Extreme singular values and the sign of the determinant of a square matrix: what a
@@ -153,62 +231,59 @@ fn determinant_sign<S: Scalar>(a: ArrayView2<'_, S>) -> i8 {
     sign
 }
 
-/// Runs the check at the linearization `lin`.
-pub(crate) fn run_check<S: Scalar>(
-    lin: &Linearization<'_, S>,
-    form: Form,
-    forward_residual: f64,
+/// The singularity test of one element: `sigma_min` against `max(sigma_max, unit)` and the
+/// absolute floor.
+fn is_singular(spec: &Spectrum, unit: f64, opts: &CheckOptions) -> bool {
+    spec.sigma_min <= opts.singular_tol * spec.sigma_max.max(unit) || spec.sigma_min <= opts.singular_floor
+}
+
+/// `sigma_min / max(sigma_max, unit)`: how far from singular, on the scale that decides.
+fn relative(spec: &Spectrum, unit: f64) -> f64 {
+    let scale = spec.sigma_max.max(unit);
+    if scale > 0.0 {
+        spec.sigma_min / scale
+    } else {
+        0.0
+    }
+}
+
+/// The vertex walk: the one place where the theorem's hypothesis is judged.
+///
+/// `jacobian(selections)` returns the Jacobian of the map in `z` (`J_z` of `T`, or `J_F`)
+/// with the given selections at single kink elements (an empty slice: the policy's). The
+/// walk builds the selected element, then every vertex of the selection box (or a sample),
+/// and returns the verdict with the selected block `A`.
+pub fn walk_vertices<S: Scalar>(
+    input: &WalkInput,
     opts: &CheckOptions,
+    mut jacobian: impl FnMut(&[ElementSelection]) -> Result<Array2<S>>,
 ) -> Result<Checked<S>> {
-    if !opts.enabled {
-        return Ok(Checked {
-            check: HypothesisCheck::not_checked("the check is switched off"),
-            block: None,
-        });
-    }
-    let ledger = lin.ledger();
-    let mut kinks = Vec::new();
-    let mut kink_elements = 0;
-    let mut frozen_ties = 0;
-    let mut near = 0;
-    for r in ledger.records() {
-        kink_elements += r.exact;
-        near += r.near;
-        match r.hull {
-            Some((low, high)) if low < high => kinks.extend(r.kink_indices.iter().map(|&element| KinkElement {
-                node: r.node,
-                element,
-                low,
-                high,
-            })),
-            Some(_) => {}
-            None => frozen_ties += r.exact,
-        }
-    }
+    let k = input.flippable.len();
     let mut check = HypothesisCheck {
         outcome: CheckOutcome::Warning,
-        kink_elements,
-        flippable: kinks.len(),
+        kink_elements: input.kink_elements,
+        flippable: k,
         contraction_bound: opts.contraction_bound,
         reasons: Vec::new(),
         ..HypothesisCheck::not_checked("")
     };
-    if near > 0 {
+    if input.within_solver_error > 0 {
         check.reasons.push(format!(
-            "{near} element(s) within the policy's tolerance of a kink were not explored"
+            "{} element(s) within the forward solver's error bound of a kink are treated as at it and walked",
+            input.within_solver_error
         ));
     }
-    if frozen_ties > 0 {
+    if input.frozen > 0 {
         check.reasons.push(format!(
-            "{frozen_ties} tie(s) of max/min reductions follow the tie rule and were not explored"
+            "{} tie(s) of max/min reductions follow the tie rule and were not explored",
+            input.frozen
         ));
     }
-
     if let Some(bound) = opts.contraction_bound {
-        if form == Form::FixedPoint && bound < 1.0 {
+        if input.form == Form::FixedPoint && bound < 1.0 {
             check.outcome = CheckOutcome::Certified;
             check.sigma_min = Some(1.0 - bound);
-            check.error_bound = Some(forward_residual / (1.0 - bound));
+            check.error_bound = Some(input.forward_residual / (1.0 - bound));
             check.reasons.push(format!(
                 "declared contraction bound ||J_z|| <= {bound} < 1 for every selection"
             ));
@@ -219,50 +294,54 @@ pub(crate) fn run_check<S: Scalar>(
         ));
     }
 
-    let n = lin.len();
-    if n > opts.dense_limit {
-        matrix_free(lin, form, opts, &mut check)?;
-        return Ok(Checked { check, block: None });
+    let j_selected = jacobian(&[])?;
+    if j_selected.is_empty() {
+        check.outcome = CheckOutcome::Certified;
+        check.error_bound = Some(0.0);
+        check
+            .reasons
+            .push("the block is empty (z has no elements): nothing to invert".to_string());
+        return Ok(Checked {
+            check,
+            block: Some(j_selected),
+        });
     }
-
-    let j_selected = lin.jacobian(&[])?;
-    let mut max_norm: Option<f64> = match form {
+    let mut max_norm: Option<f64> = match input.form {
         Form::FixedPoint => Some(largest_singular_value(j_selected.view())?),
         Form::Root => None,
     };
-    let selected = block(form, j_selected);
+    let selected = block(input.form, j_selected);
     let sel = Spectrum::of(selected.view())?;
     check.sigma_min = Some(sel.sigma_min);
     check.sigma_max = Some(sel.sigma_max);
     check.error_bound = Some(if sel.sigma_min > 0.0 {
-        forward_residual / sel.sigma_min
+        input.forward_residual / sel.sigma_min
     } else {
         f64::INFINITY
     });
     let mut violated = Vec::new();
-    if sel.relative() <= opts.singular_tol {
+    if is_singular(&sel, input.unit, opts) {
         violated.push(format!(
-            "the selected element is singular: sigma_min = {:.3e}, sigma_max = {:.3e}",
-            sel.sigma_min, sel.sigma_max
+            "the selected element is singular: sigma_min = {:.3e}, sigma_max = {:.3e}, scale {:.3e}",
+            sel.sigma_min,
+            sel.sigma_max,
+            sel.sigma_max.max(input.unit)
         ));
     }
 
-    // Walk the vertices of the selection box.
-    let k = kinks.len();
-    let exhaustive = k <= opts.exhaustive_limit;
-    let vertices: Vec<u64> = if exhaustive {
-        (0..1u64 << k).collect()
-    } else {
-        let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-        (0..opts.samples).map(|_| rng.random::<u64>()).collect()
-    };
+    // Walk the vertices of the selection box: all of them when there are few enough.
+    let cap = opts.exhaustive_limit.min(MAX_EXHAUSTIVE);
+    let exhaustive = k <= cap;
+    let count = if exhaustive { 1usize << k } else { opts.samples };
     let mut signs = vec![sel.det_sign];
-    // (smallest sigma_min / sigma_max, smallest sigma_min) over the vertices.
+    // (smallest relative sigma, smallest sigma_min) over the vertices.
     let mut min_vertex: Option<(f64, f64)> = None;
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ 0x9e37_79b9);
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    let mut singular_vertices = 0usize;
     if k > 0 {
-        for &v in &vertices {
-            let selections: Vec<ElementSelection> = kinks
+        for v in 0..count {
+            let selections: Vec<ElementSelection> = input
+                .flippable
                 .iter()
                 .enumerate()
                 .map(|(i, e)| {
@@ -278,30 +357,40 @@ pub(crate) fn run_check<S: Scalar>(
                     }
                 })
                 .collect();
-            let j = lin.jacobian(&selections)?;
+            let j = jacobian(&selections)?;
             if let Some(m) = max_norm.as_mut() {
                 *m = m.max(largest_singular_value(j.view())?);
             }
-            let spec = Spectrum::of(block(form, j).view())?;
+            let spec = Spectrum::of(block(input.form, j).view())?;
             signs.push(spec.det_sign);
+            let rel = relative(&spec, input.unit);
             min_vertex = Some(match min_vertex {
-                None => (spec.relative(), spec.sigma_min),
-                Some((r, s)) => (r.min(spec.relative()), s.min(spec.sigma_min)),
+                None => (rel, spec.sigma_min),
+                Some((r, s)) => (r.min(rel), s.min(spec.sigma_min)),
             });
-            if spec.relative() <= opts.singular_tol && violated.len() < 3 {
-                let at: Vec<String> = selections
-                    .iter()
-                    .map(|s| format!("{}[{}]={}", s.node, s.element, s.value))
-                    .collect();
-                violated.push(format!(
-                    "the element with selections {} is singular: sigma_min = {:.3e}",
-                    at.join(", "),
-                    spec.sigma_min
-                ));
+            if is_singular(&spec, input.unit, opts) {
+                singular_vertices += 1;
+                if singular_vertices <= MAX_LISTED {
+                    let at: Vec<String> = selections
+                        .iter()
+                        .map(|s| format!("{}[{}]={}", s.node, s.element, s.value))
+                        .collect();
+                    violated.push(format!(
+                        "the element with selections {} is singular: sigma_min = {:.3e}",
+                        at.join(", "),
+                        spec.sigma_min
+                    ));
+                }
             }
         }
     }
-    check.vertices = if k > 0 { vertices.len() } else { 0 };
+    if singular_vertices > MAX_LISTED {
+        violated.push(format!(
+            "{} more singular vertices not listed",
+            singular_vertices - MAX_LISTED
+        ));
+    }
+    check.vertices = if k > 0 { count } else { 0 };
     check.exhaustive = exhaustive;
     check.min_vertex_sigma = min_vertex.map(|(_, s)| s);
     check.max_vertex_norm = max_norm;
@@ -314,11 +403,11 @@ pub(crate) fn run_check<S: Scalar>(
         );
     }
 
-    let min_relative = min_vertex.map_or(sel.relative(), |(r, _)| r.min(sel.relative()));
+    let min_relative = min_vertex.map_or(relative(&sel, input.unit), |(r, _)| r.min(relative(&sel, input.unit)));
     if !violated.is_empty() {
         check.outcome = CheckOutcome::Violated;
         check.reasons.splice(0..0, violated);
-    } else if exhaustive && frozen_ties == 0 {
+    } else if exhaustive && input.frozen == 0 {
         if max_norm.is_some_and(|m| m < 1.0) {
             check.outcome = CheckOutcome::Certified;
             check.reasons.push(format!(
@@ -330,25 +419,62 @@ pub(crate) fn run_check<S: Scalar>(
             check.reasons.push(if k == 0 {
                 "no kinks at z*: the Jacobian is unique and invertible".to_string()
             } else {
-                format!(
-                    "det(A) keeps one sign at all {} vertices: every element is invertible",
-                    vertices.len()
-                )
+                format!("det(A) keeps one sign at all {count} vertices: every element is invertible")
             });
         } else {
             check.reasons.push(format!(
-                "every element is invertible but the worst is nearly singular (sigma_min/sigma_max = {min_relative:.3e})"
+                "every element is invertible but the worst is nearly singular (sigma_min / max(sigma_max, {:.3e}) = {min_relative:.3e})",
+                input.unit
             ));
         }
     } else if !exhaustive {
         check.reasons.push(format!(
-            "{k} kink elements: {} random vertices of 2^{k} checked, none singular",
-            vertices.len()
+            "{k} kink elements: {count} random vertices of 2^{k} checked (exhaustive up to {cap}), none singular"
         ));
     }
     Ok(Checked {
         check,
         block: Some(selected),
+    })
+}
+
+/// Runs the check at the linearization `lin` (its kinks come from its ledger, with its
+/// solver band).
+pub(crate) fn run_check<S: Scalar>(
+    lin: &Linearization<'_, S>,
+    form: Form,
+    forward_residual: f64,
+    opts: &CheckOptions,
+    selected: Option<Array2<S>>,
+) -> Result<Checked<S>> {
+    if !opts.enabled {
+        return Ok(Checked {
+            check: HypothesisCheck::not_checked("the check is switched off"),
+            block: None,
+        });
+    }
+    let ledger = lin.ledger()?;
+    let mut input = WalkInput::from_ledger(form, &ledger, forward_residual);
+    let n = lin.len();
+    if n > opts.dense_limit && !(opts.contraction_bound.is_some_and(|b| b < 1.0) && form == Form::FixedPoint) {
+        let mut check = HypothesisCheck {
+            kink_elements: input.kink_elements,
+            flippable: input.flippable.len(),
+            reasons: Vec::new(),
+            ..HypothesisCheck::not_checked("")
+        };
+        check.outcome = CheckOutcome::Warning;
+        matrix_free(lin, form, opts, &mut check)?;
+        return Ok(Checked { check, block: None });
+    }
+    if form == Form::Root && n > 0 {
+        input.unit = lin.theta_scale()?;
+    }
+    // The selected element's Jacobian may have been built already (for the solver band).
+    let mut selected = selected;
+    walk_vertices(&input, opts, |selections| match selected.take() {
+        Some(j) if selections.is_empty() => Ok(j),
+        _ => lin.jacobian(selections),
     })
 }
 
@@ -397,4 +523,54 @@ fn matrix_free<S: Scalar>(
         ));
     }
     Ok(())
+}
+
+/// The check of a batch from the checks of its samples (a fused layer checks one block per
+/// sample): the worst verdict, the smallest singular values, the largest error bound, and
+/// the reasons of the worst sample, named.
+pub fn merge_samples(checks: Vec<HypothesisCheck>) -> HypothesisCheck {
+    let rank = |o: CheckOutcome| match o {
+        CheckOutcome::Violated => 3,
+        CheckOutcome::Warning => 2,
+        CheckOutcome::NotChecked => 1,
+        CheckOutcome::Certified => 0,
+    };
+    let Some((worst_index, worst)) = checks
+        .iter()
+        .enumerate()
+        .max_by_key(|(i, c)| (rank(c.outcome), std::cmp::Reverse(*i)))
+        .map(|(i, c)| (i, c.clone()))
+    else {
+        let mut empty = HypothesisCheck::not_checked("");
+        empty.outcome = CheckOutcome::Certified;
+        empty.reasons = vec!["an empty batch: nothing to invert".to_string()];
+        return empty;
+    };
+    let min = |f: fn(&HypothesisCheck) -> Option<f64>| checks.iter().filter_map(f).reduce(f64::min);
+    let max = |f: fn(&HypothesisCheck) -> Option<f64>| checks.iter().filter_map(f).reduce(f64::max);
+    let same = checks.iter().filter(|c| c.outcome == worst.outcome).count();
+    let mut merged = HypothesisCheck {
+        outcome: worst.outcome,
+        sigma_min: min(|c| c.sigma_min),
+        sigma_max: max(|c| c.sigma_max),
+        error_bound: max(|c| c.error_bound),
+        spectral_radius: max(|c| c.spectral_radius),
+        max_vertex_norm: max(|c| c.max_vertex_norm),
+        contraction_bound: worst.contraction_bound,
+        kink_elements: checks.iter().map(|c| c.kink_elements).sum(),
+        flippable: checks.iter().map(|c| c.flippable).sum(),
+        vertices: checks.iter().map(|c| c.vertices).sum(),
+        exhaustive: checks.iter().all(|c| c.exhaustive || c.flippable == 0),
+        min_vertex_sigma: min(|c| c.min_vertex_sigma),
+        determinant_sign_change: checks.iter().any(|c| c.determinant_sign_change),
+        reasons: Vec::new(),
+    };
+    merged.reasons.push(format!(
+        "{} of {} samples {}; sample {worst_index}: {}",
+        same,
+        checks.len(),
+        worst.outcome,
+        worst.reasons.join("; ")
+    ));
+    merged
 }

@@ -124,7 +124,7 @@ impl<S: Scalar> InnerMap<S> {
 
     /// Records the map at `(z*, theta)` for products with `J_z^T`.
     pub fn linearize<'s>(
-        &self,
+        &'s self,
         tape: &'s Tape<S>,
         z_star: ArrayViewD<'_, S>,
         theta: &[ArrayViewD<'_, S>],
@@ -138,22 +138,29 @@ impl<S: Scalar> InnerMap<S> {
             out,
             shape: self.shape.clone(),
             policy,
+            band: 0.0,
+            inner: self,
+            theta: theta.iter().map(|t| t.to_owned()).collect(),
         })
     }
 
-    /// `J_theta^T w` for every `theta`, at `(z*, theta)`, under `policy`.
+    /// `J_theta^T w` for every `theta`, at `(z*, theta)`, under `policy` and the solver band
+    /// `band`.
     pub fn theta_vjp(
         &self,
         z_star: ArrayViewD<'_, S>,
         theta: &[ArrayViewD<'_, S>],
         w: ArrayView1<'_, S>,
         policy: &KinkPolicy,
+        band: f64,
     ) -> Result<Vec<ArrayD<S>>> {
         let tape = Tape::new();
         let z = tape.constant(z_star.to_owned());
         let th: Vec<Var<'_, S>> = theta.iter().map(|t| tape.param(t.to_owned())).collect();
         let out = self.record(z, &th)?;
-        let options = BackwardOptions::seed(self.to_shaped(w)?).with_policy(policy.clone());
+        let options = BackwardOptions::seed(self.to_shaped(w)?)
+            .with_policy(policy.clone())
+            .with_solver_band(band);
         let mut grads = out.backward_with(&options)?;
         Ok(th
             .iter()
@@ -174,6 +181,10 @@ pub(crate) struct Linearization<'s, S: Scalar> {
     out: Var<'s, S>,
     shape: Vec<usize>,
     policy: KinkPolicy,
+    /// The solver error band every product applies (see [`crate::KinkBand`]).
+    band: f64,
+    inner: &'s InnerMap<S>,
+    theta: Vec<ArrayD<S>>,
 }
 
 impl<'s, S: Scalar> Linearization<'s, S> {
@@ -202,6 +213,7 @@ impl<'s, S: Scalar> Linearization<'s, S> {
             seed: Some(seed),
             policy: Some(self.policy.clone()),
             element_selections: selections.to_vec(),
+            solver_band: self.band,
         };
         let mut grads = self.out.backward_with(&options)?;
         match grads.take(self.z) {
@@ -224,8 +236,56 @@ impl<'s, S: Scalar> Linearization<'s, S> {
         Ok(j)
     }
 
-    /// The kinks the map hit at `z*` under the policy.
-    pub fn ledger(&self) -> KinkLedger {
-        self.z.tape().kink_ledger(Some(&self.policy))
+    /// The kinks the map hit at `z*` under the policy and the solver band: the ledger of one
+    /// backward pass through the recording, so the kinks of fused ops inside the map (which
+    /// report them during backward) are there beside those of the core ops.
+    pub fn ledger(&self) -> Result<KinkLedger> {
+        let options = BackwardOptions {
+            seed: Some(ArrayD::zeros(IxDyn(&self.shape))),
+            policy: Some(self.policy.clone()),
+            element_selections: Vec::new(),
+            solver_band: self.band,
+        };
+        Ok(self.out.backward_with(&options)?.ledger().clone())
+    }
+
+    /// Sets the solver band of every later product and ledger.
+    pub fn set_band(&mut self, band: f64) {
+        self.band = band;
+    }
+
+    /// `J_theta^T w` for every `theta`, under the same policy and band.
+    pub fn theta_vjp(&self, w: ArrayView1<'_, S>) -> Result<Vec<ArrayD<S>>> {
+        let views: Vec<ArrayViewD<'_, S>> = self.theta.iter().map(|t| t.view()).collect();
+        let z = self.z.value();
+        self.inner.theta_vjp(z.view(), &views, w, &self.policy, self.band)
+    }
+
+    /// The derivative scale of the map in `theta`: the largest row norm of `J_theta` (all
+    /// `theta` together), one replay per element of `z`. A root layer's check judges the
+    /// singularity of `J_F` against it.
+    pub fn theta_scale(&self) -> Result<f64> {
+        let tape = Tape::new();
+        let z = tape.constant(self.z.value());
+        let th: Vec<Var<'_, S>> = self.theta.iter().map(|t| tape.param(t.clone())).collect();
+        let out = self.inner.record(z, &th)?;
+        let n = self.len();
+        let mut e = Array1::<S>::zeros(n);
+        let mut worst = 0.0f64;
+        for i in 0..n {
+            e[i] = S::one();
+            let options = BackwardOptions::seed(self.inner.to_shaped(e.view())?)
+                .with_policy(self.policy.clone())
+                .with_solver_band(self.band);
+            let grads = out.backward_with(&options)?;
+            let norm2: f64 = th
+                .iter()
+                .filter_map(|t| grads.get(*t))
+                .flat_map(|g| g.iter().map(|v| v.to_f64_exact().powi(2)))
+                .sum();
+            worst = worst.max(norm2.sqrt());
+            e[i] = S::zero();
+        }
+        Ok(worst)
     }
 }

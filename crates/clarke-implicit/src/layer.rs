@@ -3,15 +3,15 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use clarke_core::{Error, KinkLedger, KinkPolicy, Result, Scalar, Tape, Var};
+use clarke_core::{Error, KinkLedger, Result, Scalar, Tape, Var, VjpContext};
 use clarke_solve::{FixedPointReport, SolveStatus};
-use ndarray::{Array1, ArrayD, ArrayViewD, IxDyn};
+use ndarray::{Array1, Array2, ArrayD, ArrayViewD, IxDyn};
 
 use crate::adjoint::solve_adjoint;
-use crate::check::{run_check, Form};
+use crate::check::{block, run_check, Form, Spectrum};
 use crate::forward::solve_forward;
-use crate::inner::{flat, into_flat, InnerMap, MapFn};
-use crate::options::{AdjointSolver, GradientMode, ImplicitOptions};
+use crate::inner::{flat, into_flat, InnerMap, Linearization, MapFn};
+use crate::options::{AdjointSolver, GradientMode, ImplicitOptions, KinkBand};
 use crate::report::{BackwardReport, CheckOutcome, HypothesisCheck, ReportLog};
 
 /// A reusable implicit layer: a map, its options, the adjoint warm start shared by every
@@ -150,7 +150,7 @@ impl<S: Scalar> ImplicitLayer<S> {
             reports: self.reports.clone(),
         };
         let z = tape.try_custom_fn_ctx(&inner.name, theta, z_star, move |ctx, inputs, output, grad| {
-            node.backward(ctx.policy, inputs, output, grad)
+            node.backward(ctx, inputs, output, grad)
         })?;
         Ok(Solution { z, forward })
     }
@@ -338,9 +338,10 @@ fn validate(name: &str, form: Form, options: &ImplicitOptions) -> Result<()> {
         GradientMode::Unrolled { iterations: 0 } => refuse("the unrolled mode needs at least one iteration".into()),
         _ => Ok(()),
     }?;
-    if let Some(b) = options.check.contraction_bound {
-        if !(b.is_finite() && b >= 0.0) {
-            return refuse(format!("the contraction bound must be finite and >= 0, got {b}"));
+    options.check.validate()?;
+    if let KinkBand::SolverError { factor } = options.kink_band {
+        if !(factor.is_finite() && factor >= 0.0) {
+            return refuse(format!("the kink band factor must be finite and >= 0, got {factor}"));
         }
     }
     Ok(())
@@ -359,7 +360,7 @@ struct AdjointNode<S: Scalar> {
 impl<S: Scalar> AdjointNode<S> {
     fn backward(
         &self,
-        policy: &KinkPolicy,
+        ctx: &VjpContext<'_>,
         theta: &[ArrayViewD<'_, S>],
         z_star: ArrayViewD<'_, S>,
         grad: ArrayViewD<'_, S>,
@@ -377,9 +378,9 @@ impl<S: Scalar> AdjointNode<S> {
             }
         };
         let tape = Tape::new();
-        let lin = self
+        let mut lin = self
             .inner
-            .linearize(&tape, z_star.view(), theta, policy.clone())
+            .linearize(&tape, z_star.view(), theta, ctx.policy.clone())
             .map_err(within("recording the map at z*"))?;
         let t_value = lin.value();
         let z = lin.z();
@@ -387,8 +388,13 @@ impl<S: Scalar> AdjointNode<S> {
             Form::FixedPoint => distance(&t_value, &z),
             Form::Root => t_value.iter().map(|v| v.to_f64_exact().powi(2)).sum::<f64>().sqrt(),
         };
-        let checked =
-            run_check(&lin, self.form, forward_residual, &options.check).map_err(within("hypothesis check"))?;
+        let selected = self
+            .apply_solver_band(&mut lin, forward_residual)
+            .map_err(within("kinks within the solver's error"))?;
+        let checked = run_check(&lin, self.form, forward_residual, &options.check, selected)
+            .map_err(within("hypothesis check"))?;
+        let kinks = lin.ledger().map_err(within("kink ledger"))?;
+        ctx.report_kinks(kinks.records().iter().map(|r| r.clone().in_layer(name, ctx.node)));
         let mut report = BackwardReport {
             node: name.clone(),
             mode: options.mode,
@@ -398,7 +404,7 @@ impl<S: Scalar> AdjointNode<S> {
             fallback: None,
             approximate: !self.forward.is_converged(),
             check: checked.check,
-            kinks: lin.ledger(),
+            kinks,
         };
         let least_squares = options.mode == GradientMode::LeastSquaresNoHypothesis;
         if report.check.outcome == CheckOutcome::Violated && options.check.refuse_violated && !least_squares {
@@ -434,15 +440,44 @@ impl<S: Scalar> AdjointNode<S> {
             Form::FixedPoint => adjoint.w,
             Form::Root => adjoint.w.mapv(|v| -v),
         };
-        let grads = self
-            .inner
-            .theta_vjp(z_star, theta, w.view(), policy)
+        let grads = lin
+            .theta_vjp(w.view())
             .map_err(within("parameter vector-Jacobian product"))?;
         report.adjoint = Some(adjoint.report);
         report.fallback = adjoint.fallback;
         report.approximate |= adjoint.approximate;
         self.reports.push(report);
         Ok(grads.into_iter().map(Some).collect())
+    }
+
+    /// Widens the kinks of the linearization to the forward solver's error band (see
+    /// [`KinkBand`]) and returns the Jacobian of the selected element when computing the band
+    /// built it and the band changed no selection (the check then reuses it).
+    ///
+    /// The bound on `||z - z*||` divides the residual by a lower bound on `sigma_min` of the
+    /// inverted block: `1 - L` for a declared contraction bound `L`, else the block of the
+    /// exact-kink selection when `z` is small enough for the dense check, else 1 (the
+    /// residual itself; the report's check gives the actual `sigma_min` where it runs).
+    fn apply_solver_band(&self, lin: &mut Linearization<'_, S>, forward_residual: f64) -> Result<Option<Array2<S>>> {
+        let options = &*self.options;
+        if options.kink_band == KinkBand::Exact || forward_residual == 0.0 {
+            return Ok(None);
+        }
+        let n = lin.len();
+        let dense = options.check.enabled && n > 0 && n <= options.check.dense_limit;
+        let (sigma, exact_jacobian) = match (self.form, options.check.contraction_bound) {
+            (Form::FixedPoint, Some(bound)) if bound < 1.0 => (1.0 - bound, None),
+            _ if dense => {
+                let j = lin.jacobian(&[])?;
+                let spectrum = Spectrum::of(block(self.form, j.clone()).view())?;
+                (spectrum.sigma_min, Some(j))
+            }
+            _ => (1.0, None),
+        };
+        let exact_kinks = lin.ledger()?.kink_elements();
+        lin.set_band(options.kink_band.width(forward_residual, sigma));
+        let unchanged = lin.ledger()?.kink_elements() == exact_kinks;
+        Ok(exact_jacobian.filter(|_| unchanged))
     }
 }
 

@@ -49,5 +49,7 @@ pub mod report;
 
 pub use inner::MapFn;
 pub use layer::{fixed_point, root, ImplicitLayer, Solution};
-pub use options::{AdjointSolver, CheckOptions, ForwardSolver, GradientMode, ImplicitOptions, OnAdjointFailure};
+pub use options::{
+    AdjointSolver, CheckOptions, ForwardSolver, GradientMode, ImplicitOptions, KinkBand, OnAdjointFailure,
+};
 pub use report::{BackwardReport, CheckOutcome, HypothesisCheck, ReportLog};

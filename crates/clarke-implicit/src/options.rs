@@ -125,16 +125,23 @@ pub struct CheckOptions {
     /// contraction bound. Default 512.
     pub dense_limit: usize,
     /// Up to this many kink elements, every vertex of the selection box (`2^k`
-    /// combinations) is checked; above it, `samples` random vertices. Default 12.
+    /// combinations) is checked; above it, `samples` random vertices. Default 12; values
+    /// above [`MAX_EXHAUSTIVE`](crate::check::MAX_EXHAUSTIVE) act as that cap (the report
+    /// then says the vertices were sampled).
     pub exhaustive_limit: usize,
     /// Random vertices checked when there are more than `exhaustive_limit` kink elements.
     /// Default 64.
     pub samples: usize,
     /// Seed of the vertex sampler.
     pub seed: u64,
-    /// `sigma_min / sigma_max` at or below this is treated as singular (violated). Default
-    /// `1e3 * eps` of the scalar type (see [`CheckOptions::for_precision`]).
+    /// `sigma_min / max(sigma_max, unit)` at or below this is treated as singular (violated),
+    /// where `unit` is 1 for a fixed point and the map's derivative scale for a root (see
+    /// [`crate::check`]). Default `1e3 * eps` of the scalar type (see
+    /// [`CheckOptions::for_precision`]).
     pub singular_tol: f64,
+    /// An absolute floor: `sigma_min` at or below it is singular whatever the scale. Default
+    /// 0; set it when the problem has a natural unit (see [`crate::check`]).
+    pub singular_floor: f64,
     /// `sigma_min / sigma_max` at or below this (but above `singular_tol`) gives a warning.
     /// Default `1e-6` for f64, `1e-3` for f32.
     pub warn_tol: f64,
@@ -165,6 +172,7 @@ impl CheckOptions {
             samples: 64,
             seed: 0x5eed,
             singular_tol: 1e3 * eps,
+            singular_floor: 0.0,
             warn_tol: if eps > 1e-10 { 1e-3 } else { 1e-6 },
             contraction_bound: None,
             radius_iterations: 50,
@@ -191,6 +199,47 @@ impl CheckOptions {
         self
     }
 
+    /// Sets the absolute singularity floor (see [`CheckOptions::singular_floor`]).
+    pub fn with_singular_floor(mut self, floor: f64) -> Self {
+        self.singular_floor = floor;
+        self
+    }
+    /// Sets the number of kink elements up to which every vertex is walked.
+    pub fn with_exhaustive_limit(mut self, limit: usize) -> Self {
+        self.exhaustive_limit = limit;
+        self
+    }
+    /// Refuses options that cannot mean anything: non-finite or negative thresholds, no
+    /// samples.
+    pub fn validate(&self) -> clarke_core::Result<()> {
+        let bad = |what: &str, v: f64| {
+            Err(clarke_core::Error::invalid(
+                "CheckOptions",
+                format!("{what} must be finite and >= 0, got {v}"),
+            ))
+        };
+        for (what, v) in [
+            ("singular_tol", self.singular_tol),
+            ("singular_floor", self.singular_floor),
+            ("warn_tol", self.warn_tol),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(what, v);
+            }
+        }
+        if let Some(b) = self.contraction_bound {
+            if !(b.is_finite() && b >= 0.0) {
+                return bad("the contraction bound", b);
+            }
+        }
+        if self.samples == 0 {
+            return Err(clarke_core::Error::invalid(
+                "CheckOptions",
+                "samples must be at least 1 (the walk samples vertices above the exhaustive limit)",
+            ));
+        }
+        Ok(())
+    }
     /// Sets the largest `z` for the dense check.
     pub fn with_dense_limit(mut self, limit: usize) -> Self {
         self.dense_limit = limit;
@@ -224,6 +273,57 @@ pub struct ImplicitOptions {
     pub warm_start: bool,
     /// The invertibility check.
     pub check: CheckOptions,
+    /// How kinks met within the forward solver's error are handled. Default
+    /// [`KinkBand::SolverError`] with a factor of 10.
+    pub kink_band: KinkBand,
+}
+
+/// Which elements of the inner map count as at a kink when the layer is differentiated.
+///
+/// The forward solve stops at a point `z` that is only known to its accuracy: to first order
+/// `||z - z*|| <= ||T(z) - z|| / sigma_min(I - J_z)` (or `||F(z)|| / sigma_min(J_F)`). An
+/// argument of a kink inside the map whose distance to the kink is below that bound may sit
+/// on the kink at the exact solution, so clarke treats it as at the kink: the policy's
+/// selection applies, the ledger reports it as *within solver error*, and the check walks it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KinkBand {
+    /// Only exact kinks (and those within the policy's tolerance) select: the behaviour of
+    /// every other framework.
+    Exact,
+    /// Elements within `factor` times the first-order error bound on `z` of a kink are at it.
+    /// The factor covers the first-order nature of the bound and kink arguments that move
+    /// faster than `z` (an argument `w^T z` with `||w|| > 1`).
+    SolverError {
+        /// Multiplier of the error bound (finite, >= 1 is sensible).
+        factor: f64,
+    },
+}
+
+impl Default for KinkBand {
+    fn default() -> Self {
+        KinkBand::SolverError { factor: 10.0 }
+    }
+}
+
+impl KinkBand {
+    /// The band for a solve with residual `residual` and a lower bound `sigma` on the
+    /// smallest singular value of the inverted block.
+    pub fn width(&self, residual: f64, sigma: f64) -> f64 {
+        match *self {
+            KinkBand::Exact => 0.0,
+            KinkBand::SolverError { factor } => {
+                let bound = if sigma > 0.0 { residual / sigma } else { f64::INFINITY };
+                let band = factor * bound;
+                if band.is_finite() {
+                    band
+                } else {
+                    // A singular block gives no bound: fall back to the residual itself;
+                    // the check reports the singularity.
+                    factor * residual
+                }
+            }
+        }
+    }
 }
 
 impl Default for ImplicitOptions {
@@ -251,6 +351,7 @@ impl ImplicitOptions {
             on_adjoint_failure: OnAdjointFailure::Error,
             warm_start: true,
             check: CheckOptions::for_precision::<S>(),
+            kink_band: KinkBand::default(),
         }
     }
 
@@ -260,6 +361,11 @@ impl ImplicitOptions {
         self
     }
 
+    /// Sets how kinks within the forward solver's error are handled.
+    pub fn with_kink_band(mut self, band: KinkBand) -> Self {
+        self.kink_band = band;
+        self
+    }
     /// Sets the gradient mode.
     pub fn with_mode(mut self, mode: GradientMode) -> Self {
         self.mode = mode;

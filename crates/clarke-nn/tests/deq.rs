@@ -2,7 +2,7 @@
 //! adjoint solver, both parametrisations, exact values at kinks, and bad input.
 
 use clarke_core::{BackwardOptions, Error, KinkPolicy, Tape, Var};
-use clarke_implicit::{AdjointSolver, CheckOutcome, GradientMode, ImplicitOptions};
+use clarke_implicit::{AdjointSolver, CheckOptions, CheckOutcome, GradientMode, ImplicitOptions};
 use clarke_nn::deq::{Activation, DeqConfig, DeqLayer, ForwardMethod, Parametrization};
 use clarke_nn::{Linear, ParamSet};
 use clarke_solve::FixedPointOptions;
@@ -312,10 +312,135 @@ fn a_singular_selected_element_is_refused() {
         }
         other => panic!("expected a violated hypothesis, got {other}"),
     }
-    // relu'(0) = 0 selects d = 0: invertible, but no certificate for every selection.
-    z.sum().backward().unwrap();
+    // relu'(0) = 0 selects d = 0, invertible; but the theorem needs every selection, and the
+    // walk over the 2^3 vertices finds the singular ones: refused all the same.
+    let err = z.sum().backward().unwrap_err();
+    assert!(matches!(err, Error::HypothesisViolated { .. }), "{err}");
     let report = deq.reports().last().unwrap();
-    assert_eq!(report.check.outcome, CheckOutcome::Warning, "{}", report.check);
+    assert_eq!(report.check.outcome, CheckOutcome::Violated, "{}", report.check);
+    assert_eq!(report.check.sigma_min, Some(1.0));
+    assert_eq!((report.check.vertices, report.check.exhaustive), (8, true));
+    assert!(report.adjoint.is_none(), "refused before any solve");
+    // Told not to refuse, the selected element's gradient comes back with the verdict.
+    let config = DeqConfig::default()
+        .with_parametrization(Parametrization::Unconstrained)
+        .with_forward_tolerance(1e-12, 100)
+        .with_check_options(CheckOptions::default().with_refuse_violated(false));
+    let mut params = ParamSet::<f64>::new();
+    let deq = DeqLayer::new(&mut params, "deq", 2, n, config, &mut rng(14)).unwrap();
+    *params.get_mut(params.id("deq.w").unwrap()) = Array2::<f64>::eye(n).into_dyn();
+    let tape = Tape::<f64>::new();
+    let bound = params.bind(&tape);
+    let x = tape.constant(ArrayD::zeros(vec![1, 2]));
+    deq.forward(&bound, x).unwrap().sum().backward().unwrap();
+    assert_eq!(deq.reports().last().unwrap().check.outcome, CheckOutcome::Violated);
+}
+
+/// `z = relu(W z + b)` with dyadic `W = [[0.5, 0], [1.5, 0.5]]` and `b = (1, -3)`: the exact
+/// fixed point `(2, 0)` has the second pre-activation `1.5 * 2 - 3 = 0` on the kink, and
+/// every iterate from zero approaches it from below, so the forward stops off the kink.
+/// `||W|| > 1`: no certificate from the parametrisation, the check walks the selections.
+fn deq_on_kink(forward: ForwardMethod) -> (ParamSet<f64>, DeqLayer<f64>) {
+    let config = DeqConfig::default()
+        .with_parametrization(Parametrization::Unconstrained)
+        .with_forward(forward);
+    let mut params = ParamSet::<f64>::new();
+    let deq = DeqLayer::new(&mut params, "deq", 1, 2, config, &mut rng(3)).unwrap();
+    *params.get_mut(params.id("deq.w").unwrap()) = ndarray::arr2(&[[0.5, 0.0], [1.5, 0.5]]).into_dyn();
+    *params.get_mut(params.id("deq.u").unwrap()) = ArrayD::zeros(vec![2, 1]);
+    *params.get_mut(params.id("deq.bias").unwrap()) = ndarray::arr1(&[1.0, -3.0]).into_dyn();
+    (params, deq)
+}
+
+#[test]
+fn a_fixed_point_near_a_kink_gets_the_selected_element() {
+    for forward in [ForwardMethod::Picard, ForwardMethod::Anderson { memory: 3 }] {
+        let (params, deq) = deq_on_kink(forward);
+        for s in [0.0, 0.5, 1.0] {
+            let tape = Tape::<f64>::new();
+            let bound = params.bind(&tape);
+            let x = tape.constant(ArrayD::zeros(vec![1, 1]));
+            let z = deq.forward(&bound, x).unwrap();
+            let grads = z
+                .sum()
+                .backward_with(&BackwardOptions::policy(KinkPolicy::pytorch().with_relu(s)))
+                .unwrap();
+            let g = grads.wrt(bound.var(params.id("deq.bias").unwrap())).unwrap();
+            // (I - D W)^{-1} D with D = diag(1, s): column sums (2 + 3s/(1 - s/2), s/(1 - s/2)).
+            let want = [2.0 + 3.0 * s / (1.0 - 0.5 * s), s / (1.0 - 0.5 * s)];
+            for (got, want) in g.iter().zip(want) {
+                assert!(
+                    (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "{forward:?} s = {s}: {g} vs {want:?}"
+                );
+            }
+            // The outer ledger lists the layer's kink; the check walked both selections.
+            let records: Vec<_> = grads.ledger().in_layer("deq").collect();
+            assert_eq!(records.len(), 1, "{}", grads.ledger());
+            assert_eq!(
+                (records[0].op, records[0].at_kink(), records[0].kink_indices.clone()),
+                ("relu", 1, vec![1])
+            );
+            assert_eq!(records[0].selection, clarke_core::Selection::Slope(s));
+            let report = deq.reports().last().unwrap();
+            assert_eq!(report.check.outcome, CheckOutcome::Certified, "{}", report.check);
+            assert_eq!(
+                (report.check.flippable, report.check.vertices),
+                (1, 2),
+                "{}",
+                report.check
+            );
+        }
+    }
+    // Picard never lands on the kink: the unit is within solver error, reported as such.
+    let (params, deq) = deq_on_kink(ForwardMethod::Picard);
+    let tape = Tape::<f64>::new();
+    let bound = params.bind(&tape);
+    let z = deq.forward(&bound, tape.constant(ArrayD::zeros(vec![1, 1]))).unwrap();
+    let grads = z.sum().backward().unwrap();
+    assert_eq!(grads.ledger().solver_error_hits(), 1, "{}", grads.ledger());
+    let line = grads.ledger().summary();
+    assert!(
+        line.contains("deq#") && line.contains("within solver error") && line.contains("at [0, 1]"),
+        "{line}"
+    );
+    // With the exact-only band the selection is ignored off the kink (the old behaviour).
+    let config = deq.config().clone().with_kink_band(clarke_implicit::KinkBand::Exact);
+    let mut p2 = ParamSet::<f64>::new();
+    let exact = DeqLayer::new(&mut p2, "deq", 1, 2, config, &mut rng(3)).unwrap();
+    for (name, value) in [
+        ("deq.w", params.get(params.id("deq.w").unwrap()).clone()),
+        ("deq.u", ArrayD::zeros(vec![2, 1])),
+        ("deq.bias", ndarray::arr1(&[1.0, -3.0]).into_dyn()),
+    ] {
+        *p2.get_mut(p2.id(name).unwrap()) = value;
+    }
+    let tape = Tape::<f64>::new();
+    let bound = p2.bind(&tape);
+    let z = exact.forward(&bound, tape.constant(ArrayD::zeros(vec![1, 1]))).unwrap();
+    let grads = z
+        .sum()
+        .backward_with(&BackwardOptions::policy(KinkPolicy::one()))
+        .unwrap();
+    assert!(grads.ledger().is_clean());
+    assert_eq!(grads.wrt(bound.var(p2.id("deq.bias").unwrap())).unwrap()[1], 0.0);
+}
+
+#[test]
+fn the_unrolled_mode_leaves_a_report() {
+    let (params, _) = deq_on_kink(ForwardMethod::Picard);
+    let config = DeqConfig::default()
+        .with_parametrization(Parametrization::Unconstrained)
+        .with_gradient(GradientMode::Unrolled { iterations: 40 });
+    let mut p2 = ParamSet::<f64>::new();
+    let deq = DeqLayer::new(&mut p2, "deq", 1, 2, config, &mut rng(3)).unwrap();
+    *p2.get_mut(p2.id("deq.w").unwrap()) = params.get(params.id("deq.w").unwrap()).clone();
+    let tape = Tape::<f64>::new();
+    let bound = p2.bind(&tape);
+    let z = deq.forward(&bound, tape.constant(ArrayD::zeros(vec![1, 1]))).unwrap();
+    z.sum().backward().unwrap();
+    assert_eq!(deq.reports().len(), 1);
+    assert_eq!(deq.reports().last().unwrap().forward.iterations, 40);
 }
 
 #[test]

@@ -22,13 +22,13 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use clarke_core::{Error, Result, Scalar, Var};
+use clarke_core::{Error, KinkScan, Result, Scalar, Selection, Var};
 use clarke_implicit::CheckOutcome;
 use ndarray::{s, Array2, ArrayD, ArrayViewD, Axis};
 use rayon::prelude::*;
 
 use super::check::ConicCheck;
-use super::cones::Cones;
+use super::cones::{BoundaryKind, Cones};
 use super::derivative::{ConeDerivative, DataGradient, DerivativeOptions, SolutionDirection};
 use super::problem::ConeProgram;
 use super::solver::{solve, ConeSolution, SolverOptions};
@@ -373,6 +373,43 @@ fn layer<'t, S: Scalar>(
         };
         let mut grads = Vec::with_capacity(samples);
         let mut first_error = None;
+        // The kinks of Pi_{K*} at every sample, for the ledger of the backward call: an entry
+        // (or the first row of a second-order / PSD block) per boundary, at its margin; the
+        // detection tolerance is the solver's accuracy, so non-exact ones are within solver
+        // error.
+        let mut scan = KinkScan::new(ctx.policy.tolerance, 0.0);
+        for (i, r) in results.iter().enumerate() {
+            let Ok((_, check)) = r else { continue };
+            let mut rows: Vec<(usize, f64, f64)> = check
+                .boundaries
+                .iter()
+                .map(|b| {
+                    let row = match &b.kind {
+                        BoundaryKind::Entry(row) => *row,
+                        BoundaryKind::Block(range) => range.start,
+                    };
+                    (row, if b.exact { 0.0 } else { b.margin }, b.tol)
+                })
+                .collect();
+            rows.sort_by_key(|r| r.0);
+            let mut next = 0;
+            for (row, margin, tol) in rows {
+                scan.skip(row.saturating_sub(next));
+                scan.set_solver_band(tol);
+                scan.visit(i * m + row, margin);
+                next = row + 1;
+            }
+            scan.skip(m.saturating_sub(next));
+        }
+        ctx.report_kinks([scan
+            .finish(
+                ctx.node,
+                "cone_projection",
+                &[samples, m],
+                Selection::Slope(q),
+                Some((0.0, 1.0)),
+            )
+            .in_layer(&vjp_name, ctx.node)]);
         for (i, r) in results.into_iter().enumerate() {
             match r {
                 Ok((gr, check)) => {

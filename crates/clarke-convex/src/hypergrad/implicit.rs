@@ -58,7 +58,7 @@ pub fn hypergradient(
                 .with_max_iter(10 * p.max(50)),
         )
         .with_warm_start(false)
-        .with_check(CheckOptions::default().with_refuse_violated(false));
+        .with_check(CheckOptions::default());
     let layer = ImplicitLayer::fixed_point(
         move |z, th| {
             let (log_lambda, x, y) = (th[0], th[1], th[2]);

@@ -23,7 +23,7 @@
 
 use std::time::Instant;
 
-use clarke_core::{Error, KinkLedger, KinkRecord, Result, Selection};
+use clarke_core::{Error, KinkLedger, KinkScan, Result, Selection};
 use clarke_implicit::CheckOutcome;
 use clarke_solve::dense::singular_values;
 use clarke_solve::{cholesky_solve, lu_solve_transpose};
@@ -81,18 +81,21 @@ pub fn analyze(model: &LassoModel, fit: &Fit, options: &HypergradOptions) -> Res
             ),
         )
     };
-    let record = KinkRecord {
-        node: 0,
-        op: "lasso_equicorrelation",
-        elements: model.p(),
-        exact: kinks.len(),
-        near: 0,
-        selection: Selection::Slope(q),
-        overridden: false,
-        kink_indices: kinks.clone(),
-        hull: Some((0.0, 1.0)),
-    };
-    let ledger = KinkLedger::from_records(options.policy.name, vec![record]);
+    // The equicorrelated features off the support sit at the kink (within `kink_tol`, which
+    // the analysis treats as on it).
+    let mut scan = KinkScan::new(0.0, 0.0);
+    scan.skip(model.p() - kinks.len());
+    for &j in &kinks {
+        scan.visit(j, 0.0);
+    }
+    let record = scan.finish(
+        0,
+        "lasso_equicorrelation",
+        &[model.p()],
+        Selection::Slope(q),
+        Some((0.0, 1.0)),
+    );
+    let ledger = KinkLedger::from_records(options.policy.label(), vec![record]);
     Ok((
         SupportCheck {
             support,

@@ -9,7 +9,8 @@
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Zip};
 
 use crate::kernels::{broadcast_shape, broadcast_view, check_axis, map, parallel, reduce_to_shape, zip_map};
-use crate::ledger::{KinkRecord, Selection};
+use crate::ledger::{KinkRecord, KinkScan, Selection};
+use crate::nonsmooth;
 use crate::op::{Ctx, InputGrads, InputValues, Op};
 use crate::policy::{check_selection, check_tie_rule, KinkPolicy, TieRule};
 use crate::tape::Inputs;
@@ -87,7 +88,7 @@ impl<S: Scalar> KinkOp<S> {
             KinkKind::Relu => Selection::Slope(policy.relu),
             KinkKind::LeakyRelu { alpha } => {
                 let a = alpha.to_f64_exact();
-                Selection::Slope(a + policy.leaky_relu * (1.0 - a))
+                Selection::Slope(nonsmooth::leaky_relu_slope(a, policy.leaky_relu))
             }
             KinkKind::Abs => Selection::Slope(policy.abs),
             KinkKind::Sign => Selection::Slope(policy.sign),
@@ -102,6 +103,7 @@ impl<S: Scalar> KinkOp<S> {
 
     pub fn backward(&self, ctx: &Ctx<'_, S>, g: ArrayD<S>) -> InputGrads<S> {
         let sel = self.selection(ctx.policy);
+        let band = S::from_f64_lossy(ctx.band());
         let x = &ctx.inputs[0];
         let mut g = g;
         // Upstream gradients at elements with their own selection, before the in-place update.
@@ -115,48 +117,32 @@ impl<S: Scalar> KinkOp<S> {
         match (self.kind, sel) {
             (KinkKind::Relu, Selection::Slope(s)) => {
                 let s = S::from_f64_lossy(s);
-                slope_update(&mut g, x, move |x| {
-                    one_if::<S>(x > S::zero()) + s * one_if::<S>(x == S::zero())
-                });
+                slope_update(&mut g, x, move |x| nonsmooth::relu_derivative(x, s, band));
             }
             (KinkKind::LeakyRelu { alpha }, Selection::Slope(s)) => {
                 let s = S::from_f64_lossy(s);
-                slope_update(&mut g, x, move |x| {
-                    {
-                        // Exactly one of the three masks is 1, so the sum is exact.
-                        let (pos, zero) = (one_if::<S>(x > S::zero()), one_if::<S>(x == S::zero()));
-                        pos + alpha * (S::one() - pos - zero) + s * zero
-                    }
-                });
+                slope_update(&mut g, x, move |x| nonsmooth::leaky_relu_derivative(x, alpha, s, band));
             }
             (KinkKind::Abs, Selection::Slope(s)) => {
                 let s = S::from_f64_lossy(s);
-                slope_update(&mut g, x, move |x| {
-                    one_if::<S>(x > S::zero()) - one_if::<S>(x < S::zero()) + s * one_if::<S>(x == S::zero())
-                });
+                slope_update(&mut g, x, move |x| nonsmooth::abs_derivative(x, s, band));
             }
             (KinkKind::Sign, Selection::Slope(s)) => {
                 let s = S::from_f64_lossy(s);
-                slope_update(&mut g, x, move |x| s * one_if::<S>(x == S::zero()));
+                slope_update(&mut g, x, move |x| nonsmooth::sign_derivative(x, s, band));
             }
             (KinkKind::Clamp { lo, hi }, Selection::Clamp { low, high }) => {
                 let (dl, dh) = (S::from_f64_lossy(low), S::from_f64_lossy(high));
-                // At x == lo == hi the lower bound's selection applies.
-                slope_update(&mut g, x, move |x| {
-                    one_if::<S>(x > lo && x < hi) + dl * one_if::<S>(x == lo) + dh * one_if::<S>(x == hi && x != lo)
-                });
+                slope_update(&mut g, x, move |x| nonsmooth::clamp_derivative(x, lo, hi, dl, dh, band));
             }
             (KinkKind::Maximum | KinkKind::Minimum, Selection::TieWeight(w)) => {
                 let w = S::from_f64_lossy(w);
                 let b = &ctx.inputs[1];
-                let (mut ga, mut gb) = if matches!(self.kind, KinkKind::Maximum) {
-                    extremum_backward(x, b, g, w, |a, b| a > b)
-                } else {
-                    extremum_backward(x, b, g, w, |a, b| a < b)
-                };
+                let is_max = matches!(self.kind, KinkKind::Maximum);
+                let (mut ga, mut gb) = extremum_backward(x, b, g, w, band, is_max);
                 if x.shape() == b.shape() {
                     for &(e, upstream, share) in &pinned {
-                        if flat(x, e) == flat(b, e) {
+                        if nonsmooth::at_kink(flat(x, e) - flat(b, e), band) {
                             *flat_mut(&mut ga, e) = upstream * share;
                             *flat_mut(&mut gb, e) = upstream * (S::one() - share);
                         }
@@ -174,7 +160,9 @@ impl<S: Scalar> KinkOp<S> {
                 },
                 Selection::Tie(rule),
             ) => {
-                out.push(Some(reduce_backward(x, ctx.output, g, axis, keep_dims, is_max, rule)));
+                out.push(Some(reduce_backward(
+                    x, ctx.output, g, axis, keep_dims, is_max, rule, band,
+                )));
                 return out;
             }
             _ => unreachable!("selection kind always matches the op kind"),
@@ -182,8 +170,8 @@ impl<S: Scalar> KinkOp<S> {
         for &(e, upstream, value) in &pinned {
             let v = flat(x, e);
             let at_kink = match self.kind {
-                KinkKind::Clamp { lo, hi } => v == lo || v == hi,
-                _ => v == S::zero(),
+                KinkKind::Clamp { lo, hi } => nonsmooth::at_kink(v - lo, band) || nonsmooth::at_kink(v - hi, band),
+                _ => nonsmooth::at_kink(v, band),
             };
             if at_kink {
                 *flat_mut(&mut g, e) = upstream * value;
@@ -193,72 +181,53 @@ impl<S: Scalar> KinkOp<S> {
         out
     }
 
-    /// The ledger record of this node at its recorded inputs under `policy`.
+    /// The ledger record of this node at its recorded inputs under `policy`, with the
+    /// solver error band `solver_band` (0 outside implicit layers).
     pub fn ledger_record(
         &self,
         node: usize,
         inputs: InputValues<'_, S>,
         output: &ArrayD<S>,
         policy: &KinkPolicy,
+        solver_band: f64,
     ) -> KinkRecord {
-        let tol = S::from_f64_lossy(policy.tolerance);
+        let mut scan = KinkScan::new(policy.tolerance, solver_band);
         let x = &inputs[0];
-        let (elements, exact_idx, near) = match self.kind {
-            KinkKind::Relu | KinkKind::LeakyRelu { .. } | KinkKind::Abs | KinkKind::Sign => scan(x.view(), tol, |v| v),
-            KinkKind::Clamp { lo, hi } => scan(x.view(), tol, move |v| {
-                if (v - lo).abs() <= (v - hi).abs() {
-                    v - lo
-                } else {
-                    v - hi
-                }
-            }),
-            KinkKind::Maximum | KinkKind::Minimum if x.shape() == inputs[1].shape() && tol == S::zero() => {
-                match (x.as_slice(), inputs[1].as_slice()) {
-                    (Some(a), Some(b)) => {
-                        let ties = a.iter().zip(b).filter(|(a, b)| a == b).count();
-                        let idx = if ties > 0 {
-                            a.iter()
-                                .zip(b)
-                                .enumerate()
-                                .filter(|(_, (a, b))| a == b)
-                                .map(|(i, _)| i)
-                                .collect()
-                        } else {
-                            Vec::new()
-                        };
-                        (a.len(), idx, 0)
-                    }
-                    _ => {
-                        let diff = Zip::from(x).and(&inputs[1]).map_collect(|&a, &b| a - b);
-                        scan(diff.view(), tol, |v| v)
-                    }
-                }
+        let shape = match self.kind {
+            KinkKind::Relu | KinkKind::LeakyRelu { .. } | KinkKind::Abs | KinkKind::Sign => {
+                scan_distances(&mut scan, x.view(), |v| v);
+                x.shape().to_vec()
+            }
+            KinkKind::Clamp { lo, hi } => {
+                scan_distances(&mut scan, x.view(), move |v| nonsmooth::clamp_distance(v, lo, hi));
+                x.shape().to_vec()
+            }
+            KinkKind::Maximum | KinkKind::Minimum if x.shape() == inputs[1].shape() => {
+                let diff = Zip::from(x).and(&inputs[1]).map_collect(|&a, &b| a - b);
+                scan_distances(&mut scan, diff.view(), |v| v);
+                x.shape().to_vec()
             }
             KinkKind::Maximum | KinkKind::Minimum => {
                 let shape = output.shape();
                 let diff = Zip::from(&broadcast_view(x, shape))
                     .and(&broadcast_view(&inputs[1], shape))
                     .map_collect(|&a, &b| a - b);
-                scan(diff.view(), tol, |v| v)
+                scan_distances(&mut scan, diff.view(), |v| v);
+                shape.to_vec()
             }
-            KinkKind::Reduce { axis, is_max, .. } => reduce_ties(x, axis, is_max, tol),
+            KinkKind::Reduce { axis, is_max, .. } => {
+                reduce_ties(&mut scan, x, axis, is_max);
+                output.shape().to_vec()
+            }
         };
-        KinkRecord {
-            node,
-            op: self.name(),
-            elements,
-            exact: exact_idx.len(),
-            near,
-            selection: self.selection(policy),
-            overridden: self.over.is_some(),
-            kink_indices: exact_idx,
-            hull: self.element_hull(),
-        }
+        let mut record = scan.finish(node, self.name(), &shape, self.selection(policy), self.element_hull());
+        record.overridden = self.over.is_some();
+        record
     }
 
     /// The convex hull of the one-sided derivatives at one kink element (see
     /// [`KinkRecord::hull`]).
-    fn element_hull(&self) -> Option<(f64, f64)> {
+    pub fn element_hull(&self) -> Option<(f64, f64)> {
         match self.kind {
             KinkKind::Relu | KinkKind::Clamp { .. } | KinkKind::Maximum | KinkKind::Minimum => Some((0.0, 1.0)),
             KinkKind::LeakyRelu { alpha } => {
@@ -317,19 +286,24 @@ impl<S: Scalar> KinkOp<S> {
     }
 }
 
-/// Gradients of `maximum(a, b)` (with `wins = >`) or `minimum(a, b)` (with `wins = <`): the
-/// winner of each element gets the gradient, a tie sends the share `w` to `a`.
+/// Gradients of `maximum(a, b)` or `minimum(a, b)`: the winner of each element gets the
+/// gradient, a tie within `band` sends the share `w` to `a`.
 fn extremum_backward<S: Scalar>(
     a: &ArrayD<S>,
     b: &ArrayD<S>,
     mut g: ArrayD<S>,
     w: S,
-    wins: impl Fn(S, S) -> bool + Sync + Send,
+    band: S,
+    is_max: bool,
 ) -> (ArrayD<S>, ArrayD<S>) {
-    // Branch-free: the winner is data dependent and unpredictable.
-    let share = |a: S, b: S| {
-        let win = one_if::<S>(wins(a, b));
-        win + one_if::<S>(a == b) * (w - win)
+    // Branch-free: the winner is data dependent and unpredictable. `minimum(a, b)` is
+    // `maximum` with the comparison reversed; the tie weight stays with `a`.
+    let share = move |a: S, b: S| {
+        if is_max {
+            nonsmooth::max_share(a, b, w, band)
+        } else {
+            nonsmooth::max_share(b, a, w, band)
+        }
     };
     let split = |g: &mut S, gb: &mut S, a: S, b: S| {
         let s = share(a, b);
@@ -383,33 +357,23 @@ fn slope_update<S: Scalar>(g: &mut ArrayD<S>, x: &ArrayD<S>, d: impl Fn(S) -> S 
     }
 }
 
-/// (elements, flat indices where `dist(x) == 0`, count where `0 < |dist(x)| <= tol`).
-fn scan<S: Scalar>(x: ArrayViewD<'_, S>, tol: S, dist: impl Fn(S) -> S) -> (usize, Vec<usize>, usize) {
-    let count_exact = |v: &S| dist(*v) == S::zero();
-    let exact = match x.as_slice() {
-        Some(s) => s.iter().filter(|v| count_exact(v)).count(),
-        None => x.iter().filter(|v| count_exact(v)).count(),
-    };
-    let idx = if exact > 0 {
-        x.iter()
-            .enumerate()
-            .filter(|(_, v)| count_exact(v))
-            .map(|(i, _)| i)
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let near = if tol > S::zero() {
-        x.iter()
-            .filter(|&&v| {
-                let d = dist(v).abs();
-                d > S::zero() && d <= tol
-            })
-            .count()
-    } else {
-        0
-    };
-    (x.len(), idx, near)
+/// Feeds the distance of every element of `x` to its kink into `scan`. With an empty band
+/// only exact zeros count, and a first pass over the slice skips the scan when there are none
+/// (the common case on a hot path).
+fn scan_distances<S: Scalar>(scan: &mut KinkScan, x: ArrayViewD<'_, S>, dist: impl Fn(S) -> S) {
+    if scan.band() == 0.0 {
+        let none = match x.as_slice() {
+            Some(s) => !s.iter().any(|&v| dist(v) == S::zero()),
+            None => !x.iter().any(|&v| dist(v) == S::zero()),
+        };
+        if none {
+            scan.skip(x.len());
+            return;
+        }
+    }
+    for (i, &v) in x.iter().enumerate() {
+        scan.visit(i, dist(v).to_f64_exact());
+    }
 }
 
 /// The input as a 2-D view (lanes x lane length), the reduced axis last.
@@ -436,23 +400,27 @@ fn extreme<S: Scalar>(it: impl Iterator<Item = S>, is_max: bool) -> S {
     })
 }
 
-/// Lanes with a tie at the extremum: (lanes, tied lane indices, lanes with a near tie).
-fn reduce_ties<S: Scalar>(x: &ArrayD<S>, axis: Option<usize>, is_max: bool, tol: S) -> (usize, Vec<usize>, usize) {
+/// Feeds each lane into `scan`: its distance is the gap between the extremum and the
+/// runner-up (0 for an exact tie), so a lane is tied within the band when that gap is.
+fn reduce_ties<S: Scalar>(scan: &mut KinkScan, x: &ArrayD<S>, axis: Option<usize>, is_max: bool) {
     let lanes = lanes_of(x, axis);
-    let mut tied = Vec::new();
-    let mut near = 0;
     for (i, lane) in lanes.outer_iter().enumerate() {
         let m = extreme(lane.iter().copied(), is_max);
-        if lane.iter().filter(|&&v| v == m).count() > 1 {
-            tied.push(i);
-        } else if tol > S::zero() && lane.iter().any(|&v| v != m && (v - m).abs() <= tol) {
-            near += 1;
+        let mut seen_extremum = false;
+        let mut gap = f64::INFINITY;
+        for &v in lane {
+            if v == m && !seen_extremum {
+                seen_extremum = true;
+            } else {
+                gap = gap.min((v - m).abs().to_f64_exact());
+            }
         }
+        scan.visit(i, gap);
     }
-    (lanes.nrows(), tied, near)
 }
 
 /// Spreads the gradient of a max/min reduction over the extremal elements of each lane.
+#[allow(clippy::too_many_arguments)]
 fn reduce_backward<S: Scalar>(
     x: &ArrayD<S>,
     y: &ArrayD<S>,
@@ -461,10 +429,13 @@ fn reduce_backward<S: Scalar>(
     keep_dims: bool,
     _is_max: bool,
     rule: TieRule,
+    band: S,
 ) -> ArrayD<S> {
     let mut gx = ArrayD::<S>::zeros(x.raw_dim());
+    // Elements within the band of the extremum count as tied with it.
+    let tied = move |v: S, m: S| nonsmooth::at_kink(v - m, band);
     let spread = |lane: ndarray::ArrayView1<'_, S>, mut glane: ndarray::ArrayViewMut1<'_, S>, m: S, gv: S| {
-        let ties = lane.iter().filter(|&&v| v == m).count();
+        let ties = lane.iter().filter(|&&v| tied(v, m)).count();
         if ties == 0 {
             return; // NaN lane: nothing is extremal
         }
@@ -476,17 +447,17 @@ fn reduce_backward<S: Scalar>(
                     gv
                 };
                 Zip::from(&mut glane).and(&lane).for_each(|gi, &v| {
-                    if v == m {
+                    if tied(v, m) {
                         *gi = share
                     }
                 });
             }
             TieRule::First => {
-                let i = lane.iter().position(|&v| v == m).expect("tie exists");
+                let i = lane.iter().position(|&v| tied(v, m)).expect("tie exists");
                 glane[i] = gv;
             }
             TieRule::Last => {
-                let i = lane.iter().rposition(|&v| v == m).expect("tie exists");
+                let i = lane.iter().rposition(|&v| tied(v, m)).expect("tie exists");
                 glane[i] = gv;
             }
         }
@@ -529,14 +500,14 @@ impl<'t, S: Scalar> Var<'t, S> {
 
     /// `max(x, 0)`; relu'(0) from the policy.
     pub fn relu(self) -> Var<'t, S> {
-        self.kink_unary(KinkKind::Relu, None, relu_value)
+        self.kink_unary(KinkKind::Relu, None, nonsmooth::relu)
     }
 
     /// relu with relu'(0) = `slope` for this node only (in [0, 1] unless the tape's policy
     /// allows selections outside the hull).
     pub fn try_relu_with(self, slope: f64) -> Result<Var<'t, S>> {
         check_selection("relu'(0)", slope, 0.0, 1.0, self.outside_ok())?;
-        Ok(self.kink_unary(KinkKind::Relu, Some(Selection::Slope(slope)), relu_value))
+        Ok(self.kink_unary(KinkKind::Relu, Some(Selection::Slope(slope)), nonsmooth::relu))
     }
 
     /// Panicking form of [`try_relu_with`](Self::try_relu_with).
@@ -549,11 +520,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// `leaky_relu` position between `alpha` and 1.
     pub fn leaky_relu(self, alpha: S) -> Var<'t, S> {
         self.kink_unary(KinkKind::LeakyRelu { alpha }, None, move |v| {
-            if v < S::zero() {
-                alpha * v
-            } else {
-                v
-            }
+            nonsmooth::leaky_relu(v, alpha)
         })
     }
 
@@ -563,11 +530,7 @@ impl<'t, S: Scalar> Var<'t, S> {
         check_selection("leaky_relu'(0)", slope, a.min(1.0), a.max(1.0), self.outside_ok())?;
         Ok(
             self.kink_unary(KinkKind::LeakyRelu { alpha }, Some(Selection::Slope(slope)), move |v| {
-                if v > S::zero() {
-                    v
-                } else {
-                    alpha * v
-                }
+                nonsmooth::leaky_relu(v, alpha)
             }),
         )
     }
@@ -812,26 +775,6 @@ fn unravel(shape: &[usize], mut i: usize) -> Vec<usize> {
         i /= d.max(1);
     }
     idx
-}
-
-/// 1 if `c`, else 0, without a branch (kink masks are data dependent and unpredictable).
-#[inline(always)]
-fn one_if<S: Scalar>(c: bool) -> S {
-    if c {
-        S::one()
-    } else {
-        S::zero()
-    }
-}
-
-/// `max(v, 0)`, propagating NaN.
-#[inline]
-fn relu_value<S: Scalar>(v: S) -> S {
-    if v < S::zero() {
-        S::zero()
-    } else {
-        v
-    }
 }
 
 #[inline]

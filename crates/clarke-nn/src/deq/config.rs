@@ -1,7 +1,7 @@
 //! What a DEQ layer is and how it is solved and differentiated.
 
 use clarke_core::{Error, Result};
-use clarke_implicit::{AdjointSolver, GradientMode};
+use clarke_implicit::{AdjointSolver, CheckOptions, GradientMode, KinkBand};
 
 use super::Activation;
 
@@ -80,6 +80,13 @@ pub struct DeqConfig {
     pub adjoint_max_iter: usize,
     /// Run the hypothesis check on every backward pass.
     pub check: bool,
+    /// Thresholds, vertex limits and the refusal rule of the check (the same options as the
+    /// generic implicit layer's; the DEQ cell uses the per-sample walk, so `dense_limit` and
+    /// `contraction_bound` do not apply: the parametrisation supplies the certificates).
+    pub check_options: CheckOptions,
+    /// How pre-activations within the forward solver's error of the kink are treated
+    /// (default: as at the kink, see [`KinkBand`]).
+    pub kink_band: KinkBand,
     /// Most power iterations per forward for the spectral norm (warm-started across steps,
     /// so a few per training step track `sigma_max(V)` as it moves).
     pub power_iterations: usize,
@@ -100,6 +107,8 @@ impl Default for DeqConfig {
             adjoint_tol: 1e-6,
             adjoint_max_iter: 500,
             check: true,
+            check_options: CheckOptions::default(),
+            kink_band: KinkBand::default(),
             power_iterations: 10,
             power_tol: 1e-7,
         }
@@ -158,6 +167,18 @@ impl DeqConfig {
     pub fn with_power_iterations(mut self, max_iter: usize, tol: f64) -> Self {
         self.power_iterations = max_iter;
         self.power_tol = tol;
+        self
+    }
+
+    /// Sets the options of the hypothesis check (thresholds, vertex limits, refusal).
+    pub fn with_check_options(mut self, options: CheckOptions) -> Self {
+        self.check_options = options;
+        self
+    }
+
+    /// Sets how pre-activations within the forward solver's error of the kink are treated.
+    pub fn with_kink_band(mut self, band: KinkBand) -> Self {
+        self.kink_band = band;
         self
     }
 
@@ -221,6 +242,12 @@ impl DeqConfig {
                 "tolerances must be positive (forward {}, adjoint {})",
                 self.forward_tol, self.adjoint_tol
             ));
+        }
+        self.check_options.validate()?;
+        if let KinkBand::SolverError { factor } = self.kink_band {
+            if !(factor.is_finite() && factor >= 0.0) {
+                return bad(format!("the kink band factor must be finite and >= 0, got {factor}"));
+            }
         }
         if self.forward_max_iter == 0 || self.adjoint_max_iter == 0 || self.fixed_forward_iterations == Some(0) {
             return bad("iteration caps must be at least 1".into());

@@ -39,10 +39,9 @@ mod config;
 mod kernel;
 
 use std::cell::{Cell, RefCell};
-use std::rc::Rc;
 
 use clarke_core::gemm::gemm;
-use clarke_core::{Error, KinkLedger, KinkPolicy, Result, Scalar, Var};
+use clarke_core::{Error, KinkLedger, Result, Scalar, Var, VjpContext};
 use clarke_implicit::{AdjointSolver, BackwardReport, CheckOutcome, GradientMode, HypothesisCheck, ReportLog};
 use clarke_solve::{FixedPointOptions, FixedPointReport, FnOperator, SolveOptions, SolveReport, SolveStatus};
 use ndarray::{s, Array1, Array2, Array3, ArrayD, ArrayView2, Axis, Ix1, Ix2, Zip};
@@ -271,7 +270,50 @@ impl<S: Scalar> DeqLayer<S> {
         for _ in 0..k {
             z = self.config.activation.record(z.try_matmul(w.t())?.try_add(input)?);
         }
-        Ok(z)
+        // The residual of the last iterate, for the report every backward leaves.
+        let z_last = z.value().into_dimensionality::<Ix2>().expect("2-D by construction");
+        let pre = kernel::pre_activation(
+            w.value()
+                .into_dimensionality::<Ix2>()
+                .expect("2-D by construction")
+                .view(),
+            input
+                .value()
+                .into_dimensionality::<Ix2>()
+                .expect("2-D by construction")
+                .view(),
+            z_last.view(),
+        );
+        let mut next = pre;
+        self.config.activation.apply_in_place(next.view_mut());
+        let residual = plain_residual(next.view(), z_last.view());
+        let report = BackwardReport {
+            node: self.name.clone(),
+            mode: self.config.gradient,
+            forward: FixedPointReport {
+                solver: "unrolled",
+                iterations: k,
+                evaluations: k,
+                inner_iterations: 0,
+                residual,
+                tolerance: 0.0,
+                status: SolveStatus::MaxIterations,
+                trace: Vec::new(),
+            },
+            forward_residual: residual,
+            adjoint: None,
+            fallback: None,
+            approximate: false,
+            check: HypothesisCheck::not_checked(
+                "the unrolled mode backpropagates through the iterations; no inverse is taken (their kinks are in the ledger of the backward call)",
+            ),
+            kinks: KinkLedger::default(),
+        };
+        let reports = self.reports.clone();
+        tape.try_custom_fn_ctx(&self.name, &[z], z.value(), move |_, _, _, grad| {
+            reports.push(report.clone());
+            Ok(vec![Some(grad.to_owned())])
+        })
     }
 
     /// The forward solve on raw arrays.
@@ -428,7 +470,6 @@ impl<S: Scalar> DeqLayer<S> {
         b: Var<'t, S>,
         solved: Solved<S>,
     ) -> Result<Var<'t, S>> {
-        let node_id = Rc::new(Cell::new(0usize));
         let backward = AdjointContext {
             name: self.name.clone(),
             config: self.config.clone(),
@@ -437,16 +478,13 @@ impl<S: Scalar> DeqLayer<S> {
             forward: solved.report,
             forward_residual: solved.residual,
             reports: self.reports.clone(),
-            node: node_id.clone(),
         };
-        let out = x.tape().try_custom_fn_ctx(
+        x.tape().try_custom_fn_ctx(
             &self.name,
             &[x, w, u, b],
             solved.out.into_dyn(),
-            move |ctx, inputs, _output, grad| backward.vjp(ctx.policy, inputs, grad),
-        )?;
-        node_id.set(out.id());
-        Ok(out)
+            move |ctx, inputs, _output, grad| backward.vjp(ctx, inputs, grad),
+        )
     }
 }
 
@@ -544,16 +582,16 @@ struct AdjointContext<S: Scalar> {
     forward: FixedPointReport,
     forward_residual: f64,
     reports: ReportLog,
-    node: Rc<Cell<usize>>,
 }
 
 impl<S: Scalar> AdjointContext<S> {
     fn vjp(
         &self,
-        policy: &KinkPolicy,
+        ctx: &VjpContext<'_>,
         inputs: &[ndarray::ArrayViewD<'_, S>],
         grad: ndarray::ArrayViewD<'_, S>,
     ) -> Result<Vec<Option<ArrayD<S>>>> {
+        let policy = ctx.policy;
         let (x, w, u) = (as_matrix(&inputs[0]), as_matrix(&inputs[1]), as_matrix(&inputs[2]));
         let g = grad.into_dimensionality::<Ix2>().expect("the output is 2-D");
         if let Some(v) = g.iter().find(|v| !v.is_finite()) {
@@ -562,28 +600,47 @@ impl<S: Scalar> AdjointContext<S> {
                 format!("{}: the incoming gradient has a non-finite entry {v}", self.name),
             ));
         }
-        let derivative = self
-            .config
-            .activation
-            .derivative(self.pre.view(), policy, self.node.get());
+        let residuals = self.sample_residuals();
+        let bands = self.solver_bands(w, &residuals);
+        let derivative = self.config.activation.derivative(self.pre.view(), policy, &bands);
         let d = derivative.d;
-        let kinks = derivative.record.as_ref().map_or(0, |r| r.exact);
+        let record = derivative.record.map(|r| r.in_layer(&self.name, ctx.node));
+        ctx.report_kinks(record.iter().cloned());
+        let kinks = check::SampleKinks {
+            units: derivative.units,
+            hull: record.as_ref().and_then(|r| r.hull).unwrap_or((1.0, 1.0)),
+            within_solver_error: record.as_ref().map_or(0, |r| r.within_solver_error),
+        };
         let check = if self.config.check {
             check::run(
                 self.config.parametrization,
                 self.config.activation.lipschitz(),
                 w,
                 d.view(),
-                kinks,
-                self.forward_residual,
+                &kinks,
+                &residuals,
+                &self.config.check_options,
             )?
         } else {
             HypothesisCheck::not_checked("the check is off for this layer")
         };
-        if check.outcome == CheckOutcome::Violated {
+        let ledger = KinkLedger::from_records(policy.label(), record.into_iter().collect());
+        if check.outcome == CheckOutcome::Violated && self.config.check_options.refuse_violated {
+            let detail = check.to_string();
+            self.reports.push(BackwardReport {
+                node: self.name.clone(),
+                mode: self.config.gradient,
+                forward: self.forward.clone(),
+                forward_residual: self.forward_residual,
+                adjoint: None,
+                fallback: None,
+                approximate: false,
+                check,
+                kinks: ledger,
+            });
             return Err(Error::HypothesisViolated {
                 node: self.name.clone(),
-                detail: check.to_string(),
+                detail,
             });
         }
         let (adj, adjoint) = self.adjoint(w, d.view(), g)?;
@@ -606,7 +663,7 @@ impl<S: Scalar> AdjointContext<S> {
             fallback: None,
             approximate,
             check,
-            kinks: KinkLedger::from_records(policy.name, derivative.record.into_iter().collect()),
+            kinks: ledger,
         });
         Ok(vec![
             Some(x_bar.into_dyn()),
@@ -614,6 +671,41 @@ impl<S: Scalar> AdjointContext<S> {
             Some(u_bar.into_dyn()),
             Some(b_bar.into_dyn()),
         ])
+    }
+
+    /// `||sigma(p_b) - z_b||` for every sample `b`: the absolute forward residual.
+    fn sample_residuals(&self) -> Vec<f64> {
+        let act = self.config.activation;
+        self.pre
+            .outer_iter()
+            .zip(self.z.outer_iter())
+            .map(|(p, z)| {
+                p.iter()
+                    .zip(z.iter())
+                    .map(|(&p, &z)| (act.value(p) - z).to_f64_exact().powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+            })
+            .collect()
+    }
+
+    /// The band around the kink, per sample, inside which a pre-activation is within the
+    /// forward solver's error: `factor * ||z_b - z_b*|| * max_i ||W_i||`, with
+    /// `||z_b - z_b*|| <= r_b / (1 - gamma)` under a spectral bound `gamma < 1` and `r_b`
+    /// otherwise (see [`clarke_implicit::KinkBand`]).
+    fn solver_bands(&self, w: ArrayView2<'_, S>, residuals: &[f64]) -> Vec<f64> {
+        let sigma = match self.config.parametrization {
+            Parametrization::SpectralNorm { gamma } if gamma < 1.0 => 1.0 - gamma,
+            _ => 1.0,
+        };
+        let row_norm = w
+            .outer_iter()
+            .map(|r| r.iter().map(|v| v.to_f64_exact().powi(2)).sum::<f64>().sqrt())
+            .fold(0.0, f64::max);
+        residuals
+            .iter()
+            .map(|&r| self.config.kink_band.width(r, sigma) * row_norm)
+            .collect()
     }
 
     /// Solves `(I - J_z)^T w = g` row by row; `J_z^T v = (v o d) W`.
@@ -699,7 +791,7 @@ impl<S: Scalar> AdjointContext<S> {
         let residual = adjoint_residual(w, d, g, sol.view());
         let status = if run.non_finite || !residual.is_finite() {
             SolveStatus::NonFinite
-        } else if fixed || residual <= tol * 10.0 {
+        } else if fixed || residual <= tol {
             SolveStatus::Converged
         } else {
             SolveStatus::MaxIterations
