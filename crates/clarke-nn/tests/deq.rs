@@ -427,20 +427,27 @@ fn a_fixed_point_near_a_kink_gets_the_selected_element() {
 }
 
 #[test]
-fn the_unrolled_mode_leaves_a_report() {
+fn the_unrolled_and_one_step_modes_leave_a_report() {
     let (params, _) = deq_on_kink(ForwardMethod::Picard);
-    let config = DeqConfig::default()
-        .with_parametrization(Parametrization::Unconstrained)
-        .with_gradient(GradientMode::Unrolled { iterations: 40 });
-    let mut p2 = ParamSet::<f64>::new();
-    let deq = DeqLayer::new(&mut p2, "deq", 1, 2, config, &mut rng(3)).unwrap();
-    *p2.get_mut(p2.id("deq.w").unwrap()) = params.get(params.id("deq.w").unwrap()).clone();
-    let tape = Tape::<f64>::new();
-    let bound = p2.bind(&tape);
-    let z = deq.forward(&bound, tape.constant(ArrayD::zeros(vec![1, 1]))).unwrap();
-    z.sum().backward().unwrap();
-    assert_eq!(deq.reports().len(), 1);
-    assert_eq!(deq.reports().last().unwrap().forward.iterations, 40);
+    for (mode, iterations) in [(GradientMode::Unrolled { iterations: 40 }, Some(40)), (GradientMode::OneStep, None)] {
+        let config = DeqConfig::default()
+            .with_parametrization(Parametrization::Unconstrained)
+            .with_gradient(mode);
+        let mut p2 = ParamSet::<f64>::new();
+        let deq = DeqLayer::new(&mut p2, "deq", 1, 2, config, &mut rng(3)).unwrap();
+        *p2.get_mut(p2.id("deq.w").unwrap()) = params.get(params.id("deq.w").unwrap()).clone();
+        let tape = Tape::<f64>::new();
+        let bound = p2.bind(&tape);
+        let z = deq.forward(&bound, tape.constant(ArrayD::zeros(vec![1, 1]))).unwrap();
+        z.sum().backward().unwrap();
+        assert_eq!(deq.reports().len(), 1, "{mode:?}");
+        let report = deq.reports().last().unwrap();
+        assert_eq!(report.check.outcome, CheckOutcome::NotChecked);
+        assert!(report.adjoint.is_none());
+        if let Some(k) = iterations {
+            assert_eq!(report.forward.iterations, k);
+        }
+    }
 }
 
 #[test]

@@ -19,14 +19,17 @@
 //!
 //! Entries within the tolerance (not only exact kinks) are walked, because a numerical
 //! solution within the solver's accuracy of a kink is indistinguishable from one on it.
+//!
+//! The walk, its thresholds and its verdicts are those of
+//! [`clarke_implicit::check::walk_vertices`], the engine every layer uses; this module adds
+//! what is particular to cones: the strict-complementarity margins, a fast certificate from
+//! the derivative's LU when there is no kink, and the midpoint of boundary blocks.
 
-use clarke_core::Result;
-use clarke_implicit::check::Spectrum;
+use clarke_core::{ElementSelection, Result};
+use clarke_implicit::check::{walk_vertices, Flippable, Form, Spectrum, WalkInput};
 use clarke_implicit::{CheckOptions, CheckOutcome, HypothesisCheck};
 use clarke_solve::DenseLu;
 use ndarray::{s, Array1, Array2, ArrayView1};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 use super::cones::{psd_eigen, soc_margin, Boundary, BoundaryKind, Cone, Cones};
 use super::problem::ConeProgram;
@@ -188,104 +191,68 @@ pub(crate) fn run(lin: &Linearisation<'_>, opts: &CheckOptions) -> Result<Hypoth
         );
         return Ok(check);
     }
-    let sel = Spectrum::of(selected.view())?;
-    check.sigma_min = Some(sel.sigma_min);
-    check.sigma_max = Some(sel.sigma_max);
-    check.error_bound = Some(if sel.sigma_min > 0.0 {
-        residual / sel.sigma_min
-    } else {
-        f64::INFINITY
-    });
-    let mut violated = Vec::new();
-    if sel.relative() <= opts.singular_tol {
-        violated.push(format!(
-            "the selected element is singular: sigma_min(M) = {:.3e}, sigma_max = {:.3e}",
-            sel.sigma_min, sel.sigma_max
-        ));
-    }
-
-    let exhaustive = k <= opts.exhaustive_limit;
-    let mut patterns: Vec<Vec<Option<f64>>> = Vec::new();
-    if k == 0 {
-        // One element: the selected one, already examined.
-    } else if exhaustive {
-        for bits in 0..(1u64 << k) {
-            patterns.push((0..k).map(|i| Some(((bits >> i) & 1) as f64)).collect());
+    // The walk of the one engine: `M` is the inverted block (a root form, judged relative to
+    // its own largest singular value), each boundary a selection in [0, 1].
+    let input = WalkInput {
+        form: Form::Root,
+        flippable: (0..k)
+            .map(|element| Flippable {
+                node: 0,
+                element,
+                low: 0.0,
+                high: 1.0,
+            })
+            .collect(),
+        kink_elements: exact,
+        frozen: 0,
+        within_solver_error: k - exact,
+        forward_residual: residual,
+        unit: 0.0,
+    };
+    let matrix_at = |selections: &[ElementSelection]| -> Array2<f64> {
+        let mut pattern = vec![None; k];
+        for e in selections {
+            pattern[e.element] = Some(e.value);
         }
-    } else {
-        let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-        for _ in 0..opts.samples {
-            patterns.push(
-                (0..k)
-                    .map(|_| Some(if rng.random::<bool>() { 1.0 } else { 0.0 }))
-                    .collect(),
+        let j = prog.cones.dual_jacobian(v, boundaries, &pattern, default_q);
+        jacobian_matrix(prog, &j)
+    };
+    let mut walked = walk_vertices(&input, opts, |selections| {
+        Ok(if selections.is_empty() {
+            selected.clone()
+        } else {
+            matrix_at(selections)
+        })
+    })?
+    .check;
+    walked.flippable = k;
+    if blocks > 0 && walked.outcome != CheckOutcome::Violated {
+        // A boundary block moves several columns at once: det M is not affine in its
+        // selection, so vertices certify nothing; the midpoint is examined too.
+        let midpoint: Vec<ElementSelection> = (0..k)
+            .map(|element| ElementSelection {
+                node: 0,
+                element,
+                value: 0.5,
+            })
+            .collect();
+        let spec = Spectrum::of(matrix_at(&midpoint).view())?;
+        walked.vertices += 1;
+        walked.min_vertex_sigma = Some(walked.min_vertex_sigma.map_or(spec.sigma_min, |s| s.min(spec.sigma_min)));
+        if spec.relative() <= opts.singular_tol {
+            walked.outcome = CheckOutcome::Violated;
+            walked.reasons.insert(
+                0,
+                format!("the midpoint of the block selections is singular: sigma_min(M) = {:.3e}", spec.sigma_min),
             );
-        }
-    }
-    if blocks > 0 {
-        patterns.push(vec![Some(0.5); k]);
-    }
-    let exhaustive = exhaustive || k == 0;
-    let mut signs = vec![sel.det_sign];
-    let mut min_vertex: Option<f64> = None;
-    for pattern in &patterns {
-        let j = prog.cones.dual_jacobian(v, boundaries, pattern, default_q);
-        let m = jacobian_matrix(prog, &j);
-        let spec = Spectrum::of(m.view())?;
-        min_vertex = Some(min_vertex.map_or(spec.sigma_min, |a: f64| a.min(spec.sigma_min)));
-        signs.push(spec.det_sign);
-        if spec.relative() <= opts.singular_tol && violated.len() < 4 {
-            violated.push(format!(
-                "the element with selections {:?} at the {} kink(s) is singular: sigma_min(M) = {:.3e}",
-                pattern.iter().map(|q| q.unwrap_or(default_q)).collect::<Vec<_>>(),
-                k,
-                spec.sigma_min
+        } else {
+            walked.outcome = CheckOutcome::Warning;
+            walked.reasons.push(format!(
+                "{blocks} second-order or PSD block(s) on a boundary: vertices and midpoint invertible, no certificate"
             ));
         }
     }
-    check.vertices = if k > 0 { patterns.len() } else { 0 };
-    check.exhaustive = exhaustive;
-    check.min_vertex_sigma = if k > 0 { min_vertex } else { None };
-    let nonzero: Vec<i8> = signs.iter().copied().filter(|&s| s != 0).collect();
-    check.determinant_sign_change = nonzero.windows(2).any(|w| w[0] != w[1]);
-    if check.determinant_sign_change {
-        violated.push("det(M) changes sign over the selections, so an element in between is singular".into());
-    }
-    let smallest = min_vertex.map_or(sel.sigma_min, |v| v.min(sel.sigma_min));
-    if !violated.is_empty() {
-        check.outcome = CheckOutcome::Violated;
-        check.reasons.extend(violated);
-        return Ok(check);
-    }
-    let relative = smallest / sel.sigma_max.max(f64::MIN_POSITIVE);
-    if relative <= opts.warn_tol {
-        check.reasons.push(format!(
-            "nearly singular: smallest sigma_min(M) / sigma_max = {relative:.3e} <= {:.1e}",
-            opts.warn_tol
-        ));
-        return Ok(check);
-    }
-    if k == 0 {
-        check.outcome = CheckOutcome::Certified;
-        check
-            .reasons
-            .push("strictly complementary solution: one element, invertible".into());
-    } else if exhaustive && blocks == 0 {
-        check.outcome = CheckOutcome::Certified;
-        check.reasons.push(format!(
-            "det(M) keeps one sign at all {} vertices of the {k} kink selection(s): every element is invertible",
-            patterns.len()
-        ));
-    } else if blocks > 0 {
-        check.reasons.push(format!(
-            "{blocks} second-order or PSD block(s) on a boundary: vertices and midpoint invertible, no certificate"
-        ));
-    } else {
-        check
-            .reasons
-            .push(format!("{} of 2^{k} vertices sampled, all invertible", patterns.len()));
-    }
-    Ok(check)
+    Ok(walked)
 }
 
 /// Estimates of `sigma_min(M)` (inverse iteration on `M^T M` through the LU) and

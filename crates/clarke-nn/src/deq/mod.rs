@@ -255,7 +255,9 @@ impl<S: Scalar> DeqLayer<S> {
                     let tape = x.tape();
                     let z = tape.constant(solved.z.into_dyn());
                     let pre = z.try_matmul(w.t())?.try_add(x.try_matmul(u.t())?)?.try_add(b)?;
-                    return Ok(self.config.activation.record(pre));
+                    let out = self.config.activation.record(pre);
+                    let reason = "the one-step mode differentiates one application of the cell at the detached solution; no inverse is taken (its kinks are in the ledger of the backward call)";
+                    return self.logged(out, solved.report, solved.residual, true, reason);
                 }
                 self.record_implicit(x, w, u, b, solved)
             }
@@ -287,30 +289,43 @@ impl<S: Scalar> DeqLayer<S> {
         let mut next = pre;
         self.config.activation.apply_in_place(next.view_mut());
         let residual = plain_residual(next.view(), z_last.view());
+        let forward = FixedPointReport {
+            solver: "unrolled",
+            iterations: k,
+            evaluations: k,
+            inner_iterations: 0,
+            residual,
+            tolerance: 0.0,
+            status: SolveStatus::MaxIterations,
+            trace: Vec::new(),
+        };
+        let reason = "the unrolled mode backpropagates through the iterations; no inverse is taken (their kinks are in the ledger of the backward call)";
+        self.logged(z, forward, residual, false, reason)
+    }
+
+    /// Passes `z` through an identity node whose backward logs a report, for the modes
+    /// whose gradient is plain backpropagation (every backward leaves a report).
+    fn logged<'t>(
+        &self,
+        z: Var<'t, S>,
+        forward: FixedPointReport,
+        residual: f64,
+        approximate: bool,
+        reason: &str,
+    ) -> Result<Var<'t, S>> {
         let report = BackwardReport {
             node: self.name.clone(),
             mode: self.config.gradient,
-            forward: FixedPointReport {
-                solver: "unrolled",
-                iterations: k,
-                evaluations: k,
-                inner_iterations: 0,
-                residual,
-                tolerance: 0.0,
-                status: SolveStatus::MaxIterations,
-                trace: Vec::new(),
-            },
+            forward,
             forward_residual: residual,
             adjoint: None,
             fallback: None,
-            approximate: false,
-            check: HypothesisCheck::not_checked(
-                "the unrolled mode backpropagates through the iterations; no inverse is taken (their kinks are in the ledger of the backward call)",
-            ),
+            approximate,
+            check: HypothesisCheck::not_checked(reason),
             kinks: KinkLedger::default(),
         };
         let reports = self.reports.clone();
-        tape.try_custom_fn_ctx(&self.name, &[z], z.value(), move |_, _, _, grad| {
+        z.tape().try_custom_fn_ctx(&self.name, &[z], z.value(), move |_, _, _, grad| {
             reports.push(report.clone());
             Ok(vec![Some(grad.to_owned())])
         })
