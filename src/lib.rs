@@ -18,3 +18,8 @@ pub use clarke_core as core;
 pub use clarke_implicit as implicit;
 pub use clarke_nn as nn;
 pub use clarke_solve as solve;
+
+/// The code blocks of the README, compiled and run as doctests so that they cannot rot.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

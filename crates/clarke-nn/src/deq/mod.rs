@@ -92,6 +92,13 @@ impl<S: Scalar> DeqLayer<S> {
     /// Adds the layer's parameters to `params` (names prefixed with `name`) and returns it.
     /// `x` will be `[batch, input_dim]`, `z` `[batch, width]`.
     ///
+    /// The parameters, found with `params.id("NAME.…")` and set with `params.get_mut`:
+    /// `NAME.u` (`[width, input_dim]`) and `NAME.bias` (`[width]`) in every form, and for `W`
+    /// (`[width, width]`) `NAME.w` (unconstrained), `NAME.v` (spectral norm: `W = gamma V /
+    /// sigma_max(V)`) or `NAME.a` and `NAME.b_skew` (monotone: `W = (1 - m) I -
+    /// A^T A + B - B^T`). The random initialisation draws from `rng`; overwrite any of them
+    /// afterwards to start from given weights.
+    ///
     /// # Errors
     /// Invalid options or dimensions, or a duplicate parameter name.
     pub fn new(
@@ -325,10 +332,11 @@ impl<S: Scalar> DeqLayer<S> {
             kinks: KinkLedger::default(),
         };
         let reports = self.reports.clone();
-        z.tape().try_custom_fn_ctx(&self.name, &[z], z.value(), move |_, _, _, grad| {
-            reports.push(report.clone());
-            Ok(vec![Some(grad.to_owned())])
-        })
+        z.tape()
+            .try_custom_fn_ctx(&self.name, &[z], z.value(), move |_, _, _, grad| {
+                reports.push(report.clone());
+                Ok(vec![Some(grad.to_owned())])
+            })
     }
 
     /// The forward solve on raw arrays.
