@@ -429,7 +429,10 @@ fn a_fixed_point_near_a_kink_gets_the_selected_element() {
 #[test]
 fn the_unrolled_and_one_step_modes_leave_a_report() {
     let (params, _) = deq_on_kink(ForwardMethod::Picard);
-    for (mode, iterations) in [(GradientMode::Unrolled { iterations: 40 }, Some(40)), (GradientMode::OneStep, None)] {
+    for (mode, iterations) in [
+        (GradientMode::Unrolled { iterations: 40 }, Some(40)),
+        (GradientMode::OneStep, None),
+    ] {
         let config = DeqConfig::default()
             .with_parametrization(Parametrization::Unconstrained)
             .with_gradient(mode);

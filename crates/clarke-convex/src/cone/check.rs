@@ -238,12 +238,19 @@ pub(crate) fn run(lin: &Linearisation<'_>, opts: &CheckOptions) -> Result<Hypoth
             .collect();
         let spec = Spectrum::of(matrix_at(&midpoint).view())?;
         walked.vertices += 1;
-        walked.min_vertex_sigma = Some(walked.min_vertex_sigma.map_or(spec.sigma_min, |s| s.min(spec.sigma_min)));
+        walked.min_vertex_sigma = Some(
+            walked
+                .min_vertex_sigma
+                .map_or(spec.sigma_min, |s| s.min(spec.sigma_min)),
+        );
         if spec.relative() <= opts.singular_tol {
             walked.outcome = CheckOutcome::Violated;
             walked.reasons.insert(
                 0,
-                format!("the midpoint of the block selections is singular: sigma_min(M) = {:.3e}", spec.sigma_min),
+                format!(
+                    "the midpoint of the block selections is singular: sigma_min(M) = {:.3e}",
+                    spec.sigma_min
+                ),
             );
         } else {
             walked.outcome = CheckOutcome::Warning;
