@@ -236,10 +236,12 @@ impl DeqConfig {
             ForwardMethod::Anderson { memory: 0 } => return bad("Anderson needs a memory of at least 1".into()),
             _ => {}
         }
-        let positive = |t: f64| t > 0.0 && t.is_finite();
-        if !positive(self.forward_tol) || !positive(self.adjoint_tol) {
+        // A zero tolerance asks for an exact fixed point (as the generic implicit layer
+        // allows): the solve then runs to its cap and says so if it never gets there.
+        let valid = |t: f64| t >= 0.0 && t.is_finite();
+        if !valid(self.forward_tol) || !valid(self.adjoint_tol) {
             return bad(format!(
-                "tolerances must be positive (forward {}, adjoint {})",
+                "tolerances must be finite and >= 0 (forward {}, adjoint {})",
                 self.forward_tol, self.adjoint_tol
             ));
         }
