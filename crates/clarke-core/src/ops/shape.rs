@@ -84,6 +84,24 @@ impl ShapeOp {
     }
 }
 
+/// The element count of `shape`, refusing a shape no array can have: the product of its
+/// non-zero axis lengths must fit in `isize` (what ndarray requires, even when an axis is 0).
+fn element_count(op: &'static str, shape: &[usize]) -> Result<usize> {
+    let nonzero = shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| isize::try_from(n).is_ok());
+    match nonzero {
+        Some(_) if shape.contains(&0) => Ok(0),
+        Some(n) => Ok(n),
+        None => Err(Error::invalid(
+            op,
+            format!("shape {shape:?} has too many elements: the product of its axis lengths overflows isize"),
+        )),
+    }
+}
+
 /// Reshapes in row-major order, copying only when the layout requires it.
 fn reshape<S: Scalar>(a: ArrayD<S>, shape: &[usize]) -> ArrayD<S> {
     match a.to_shape(IxDyn(shape)) {
@@ -96,7 +114,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Reshapes (row-major order). The element count must not change.
     pub fn try_reshape(self, shape: &[usize]) -> Result<Var<'t, S>> {
         let from = self.shape();
-        if from.iter().product::<usize>() != shape.iter().product::<usize>() {
+        if self.len() != element_count("reshape", shape)? {
             return Err(Error::shapes("reshape", &from, shape, "element counts differ"));
         }
         let value = self.with_value(|x| reshape(x.clone(), shape));
@@ -114,6 +132,7 @@ impl<'t, S: Scalar> Var<'t, S> {
 
     /// Broadcasts to `shape` (NumPy rules); backward sums over the broadcast axes.
     pub fn try_broadcast_to(self, shape: &[usize]) -> Result<Var<'t, S>> {
+        element_count("broadcast_to", shape)?;
         let value = self.with_value(|x| {
             x.broadcast(IxDyn(shape))
                 .map(|v| v.to_owned())
@@ -217,7 +236,18 @@ impl<S: Scalar> Tape<S> {
                     return Err(Error::shapes("concat", a, b, format!("all axes but {axis} must agree")));
                 }
             }
-            let lengths = views.iter().map(|v| v.shape()[axis]).collect();
+            let lengths: Vec<usize> = views.iter().map(|v| v.shape()[axis]).collect();
+            let mut shape = views[0].shape().to_vec();
+            shape[axis] = lengths
+                .iter()
+                .try_fold(0usize, |n, &l| n.checked_add(l))
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "concat",
+                        format!("the lengths {lengths:?} along axis {axis} overflow usize"),
+                    )
+                })?;
+            element_count("concat", &shape)?;
             (concatenate(Axis(axis), &views).expect("shapes checked"), lengths)
         };
         let inputs: Inputs = parts.iter().map(|p| p.id()).collect();
@@ -258,6 +288,9 @@ impl<S: Scalar> Tape<S> {
                     ));
                 }
             }
+            let mut shape = views[0].shape().to_vec();
+            shape.insert(axis, views.len());
+            element_count("stack", &shape)?;
             ndarray::stack(Axis(axis), &views).expect("shapes checked")
         };
         let inputs: Inputs = parts.iter().map(|p| p.id()).collect();
