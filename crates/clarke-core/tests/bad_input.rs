@@ -1,5 +1,10 @@
 //! Bad input gives a typed error naming the op and the offending shape or value, never a
-//! panic inside a `Result` function or a silently wrong value.
+//! panic inside a `Result` function or a silently wrong value; the panicking forms point
+//! at the caller's line.
+
+use std::cell::RefCell;
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::Once;
 
 use clarke_core::{Error, Tape};
 use ndarray::arr1;
@@ -38,4 +43,77 @@ fn reshape_to_an_overflowing_shape_is_an_error() {
     // Fine shapes still work.
     assert_eq!(x.try_reshape(&[2, 1]).unwrap().shape(), vec![2, 1]);
     assert_eq!(empty.try_reshape(&[0, 5]).unwrap().shape(), vec![0, 5]);
+}
+
+thread_local! {
+    static CAPTURED: RefCell<Option<Option<(String, u32)>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f`, which must panic, and returns the file and line the panic reports.
+fn panic_location(f: impl FnOnce()) -> (String, u32) {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = panic::take_hook();
+        panic::set_hook(Box::new(move |info| {
+            let capturing = CAPTURED.with(|c| {
+                let mut c = c.borrow_mut();
+                match c.as_mut() {
+                    Some(slot) => {
+                        *slot = info.location().map(|l| (l.file().to_string(), l.line()));
+                        true
+                    }
+                    None => false,
+                }
+            });
+            if !capturing {
+                previous(info);
+            }
+        }));
+    });
+    CAPTURED.with(|c| *c.borrow_mut() = Some(None));
+    let result = panic::catch_unwind(AssertUnwindSafe(f));
+    let location = CAPTURED.with(|c| c.borrow_mut().take()).flatten();
+    assert!(result.is_err(), "expected a panic");
+    location.expect("the panic hook saw a location")
+}
+#[test]
+fn panicking_forms_report_the_callers_line() {
+    let tape = &Tape::<f64>::new();
+    let a = tape.param(arr1(&[1.0, 2.0]).into_dyn());
+    let b = tape.param(arr1(&[1.0, 2.0, 3.0]).into_dyn());
+    let other = Tape::<f64>::new();
+    let c = other.param(arr1(&[1.0, 2.0]).into_dyn());
+    // Each case is the line it is written on and a closure that panics on that line.
+    macro_rules! case {
+        ($e:expr) => {
+            (
+                line!(),
+                Box::new(move || {
+                    let _ = $e;
+                }) as Box<dyn FnOnce() + '_>,
+            )
+        };
+    }
+    let cases = vec![
+        case!(a + b),
+        case!(a - b),
+        case!(a * b),
+        case!(a / b),
+        case!(a + c),
+        case!(a.scalar()),
+        case!(a.reshape(&[3])),
+        case!(a.broadcast_to(&[3])),
+        case!(a.slice_axis(0, 1..5)),
+        case!(a.index_select(0, &[2])),
+        case!(tape.concat(&[a, b.reshape(&[3, 1])], 0)),
+        case!(tape.stack(&[a, b], 0)),
+    ];
+    for (line, f) in cases {
+        let (file, at) = panic_location(f);
+        assert!(
+            file.ends_with("bad_input.rs"),
+            "line {line}: the panic points into {file}:{at}"
+        );
+        assert_eq!(at, line, "the panic points at line {at} of {file}");
+    }
 }

@@ -5,7 +5,7 @@ use ndarray::{concatenate, ArrayD, ArrayViewD, Axis, IxDyn, Slice};
 use crate::kernels::{check_axis, reduce_to_shape};
 use crate::op::{Ctx, InputGrads, Op};
 use crate::tape::{Inputs, Tape};
-use crate::var::Var;
+use crate::var::{fail, Var};
 use crate::{Error, Result, Scalar};
 
 pub(crate) enum ShapeOp {
@@ -127,7 +127,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_reshape`](Self::try_reshape).
     #[track_caller]
     pub fn reshape(self, shape: &[usize]) -> Var<'t, S> {
-        self.try_reshape(shape).unwrap_or_else(|e| panic!("{e}"))
+        fail(self.try_reshape(shape))
     }
 
     /// Broadcasts to `shape` (NumPy rules); backward sums over the broadcast axes.
@@ -147,7 +147,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_broadcast_to`](Self::try_broadcast_to).
     #[track_caller]
     pub fn broadcast_to(self, shape: &[usize]) -> Var<'t, S> {
-        self.try_broadcast_to(shape).unwrap_or_else(|e| panic!("{e}"))
+        fail(self.try_broadcast_to(shape))
     }
 
     /// Elements `start..end` along `axis`.
@@ -176,7 +176,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_slice_axis`](Self::try_slice_axis).
     #[track_caller]
     pub fn slice_axis(self, axis: usize, range: std::ops::Range<usize>) -> Var<'t, S> {
-        self.try_slice_axis(axis, range).unwrap_or_else(|e| panic!("{e}"))
+        fail(self.try_slice_axis(axis, range))
     }
 
     /// The sub-arrays at `indices` along `axis` (repeats allowed; backward scatter-adds).
@@ -201,7 +201,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_index_select`](Self::try_index_select).
     #[track_caller]
     pub fn index_select(self, axis: usize, indices: &[usize]) -> Var<'t, S> {
-        self.try_index_select(axis, indices).unwrap_or_else(|e| panic!("{e}"))
+        fail(self.try_index_select(axis, indices))
     }
 }
 
@@ -257,7 +257,7 @@ impl<S: Scalar> Tape<S> {
     /// Panicking form of [`try_concat`](Self::try_concat).
     #[track_caller]
     pub fn concat<'t>(&'t self, parts: &[Var<'t, S>], axis: usize) -> Var<'t, S> {
-        self.try_concat(parts, axis).unwrap_or_else(|e| panic!("{e}"))
+        fail(self.try_concat(parts, axis))
     }
 
     /// Stacks equal-shaped Vars along a new `axis`.
@@ -300,6 +300,6 @@ impl<S: Scalar> Tape<S> {
     /// Panicking form of [`try_stack`](Self::try_stack).
     #[track_caller]
     pub fn stack<'t>(&'t self, parts: &[Var<'t, S>], axis: usize) -> Var<'t, S> {
-        self.try_stack(parts, axis).unwrap_or_else(|e| panic!("{e}"))
+        fail(self.try_stack(parts, axis))
     }
 }
