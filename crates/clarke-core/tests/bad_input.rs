@@ -45,6 +45,34 @@ fn reshape_to_an_overflowing_shape_is_an_error() {
     assert_eq!(empty.try_reshape(&[0, 5]).unwrap().shape(), vec![0, 5]);
 }
 
+#[test]
+fn eval_scoped_refuses_a_var_of_another_tape() {
+    let tape = Tape::<f64>::new();
+    let theta = tape.param(arr1(&[1.0, 2.0]).into_dyn());
+    // The closure may return any Var that outlives it: one of a tape that lives forever.
+    let other: &'static Tape<f64> = Box::leak(Box::new(Tape::new()));
+    let foreign = other.param(arr1(&[7.0]).into_dyn());
+    let r = tape.eval_scoped(&[theta.id()], |_, _| Ok(foreign));
+    match r {
+        Err(Error::ForeignVar { op, node }) => {
+            assert_eq!((op, node), ("Tape::eval_scoped", foreign.id()));
+        }
+        other => panic!("expected ForeignVar, got {other:?}"),
+    }
+    // The scratch frame is still dropped, and the tape still works.
+    assert_eq!(tape.len(), 1);
+    let v = tape.eval_scoped(&[theta.id()], |_, th| Ok(th[0] * 2.0)).unwrap();
+    assert_eq!(v, arr1(&[2.0, 4.0]).into_dyn());
+}
+
+#[test]
+fn grads_know_their_tape() {
+    let (t1, t2) = (Tape::<f64>::new(), Tape::<f64>::new());
+    let g = t1.param(arr1(&[1.0]).into_dyn()).sum().backward().unwrap();
+    assert!(g.is_from(&t1));
+    assert!(!g.is_from(&t2));
+}
+
 thread_local! {
     static CAPTURED: RefCell<Option<Option<(String, u32)>>> = const { RefCell::new(None) };
 }
