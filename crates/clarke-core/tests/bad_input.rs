@@ -73,6 +73,19 @@ fn grads_know_their_tape() {
     assert!(!g.is_from(&t2));
 }
 
+#[test]
+fn leaky_relu_with_a_nan_alpha_blames_alpha() {
+    let tape = Tape::<f64>::new();
+    let x = tape.param(arr1(&[0.0, 1.0]).into_dyn());
+    match x.try_leaky_relu_with(f64::NAN, 0.5) {
+        Err(Error::InvalidArgument { op, detail }) => {
+            assert_eq!(op, "leaky_relu");
+            assert!(detail.contains("alpha") && detail.contains("NaN"), "{detail}");
+        }
+        other => panic!("expected InvalidArgument on alpha, got {other:?}"),
+    }
+}
+
 thread_local! {
     static CAPTURED: RefCell<Option<Option<(String, u32)>>> = const { RefCell::new(None) };
 }
