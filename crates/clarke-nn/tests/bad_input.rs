@@ -1,0 +1,107 @@
+//! Bad input to parameters, optimisers, data and metrics gives a typed error naming the op
+//! and the offending value, never a panic inside a `Result` function or a silently wrong
+//! value.
+
+use clarke_core::{Error, Tape};
+use clarke_nn::deq::{DeqConfig, DeqLayer};
+use clarke_nn::{Linear, ParamSet};
+use ndarray::{arr1, Array2, ArrayD, IxDyn};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+fn invalid(e: Error, op: &str, words: &[&str]) {
+    match &e {
+        Error::InvalidArgument { op: o, detail } if *o == op => {
+            for w in words {
+                assert!(detail.contains(w), "{w:?} not in: {e}");
+            }
+        }
+        _ => panic!("expected InvalidArgument from {op}, got {e:?}"),
+    }
+}
+
+fn zeros(shape: &[usize]) -> ArrayD<f64> {
+    ArrayD::zeros(IxDyn(shape))
+}
+
+#[test]
+fn param_ids_of_another_set_are_refused() {
+    let mut a = ParamSet::<f64>::new();
+    let a0 = a.add("w", zeros(&[2])).unwrap();
+    let a1 = a.add("b", zeros(&[3])).unwrap();
+    let mut b = ParamSet::<f64>::new();
+    b.add("w", zeros(&[2])).unwrap();
+    // Out of range in `b`, and in range but still another set's.
+    invalid(b.try_get(a1).unwrap_err(), "ParamSet::get", &["parameter #1", "set"]);
+    invalid(b.try_get(a0).unwrap_err(), "ParamSet::get", &["parameter #0", "set"]);
+    invalid(b.try_get_mut(a0).unwrap_err(), "ParamSet::get_mut", &["set"]);
+    let panic = std::panic::catch_unwind(|| b.get(a1).len()).unwrap_err();
+    let message = panic.downcast_ref::<String>().expect("a formatted message");
+    assert!(
+        message.contains("ParamSet::get") && message.contains("belongs to"),
+        "{message}"
+    );
+    // A clone is the same set.
+    let c = a.clone();
+    assert_eq!(c.get(a1).shape(), &[3]);
+    assert_eq!(c.name(a0), "w");
+    assert_eq!(c.ids().collect::<Vec<_>>(), vec![a0, a1]);
+}
+
+#[test]
+fn layers_refuse_a_bound_of_another_set() {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut params = ParamSet::<f64>::new();
+    let deq = DeqLayer::new(&mut params, "deq", 2, 3, DeqConfig::default(), &mut rng).unwrap();
+    let head = Linear::new(&mut params, "head", 3, 2, &mut rng).unwrap();
+    let mut smaller = ParamSet::<f64>::new();
+    smaller.add("only", zeros(&[3, 3])).unwrap();
+    for other in [ParamSet::<f64>::new(), smaller] {
+        let tape = Tape::<f64>::new();
+        let bound = other.bind(&tape);
+        let x = tape.constant(Array2::from_elem((4, 2), 0.5).into_dyn());
+        invalid(deq.forward(&bound, x).unwrap_err(), "Bound::var", &["belongs to"]);
+        let z = tape.constant(Array2::from_elem((4, 3), 0.5).into_dyn());
+        invalid(head.forward(&bound, z).unwrap_err(), "Bound::var", &["belongs to"]);
+    }
+    // The set's own binding works.
+    let tape = Tape::<f64>::new();
+    let bound = params.bind(&tape);
+    let x = tape.constant(Array2::from_elem((4, 2), 0.5).into_dyn());
+    head.forward(&bound, deq.forward(&bound, x).unwrap()).unwrap();
+}
+
+#[test]
+fn gradients_refuse_another_tape_or_set() {
+    let mut params = ParamSet::<f64>::new();
+    let w = params.add("w", arr1(&[1.0, 2.0]).into_dyn()).unwrap();
+    let tape = Tape::<f64>::new();
+    let bound = params.bind(&tape);
+    let grads = bound.var(w).sum().backward().unwrap();
+    assert_eq!(
+        bound.gradients(&grads, &params).unwrap()[0],
+        arr1(&[1.0, 1.0]).into_dyn()
+    );
+    // Gradients of the same parameters bound on another tape.
+    let other_tape = Tape::<f64>::new();
+    let other_bound = params.bind(&other_tape);
+    let other_grads = (other_bound.var(w) * 3.0).sum().backward().unwrap();
+    invalid(
+        bound.gradients(&other_grads, &params).unwrap_err(),
+        "Bound::gradients",
+        &["another tape"],
+    );
+    // Another set (even with the same shapes), or one smaller than the bound one.
+    let mut twin = ParamSet::<f64>::new();
+    twin.add("w", arr1(&[1.0, 2.0]).into_dyn()).unwrap();
+    invalid(
+        bound.gradients(&grads, &twin).unwrap_err(),
+        "Bound::gradients",
+        &["set"],
+    );
+    invalid(
+        bound.gradients(&grads, &ParamSet::new()).unwrap_err(),
+        "Bound::gradients",
+        &["set"],
+    );
+}
