@@ -88,6 +88,11 @@ impl<S: Scalar> ParamSet<S> {
         }
     }
 
+    /// The identity of this set (shared by its clones).
+    pub(crate) fn identity(&self) -> u64 {
+        self.id
+    }
+
     /// Adds a parameter. Names must be unique.
     ///
     /// # Errors

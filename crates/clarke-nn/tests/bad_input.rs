@@ -4,6 +4,7 @@
 
 use clarke_core::{Error, Tape};
 use clarke_nn::deq::{DeqConfig, DeqLayer};
+use clarke_nn::optim::{Adam, Optimizer, Schedule, Sgd};
 use clarke_nn::{Linear, ParamSet};
 use ndarray::{arr1, Array2, ArrayD, IxDyn};
 use rand::SeedableRng;
@@ -104,4 +105,117 @@ fn gradients_refuse_another_tape_or_set() {
         "Bound::gradients",
         &["set"],
     );
+}
+
+#[test]
+fn optimisers_refuse_another_set_or_changed_shapes() {
+    let mut first = ParamSet::<f64>::new();
+    first.add("w", zeros(&[2])).unwrap();
+    let mut second = ParamSet::<f64>::new();
+    second.add("w", zeros(&[3])).unwrap();
+    let mut sgd = Sgd::new(Schedule::Constant(0.1), 0.9).unwrap();
+    sgd.step(&mut first, &[arr1(&[1.0, 1.0]).into_dyn()]).unwrap();
+    let g3 = [arr1(&[1.0, 1.0, 1.0]).into_dyn()];
+    invalid(sgd.step(&mut second, &g3).unwrap_err(), "Sgd::step", &["set"]);
+    assert_eq!(second.values()[0], zeros(&[3]), "nothing moved");
+
+    // Adam on a larger set: refused rather than never updating the extra parameter.
+    let mut larger = ParamSet::<f64>::new();
+    larger.add("w", zeros(&[2])).unwrap();
+    larger.add("extra", zeros(&[1])).unwrap();
+    let mut adam = Adam::new(Schedule::Constant(0.1)).unwrap();
+    adam.step(&mut first, &[arr1(&[1.0, 1.0]).into_dyn()]).unwrap();
+    let g = [arr1(&[1.0, 1.0]).into_dyn(), arr1(&[1.0]).into_dyn()];
+    invalid(adam.step(&mut larger, &g).unwrap_err(), "Adam::step", &["set"]);
+    // The same set grown after the first step, or with a parameter of another shape.
+    let mut grown = first.clone();
+    grown.add("extra", zeros(&[1])).unwrap();
+    invalid(
+        adam.step(&mut grown, &g).unwrap_err(),
+        "Adam::step",
+        &["1 parameters", "has 2"],
+    );
+    let mut reshaped = first.clone();
+    let w = reshaped.id("w").unwrap();
+    *reshaped.get_mut(w) = zeros(&[3]);
+    match sgd.step(&mut reshaped, &g3) {
+        Err(Error::ShapeMismatch {
+            op: "Sgd::step",
+            lhs,
+            rhs,
+            ..
+        }) => assert_eq!((lhs, rhs), (vec![3], vec![2])),
+        other => panic!("expected ShapeMismatch, got {other:?}"),
+    }
+    // Its own set (or a clone of it) still steps.
+    let mut clone = first.clone();
+    adam.step(&mut clone, &[arr1(&[1.0, 1.0]).into_dyn()]).unwrap();
+    sgd.step(&mut first, &[arr1(&[1.0, 1.0]).into_dyn()]).unwrap();
+}
+
+#[test]
+fn optimiser_settings_are_validated() {
+    let sgd = || Sgd::<f64>::new(Schedule::Constant(0.1), 0.9).unwrap();
+    for wd in [f64::NAN, f64::INFINITY, -1.0] {
+        invalid(
+            sgd().with_weight_decay(wd).unwrap_err(),
+            "Sgd::with_weight_decay",
+            &[&wd.to_string()],
+        );
+    }
+    assert!(sgd().with_weight_decay(1e-4).is_ok());
+    let f32_sgd = Sgd::<f32>::new(Schedule::Constant(0.1), 0.9).unwrap();
+    invalid(
+        f32_sgd.with_weight_decay(1e39).unwrap_err(),
+        "Sgd::with_weight_decay",
+        &["f32"],
+    );
+    for factor in [f64::INFINITY, f64::NAN] {
+        let step = Schedule::Step {
+            lr: 0.1,
+            factor,
+            every: 10,
+        };
+        invalid(Sgd::<f64>::new(step, 0.0).unwrap_err(), "Schedule", &["factor"]);
+        invalid(Adam::<f64>::new(step).unwrap_err(), "Schedule", &["factor"]);
+    }
+    let inverse = Schedule::InverseTime {
+        lr: 0.1,
+        offset: 10.0,
+        power: f64::INFINITY,
+    };
+    assert!(Adam::<f64>::new(inverse).is_err());
+    // A rate that overflows f32.
+    invalid(
+        Sgd::<f32>::new(Schedule::Constant(1e39), 0.0).unwrap_err(),
+        "Sgd::new",
+        &["1e39", "f32"],
+    );
+    invalid(
+        Adam::<f32>::new(Schedule::Constant(1e39)).unwrap_err(),
+        "Adam::new",
+        &["f32"],
+    );
+    assert!(Sgd::<f64>::new(Schedule::Constant(1e39), 0.0).is_ok());
+    // A growing schedule that overflows f32 at step 2: refused there, nothing moves.
+    let growing = Schedule::Step {
+        lr: 1.0,
+        factor: 1e30,
+        every: 1,
+    };
+    let mut params = ParamSet::<f32>::new();
+    params.add("w", ArrayD::zeros(IxDyn(&[1]))).unwrap();
+    let g = [ArrayD::from_elem(IxDyn(&[1]), 1e-30f32)];
+    let mut opt = Sgd::<f32>::new(growing, 0.0).unwrap();
+    opt.step(&mut params, &g).unwrap();
+    opt.step(&mut params, &g).unwrap();
+    let before = params.values()[0].clone();
+    invalid(opt.step(&mut params, &g).unwrap_err(), "Sgd::step", &["step 2", "f32"]);
+    assert_eq!(params.values()[0], before);
+    let mut params = ParamSet::<f32>::new();
+    params.add("w", ArrayD::zeros(IxDyn(&[1]))).unwrap();
+    let mut opt = Adam::<f32>::new(growing).unwrap();
+    opt.step(&mut params, &g).unwrap();
+    opt.step(&mut params, &g).unwrap();
+    invalid(opt.step(&mut params, &g).unwrap_err(), "Adam::step", &["step 2", "f32"]);
 }
