@@ -242,7 +242,8 @@ impl<S: Scalar> ParamSet<S> {
     /// with the same shape (the set's structure comes from the model, the file fills it).
     ///
     /// # Errors
-    /// An unreadable file, a missing parameter, a shape mismatch, or a non-finite value.
+    /// An unreadable file, a missing parameter, a shape mismatch, or a value that is not
+    /// finite in `S` (checked after the conversion: 1e300 is finite in f64, not in f32).
     pub fn load(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let bad = |detail: String| Error::invalid("ParamSet::load", format!("{}: {detail}", path.display()));
@@ -276,9 +277,22 @@ impl<S: Scalar> ParamSet<S> {
                 .as_array()
                 .ok_or_else(|| bad(format!("parameter {name:?} has no data")))?
                 .iter()
-                .map(|x| x.as_f64().filter(|x| x.is_finite()).map(S::from_f64_lossy))
-                .collect::<Option<_>>()
-                .ok_or_else(|| bad(format!("parameter {name:?} has a non-numeric or non-finite value")))?;
+                .map(|x| {
+                    let v = x
+                        .as_f64()
+                        .ok_or_else(|| bad(format!("parameter {name:?} has a non-numeric value {x}")))?;
+                    // Finite in f64 is not enough: 1e300 overflows f32.
+                    let s = S::from_f64_lossy(v);
+                    if s.is_finite() {
+                        Ok(s)
+                    } else {
+                        Err(bad(format!(
+                            "parameter {name:?} has the value {v:?}, not finite in {}",
+                            S::NAME
+                        )))
+                    }
+                })
+                .collect::<Result<_>>()?;
             let value =
                 ArrayD::from_shape_vec(IxDyn(&shape), data).map_err(|e| bad(format!("parameter {name:?}: {e}")))?;
             loaded.push(value);

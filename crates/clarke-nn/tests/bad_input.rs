@@ -2,11 +2,15 @@
 //! and the offending value, never a panic inside a `Result` function or a silently wrong
 //! value.
 
+use std::path::PathBuf;
+
 use clarke_core::{Error, Tape};
+use clarke_nn::data::{Dataset, Scaler};
 use clarke_nn::deq::{DeqConfig, DeqLayer};
 use clarke_nn::optim::{Adam, Optimizer, Schedule, Sgd};
+use clarke_nn::train::accuracy;
 use clarke_nn::{Linear, ParamSet};
-use ndarray::{arr1, Array2, ArrayD, IxDyn};
+use ndarray::{arr1, arr2, Array2, ArrayD, IxDyn};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -23,6 +27,13 @@ fn invalid(e: Error, op: &str, words: &[&str]) {
 
 fn zeros(shape: &[usize]) -> ArrayD<f64> {
     ArrayD::zeros(IxDyn(shape))
+}
+
+/// A file in the test's scratch directory.
+fn scratch(name: &str, text: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("clarke-nn-bad-input-{name}"));
+    std::fs::write(&p, text).unwrap();
+    p
 }
 
 #[test]
@@ -218,4 +229,93 @@ fn optimiser_settings_are_validated() {
     opt.step(&mut params, &g).unwrap();
     opt.step(&mut params, &g).unwrap();
     invalid(opt.step(&mut params, &g).unwrap_err(), "Adam::step", &["step 2", "f32"]);
+}
+
+#[test]
+fn dataset_select_refuses_a_row_out_of_range() {
+    let d = Dataset {
+        x: arr2(&[[0.0], [1.0]]),
+        y: vec![0, 1],
+        classes: 2,
+    };
+    invalid(
+        d.select(&[1, 2]).unwrap_err(),
+        "Dataset::select",
+        &["row index 2", "2 rows"],
+    );
+    assert_eq!(d.select(&[1, 1]).unwrap().y, vec![1, 1]);
+}
+
+#[test]
+fn accuracy_refuses_nan_logits_and_labels_out_of_range() {
+    let nan = Array2::from_elem((3, 2), f64::NAN);
+    invalid(
+        accuracy(nan.view(), &[0, 1, 0]).unwrap_err(),
+        "accuracy",
+        &["row 0", "NaN"],
+    );
+    let logits = arr2(&[[0.1, 0.9], [0.8, 0.2]]);
+    invalid(
+        accuracy(logits.view(), &[1, 2]).unwrap_err(),
+        "accuracy",
+        &["row 1", "label 2"],
+    );
+    assert!(matches!(
+        accuracy(logits.view(), &[1]),
+        Err(Error::ShapeMismatch { op: "accuracy", .. })
+    ));
+    assert_eq!(accuracy(logits.view(), &[1, 1]).unwrap(), 0.5);
+}
+
+#[test]
+fn scalers_need_rows_to_fit() {
+    let empty = Array2::<f64>::zeros((0, 3));
+    assert!(matches!(
+        Scaler::min_max(&empty),
+        Err(Error::ShapeMismatch {
+            op: "Scaler::min_max",
+            ..
+        })
+    ));
+    assert!(matches!(
+        Scaler::standardize(&empty),
+        Err(Error::ShapeMismatch {
+            op: "Scaler::standardize",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn csv_labels_must_fit() {
+    for label in ["1e30", "18446744073709551615", "1.8446744073709552e19"] {
+        let p = scratch("huge-label.csv", &format!("a,label\n0,1\n1,{label}\n"));
+        invalid(
+            Dataset::from_csv(&p).unwrap_err(),
+            "Dataset::from_csv",
+            &["line 3", label],
+        );
+    }
+    let p = scratch("float-label.csv", "a,label\n0,1\n1,3.0\n");
+    assert_eq!(Dataset::from_csv(&p).unwrap().classes, 4);
+}
+
+#[test]
+fn loading_a_value_that_overflows_the_scalar_is_refused() {
+    let mut saved = ParamSet::<f64>::new();
+    saved.add("w", arr1(&[1.0, 1e300]).into_dyn()).unwrap();
+    let p = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("clarke-nn-bad-input-big.json");
+    saved.save(&p).unwrap();
+    let mut narrow = ParamSet::<f32>::new();
+    narrow.add("w", ArrayD::zeros(IxDyn(&[2]))).unwrap();
+    invalid(
+        narrow.load(&p).unwrap_err(),
+        "ParamSet::load",
+        &["\"w\"", "1e300", "f32"],
+    );
+    assert_eq!(narrow.values()[0], ArrayD::<f32>::zeros(IxDyn(&[2])), "nothing loaded");
+    let mut wide = ParamSet::<f64>::new();
+    wide.add("w", zeros(&[2])).unwrap();
+    wide.load(&p).unwrap();
+    assert_eq!(wide.values()[0][1], 1e300);
 }
