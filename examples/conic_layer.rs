@@ -724,7 +724,7 @@ fn evaluate<S: Scalar>(
         solver.add(&layer.solutions);
     }
     let p = sm.p.value().into_dimensionality::<Ix2>()?;
-    Ok((accuracy(p.view(), y), sparsity(p.view(), zero_tol::<S>())))
+    Ok((accuracy(p.view(), y)?, sparsity(p.view(), zero_tol::<S>())))
 }
 
 /// The largest differences between the QP layer and the closed form on some score vectors.

@@ -241,5 +241,5 @@ fn evaluate<S: Scalar>(
     let bound = params.bind_constant(&tape);
     let z = deq.forward(&bound, tape.constant(x.clone().into_dyn()))?;
     let logits = head.forward(&bound, z)?.value().into_dimensionality::<Ix2>()?;
-    Ok(accuracy(logits.view(), y))
+    Ok(accuracy(logits.view(), y)?)
 }

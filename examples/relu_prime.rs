@@ -151,7 +151,7 @@ fn evaluate(mlp: &Mlp, params: &ParamSet<f32>, x: &Array2<f32>, y: &[usize]) -> 
     let bound = params.bind_constant(&tape);
     let logits = mlp.logits(&bound, tape.constant(x.clone().into_dyn()))?.value();
     let logits = logits.into_dimensionality::<Ix2>().expect("2-D logits");
-    Ok(accuracy(logits.view(), y))
+    accuracy(logits.view(), y)
 }
 
 /// Relative distance between two parameter sets.

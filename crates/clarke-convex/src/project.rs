@@ -33,11 +33,33 @@ pub fn project_nonneg<'t, S: Scalar>(u: Var<'t, S>) -> Result<Var<'t, S>> {
 
 /// The threshold `tau` with `sum_i max(a_i - tau, 0) = radius` (for `a` with
 /// `sum_i max(a_i, 0) > radius`), by sorting: O(p log p).
+///
+/// The search runs on `a_i - max(a)`, so the result is `max(a)` plus a threshold computed
+/// to the rounding of the radius, not of the entries.
 pub fn simplex_threshold(a: &[f64], radius: f64) -> f64 {
-    let mut sorted: Vec<f64> = a.to_vec();
+    if a.is_empty() {
+        return 0.0;
+    }
+    let (top, shifted) = shift_by_max(a);
+    top + shifted_threshold(&shifted, radius)
+}
+
+/// `max(a)` and `a_i - max(a)`: the largest entry becomes 0, and the entries within the
+/// radius of it are exact (Sterbenz) whenever the radius is at most half its magnitude.
+fn shift_by_max(a: &[f64]) -> (f64, Vec<f64>) {
+    let top = a.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (top, a.iter().map(|v| v - top).collect())
+}
+
+/// The threshold `tau` with `sum_i max(b_i - tau, 0) = radius` for `b` with maximum 0: it
+/// lies in `[-radius, 0)`, so neither its search nor the gaps `b_i - tau` lose the radius to
+/// rounding against large entries (starting from the unshifted entries, the first step
+/// `a_max - (a_max - radius)` rounds to 0 once `a_max` is above `radius / eps`).
+fn shifted_threshold(b: &[f64], radius: f64) -> f64 {
+    let mut sorted: Vec<f64> = b.to_vec();
     sorted.sort_by(|x, y| y.total_cmp(x));
     let mut cumsum = 0.0;
-    let mut tau = 0.0;
+    let mut tau = -radius;
     for (k, &v) in sorted.iter().enumerate() {
         cumsum += v;
         let t = (cumsum - radius) / (k + 1) as f64;
@@ -109,7 +131,15 @@ fn threshold_projection<S: Scalar>(u: Var<'_, S>, radius: f64, l1: bool) -> Resu
         x.clone()
     };
     let inside = l1 && a.iter().sum::<f64>() <= radius;
-    let tau = if inside { 0.0 } else { simplex_threshold(&a, radius) };
+    // Thresholds and gaps on `a - max(a)`, where the threshold is within the radius of 0:
+    // `x_i = max(a_i - tau, 0)` keeps the radius even for entries far above it.
+    let (a, tau) = if inside {
+        (a, 0.0)
+    } else {
+        let (_, b) = shift_by_max(&a);
+        let tau = shifted_threshold(&b, radius);
+        (b, tau)
+    };
     let tol = u.tape().policy().tolerance;
     let mut kinks = Vec::new();
     let mut near = 0;

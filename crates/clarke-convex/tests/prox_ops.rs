@@ -297,3 +297,48 @@ fn soft_threshold_in_f32_hits_the_kink_exactly() {
         assert_eq!(g.wrt(c).unwrap()[0], expected);
     }
 }
+
+#[test]
+fn simplex_and_l1_ball_projections_of_large_inputs_are_feasible() {
+    // The threshold is within the radius of the largest entry: searching it from 0 lost the
+    // radius to rounding and returned the input.
+    let feasible = |u: &[f64], radius: f64, l1: bool| {
+        let tape = Tape::<f64>::new();
+        let v = tape.param(a1(u));
+        let x = if l1 {
+            project_l1_ball(v, radius)
+        } else {
+            project_simplex(v, radius)
+        }
+        .unwrap()
+        .out
+        .value();
+        let magnitude = u.iter().fold(radius, |m, v| m.max(v.abs()));
+        let total: f64 = x.iter().map(|v| v.abs()).sum();
+        assert!(
+            (total - radius).abs() <= 1e-15 * magnitude,
+            "u {u:?}: the projection {x} sums to {total}, not {radius}"
+        );
+        if !l1 {
+            assert!(x.iter().all(|v| *v >= 0.0), "u {u:?}: {x}");
+        }
+        for (xi, ui) in x.iter().zip(u) {
+            assert!(xi * ui >= 0.0, "u {u:?}: {x} changes a sign");
+        }
+        x
+    };
+    assert_eq!(feasible(&[1e17], 1.0, false), a1(&[1.0]));
+    assert_eq!(feasible(&[1e16, 1e16], 1.0, false), a1(&[0.5, 0.5]));
+    assert_eq!(feasible(&[1e17, 0.0], 1.0, true), a1(&[1.0, 0.0]));
+    assert_eq!(feasible(&[0.0, -1e17], 2.0, true), a1(&[0.0, -2.0]));
+    feasible(&[-3e17, 1e17, 5.0, 1e17 - 16.0], 2.5, false);
+    feasible(&[3e300, -1e300, 2e300], 1e-3, false);
+    feasible(&[-3e300, 1e300, 2e300], 7.0, true);
+    feasible(&[1e-300, 2e-300], 1.0, false);
+    // The Jacobian at [1e16, 1e16] (both active): I - 1 1^T / 2.
+    let tape = Tape::<f64>::new();
+    let u = tape.param(a1(&[1e16, 1e16]));
+    let x = project_simplex(u, 1.0).unwrap();
+    let g = x.out.backward_seeded(a1(&[1.0, 0.0])).unwrap();
+    assert_eq!(g.wrt(u).unwrap(), &a1(&[0.5, -0.5]));
+}

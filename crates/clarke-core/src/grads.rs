@@ -3,6 +3,7 @@
 use ndarray::ArrayD;
 
 use crate::ledger::KinkLedger;
+use crate::tape::Tape;
 use crate::var::Var;
 use crate::{Error, Result, Scalar};
 
@@ -16,6 +17,11 @@ pub struct Grads<S: Scalar> {
 }
 
 impl<S: Scalar> Grads<S> {
+    /// Whether these gradients come from a backward pass on `tape`.
+    pub fn is_from(&self, tape: &Tape<S>) -> bool {
+        tape as *const Tape<S> as usize == self.tape_addr
+    }
+
     /// The gradient of a parameter, or `None` if `v` is not a parameter of this tape (or was
     /// recorded after the output).
     pub fn get(&self, v: Var<'_, S>) -> Option<&ArrayD<S>> {

@@ -246,6 +246,10 @@ impl<S: Scalar> Tape<S> {
     /// once); `f` receives them as Vars. The Vars `f` creates cannot outlive it: their
     /// lifetime is `f`'s own, so none can refer to a dropped node.
     ///
+    /// # Errors
+    /// An input id past the end of the tape, the error of `f`, or [`Error::ForeignVar`] when
+    /// `f` returns a Var of another tape.
+    ///
     /// ```
     /// use clarke_core::Tape;
     /// use ndarray::arr1;
@@ -273,7 +277,16 @@ impl<S: Scalar> Tape<S> {
             ));
         }
         let vars: Vec<Var<'_, S>> = inputs.iter().map(|&id| Var::new(id, self)).collect();
-        let out = f(self, &vars).map(|v| v.id());
+        let out = f(self, &vars).and_then(|v| {
+            if std::ptr::eq(v.tape(), self) {
+                Ok(v.id())
+            } else {
+                Err(Error::ForeignVar {
+                    op: "Tape::eval_scoped",
+                    node: v.id(),
+                })
+            }
+        });
         let mut nodes = self.nodes.borrow_mut();
         let value = out.map(|id| {
             if id >= mark {

@@ -98,7 +98,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// The value of a one-element Var. Panics otherwise.
     #[track_caller]
     pub fn scalar(&self) -> S {
-        self.try_scalar().unwrap_or_else(|e| panic!("{e}"))
+        fail(self.try_scalar())
     }
 
     /// Whether a gradient flows to this Var from some parameter.
@@ -128,8 +128,14 @@ impl<'t, S: Scalar> Var<'t, S> {
     }
 }
 
-fn fail<T>(r: Result<T>) -> T {
-    r.unwrap_or_else(|e| panic!("{e}"))
+/// The value of `r`, or a panic with the error's message reported at the caller's line
+/// (a closure such as `unwrap_or_else(|e| panic!(..))` would report its own line instead).
+#[track_caller]
+pub(crate) fn fail<T>(r: Result<T>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("{e}"),
+    }
 }
 
 macro_rules! binary_operator {

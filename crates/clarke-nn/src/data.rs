@@ -24,7 +24,8 @@ impl Dataset {
     ///
     /// # Errors
     /// An unreadable file, a row with the wrong number of fields, a non-numeric or non-finite
-    /// feature, a label that is not a non-negative integer, or no rows: each names the line.
+    /// feature, a label that is not a non-negative integer below `usize::MAX`, or no rows:
+    /// each names the line.
     pub fn from_csv(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let bad = |detail: String| Error::invalid("Dataset::from_csv", format!("{}: {detail}", path.display()));
@@ -57,17 +58,25 @@ impl Dataset {
                 data.push(v);
             }
             let label = record[columns - 1].trim();
+            // `label + 1` classes must fit in usize; a float label must be an integer in range
+            // (`as usize` would saturate 1e30 to usize::MAX).
             let label: usize = label
-                .parse()
-                .or_else(|_| {
+                .parse::<usize>()
+                .ok()
+                .or_else(|| {
                     label
                         .parse::<f64>()
                         .ok()
-                        .filter(|v| v.fract() == 0.0 && *v >= 0.0)
+                        .filter(|v| v.fract() == 0.0 && *v >= 0.0 && *v < usize::MAX as f64)
                         .map(|v| v as usize)
-                        .ok_or(())
                 })
-                .map_err(|_| bad(format!("line {line}: label {label:?} is not a non-negative integer")))?;
+                .filter(|&v| v < usize::MAX)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "line {line}: label {label:?} is not a non-negative integer below {}",
+                        usize::MAX
+                    ))
+                })?;
             y.push(label);
         }
         if y.is_empty() {
@@ -105,16 +114,28 @@ impl Dataset {
                 format!("the split leaves {} training and {} test rows", tr.len(), te.len()),
             ));
         }
-        Ok((self.select(&tr), self.select(&te)))
+        Ok((self.select(&tr)?, self.select(&te)?))
     }
 
-    /// The rows `idx`, in that order.
-    pub fn select(&self, idx: &[usize]) -> Dataset {
-        Dataset {
+    /// The rows `idx`, in that order (repeats allowed).
+    ///
+    /// # Errors
+    /// A row index out of range, naming it.
+    pub fn select(&self, idx: &[usize]) -> Result<Dataset> {
+        if let Some((k, &i)) = idx.iter().enumerate().find(|(_, &i)| i >= self.len()) {
+            return Err(Error::invalid(
+                "Dataset::select",
+                format!(
+                    "row index {i} (at position {k}) is out of range for {} rows",
+                    self.len()
+                ),
+            ));
+        }
+        Ok(Dataset {
             x: self.x.select(Axis(0), idx),
             y: idx.iter().map(|&i| self.y[i]).collect(),
             classes: self.classes,
-        }
+        })
     }
 
     /// The features converted to the training precision.
@@ -150,22 +171,30 @@ impl Scaler {
     }
 
     /// Maps each feature's training range to `[0, 1]`; a constant feature is only shifted.
-    pub fn min_max(x: &Array2<f64>) -> Self {
+    ///
+    /// # Errors
+    /// No rows to fit on.
+    pub fn min_max(x: &Array2<f64>) -> Result<Self> {
+        no_rows("Scaler::min_max", x)?;
         let lo = x.fold_axis(Axis(0), f64::INFINITY, |a, &b| a.min(b));
         let hi = x.fold_axis(Axis(0), f64::NEG_INFINITY, |a, &b| a.max(b));
         let scale = (&hi - &lo).mapv(|r| if r > 0.0 { r } else { 1.0 });
-        Scaler { shift: lo, scale }
+        Ok(Scaler { shift: lo, scale })
     }
 
     /// Zero mean and unit variance per feature on the training data; a constant feature is
     /// only centred.
-    pub fn standardize(x: &Array2<f64>) -> Self {
+    ///
+    /// # Errors
+    /// No rows to fit on.
+    pub fn standardize(x: &Array2<f64>) -> Result<Self> {
+        no_rows("Scaler::standardize", x)?;
         let mean = x.mean_axis(Axis(0)).unwrap_or_else(|| Array1::zeros(x.ncols()));
         let std = x.std_axis(Axis(0), 0.0).mapv(|s| if s > 0.0 { s } else { 1.0 });
-        Scaler {
+        Ok(Scaler {
             shift: mean,
             scale: std,
-        }
+        })
     }
 
     /// Applies the scaling.
@@ -183,6 +212,19 @@ impl Scaler {
         }
         Ok((x - &self.shift) / &self.scale)
     }
+}
+
+/// Refuses to fit a scaler on no rows (the fitted shift would be infinite or arbitrary).
+fn no_rows(op: &'static str, x: &Array2<f64>) -> Result<()> {
+    if x.nrows() == 0 {
+        return Err(Error::shapes(
+            op,
+            x.shape(),
+            &[1, x.ncols()],
+            "fitting needs at least one row",
+        ));
+    }
+    Ok(())
 }
 
 /// Seeded mini-batches of row indices: a fresh permutation per epoch.
@@ -213,9 +255,9 @@ mod tests {
         assert_eq!(test.y, vec![1]);
         let s = Scaler::constant(2, 16.0).unwrap();
         assert_eq!(s.apply(&test.x).unwrap()[[0, 1]], 1.0);
-        let mm = Scaler::min_max(&train.x).apply(&train.x).unwrap();
+        let mm = Scaler::min_max(&train.x).unwrap().apply(&train.x).unwrap();
         assert!(mm.iter().all(|v| (0.0..=1.0).contains(v)));
-        let st = Scaler::standardize(&d.x).apply(&d.x).unwrap();
+        let st = Scaler::standardize(&d.x).unwrap().apply(&d.x).unwrap();
         assert!(st.mean_axis(Axis(0)).unwrap().iter().all(|m| m.abs() < 1e-12));
         std::fs::remove_file(p).unwrap();
     }

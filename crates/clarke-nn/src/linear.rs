@@ -65,7 +65,8 @@ impl Linear {
     /// Applies the layer on the tape.
     ///
     /// # Errors
-    /// When `x` is not `[batch, input_dim]`.
+    /// When `x` is not `[batch, input_dim]`, or `bound` is not a binding of the set holding
+    /// the layer's parameters.
     pub fn forward<'t, S: Scalar>(&self, bound: &Bound<'t, S>, x: Var<'t, S>) -> Result<Var<'t, S>> {
         let shape = x.shape();
         if shape.len() != 2 || shape[1] != self.input_dim {
@@ -76,6 +77,7 @@ impl Linear {
                 detail: format!("x must be [batch, {}]", self.input_dim),
             });
         }
-        x.try_matmul(bound.var(self.weight).t())?.try_add(bound.var(self.bias))
+        x.try_matmul(bound.try_var(self.weight)?.t())?
+            .try_add(bound.try_var(self.bias)?)
     }
 }

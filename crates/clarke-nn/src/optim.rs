@@ -48,15 +48,43 @@ impl Schedule {
     }
 
     fn validate(&self) -> Result<()> {
-        let ok = match *self {
-            Schedule::Constant(lr) => lr > 0.0 && lr.is_finite(),
-            Schedule::Step { lr, factor, every } => lr > 0.0 && lr.is_finite() && factor > 0.0 && every > 0,
-            Schedule::InverseTime { lr, offset, power } => lr > 0.0 && lr.is_finite() && offset > 0.0 && power >= 0.0,
+        let positive = |v: f64| v > 0.0 && v.is_finite();
+        let (ok, needs) = match *self {
+            Schedule::Constant(lr) => (positive(lr), "lr finite and > 0"),
+            Schedule::Step { lr, factor, every } => (
+                positive(lr) && positive(factor) && every > 0,
+                "lr and factor finite and > 0, every > 0",
+            ),
+            Schedule::InverseTime { lr, offset, power } => (
+                positive(lr) && positive(offset) && power >= 0.0 && power.is_finite(),
+                "lr and offset finite and > 0, power finite and >= 0",
+            ),
         };
         if ok {
             Ok(())
         } else {
-            Err(Error::invalid("Schedule", format!("invalid schedule {self:?}")))
+            Err(Error::invalid(
+                "Schedule",
+                format!("invalid schedule {self:?}: needs {needs}"),
+            ))
+        }
+    }
+
+    /// The rate at step `k` in the working precision `S`, refused when it is not finite
+    /// there (a rate above `f32::MAX`, or a growing `Step` schedule that overflowed).
+    fn rate_in<S: Scalar>(&self, op: &'static str, k: usize) -> Result<S> {
+        let rate = self.rate(k);
+        let s = S::from_f64_lossy(rate);
+        if s.is_finite() {
+            Ok(s)
+        } else {
+            Err(Error::invalid(
+                op,
+                format!(
+                    "the step size at step {k} is {rate:?}, not finite in {} ({self:?})",
+                    S::NAME
+                ),
+            ))
         }
     }
 }
@@ -104,14 +132,60 @@ fn check_grads<S: Scalar>(op: &'static str, params: &ParamSet<S>, grads: &[Array
     Ok(())
 }
 
+/// Checks that `params` is the set an optimiser first stepped (`set`, recorded on the first
+/// step) and still has the shapes of the optimiser's per-parameter `state`.
+fn check_state<S: Scalar>(op: &'static str, set: Option<u64>, state: &[ArrayD<S>], params: &ParamSet<S>) -> Result<()> {
+    let Some(set) = set else {
+        return Ok(());
+    };
+    if set != params.identity() {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "this optimiser steps parameter set {set}, not set {} (use one optimiser per set)",
+                params.identity()
+            ),
+        ));
+    }
+    if state.len() != params.len() {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "the optimiser holds state for {} parameters, the set has {}",
+                state.len(),
+                params.len()
+            ),
+        ));
+    }
+    for ((id, p), s) in params.ids().zip(params.values()).zip(state) {
+        if p.shape() != s.shape() {
+            return Err(Error::ShapeMismatch {
+                op,
+                lhs: p.shape().to_vec(),
+                rhs: s.shape().to_vec(),
+                detail: format!(
+                    "parameter {:?} changed shape since the optimiser's first step",
+                    params.name(id)
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// SGD with (heavy-ball) momentum and optional weight decay: `v <- mu v + g + wd p`,
 /// `p <- p - a_k v`.
+///
+/// The first step ties the optimiser to its [`ParamSet`] (and the set's clones): stepping
+/// another set, or a set whose parameters changed shape, is an error.
 #[derive(Debug, Clone)]
 pub struct Sgd<S: Scalar> {
     schedule: Schedule,
     momentum: f64,
     weight_decay: f64,
     velocity: Vec<ArrayD<S>>,
+    /// Identity of the set stepped, from the first step on.
+    set: Option<u64>,
     steps: usize,
 }
 
@@ -119,9 +193,10 @@ impl<S: Scalar> Sgd<S> {
     /// SGD with the given schedule and momentum in `[0, 1)`.
     ///
     /// # Errors
-    /// An invalid schedule or momentum.
+    /// An invalid schedule or momentum, or an initial rate that is not finite in `S`.
     pub fn new(schedule: Schedule, momentum: f64) -> Result<Self> {
         schedule.validate()?;
+        schedule.rate_in::<S>("Sgd::new", 0)?;
         if !(0.0..1.0).contains(&momentum) {
             return Err(Error::invalid(
                 "Sgd::new",
@@ -133,25 +208,38 @@ impl<S: Scalar> Sgd<S> {
             momentum,
             weight_decay: 0.0,
             velocity: Vec::new(),
+            set: None,
             steps: 0,
         })
     }
 
     /// Adds L2 weight decay.
-    pub fn with_weight_decay(mut self, wd: f64) -> Self {
+    ///
+    /// # Errors
+    /// A decay that is negative, or not finite in `S`.
+    pub fn with_weight_decay(mut self, wd: f64) -> Result<Self> {
+        if !(wd >= 0.0 && S::from_f64_lossy(wd).is_finite()) {
+            return Err(Error::invalid(
+                "Sgd::with_weight_decay",
+                format!("the weight decay must be finite in {} and >= 0, got {wd:?}", S::NAME),
+            ));
+        }
         self.weight_decay = wd;
-        self
+        Ok(self)
     }
 }
 
 impl<S: Scalar> Optimizer<S> for Sgd<S> {
     fn step(&mut self, params: &mut ParamSet<S>, grads: &[ArrayD<S>]) -> Result<()> {
-        check_grads("Sgd::step", params, grads)?;
-        if self.velocity.is_empty() {
+        const OP: &str = "Sgd::step";
+        check_grads(OP, params, grads)?;
+        check_state(OP, self.set, &self.velocity, params)?;
+        let lr = self.schedule.rate_in::<S>(OP, self.steps)?;
+        if self.set.is_none() {
             self.velocity = params.values().iter().map(|p| ArrayD::zeros(p.raw_dim())).collect();
+            self.set = Some(params.identity());
         }
         let (mu, wd) = (S::from_f64_lossy(self.momentum), S::from_f64_lossy(self.weight_decay));
-        let lr = S::from_f64_lossy(self.schedule.rate(self.steps));
         for ((p, v), g) in params.values_mut().iter_mut().zip(&mut self.velocity).zip(grads) {
             Zip::from(&mut *v)
                 .and(g)
@@ -169,6 +257,9 @@ impl<S: Scalar> Optimizer<S> for Sgd<S> {
 }
 
 /// Adam (Kingma and Ba) with bias correction.
+///
+/// The first step ties the optimiser to its [`ParamSet`] (and the set's clones): stepping
+/// another set, or a set whose parameters changed shape, is an error.
 #[derive(Debug, Clone)]
 pub struct Adam<S: Scalar> {
     schedule: Schedule,
@@ -177,6 +268,8 @@ pub struct Adam<S: Scalar> {
     eps: f64,
     m: Vec<ArrayD<S>>,
     v: Vec<ArrayD<S>>,
+    /// Identity of the set stepped, from the first step on.
+    set: Option<u64>,
     steps: usize,
 }
 
@@ -184,9 +277,10 @@ impl<S: Scalar> Adam<S> {
     /// Adam with `beta1 = 0.9`, `beta2 = 0.999`, `eps = 1e-8`.
     ///
     /// # Errors
-    /// An invalid schedule.
+    /// An invalid schedule, or an initial rate that is not finite in `S`.
     pub fn new(schedule: Schedule) -> Result<Self> {
         schedule.validate()?;
+        schedule.rate_in::<S>("Adam::new", 0)?;
         Ok(Adam {
             schedule,
             beta1: 0.9,
@@ -194,6 +288,7 @@ impl<S: Scalar> Adam<S> {
             eps: 1e-8,
             m: Vec::new(),
             v: Vec::new(),
+            set: None,
             steps: 0,
         })
     }
@@ -217,16 +312,30 @@ impl<S: Scalar> Adam<S> {
 
 impl<S: Scalar> Optimizer<S> for Adam<S> {
     fn step(&mut self, params: &mut ParamSet<S>, grads: &[ArrayD<S>]) -> Result<()> {
-        check_grads("Adam::step", params, grads)?;
-        if self.m.is_empty() {
-            self.m = params.values().iter().map(|p| ArrayD::zeros(p.raw_dim())).collect();
-            self.v = self.m.clone();
-        }
-        let t = (self.steps + 1) as i32;
+        const OP: &str = "Adam::step";
+        check_grads(OP, params, grads)?;
+        check_state(OP, self.set, &self.m, params)?;
+        self.schedule.rate_in::<S>(OP, self.steps)?;
         let lr = self.schedule.rate(self.steps);
+        let t = (self.steps + 1) as i32;
         let step = lr * (1.0 - self.beta2.powi(t)).sqrt() / (1.0 - self.beta1.powi(t));
         let (b1, b2) = (S::from_f64_lossy(self.beta1), S::from_f64_lossy(self.beta2));
         let (step, eps) = (S::from_f64_lossy(step), S::from_f64_lossy(self.eps));
+        if !step.is_finite() {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "the bias-corrected step at step {} is not finite in {}",
+                    self.steps,
+                    S::NAME
+                ),
+            ));
+        }
+        if self.set.is_none() {
+            self.m = params.values().iter().map(|p| ArrayD::zeros(p.raw_dim())).collect();
+            self.v = self.m.clone();
+            self.set = Some(params.identity());
+        }
         for (((p, m), v), g) in params
             .values_mut()
             .iter_mut()

@@ -5,37 +5,92 @@
 //! gradients in parameter order ([`Bound::gradients`]) for an optimiser.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use clarke_core::{Error, Grads, Result, Scalar, Tape, Var};
 use ndarray::{ArrayD, IxDyn};
 use serde_json::{json, Value};
 
-/// Index of a parameter in its [`ParamSet`].
+/// The identity of the next [`ParamSet`].
+static NEXT_SET: AtomicU64 = AtomicU64::new(0);
+
+/// A parameter of a [`ParamSet`]: the identity of the set and the position in it.
+///
+/// An id works only with the set that issued it (and its clones) and with the [`Bound`]s
+/// of that set; anything else is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ParamId(pub(crate) usize);
+pub struct ParamId {
+    set: u64,
+    index: usize,
+}
 
 impl ParamId {
     /// Position in the set: the index of this parameter's gradient in
     /// [`Bound::gradients`].
     pub fn index(self) -> usize {
-        self.0
+        self.index
+    }
+}
+
+/// `Ok(index)` when `id` belongs to the set `set` of `len` parameters.
+fn check_id(op: &'static str, id: ParamId, set: u64, len: usize) -> Result<usize> {
+    if id.set != set {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "parameter #{} belongs to parameter set {}, not to set {set} ({len} parameters)",
+                id.index, id.set
+            ),
+        ));
+    }
+    if id.index >= len {
+        return Err(Error::invalid(
+            op,
+            format!("parameter #{} does not exist: set {set} has {len} parameters", id.index),
+        ));
+    }
+    Ok(id.index)
+}
+
+/// The value of `r`, or a panic with its message at the caller's line.
+#[track_caller]
+fn or_panic<T>(r: Result<T>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("{e}"),
     }
 }
 
 /// A named, ordered collection of parameter arrays.
-#[derive(Debug, Clone, Default)]
+///
+/// Every set has its own identity, kept by its clones: its [`ParamId`]s, its [`Bound`]s and
+/// the optimisers that stepped it refuse another set.
+#[derive(Debug, Clone)]
 pub struct ParamSet<S: Scalar> {
+    id: u64,
     names: Vec<String>,
     values: Vec<ArrayD<S>>,
 }
 
+impl<S: Scalar> Default for ParamSet<S> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl<S: Scalar> ParamSet<S> {
-    /// An empty set.
+    /// An empty set with a new identity.
     pub fn new() -> Self {
         ParamSet {
+            id: NEXT_SET.fetch_add(1, Ordering::Relaxed),
             names: Vec::new(),
             values: Vec::new(),
         }
+    }
+
+    /// The identity of this set (shared by its clones).
+    pub(crate) fn identity(&self) -> u64 {
+        self.id
     }
 
     /// Adds a parameter. Names must be unique.
@@ -58,7 +113,10 @@ impl<S: Scalar> ParamSet<S> {
         }
         self.names.push(name);
         self.values.push(value);
-        Ok(ParamId(self.values.len() - 1))
+        Ok(ParamId {
+            set: self.id,
+            index: self.values.len() - 1,
+        })
     }
 
     /// Number of parameters (arrays).
@@ -77,28 +135,56 @@ impl<S: Scalar> ParamSet<S> {
     }
 
     /// The value of a parameter.
+    ///
+    /// # Errors
+    /// An id of another set.
+    pub fn try_get(&self, id: ParamId) -> Result<&ArrayD<S>> {
+        let i = check_id("ParamSet::get", id, self.id, self.values.len())?;
+        Ok(&self.values[i])
+    }
+
+    /// The value of a parameter. Panics (at the caller's line) on an id of another set.
+    #[track_caller]
     pub fn get(&self, id: ParamId) -> &ArrayD<S> {
-        &self.values[id.0]
+        or_panic(self.try_get(id))
     }
 
     /// The value of a parameter, mutably.
-    pub fn get_mut(&mut self, id: ParamId) -> &mut ArrayD<S> {
-        &mut self.values[id.0]
+    ///
+    /// # Errors
+    /// An id of another set.
+    pub fn try_get_mut(&mut self, id: ParamId) -> Result<&mut ArrayD<S>> {
+        let i = check_id("ParamSet::get_mut", id, self.id, self.values.len())?;
+        Ok(&mut self.values[i])
     }
 
-    /// The name of a parameter.
+    /// The value of a parameter, mutably. Panics (at the caller's line) on an id of another
+    /// set.
+    #[track_caller]
+    pub fn get_mut(&mut self, id: ParamId) -> &mut ArrayD<S> {
+        or_panic(self.try_get_mut(id))
+    }
+
+    /// The name of a parameter. Panics (at the caller's line) on an id of another set.
+    #[track_caller]
     pub fn name(&self, id: ParamId) -> &str {
-        &self.names[id.0]
+        let i = or_panic(check_id("ParamSet::name", id, self.id, self.names.len()));
+        &self.names[i]
     }
 
     /// Looks a parameter up by name.
     pub fn id(&self, name: &str) -> Option<ParamId> {
-        self.names.iter().position(|n| n == name).map(ParamId)
+        let set = self.id;
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .map(|index| ParamId { set, index })
     }
 
     /// All ids, in insertion order.
     pub fn ids(&self) -> impl Iterator<Item = ParamId> {
-        (0..self.values.len()).map(ParamId)
+        let set = self.id;
+        (0..self.values.len()).map(move |index| ParamId { set, index })
     }
 
     /// All values, in insertion order.
@@ -114,6 +200,8 @@ impl<S: Scalar> ParamSet<S> {
     /// Records every parameter on `tape` as a gradient-requiring variable.
     pub fn bind<'t>(&self, tape: &'t Tape<S>) -> Bound<'t, S> {
         Bound {
+            set: self.id,
+            tape,
             vars: self.values.iter().map(|v| tape.param(v.clone())).collect(),
         }
     }
@@ -121,6 +209,8 @@ impl<S: Scalar> ParamSet<S> {
     /// Records every parameter on `tape` as a constant (evaluation without gradients).
     pub fn bind_constant<'t>(&self, tape: &'t Tape<S>) -> Bound<'t, S> {
         Bound {
+            set: self.id,
+            tape,
             vars: self.values.iter().map(|v| tape.constant(v.clone())).collect(),
         }
     }
@@ -152,7 +242,8 @@ impl<S: Scalar> ParamSet<S> {
     /// with the same shape (the set's structure comes from the model, the file fills it).
     ///
     /// # Errors
-    /// An unreadable file, a missing parameter, a shape mismatch, or a non-finite value.
+    /// An unreadable file, a missing parameter, a shape mismatch, or a value that is not
+    /// finite in `S` (checked after the conversion: 1e300 is finite in f64, not in f32).
     pub fn load(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let bad = |detail: String| Error::invalid("ParamSet::load", format!("{}: {detail}", path.display()));
@@ -186,9 +277,22 @@ impl<S: Scalar> ParamSet<S> {
                 .as_array()
                 .ok_or_else(|| bad(format!("parameter {name:?} has no data")))?
                 .iter()
-                .map(|x| x.as_f64().filter(|x| x.is_finite()).map(S::from_f64_lossy))
-                .collect::<Option<_>>()
-                .ok_or_else(|| bad(format!("parameter {name:?} has a non-numeric or non-finite value")))?;
+                .map(|x| {
+                    let v = x
+                        .as_f64()
+                        .ok_or_else(|| bad(format!("parameter {name:?} has a non-numeric value {x}")))?;
+                    // Finite in f64 is not enough: 1e300 overflows f32.
+                    let s = S::from_f64_lossy(v);
+                    if s.is_finite() {
+                        Ok(s)
+                    } else {
+                        Err(bad(format!(
+                            "parameter {name:?} has the value {v:?}, not finite in {}",
+                            S::NAME
+                        )))
+                    }
+                })
+                .collect::<Result<_>>()?;
             let value =
                 ArrayD::from_shape_vec(IxDyn(&shape), data).map_err(|e| bad(format!("parameter {name:?}: {e}")))?;
             loaded.push(value);
@@ -201,21 +305,53 @@ impl<S: Scalar> ParamSet<S> {
 /// The parameters of a [`ParamSet`] recorded on one tape.
 #[derive(Debug, Clone)]
 pub struct Bound<'t, S: Scalar> {
+    /// Identity of the set that was bound.
+    set: u64,
+    tape: &'t Tape<S>,
     vars: Vec<Var<'t, S>>,
 }
 
 impl<'t, S: Scalar> Bound<'t, S> {
     /// The variable of a parameter.
+    ///
+    /// # Errors
+    /// An id of another set than the one bound.
+    pub fn try_var(&self, id: ParamId) -> Result<Var<'t, S>> {
+        Ok(self.vars[check_id("Bound::var", id, self.set, self.vars.len())?])
+    }
+
+    /// The variable of a parameter. Panics (at the caller's line) on an id of another set
+    /// than the one bound.
+    #[track_caller]
     pub fn var(&self, id: ParamId) -> Var<'t, S> {
-        self.vars[id.0]
+        or_panic(self.try_var(id))
     }
 
     /// The gradient of every parameter, in set order (zeros for a parameter the output does
     /// not depend on).
     ///
     /// # Errors
-    /// A non-finite gradient entry, naming the parameter.
+    /// `set` is not the set that was bound (or has changed size since), `grads` come from a
+    /// backward pass on another tape, or a gradient entry is non-finite (naming the parameter).
     pub fn gradients(&self, grads: &Grads<S>, set: &ParamSet<S>) -> Result<Vec<ArrayD<S>>> {
+        if set.id != self.set || set.len() != self.vars.len() {
+            return Err(Error::invalid(
+                "Bound::gradients",
+                format!(
+                    "the parameters of set {} ({} parameters) are bound, not those of set {} ({} parameters)",
+                    self.set,
+                    self.vars.len(),
+                    set.id,
+                    set.len()
+                ),
+            ));
+        }
+        if !grads.is_from(self.tape) {
+            return Err(Error::invalid(
+                "Bound::gradients",
+                "the gradients come from a backward pass on another tape than the one the parameters are bound to",
+            ));
+        }
         self.vars
             .iter()
             .enumerate()
@@ -223,7 +359,7 @@ impl<'t, S: Scalar> Bound<'t, S> {
                 let g = grads.get(*v).cloned().unwrap_or_else(|| ArrayD::zeros(v.shape()));
                 if let Some(bad) = g.iter().find(|x| !x.is_finite()) {
                     return Err(Error::invalid(
-                        "gradients",
+                        "Bound::gradients",
                         format!(
                             "the gradient of parameter {:?} has a non-finite entry {bad}",
                             set.names[i]

@@ -4,33 +4,51 @@ use std::io::IsTerminal;
 use std::path::Path;
 use std::time::Duration;
 
-use clarke_core::Scalar;
+use clarke_core::{Error, Result, Scalar};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ndarray::ArrayView2;
 
 use crate::plot::{save_png, Panel};
 
-/// Fraction of rows whose largest logit is at the label.
+/// Fraction of rows whose largest logit is at the label (the first largest on ties); 0 for
+/// no rows.
 ///
-/// # Panics
-/// When `labels` and `logits` differ in length.
-pub fn accuracy<S: Scalar>(logits: ArrayView2<'_, S>, labels: &[usize]) -> f64 {
-    assert_eq!(logits.nrows(), labels.len(), "accuracy: one label per row");
-    if labels.is_empty() {
-        return 0.0;
+/// # Errors
+/// A label count other than the row count, a label that is not a column of `logits`, or a
+/// non-finite logit (a NaN row has no largest logit): each names the row.
+pub fn accuracy<S: Scalar>(logits: ArrayView2<'_, S>, labels: &[usize]) -> Result<f64> {
+    const OP: &str = "accuracy";
+    if logits.nrows() != labels.len() {
+        return Err(Error::shapes(
+            OP,
+            logits.shape(),
+            &[labels.len(), logits.ncols()],
+            "one label per row of logits",
+        ));
     }
-    let correct = logits
-        .outer_iter()
-        .zip(labels)
-        .filter(|(row, &y)| {
-            let best = row
-                .iter()
-                .enumerate()
-                .fold((0, S::neg_infinity()), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
-            best.0 == y
-        })
-        .count();
-    correct as f64 / labels.len() as f64
+    let mut correct = 0;
+    for (i, (row, &y)) in logits.outer_iter().zip(labels).enumerate() {
+        if y >= row.len() {
+            return Err(Error::invalid(
+                OP,
+                format!("row {i}: label {y} is out of range for {} classes", row.len()),
+            ));
+        }
+        if let Some((j, v)) = row.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::invalid(OP, format!("row {i}: logit {j} is {v}")));
+        }
+        let best = row
+            .iter()
+            .enumerate()
+            .fold((0, row[0]), |b, (j, &v)| if v > b.1 { (j, v) } else { b });
+        if best.0 == y {
+            correct += 1;
+        }
+    }
+    if labels.is_empty() {
+        return Ok(0.0);
+    }
+    Ok(correct as f64 / labels.len() as f64)
 }
 
 /// What one epoch did.
@@ -158,7 +176,7 @@ mod tests {
     #[test]
     fn accuracy_counts_argmax_hits() {
         let logits = array![[0.1, 0.9], [2.0, -1.0], [0.0, 0.5]];
-        assert!((accuracy(logits.view(), &[1, 0, 0]) - 2.0 / 3.0).abs() < 1e-15);
+        assert!((accuracy(logits.view(), &[1, 0, 0]).unwrap() - 2.0 / 3.0).abs() < 1e-15);
     }
 
     #[test]

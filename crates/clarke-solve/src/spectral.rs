@@ -474,9 +474,24 @@ pub fn smallest_singular_value<S: Scalar>(
     }
 }
 
-/// The smallest singular value of a dense matrix, exactly (to rounding) through the SVD of
-/// the active dense backend. For an `m x n` matrix this is the `min(m, n)`-th singular value.
+/// The smallest singular value `min ||A x|| / ||x||` of a dense `m x n` matrix with
+/// `m >= n` (its `n`-th singular value), exactly (to rounding) through the SVD of the active
+/// dense backend; the same quantity as [`smallest_singular_value`].
+///
+/// # Errors
+/// A wide matrix (`m < n`) is a [`Error::ShapeMismatch`]: it has a null space, so the
+/// quantity is 0 whatever its `m`-th singular value. Also non-finite entries, or an SVD that
+/// does not converge.
 pub fn smallest_singular_value_dense<S: Scalar>(a: ArrayView2<'_, S>) -> Result<f64> {
+    let (m, n) = a.dim();
+    if m < n {
+        return Err(Error::shapes(
+            "smallest_singular_value_dense",
+            &[m, n],
+            &[n, n],
+            "needs at least as many rows as columns (a wide matrix has a null space: its n-th singular value is 0)",
+        ));
+    }
     let s = dense::singular_values(a)?;
     Ok(s.iter().last().map(|v| v.to_f64_exact()).unwrap_or(0.0))
 }

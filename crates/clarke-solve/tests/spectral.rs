@@ -211,3 +211,21 @@ fn zero_operator() {
         0.0
     );
 }
+
+#[test]
+fn dense_smallest_singular_value_refuses_a_wide_matrix() {
+    // A wide matrix has a null space: min ||A x|| / ||x|| is 0, not its 2nd singular value 1.
+    let wide = array![[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]];
+    match smallest_singular_value_dense(wide.view()) {
+        Err(Error::ShapeMismatch { op, lhs, .. }) => {
+            assert_eq!((op, lhs), ("smallest_singular_value_dense", vec![2, 3]));
+        }
+        other => panic!("expected ShapeMismatch, got {other:?}"),
+    }
+    // Tall and square matrices: the n-th singular value, as the iterative estimate.
+    let tall = wide.t().to_owned();
+    assert_eq!(smallest_singular_value_dense(tall.view()).unwrap(), 1.0);
+    let a = random_matrix(30, 6, 14);
+    let exact = *faer_singular_values(&a).last().unwrap();
+    assert!((smallest_singular_value_dense(a.view()).unwrap() - exact).abs() < 1e-12 * exact);
+}

@@ -527,6 +527,9 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Leaky relu with the slope at 0 set to `slope` for this node (in [min(alpha,1), max(alpha,1)]).
     pub fn try_leaky_relu_with(self, alpha: S, slope: f64) -> Result<Var<'t, S>> {
         let a = alpha.to_f64_exact();
+        if !a.is_finite() {
+            return Err(Error::invalid("leaky_relu", format!("alpha must be finite, got {a}")));
+        }
         check_selection("leaky_relu'(0)", slope, a.min(1.0), a.max(1.0), self.outside_ok())?;
         Ok(
             self.kink_unary(KinkKind::LeakyRelu { alpha }, Some(Selection::Slope(slope)), move |v| {

@@ -5,7 +5,7 @@ use ndarray::{concatenate, ArrayD, ArrayViewD, Axis, IxDyn, Slice};
 use crate::kernels::{check_axis, reduce_to_shape};
 use crate::op::{Ctx, InputGrads, Op};
 use crate::tape::{Inputs, Tape};
-use crate::var::Var;
+use crate::var::{fail, Var};
 use crate::{Error, Result, Scalar};
 
 pub(crate) enum ShapeOp {
@@ -84,6 +84,24 @@ impl ShapeOp {
     }
 }
 
+/// The element count of `shape`, refusing a shape no array can have: the product of its
+/// non-zero axis lengths must fit in `isize` (what ndarray requires, even when an axis is 0).
+fn element_count(op: &'static str, shape: &[usize]) -> Result<usize> {
+    let nonzero = shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| isize::try_from(n).is_ok());
+    match nonzero {
+        Some(_) if shape.contains(&0) => Ok(0),
+        Some(n) => Ok(n),
+        None => Err(Error::invalid(
+            op,
+            format!("shape {shape:?} has too many elements: the product of its axis lengths overflows isize"),
+        )),
+    }
+}
+
 /// Reshapes in row-major order, copying only when the layout requires it.
 fn reshape<S: Scalar>(a: ArrayD<S>, shape: &[usize]) -> ArrayD<S> {
     match a.to_shape(IxDyn(shape)) {
@@ -96,7 +114,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Reshapes (row-major order). The element count must not change.
     pub fn try_reshape(self, shape: &[usize]) -> Result<Var<'t, S>> {
         let from = self.shape();
-        if from.iter().product::<usize>() != shape.iter().product::<usize>() {
+        if self.len() != element_count("reshape", shape)? {
             return Err(Error::shapes("reshape", &from, shape, "element counts differ"));
         }
         let value = self.with_value(|x| reshape(x.clone(), shape));
@@ -109,11 +127,12 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_reshape`](Self::try_reshape).
     #[track_caller]
     pub fn reshape(self, shape: &[usize]) -> Var<'t, S> {
-        self.try_reshape(shape).unwrap_or_else(|e| panic!("{e}"))
+        fail(self.try_reshape(shape))
     }
 
     /// Broadcasts to `shape` (NumPy rules); backward sums over the broadcast axes.
     pub fn try_broadcast_to(self, shape: &[usize]) -> Result<Var<'t, S>> {
+        element_count("broadcast_to", shape)?;
         let value = self.with_value(|x| {
             x.broadcast(IxDyn(shape))
                 .map(|v| v.to_owned())
@@ -128,7 +147,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_broadcast_to`](Self::try_broadcast_to).
     #[track_caller]
     pub fn broadcast_to(self, shape: &[usize]) -> Var<'t, S> {
-        self.try_broadcast_to(shape).unwrap_or_else(|e| panic!("{e}"))
+        fail(self.try_broadcast_to(shape))
     }
 
     /// Elements `start..end` along `axis`.
@@ -157,7 +176,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_slice_axis`](Self::try_slice_axis).
     #[track_caller]
     pub fn slice_axis(self, axis: usize, range: std::ops::Range<usize>) -> Var<'t, S> {
-        self.try_slice_axis(axis, range).unwrap_or_else(|e| panic!("{e}"))
+        fail(self.try_slice_axis(axis, range))
     }
 
     /// The sub-arrays at `indices` along `axis` (repeats allowed; backward scatter-adds).
@@ -182,7 +201,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_index_select`](Self::try_index_select).
     #[track_caller]
     pub fn index_select(self, axis: usize, indices: &[usize]) -> Var<'t, S> {
-        self.try_index_select(axis, indices).unwrap_or_else(|e| panic!("{e}"))
+        fail(self.try_index_select(axis, indices))
     }
 }
 
@@ -217,7 +236,18 @@ impl<S: Scalar> Tape<S> {
                     return Err(Error::shapes("concat", a, b, format!("all axes but {axis} must agree")));
                 }
             }
-            let lengths = views.iter().map(|v| v.shape()[axis]).collect();
+            let lengths: Vec<usize> = views.iter().map(|v| v.shape()[axis]).collect();
+            let mut shape = views[0].shape().to_vec();
+            shape[axis] = lengths
+                .iter()
+                .try_fold(0usize, |n, &l| n.checked_add(l))
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "concat",
+                        format!("the lengths {lengths:?} along axis {axis} overflow usize"),
+                    )
+                })?;
+            element_count("concat", &shape)?;
             (concatenate(Axis(axis), &views).expect("shapes checked"), lengths)
         };
         let inputs: Inputs = parts.iter().map(|p| p.id()).collect();
@@ -227,7 +257,7 @@ impl<S: Scalar> Tape<S> {
     /// Panicking form of [`try_concat`](Self::try_concat).
     #[track_caller]
     pub fn concat<'t>(&'t self, parts: &[Var<'t, S>], axis: usize) -> Var<'t, S> {
-        self.try_concat(parts, axis).unwrap_or_else(|e| panic!("{e}"))
+        fail(self.try_concat(parts, axis))
     }
 
     /// Stacks equal-shaped Vars along a new `axis`.
@@ -258,6 +288,9 @@ impl<S: Scalar> Tape<S> {
                     ));
                 }
             }
+            let mut shape = views[0].shape().to_vec();
+            shape.insert(axis, views.len());
+            element_count("stack", &shape)?;
             ndarray::stack(Axis(axis), &views).expect("shapes checked")
         };
         let inputs: Inputs = parts.iter().map(|p| p.id()).collect();
@@ -267,6 +300,6 @@ impl<S: Scalar> Tape<S> {
     /// Panicking form of [`try_stack`](Self::try_stack).
     #[track_caller]
     pub fn stack<'t>(&'t self, parts: &[Var<'t, S>], axis: usize) -> Var<'t, S> {
-        self.try_stack(parts, axis).unwrap_or_else(|e| panic!("{e}"))
+        fail(self.try_stack(parts, axis))
     }
 }

@@ -176,12 +176,13 @@ impl<S: Scalar> DeqLayer<S> {
     /// `W` as a tape expression of the bound parameters.
     ///
     /// # Errors
-    /// When the spectral-norm estimate is zero or not finite.
+    /// A `bound` of another parameter set, or a spectral-norm estimate that is zero or not
+    /// finite.
     pub fn weight<'t>(&self, bound: &Bound<'t, S>) -> Result<Var<'t, S>> {
         let n = self.width;
         match (self.weight, self.config.parametrization) {
             (WeightParams::Spectral { v }, Parametrization::SpectralNorm { gamma }) => {
-                let v = bound.var(v);
+                let v = bound.try_var(v)?;
                 let (left, right) = self.power_iteration(&v.value())?;
                 let tape = v.tape();
                 // sigma = u^T V v with u, v fixed: its gradient is u v^T, as in spectral
@@ -193,13 +194,13 @@ impl<S: Scalar> DeqLayer<S> {
                 v.try_mul(scale)
             }
             (WeightParams::Monotone { a, b }, Parametrization::Monotone { m }) => {
-                let (a, b) = (bound.var(a), bound.var(b));
+                let (a, b) = (bound.try_var(a)?, bound.try_var(b)?);
                 let tape = a.tape();
                 let eye = Array2::<S>::eye(n).mapv(|v| v * S::from_f64_lossy(1.0 - m));
                 let ata = a.t().try_matmul(a)?;
                 tape.constant(eye.into_dyn()).try_sub(ata)?.try_add(b)?.try_sub(b.t())
             }
-            (WeightParams::Free { w }, _) => Ok(bound.var(w)),
+            (WeightParams::Free { w }, _) => bound.try_var(w),
             _ => unreachable!("the weight parameters follow the parametrisation"),
         }
     }
@@ -240,8 +241,8 @@ impl<S: Scalar> DeqLayer<S> {
     /// the gradient mode.
     ///
     /// # Errors
-    /// A shape mismatch, a non-finite input or parameter, or a forward solve that did not
-    /// converge (with its residual trace).
+    /// A shape mismatch, a `bound` of another parameter set, a non-finite input or parameter,
+    /// or a forward solve that did not converge (with its residual trace).
     pub fn forward<'t>(&self, bound: &Bound<'t, S>, x: Var<'t, S>) -> Result<Var<'t, S>> {
         let xs = x.shape();
         if xs.len() != 2 || xs[1] != self.input_dim {
@@ -253,7 +254,7 @@ impl<S: Scalar> DeqLayer<S> {
             });
         }
         let w = self.weight(bound)?;
-        let (u, b) = (bound.var(self.u), bound.var(self.b));
+        let (u, b) = (bound.try_var(self.u)?, bound.try_var(self.b)?);
         match self.config.gradient {
             GradientMode::Unrolled { iterations } => self.unrolled(x, w, u, b, iterations),
             mode => {
