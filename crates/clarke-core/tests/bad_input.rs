@@ -148,6 +148,20 @@ fn panicking_forms_report_the_callers_line() {
         case!(a.index_select(0, &[2])),
         case!(tape.concat(&[a, b.reshape(&[3, 1])], 0)),
         case!(tape.stack(&[a, b], 0)),
+        case!(a.matmul(b)),
+        case!(a.permute(&[1, 0])),
+        case!(a.relu_with(2.0)),
+        case!(a.abs_with(-2.0)),
+        case!(a.clamp(1.0, -1.0)),
+        case!(a.maximum(b)),
+        case!(a.minimum(b)),
+        case!(a.max_axis(3, false)),
+        case!(a.min_axis(3, false)),
+        case!(a.sum_axis(3, false)),
+        case!(a.mean_axis(3, false)),
+        case!(a.log_softmax(3)),
+        case!(a.softmax_cross_entropy(&[0])),
+        case!(a.mse(b)),
     ];
     for (line, f) in cases {
         let (file, at) = panic_location(f);

@@ -272,12 +272,18 @@ impl<S: Scalar> KinkOp<S> {
                     .outer_iter()
                     .map(|lane| {
                         let m = extreme(lane.iter().copied(), is_max);
-                        let ties = lane.iter().filter(|&&v| v == m).count() as i64;
-                        let arg = lane.iter().position(|&v| v == m).unwrap_or(0) as i64;
-                        if ties > 1 {
-                            -1
-                        } else {
-                            arg
+                        let tied: Vec<usize> = (0..lane.len()).filter(|&i| lane[i] == m).collect();
+                        match tied.as_slice() {
+                            [] => 0,
+                            [arg] => *arg as i64,
+                            // A tie: a negative code naming the tied set, so that a
+                            // perturbation moving the tie to other elements changes it.
+                            set => {
+                                let h = set
+                                    .iter()
+                                    .fold(0i64, |h, &i| h.wrapping_mul(1_000_003).wrapping_add(i as i64 + 1));
+                                -1 - h.rem_euclid(i64::MAX)
+                            }
                         }
                     })
                     .collect()
@@ -382,8 +388,10 @@ fn lanes_of<S: Scalar>(x: &ArrayD<S>, axis: Option<usize>) -> ndarray::Array2<S>
         None => x.iter().copied().collect::<ndarray::Array1<S>>().insert_axis(Axis(0)),
         Some(ax) => {
             let n = x.shape()[ax];
-            let mut v = x.view();
-            v.swap_axes(ax, x.ndim() - 1);
+            // Move the reduced axis to the end, keeping the others in order, so that lane `i`
+            // is output element `i` in row-major order.
+            let order: Vec<usize> = (0..x.ndim()).filter(|&a| a != ax).chain([ax]).collect();
+            let v = x.view().permuted_axes(order);
             let flat: Vec<S> = v.iter().copied().collect();
             ndarray::Array2::from_shape_vec((flat.len() / n.max(1), n), flat).expect("lanes reshape")
         }
@@ -513,7 +521,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_relu_with`](Self::try_relu_with).
     #[track_caller]
     pub fn relu_with(self, slope: f64) -> Var<'t, S> {
-        self.try_relu_with(slope).unwrap_or_else(|e| panic!("{e}"))
+        crate::var::fail(self.try_relu_with(slope))
     }
 
     /// Leaky relu: `x` for `x > 0`, `alpha x` otherwise; the slope at 0 from the policy's
@@ -552,7 +560,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_abs_with`](Self::try_abs_with).
     #[track_caller]
     pub fn abs_with(self, slope: f64) -> Var<'t, S> {
-        self.try_abs_with(slope).unwrap_or_else(|e| panic!("{e}"))
+        crate::var::fail(self.try_abs_with(slope))
     }
 
     /// `sign(x)` (-1, 0 or 1). Its derivative is 0 off 0; at 0 sign is discontinuous and the
@@ -569,7 +577,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_clamp`](Self::try_clamp).
     #[track_caller]
     pub fn clamp(self, lo: S, hi: S) -> Var<'t, S> {
-        self.try_clamp(lo, hi).unwrap_or_else(|e| panic!("{e}"))
+        crate::var::fail(self.try_clamp(lo, hi))
     }
 
     /// Clamp with the derivatives at `lo` and at `hi` set for this node (each in [0, 1]).
@@ -646,7 +654,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_maximum`](Self::try_maximum).
     #[track_caller]
     pub fn maximum(self, other: Var<'t, S>) -> Var<'t, S> {
-        self.try_maximum(other).unwrap_or_else(|e| panic!("{e}"))
+        crate::var::fail(self.try_maximum(other))
     }
     /// Elementwise maximum sending the share `weight` of a tie to `self` (in [0, 1]).
     pub fn try_maximum_with(self, other: Var<'t, S>, weight: f64) -> Result<Var<'t, S>> {
@@ -660,7 +668,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_minimum`](Self::try_minimum).
     #[track_caller]
     pub fn minimum(self, other: Var<'t, S>) -> Var<'t, S> {
-        self.try_minimum(other).unwrap_or_else(|e| panic!("{e}"))
+        crate::var::fail(self.try_minimum(other))
     }
     /// Elementwise minimum sending the share `weight` of a tie to `self` (in [0, 1]).
     pub fn try_minimum_with(self, other: Var<'t, S>, weight: f64) -> Result<Var<'t, S>> {
@@ -713,7 +721,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_max_axis`](Self::try_max_axis).
     #[track_caller]
     pub fn max_axis(self, axis: usize, keep_dims: bool) -> Var<'t, S> {
-        self.try_max_axis(axis, keep_dims).unwrap_or_else(|e| panic!("{e}"))
+        crate::var::fail(self.try_max_axis(axis, keep_dims))
     }
     /// Maximum along `axis` with the tie rule set for this node.
     pub fn try_max_axis_with(self, axis: usize, keep_dims: bool, rule: TieRule) -> Result<Var<'t, S>> {
@@ -726,7 +734,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_min_axis`](Self::try_min_axis).
     #[track_caller]
     pub fn min_axis(self, axis: usize, keep_dims: bool) -> Var<'t, S> {
-        self.try_min_axis(axis, keep_dims).unwrap_or_else(|e| panic!("{e}"))
+        crate::var::fail(self.try_min_axis(axis, keep_dims))
     }
     /// Minimum along `axis` with the tie rule set for this node.
     pub fn try_min_axis_with(self, axis: usize, keep_dims: bool, rule: TieRule) -> Result<Var<'t, S>> {
@@ -739,7 +747,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_max_all`](Self::try_max_all).
     #[track_caller]
     pub fn max_all(self) -> Var<'t, S> {
-        self.try_max_all().unwrap_or_else(|e| panic!("{e}"))
+        crate::var::fail(self.try_max_all())
     }
     /// Minimum of all elements (a 0-d Var).
     pub fn try_min_all(self) -> Result<Var<'t, S>> {
@@ -748,7 +756,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_min_all`](Self::try_min_all).
     #[track_caller]
     pub fn min_all(self) -> Var<'t, S> {
-        self.try_min_all().unwrap_or_else(|e| panic!("{e}"))
+        crate::var::fail(self.try_min_all())
     }
 }
 

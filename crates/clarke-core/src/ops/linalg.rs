@@ -300,7 +300,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_matmul`](Self::try_matmul).
     #[track_caller]
     pub fn matmul(self, other: Var<'t, S>) -> Var<'t, S> {
-        self.try_matmul(other).unwrap_or_else(|e| panic!("{e}"))
+        crate::var::fail(self.try_matmul(other))
     }
 
     /// Permutes the axes: output axis `i` is input axis `perm[i]` (no copy).
@@ -324,7 +324,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_permute`](Self::try_permute).
     #[track_caller]
     pub fn permute(self, perm: &[usize]) -> Var<'t, S> {
-        self.try_permute(perm).unwrap_or_else(|e| panic!("{e}"))
+        crate::var::fail(self.try_permute(perm))
     }
 
     /// Reverses the axes (the transpose of a matrix).

@@ -99,7 +99,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_log_softmax`](Self::try_log_softmax).
     #[track_caller]
     pub fn log_softmax(self, axis: usize) -> Var<'t, S> {
-        self.try_log_softmax(axis).unwrap_or_else(|e| panic!("{e}"))
+        crate::var::fail(self.try_log_softmax(axis))
     }
     /// `softmax` along `axis` (recorded as `exp(log_softmax)`).
     #[track_caller]
@@ -145,7 +145,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_softmax_cross_entropy`](Self::try_softmax_cross_entropy).
     #[track_caller]
     pub fn softmax_cross_entropy(self, labels: &[usize]) -> Var<'t, S> {
-        self.try_softmax_cross_entropy(labels).unwrap_or_else(|e| panic!("{e}"))
+        crate::var::fail(self.try_softmax_cross_entropy(labels))
     }
 
     /// Mean squared error `mean((self - target)^2)`; shapes must be equal.
@@ -180,6 +180,6 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Panicking form of [`try_mse`](Self::try_mse).
     #[track_caller]
     pub fn mse(self, target: Var<'t, S>) -> Var<'t, S> {
-        self.try_mse(target).unwrap_or_else(|e| panic!("{e}"))
+        crate::var::fail(self.try_mse(target))
     }
 }

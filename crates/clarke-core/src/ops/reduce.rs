@@ -90,7 +90,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Sum over one axis.
     #[track_caller]
     pub fn sum_axis(self, axis: usize, keep_dims: bool) -> Var<'t, S> {
-        self.try_sum_axes(&[axis], keep_dims).unwrap_or_else(|e| panic!("{e}"))
+        crate::var::fail(self.try_sum_axes(&[axis], keep_dims))
     }
     /// Sum of all elements (a 0-d Var).
     pub fn sum(self) -> Var<'t, S> {
@@ -104,12 +104,12 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Mean over one axis.
     #[track_caller]
     pub fn mean_axis(self, axis: usize, keep_dims: bool) -> Var<'t, S> {
-        self.try_mean_axes(&[axis], keep_dims).unwrap_or_else(|e| panic!("{e}"))
+        crate::var::fail(self.try_mean_axes(&[axis], keep_dims))
     }
     /// Mean of all elements (a 0-d Var). Panics on an empty Var.
     #[track_caller]
     pub fn mean(self) -> Var<'t, S> {
         let all: Vec<usize> = (0..self.ndim()).collect();
-        self.reduce(&all, false, true).unwrap_or_else(|e| panic!("{e}"))
+        crate::var::fail(self.reduce(&all, false, true))
     }
 }

@@ -76,10 +76,14 @@ impl<S: Scalar> UnaryOp<S> {
             UnaryOp::Log => update_with(&mut g, x, |g, x| g / x),
             UnaryOp::Sqrt => update_with(&mut g, y, move |g, y| g / (two * y)),
             UnaryOp::Recip => update_with(&mut g, y, |g, y| -g * y * y),
+            // `x^0` is the constant 1: its derivative is 0 everywhere, also where `x^-1`
+            // overflows (the general rule would give `0 * inf = NaN` at 0).
+            UnaryOp::Powi(0) => update_with(&mut g, x, |_, _| S::zero()),
             UnaryOp::Powi(n) => {
                 let nf = S::from_i32(n).expect("i32 fits");
                 update_with(&mut g, x, move |g, x| g * nf * x.powi(n - 1))
             }
+            UnaryOp::Powf(p) if p == S::zero() => update_with(&mut g, x, |_, _| S::zero()),
             UnaryOp::Powf(p) => update_with(&mut g, x, move |g, x| g * p * x.powf(p - S::one())),
             UnaryOp::Tanh => update_with(&mut g, y, |g, y| g * (S::one() - y * y)),
             UnaryOp::Sigmoid => update_with(&mut g, y, |g, y| g * y * (S::one() - y)),

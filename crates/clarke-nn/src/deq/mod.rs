@@ -277,26 +277,21 @@ impl<S: Scalar> DeqLayer<S> {
         let tape = x.tape();
         let input = x.try_matmul(u.t())?.try_add(b)?;
         let mut z = tape.constant(ArrayD::zeros(vec![x.shape()[0], self.width]));
+        let mut previous = z;
         for _ in 0..k {
+            previous = z;
             z = self.config.activation.record(z.try_matmul(w.t())?.try_add(input)?);
         }
-        // The residual of the last iterate, for the report every backward leaves.
-        let z_last = z.value().into_dimensionality::<Ix2>().expect("2-D by construction");
-        let pre = kernel::pre_activation(
-            w.value()
-                .into_dimensionality::<Ix2>()
-                .expect("2-D by construction")
-                .view(),
-            input
-                .value()
-                .into_dimensionality::<Ix2>()
-                .expect("2-D by construction")
-                .view(),
-            z_last.view(),
-        );
-        let mut next = pre;
-        self.config.activation.apply_in_place(next.view_mut());
-        let residual = plain_residual(next.view(), z_last.view());
+        // The last step's change `z_K - z_{K-1} = T(z_{K-1}) - z_{K-1}`: the residual of the
+        // last iteration, from values already on the tape (no extra product).
+        let residual = z.with_value(|zk| {
+            previous.with_value(|zp| {
+                plain_residual(
+                    zk.view().into_dimensionality::<Ix2>().expect("2-D by construction"),
+                    zp.view().into_dimensionality::<Ix2>().expect("2-D by construction"),
+                )
+            })
+        });
         let forward = FixedPointReport {
             solver: "unrolled",
             iterations: k,
