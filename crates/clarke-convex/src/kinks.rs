@@ -4,10 +4,10 @@
 //! soft-thresholding, the boundary of a group, the active-set boundary of a simplex
 //! projection) inside one fused node. Every one of them is a `max(gap, 0)`-type kink: the
 //! derivative is 1 where the gap is positive, 0 where it is negative, and the policy's
-//! selection where it is zero. [`resolve`] is that rule, shared by all of them: it applies
+//! selection where it is zero. `resolve` (crate-internal) is that rule, shared by all of them: it applies
 //! the backward call's policy inside the call's band (so kinks within a solver's error are
 //! selected), honours per-element selections, and reports the record to the backward
-//! ledger. [`declare`] tells the tape which side of its kinks each element sits on, so that
+//! ledger. `declare` tells the tape which side of its kinks each element sits on, so that
 //! gradcheck refuses to difference across them.
 //!
 //! Each op also returns a [`Prox`]: the output [`Var`] and a [`KinkSite`], what the op saw
