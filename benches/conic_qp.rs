@@ -36,7 +36,7 @@ use clarke::convex::cone::{
     DerivativeOptions, SolutionDirection, SolverOptions,
 };
 use clarke::core::Tape;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_group, BenchmarkId, Criterion};
 use ndarray::{Array1, Array2};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -302,4 +302,3 @@ fn raw(c: &mut Criterion) {
 }
 
 criterion_group!(benches, layer, raw);
-criterion_main!(benches);

@@ -20,7 +20,7 @@ use clarke::core::Tape;
 use clarke::implicit::GradientMode;
 use clarke::nn::deq::{DeqConfig, DeqLayer, Parametrization};
 use clarke::nn::{Linear, ParamSet};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use ndarray::{Array1, Array2, Axis};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -131,4 +131,3 @@ fn deq_step(c: &mut Criterion) {
 }
 
 criterion_group!(benches, deq_step);
-criterion_main!(benches);

@@ -10,7 +10,7 @@ use std::hint::black_box;
 
 use clarke::core::kernels::PARALLEL_ELEMENTS;
 use clarke::core::Tape;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use ndarray::{ArrayD, IxDyn, Zip};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -98,4 +98,3 @@ fn elementwise(c: &mut Criterion) {
 }
 
 criterion_group!(benches, elementwise);
-criterion_main!(benches);

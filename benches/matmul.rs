@@ -5,7 +5,7 @@ use std::hint::black_box;
 
 use clarke::core::gemm::gemm;
 use clarke::core::Tape;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use ndarray::{Array2, ArrayD};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -51,4 +51,3 @@ fn matmul(c: &mut Criterion) {
 }
 
 criterion_group!(benches, matmul);
-criterion_main!(benches);

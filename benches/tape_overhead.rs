@@ -8,7 +8,7 @@
 use std::hint::black_box;
 
 use clarke::core::{Tape, Var};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use ndarray::arr1;
 
 /// Records the chain on `tape`; returns the parameter `w` and the scalar output.
@@ -48,4 +48,3 @@ fn chain(c: &mut Criterion) {
 }
 
 criterion_group!(benches, chain);
-criterion_main!(benches);

@@ -13,7 +13,7 @@ use clarke::core::gemm::gemm;
 use clarke::core::{Result, Tape, Var};
 use clarke::implicit::{AdjointSolver, CheckOptions, ForwardSolver, GradientMode, ImplicitLayer, ImplicitOptions};
 use clarke::solve::SolveOptions;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_group, BenchmarkId, Criterion};
 use ndarray::{Array1, Array2, ArrayD};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -131,7 +131,7 @@ fn print_memory() {
 
 fn deq(c: &mut Criterion) {
     print_memory();
-    let mut group = c.benchmark_group("deq_step");
+    let mut group = c.benchmark_group("tape_vs_unrolled");
     group.sample_size(10);
     for size in SIZES {
         let (batch, d, n) = size;
@@ -157,4 +157,3 @@ fn deq(c: &mut Criterion) {
 }
 
 criterion_group!(benches, deq);
-criterion_main!(benches);

@@ -69,7 +69,7 @@ struct Args {
 
 fn load(args: &Args) -> Result<(String, Split), clarke::core::Error> {
     if args.synthetic {
-        let p = if args.quick { 2_000 } else { 10_000 };
+        let p = if args.quick { 300 } else { 10_000 };
         let data = synthetic(400, p, 20, 1.0, args.seed);
         Ok((
             format!("synthetic (p = {p}, seed {})", args.seed),
@@ -108,7 +108,7 @@ fn run(args: &Args) -> Result<(), clarke::core::Error> {
     let hopts = HypergradOptions::default().with_policy(policy.clone());
     let mut hopts_unrolled = hopts.clone();
     hopts_unrolled.unrolled_max_iter = match (args.synthetic, args.quick) {
-        (true, true) => 1_000,
+        (true, true) => 500,
         (true, false) => 3_000,
         _ => 200_000,
     };
@@ -175,7 +175,7 @@ fn run(args: &Args) -> Result<(), clarke::core::Error> {
             .iter()
             .map(|t| t.map_or_else(|| "-".to_string(), |t| format!("{t:.4}")))
             .collect();
-        let value = clarke::convex::hypergrad::Criterion::value(&val, fit.beta.view());
+        let value = val.value(fit.beta.view())?;
         eprintln!(
             "{f:>6} {:>11.4e} {:>5} {:>12.6e} {:>15} {:>15} {:>15} {:>9.1e}  {} (|E| = {}, kinks {}, sigma_min {:.2e}); seconds {}{}",
             f * lmax,

@@ -54,7 +54,7 @@ struct Args {
     /// Save the drift between the two training runs and their test accuracy as a PNG.
     #[arg(long)]
     plot: Option<String>,
-    /// A short run for CI (20 initialisations, 2 epochs).
+    /// A short run for CI (8 initialisations, 1 epoch).
     #[arg(long)]
     quick: bool,
     /// Path of the data file.
@@ -174,7 +174,7 @@ fn main() {
 }
 
 fn run(args: &Args) -> std::result::Result<(), Box<dyn std::error::Error>> {
-    let (inits, epochs) = if args.quick { (20, 2) } else { (args.inits, args.epochs) };
+    let (inits, epochs) = if args.quick { (8, 1) } else { (args.inits, args.epochs) };
     let data = Dataset::from_csv(&args.data)?;
     let (train, test) = data.split_by_index(|i| i % 5 == 0)?;
     let scaler = Scaler::constant(train.features(), 16.0)?;

@@ -176,7 +176,7 @@ pub fn gradient_search(
             )?
             .into_result()?;
             solves += 1;
-            let v = criterion.value(f.beta.view());
+            let v = criterion.value(f.beta.view())?;
             if v < best {
                 best = v;
                 start_log.fill(l.ln());
@@ -236,7 +236,7 @@ pub fn gradient_search(
                     let cpen = init.from_log_like(cand.view());
                     let cfit = solve(model, &cpen, Some(fit.beta.view()), &options.cd)?.into_result()?;
                     solves += 1;
-                    let cval = criterion.value(cfit.beta.view());
+                    let cval = criterion.value(cfit.beta.view())?;
                     if cval <= hg.value + 1e-4 * g.dot(&d) {
                         accepted = Some((cand, cfit, cval));
                         break;
@@ -269,7 +269,7 @@ pub fn gradient_search(
                 let cpen = init.from_log_like(cand.view());
                 let cfit = solve(model, &cpen, Some(fit.beta.view()), &options.cd)?.into_result()?;
                 solves += 1;
-                let cval = criterion.value(cfit.beta.view());
+                let cval = criterion.value(cfit.beta.view())?;
                 (cand, cfit, cval)
             }
         };
@@ -367,7 +367,7 @@ pub fn grid_search(
     let mut warm: Option<Fit> = None;
     for &l in lambdas {
         let fit = solve(model, &Penalty::Uniform(l), warm.as_ref().map(|f| f.beta.view()), cd)?.into_result()?;
-        let value = criterion.value(fit.beta.view());
+        let value = criterion.value(fit.beta.view())?;
         points.push(GridPoint {
             lambda: l,
             value,

@@ -709,6 +709,49 @@ fn f32_tapes_work_and_the_policy_selects_at_exact_kinks() {
 }
 
 #[test]
+fn a_constant_quadratic_term_and_the_margins_in_the_log() {
+    // x = argmin 1/2 x^2 + c x s.t. x <= 1, batched over three costs; P as a plain array.
+    let cones = Cones::new(vec![Cone::NonNeg(1)]).unwrap();
+    let run = |fixed: bool| {
+        let tape = Tape::<f64>::new();
+        let a = tape.constant(array![[1.0]].into_dyn());
+        let b = tape.constant(array![1.0].into_dyn());
+        let c = tape.param(array![[-1.0], [-3.0], [0.5]].into_dyn());
+        let opts = ConicLayerOptions::default();
+        let out = if fixed {
+            quadratic_cone_program(Array2::<f64>::eye(1), a, b, c, &cones, &opts).unwrap()
+        } else {
+            let p = tape.constant(Array2::<f64>::eye(1).into_dyn());
+            quadratic_cone_program(p, a, b, c, &cones, &opts).unwrap()
+        };
+        let g = out.x.sum().backward().unwrap();
+        (out.x.value(), g.wrt(c).unwrap().clone(), out.log.last().unwrap())
+    };
+    let (x_fixed, g_fixed, report) = run(true);
+    let (x_var, g_var, _) = run(false);
+    assert_eq!(x_fixed, x_var);
+    assert_eq!(g_fixed, g_var);
+    // x = min(-c, 1): 1 (weakly active, a kink), 1 (active, margin 2), -0.5 (inactive, margin 1.5).
+    assert_eq!(
+        x_fixed.iter().map(|v| (v * 1e9).round() / 1e9).collect::<Vec<_>>(),
+        vec![1.0, 1.0, -0.5]
+    );
+    assert_eq!(report.checks.len(), 3);
+    let margins: Vec<f64> = report
+        .checks
+        .iter()
+        .map(|c| c.as_ref().unwrap().margins[0].margin)
+        .collect();
+    assert!(
+        margins[0] < 1e-9 && (margins[1] - 2.0).abs() < 1e-9 && (margins[2] - 1.5).abs() < 1e-9,
+        "{margins:?}"
+    );
+    let (sample, low) = report.min_margin.unwrap();
+    assert_eq!(sample, 0);
+    assert!(!low.strict, "{low:?}");
+}
+
+#[test]
 fn bad_shapes_and_values_get_clear_errors() {
     let tape = Tape::<f64>::new();
     let cones = Cones::new(vec![Cone::NonNeg(2)]).unwrap();

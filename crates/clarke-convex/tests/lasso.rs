@@ -20,11 +20,11 @@ fn tight() -> CdOptions {
 struct HalfSquared(Array1<f64>);
 
 impl Criterion for HalfSquared {
-    fn value(&self, beta: ArrayView1<'_, f64>) -> f64 {
-        0.5 * (&beta - &self.0).mapv(|v| v * v).sum()
+    fn value(&self, beta: ArrayView1<'_, f64>) -> clarke_core::Result<f64> {
+        Ok(0.5 * (&beta - &self.0).mapv(|v| v * v).sum())
     }
-    fn gradient(&self, beta: ArrayView1<'_, f64>) -> Array1<f64> {
-        &beta - &self.0
+    fn gradient(&self, beta: ArrayView1<'_, f64>) -> clarke_core::Result<Array1<f64>> {
+        Ok(&beta - &self.0)
     }
 }
 
@@ -123,7 +123,7 @@ fn t7_two_dimensional_lasso_prop5() {
     let h = 1e-5;
     let cval = |theta: f64| {
         let f = solve(&model, &Penalty::Uniform(theta.exp()), None, &tight()).unwrap();
-        c.value(f.beta.view())
+        c.value(f.beta.view()).unwrap()
     };
     let fd = (cval(0.5f64.ln() + h) - cval(0.5f64.ln() - h)) / (2.0 * h);
     assert!((fd - -0.1291065).abs() < 1e-7, "{fd}");
@@ -161,7 +161,7 @@ fn central_difference(model: &LassoModel, crit: &ValidationMse, pen: &Penalty, i
         let p = pen.from_log_like(theta.view());
         let f = solve(model, &p, None, &tight()).unwrap();
         assert!(f.gap <= 1e-12, "gap {}", f.gap);
-        crit.value(f.beta.view())
+        crit.value(f.beta.view()).unwrap()
     };
     (eval(h) - eval(-h)) / (2.0 * h)
 }
@@ -384,6 +384,16 @@ fn bad_input_mismatched_lengths() {
     let val = ValidationMse::new(Array2::eye(3).view(), array![1.0, 0.0, 0.0].view()).unwrap();
     let e = hypergradient(&model, &fit, &val, Method::Support, &HypergradOptions::default()).unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+    // Fewer validation features than the model's: an error, not an index out of bounds; the
+    // criterion's own methods (no trait import needed) say the same.
+    let narrow = ValidationMse::new(array![[1.0], [2.0]].view(), array![1.0, 0.0].view()).unwrap();
+    for method in Method::ALL {
+        let e = hypergradient(&model, &fit, &narrow, method, &HypergradOptions::default()).unwrap_err();
+        assert!(matches!(e, Error::ShapeMismatch { .. }), "{method}: {e}");
+    }
+    let e = narrow.value(fit.beta.view()).unwrap_err();
+    assert!(e.to_string().contains("one entry per validation feature"), "{e}");
+    assert!(narrow.gradient(array![0.5].view()).is_ok());
 }
 
 #[test]
@@ -453,7 +463,9 @@ fn gradient_search_improves_on_its_start_and_grid_keeps_its_best() {
     let grid = grid_search(&model, &crit, &geometric_grid(lmax, 0.01, 15), &CdOptions::default()).unwrap();
     assert!(grid.points.iter().all(|p| p.value >= grid.best_value));
     let init = Penalty::Uniform(0.5 * lmax);
-    let start = crit.value(solve(&model, &init, None, &CdOptions::default()).unwrap().beta.view());
+    let start = crit
+        .value(solve(&model, &init, None, &CdOptions::default()).unwrap().beta.view())
+        .unwrap();
     let res = gradient_search(&model, &crit, &init, &SearchOptions::default()).unwrap();
     assert!(res.best_value < start, "{} vs {start}", res.best_value);
     // The search ends near a stationary point that is at least as good as the grid (the
@@ -507,6 +519,7 @@ fn sparse_logistic_regression_hypergradients_match_finite_differences() {
         let eval = |h: f64| {
             let p = Penalty::Uniform((f * lmax).ln().exp() * h.exp());
             crit.value(solve(&model, &p, None, &tight()).unwrap().beta.view())
+                .unwrap()
         };
         let fd = (eval(1e-6) - eval(-1e-6)) / 2e-6;
         let mut grads = Vec::new();

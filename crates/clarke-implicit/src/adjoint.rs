@@ -19,6 +19,10 @@ pub(crate) struct Adjoint<S: Scalar> {
 
 /// Solves `A^T w = g` with `A = I - J_z` (fixed point) or `A = J_F` (root) as `mode` says.
 /// `dense` is the block `A` when the check already built it.
+///
+/// `g` must have `z`'s length and be finite: a NaN or an infinity arriving from the loss
+/// is refused here, the same way by every adjoint solver, rather than turned into a NaN
+/// gradient that a direct solve would report as converged.
 pub(crate) fn solve_adjoint<S: Scalar>(
     name: &str,
     lin: &Linearization<'_, S>,
@@ -29,10 +33,21 @@ pub(crate) fn solve_adjoint<S: Scalar>(
     options: &ImplicitOptions,
 ) -> Result<Adjoint<S>> {
     let n = lin.len();
-    let jt = FnOperator::new(n, n, |x: ArrayView1<'_, S>, mut y: ArrayViewMut1<'_, S>| {
-        y.assign(&lin.vjp(x, &[])?);
-        Ok(())
-    });
+    if g.len() != n {
+        return Err(Error::shapes(
+            "implicit layer",
+            &[g.len()],
+            &[n],
+            format!("{name}: the incoming gradient must have one element per element of z"),
+        ));
+    }
+    if let Some((i, v)) = g.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::invalid(
+            "implicit layer",
+            format!("{name}: the incoming gradient has a non-finite value {v} at flat index {i}; the adjoint system needs a finite right-hand side"),
+        ));
+    }
+    let jt = FnOperator::new(n, n, |x: ArrayView1<'_, S>, y: ArrayViewMut1<'_, S>| lin.vjp_into(x, y));
     let iterative = |solver: AdjointSolver, opts: &SolveOptions| -> Result<(Array1<S>, SolveReport)> {
         match (solver, form) {
             (AdjointSolver::Neumann, Form::FixedPoint) => neumann(&jt, g, warm, opts),
@@ -44,14 +59,26 @@ pub(crate) fn solve_adjoint<S: Scalar>(
                 "implicit layer",
                 format!("{name}: the Neumann adjoint needs a fixed-point layer"),
             )),
-            (AdjointSolver::Dense, _) => unreachable!("dense solves do not iterate"),
+            (AdjointSolver::Dense, _) => Err(Error::invalid(
+                "implicit layer",
+                format!("{name}: the dense adjoint is a direct solve, not an iterative one"),
+            )),
         }
     };
     let dense_block = |dense: Option<Array2<S>>| -> Result<Array2<S>> {
-        match dense {
-            Some(a) => Ok(a),
-            None => Ok(block(form, lin.jacobian(&[])?)),
+        let a = match dense {
+            Some(a) => a,
+            None => block(form, lin.jacobian(&[])?)?,
+        };
+        if a.dim() != (n, n) {
+            return Err(Error::shapes(
+                "implicit layer",
+                a.shape(),
+                &[n, n],
+                format!("{name}: the dense adjoint block must be n x n for z of {n} elements"),
+            ));
         }
+        Ok(a)
     };
 
     match options.mode {
@@ -138,9 +165,10 @@ pub(crate) fn solve_adjoint<S: Scalar>(
                 OnAdjointFailure::AcceptApproximate => Err(report.failure(name, "adjoint")),
             }
         }
-        GradientMode::Unrolled { .. } | GradientMode::OneStep => {
-            unreachable!("modes without an adjoint do not call the adjoint solve")
-        }
+        GradientMode::Unrolled { .. } | GradientMode::OneStep => Err(Error::invalid(
+            "implicit layer",
+            format!("{name}: the {} mode solves no adjoint system", options.mode.name()),
+        )),
     }
 }
 

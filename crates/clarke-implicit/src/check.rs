@@ -39,7 +39,7 @@
 //! The check also turns the forward residual into an error bound on `z*`:
 //! `||z - z*|| <~ ||T(z) - z|| / sigma_min(A)`.
 
-use clarke_core::{ElementSelection, Result, Scalar};
+use clarke_core::{ElementSelection, Error, Result, Scalar};
 use clarke_solve::dense::singular_values;
 use clarke_solve::{spectral_radius, FnOperator, SpectralOptions};
 use ndarray::{Array2, ArrayView2};
@@ -66,18 +66,40 @@ pub enum Form {
     Root,
 }
 
-/// The inverted block `A` from the Jacobian of the map.
-pub fn block<S: Scalar>(form: Form, j: Array2<S>) -> Array2<S> {
-    match form {
+/// The inverted block `A` from the Jacobian of the map: `I - J` for a fixed point, `J` for a
+/// root. A Jacobian that is not square is refused: the map sends `z` to an array of `z`'s
+/// size, so `J` has one row and one column per element of `z`.
+pub fn block<S: Scalar>(form: Form, j: Array2<S>) -> Result<Array2<S>> {
+    require_square("check::block", j.view())?;
+    Ok(match form {
         Form::Root => j,
         Form::FixedPoint => {
             let mut a = j.mapv(|v| -v);
-            for i in 0..a.nrows() {
-                a[[i, i]] += S::one();
-            }
+            a.diag_mut().mapv_inplace(|v| v + S::one());
             a
         }
+    })
+}
+
+/// `Err(ShapeMismatch)` naming `op` unless `a` is square.
+fn require_square<S: Scalar>(op: &'static str, a: ArrayView2<'_, S>) -> Result<()> {
+    let (rows, cols) = a.dim();
+    if rows != cols {
+        return Err(Error::shapes(
+            op,
+            &[rows, cols],
+            &[rows, rows],
+            format!("a square matrix is needed, got {rows} x {cols}"),
+        ));
     }
+    Ok(())
+}
+
+/// The first non-finite entry of a matrix, as `(value, [row, column])`.
+fn first_non_finite<S: Scalar>(a: ArrayView2<'_, S>) -> Option<(S, [usize; 2])> {
+    a.indexed_iter()
+        .find(|(_, v)| !v.is_finite())
+        .map(|((i, j), v)| (*v, [i, j]))
 }
 
 /// A check's result, with the dense block of the selected element when it was built (the
@@ -125,7 +147,35 @@ pub struct WalkInput {
 }
 
 impl WalkInput {
+    /// Refuses a hull end, forward residual or unit that is negative (the residual and the
+    /// unit) or not finite: the walk would compare against NaN and never find a singular
+    /// element.
+    pub fn validate(&self) -> Result<()> {
+        const OP: &str = "walk_vertices";
+        if let Some(e) = self
+            .flippable
+            .iter()
+            .find(|e| !(e.low.is_finite() && e.high.is_finite()))
+        {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "flippable element {}[{}] has a non-finite hull [{}, {}]",
+                    e.node, e.element, e.low, e.high
+                ),
+            ));
+        }
+        for (what, v) in [("forward_residual", self.forward_residual), ("unit", self.unit)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::invalid(OP, format!("{what} must be finite and >= 0, got {v}")));
+            }
+        }
+        Ok(())
+    }
+
     /// Input from the records of a kink ledger (flippable: elementwise kinks with a hull).
+    /// `forward_residual` is taken as given; [`walk_vertices`] refuses one that is negative
+    /// or not finite.
     pub fn from_ledger(form: Form, ledger: &clarke_core::KinkLedger, forward_residual: f64) -> Self {
         let mut input = WalkInput {
             form,
@@ -169,8 +219,16 @@ pub struct Spectrum {
 }
 
 impl Spectrum {
-    /// The spectrum of a square matrix (an SVD and an LU).
+    /// The spectrum of a square matrix (an SVD and an LU). A matrix that is not square, or
+    /// has a NaN or an infinite entry, is refused: neither has a determinant sign to compare.
     pub fn of<S: Scalar>(a: ArrayView2<'_, S>) -> Result<Self> {
+        require_square("Spectrum::of", a)?;
+        if let Some((v, at)) = first_non_finite(a) {
+            return Err(Error::invalid(
+                "Spectrum::of",
+                format!("the matrix has a non-finite entry {v} at {at:?}"),
+            ));
+        }
         let s = singular_values(a)?;
         let sigma_max = s.iter().map(|v| v.to_f64_exact()).fold(0.0, f64::max);
         let sigma_min = s.iter().map(|v| v.to_f64_exact()).fold(f64::INFINITY, f64::min);
@@ -253,11 +311,25 @@ fn relative(spec: &Spectrum, unit: f64) -> f64 {
 /// with the given selections at single kink elements (an empty slice: the policy's). The
 /// walk builds the selected element, then every vertex of the selection box (or a sample),
 /// and returns the verdict with the selected block `A`.
+///
+/// Refused, before any verdict: options that fail [`CheckOptions::validate`], a hull end of a
+/// flippable element, a forward residual or a unit that is negative or not finite, and a
+/// Jacobian that is not square, not finite, or (at a vertex) not of the selected element's
+/// size. An empty Jacobian (`z` has no elements) is certified: there is nothing to invert.
 pub fn walk_vertices<S: Scalar>(
     input: &WalkInput,
     opts: &CheckOptions,
     mut jacobian: impl FnMut(&[ElementSelection]) -> Result<Array2<S>>,
 ) -> Result<Checked<S>> {
+    opts.validate()?;
+    input.validate()?;
+    let mut size = None;
+    let mut jacobian = move |selections: &[ElementSelection]| -> Result<Array2<S>> {
+        let j = jacobian(selections)?;
+        checked_jacobian(&j, selections, size)?;
+        size = Some(j.nrows());
+        Ok(j)
+    };
     let k = input.flippable.len();
     let mut check = HypothesisCheck {
         outcome: CheckOutcome::Warning,
@@ -310,7 +382,7 @@ pub fn walk_vertices<S: Scalar>(
         Form::FixedPoint => Some(largest_singular_value(j_selected.view())?),
         Form::Root => None,
     };
-    let selected = block(input.form, j_selected);
+    let selected = block(input.form, j_selected)?;
     let sel = Spectrum::of(selected.view())?;
     check.sigma_min = Some(sel.sigma_min);
     check.sigma_max = Some(sel.sigma_max);
@@ -361,7 +433,7 @@ pub fn walk_vertices<S: Scalar>(
             if let Some(m) = max_norm.as_mut() {
                 *m = m.max(largest_singular_value(j.view())?);
             }
-            let spec = Spectrum::of(block(input.form, j).view())?;
+            let spec = Spectrum::of(block(input.form, j)?.view())?;
             signs.push(spec.det_sign);
             let rel = relative(&spec, input.unit);
             min_vertex = Some(match min_vertex {
@@ -438,6 +510,50 @@ pub fn walk_vertices<S: Scalar>(
     })
 }
 
+/// Refuses a Jacobian of the walk that is not square, not `want x want` (when the selected
+/// element's size is known) or not finite, naming the selections it was built for.
+fn checked_jacobian<S: Scalar>(j: &Array2<S>, selections: &[ElementSelection], want: Option<usize>) -> Result<()> {
+    const OP: &str = "walk_vertices";
+    let at = || {
+        if selections.is_empty() {
+            "the selected element".to_string()
+        } else {
+            let list: Vec<String> = selections
+                .iter()
+                .map(|s| format!("{}[{}]={}", s.node, s.element, s.value))
+                .collect();
+            format!("the vertex with selections {}", list.join(", "))
+        }
+    };
+    let (rows, cols) = j.dim();
+    if rows != cols {
+        return Err(Error::shapes(
+            OP,
+            &[rows, cols],
+            &[rows, rows],
+            format!("the Jacobian of {} must be square, got {rows} x {cols}", at()),
+        ));
+    }
+    if let Some(n) = want.filter(|&n| n != rows) {
+        return Err(Error::shapes(
+            OP,
+            &[rows, cols],
+            &[n, n],
+            format!(
+                "the Jacobian of {} must have the selected element's size {n} x {n}",
+                at()
+            ),
+        ));
+    }
+    if let Some((v, index)) = first_non_finite(j.view()) {
+        return Err(Error::invalid(
+            OP,
+            format!("the Jacobian of {} has a non-finite entry {v} at {index:?}", at()),
+        ));
+    }
+    Ok(())
+}
+
 /// Runs the check at the linearization `lin` (its kinks come from its ledger, with its
 /// solver band).
 pub(crate) fn run_check<S: Scalar>(
@@ -447,6 +563,7 @@ pub(crate) fn run_check<S: Scalar>(
     opts: &CheckOptions,
     selected: Option<Array2<S>>,
 ) -> Result<Checked<S>> {
+    opts.validate()?;
     if !opts.enabled {
         return Ok(Checked {
             check: HypothesisCheck::not_checked("the check is switched off"),
@@ -500,18 +617,30 @@ fn matrix_free<S: Scalar>(
     let op = FnOperator::new(
         n,
         n,
-        |x: ndarray::ArrayView1<'_, S>, mut y: ndarray::ArrayViewMut1<'_, S>| {
-            y.assign(&lin.vjp(x, &[])?);
-            Ok(())
-        },
+        |x: ndarray::ArrayView1<'_, S>, y: ndarray::ArrayViewMut1<'_, S>| lin.vjp_into(x, y),
     );
     let spectral = SpectralOptions::default()
         .with_max_iter(opts.radius_iterations)
         .with_tol(1e-3)
         .with_seed(opts.seed);
     let est = spectral_radius(&op, &spectral)?;
+    if !est.value.is_finite() {
+        return Err(Error::invalid(
+            "hypothesis check",
+            format!(
+                "the power iteration on J_z met a non-finite value {} after {} products",
+                est.value, est.matvecs
+            ),
+        ));
+    }
     check.spectral_radius = Some(est.value);
-    if est.value < 1.0 {
+    if !est.is_converged() {
+        // An estimate that has not settled may lie on either side of the radius.
+        check.reasons.push(format!(
+            "spectral radius of J_z ~ {:.3e}, not converged after {} power iterations (relative change {:.3e}): no conclusion",
+            est.value, est.iterations, est.change
+        ));
+    } else if est.value < 1.0 {
         check.reasons.push(format!(
             "spectral radius of J_z ~ {:.3e} < 1: the selected element is invertible (estimate)",
             est.value
@@ -528,6 +657,10 @@ fn matrix_free<S: Scalar>(
 /// The check of a batch from the checks of its samples (a fused layer checks one block per
 /// sample): the worst verdict, the smallest singular values, the largest error bound, and
 /// the reasons of the worst sample, named.
+///
+/// The checks are merged as given (each was validated by the walk that made it). An empty
+/// batch is certified: there is no block to invert, as for an empty `z` in
+/// [`walk_vertices`].
 pub fn merge_samples(checks: Vec<HypothesisCheck>) -> HypothesisCheck {
     let rank = |o: CheckOutcome| match o {
         CheckOutcome::Violated => 3,

@@ -9,7 +9,7 @@
 use std::rc::Rc;
 
 use clarke_core::{BackwardOptions, ElementSelection, Error, KinkLedger, KinkPolicy, Result, Scalar, Tape, Var};
-use ndarray::{Array1, Array2, ArrayD, ArrayView1, ArrayViewD, IxDyn};
+use ndarray::{Array1, Array2, ArrayD, ArrayView1, ArrayViewD, ArrayViewMut1, IxDyn};
 
 /// A flat copy of an array in row-major order (a memcpy when it is contiguous).
 pub(crate) fn flat<S: Scalar>(a: &ArrayD<S>) -> Array1<S> {
@@ -20,14 +20,34 @@ pub(crate) fn flat<S: Scalar>(a: &ArrayD<S>) -> Array1<S> {
 }
 
 /// An array as a flat vector, without copying when it is in standard layout.
-pub(crate) fn into_flat<S: Scalar>(a: ArrayD<S>) -> Array1<S> {
+pub(crate) fn into_flat<S: Scalar>(a: ArrayD<S>) -> Result<Array1<S>> {
     let n = a.len();
     if a.is_standard_layout() {
         a.into_shape_with_order(n)
-            .expect("a standard-layout array reshapes to one axis")
+            .map_err(|e| Error::invalid("implicit layer", format!("flattening an array of {n} elements: {e}")))
     } else {
-        a.iter().copied().collect()
+        Ok(a.iter().copied().collect())
     }
+}
+
+/// A flat vector reshaped to `shape`; a length that does not fit is a shape mismatch naming
+/// the layer.
+fn shaped<S: Scalar>(name: &str, v: ArrayView1<'_, S>, shape: &[usize]) -> Result<ArrayD<S>> {
+    let n: usize = shape.iter().product();
+    if v.len() != n {
+        return Err(Error::shapes(
+            "implicit layer",
+            &[v.len()],
+            shape,
+            format!(
+                "{name}: a vector of {} elements does not fit z's shape {shape:?}",
+                v.len()
+            ),
+        ));
+    }
+    v.to_owned()
+        .into_shape_with_order(IxDyn(shape))
+        .map_err(|e| Error::invalid("implicit layer", format!("{name}: {e}")))
 }
 
 /// A map recorded onto any tape: `(z, theta) -> T(z, theta)` or `F(z, theta)`.
@@ -42,9 +62,7 @@ pub(crate) struct InnerMap<S: Scalar> {
 
 impl<S: Scalar> InnerMap<S> {
     fn to_shaped(&self, z: ArrayView1<'_, S>) -> Result<ArrayD<S>> {
-        z.to_owned()
-            .into_shape_with_order(IxDyn(&self.shape))
-            .map_err(|e| Error::invalid("implicit layer", e.to_string()))
+        shaped(&self.name, z, &self.shape)
     }
 
     /// Records the map on `tape` and checks that the output has the shape of `z`.
@@ -70,7 +88,17 @@ impl<S: Scalar> InnerMap<S> {
     pub fn scratch(&self, theta: &[ArrayViewD<'_, S>]) -> Scratch<S> {
         let tape = Tape::new();
         let ids = theta.iter().map(|t| tape.constant(t.to_owned()).id()).collect();
-        Scratch { tape, ids }
+        let non_finite_theta = theta.iter().enumerate().find_map(|(i, t)| {
+            t.iter()
+                .enumerate()
+                .find(|(_, v)| !v.is_finite())
+                .map(|(j, v)| format!("theta[{i}] has a non-finite value {v} at flat index {j}"))
+        });
+        Scratch {
+            tape,
+            ids,
+            non_finite_theta,
+        }
     }
 
     /// `T(z, theta)` (or `F`) on the flat state, recorded on a scratch frame of `scratch`
@@ -82,7 +110,7 @@ impl<S: Scalar> InnerMap<S> {
             scratch
                 .tape
                 .eval_scoped(&scratch.ids, |t, th| self.record(t.constant(zd), th))?,
-        );
+        )?;
         if value.iter().all(|v| v.is_finite()) {
             return Ok(value);
         }
@@ -111,7 +139,10 @@ impl<S: Scalar> InnerMap<S> {
                 Err(e) => e,
                 Ok(()) => Error::invalid(
                     "implicit layer",
-                    "the map returned a non-finite value (an input theta may be non-finite)",
+                    match &scratch.non_finite_theta {
+                        Some(theta) => format!("the map returned a non-finite value; {theta}"),
+                        None => "the map returned a non-finite value".to_string(),
+                    },
                 ),
             }
         };
@@ -173,6 +204,9 @@ impl<S: Scalar> InnerMap<S> {
 pub(crate) struct Scratch<S: Scalar> {
     tape: Tape<S>,
     ids: Vec<usize>,
+    /// The first non-finite parameter value, in words: a parameter may hold an infinity the
+    /// map handles (a bound, say), so it is named only when the map's output is not finite.
+    non_finite_theta: Option<String>,
 }
 
 /// The map recorded at `(z*, theta)`: products with `J_z^T` replay it.
@@ -205,10 +239,7 @@ impl<'s, S: Scalar> Linearization<'s, S> {
 
     /// `J_z^T w`, with `selections` overriding the policy at single kink elements.
     pub fn vjp(&self, w: ArrayView1<'_, S>, selections: &[ElementSelection]) -> Result<Array1<S>> {
-        let seed = w
-            .to_owned()
-            .into_shape_with_order(IxDyn(&self.shape))
-            .map_err(|e| Error::invalid("implicit layer", e.to_string()))?;
+        let seed = shaped(&self.inner.name, w, &self.shape)?;
         let options = BackwardOptions {
             seed: Some(seed),
             policy: Some(self.policy.clone()),
@@ -217,9 +248,24 @@ impl<'s, S: Scalar> Linearization<'s, S> {
         };
         let mut grads = self.out.backward_with(&options)?;
         match grads.take(self.z) {
-            Some(g) => Ok(into_flat(g)),
+            Some(g) => into_flat(g),
             None => Ok(Array1::zeros(self.len())),
         }
+    }
+
+    /// `y = J_z^T x` into `y`, for a linear operator; `y` must have `z`'s length.
+    pub fn vjp_into(&self, x: ArrayView1<'_, S>, mut y: ArrayViewMut1<'_, S>) -> Result<()> {
+        let product = self.vjp(x, &[])?;
+        if product.len() != y.len() {
+            return Err(Error::shapes(
+                "implicit layer",
+                &[product.len()],
+                &[y.len()],
+                format!("{}: J_z^T x has the wrong length for the operator", self.inner.name),
+            ));
+        }
+        y.assign(&product);
+        Ok(())
     }
 
     /// The dense `J_z` (row `i` is `J_z^T e_i`), one product per element.
@@ -230,6 +276,14 @@ impl<'s, S: Scalar> Linearization<'s, S> {
         for i in 0..n {
             e[i] = S::one();
             let row = self.vjp(e.view(), selections)?;
+            if row.len() != n {
+                return Err(Error::shapes(
+                    "implicit layer",
+                    &[row.len()],
+                    &[n],
+                    format!("{}: row {i} of J_z has the wrong length", self.inner.name),
+                ));
+            }
             j.row_mut(i).assign(&row);
             e[i] = S::zero();
         }

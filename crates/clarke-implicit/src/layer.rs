@@ -33,6 +33,10 @@ impl<S: Scalar> ImplicitLayer<S> {
     /// The map records onto whatever tape its arguments live on: it is called on short-lived
     /// tapes during the forward solve and the backward pass, and (unrolled and one-step
     /// modes) on the outer tape. It must return an array of `z`'s shape.
+    ///
+    /// Refused: a mode that needs at least one term or iteration given none, check options
+    /// that fail [`CheckOptions::validate`](crate::CheckOptions::validate), a kink band factor
+    /// that is negative or not finite.
     pub fn fixed_point<F>(map: F, options: ImplicitOptions) -> Result<Self>
     where
         F: for<'s> Fn(Var<'s, S>, &[Var<'s, S>]) -> Result<Var<'s, S>> + 'static,
@@ -41,7 +45,8 @@ impl<S: Scalar> ImplicitLayer<S> {
     }
 
     /// A root layer `F(z*, theta) = 0`. Gradient modes: implicit (dense, GMRES, BiCGSTAB)
-    /// and least squares; the others need a fixed-point map.
+    /// and least squares; the others need a fixed-point map (refused here, with the options
+    /// refused by [`ImplicitLayer::fixed_point`]).
     pub fn root<F>(map: F, options: ImplicitOptions) -> Result<Self>
     where
         F: for<'s> Fn(Var<'s, S>, &[Var<'s, S>]) -> Result<Var<'s, S>> + 'static,
@@ -82,6 +87,12 @@ impl<S: Scalar> ImplicitLayer<S> {
     /// the result on their tape: one node holding `z*` in the implicit, truncated and least
     /// squares modes; the iterations themselves in the unrolled mode; one application of the
     /// map in the one-step mode.
+    ///
+    /// Refused: no `theta`, a `theta` from another tape, a non-finite `z0`, a map whose output
+    /// does not have `z0`'s shape. `z0` may be empty (the solution is empty too). The values of
+    /// `theta` are passed to the map as they are, since a map may use an infinity (a bound, for
+    /// example); when the map's output is not finite the error names the inner op that made it,
+    /// or the first non-finite `theta`.
     pub fn apply<'t>(&self, z0: &ArrayD<S>, theta: &[Var<'t, S>]) -> Result<Solution<'t, S>> {
         let name = &self.inner.name;
         let tape = match theta.first() {
@@ -164,7 +175,9 @@ impl<S: Scalar> ImplicitLayer<S> {
         iterations: usize,
     ) -> Result<Solution<'t, S>> {
         let mut z = tape.constant(z0.clone());
-        let mut trace = Vec::with_capacity(iterations + 1);
+        // The budget may be far larger than the iterations the map allows (it may fail
+        // first): the trace grows as the iterations run.
+        let mut trace = Vec::new();
         for _ in 0..iterations {
             let next = inner.record(z, theta)?;
             trace.push(next.with_value(|a| z.with_value(|b| distance(a, b))));
@@ -179,7 +192,7 @@ impl<S: Scalar> ImplicitLayer<S> {
         let forward = FixedPointReport {
             solver: "unrolled",
             iterations,
-            evaluations: iterations + 1,
+            evaluations: iterations.saturating_add(1),
             inner_iterations: 0,
             residual,
             tolerance: 0.0,
@@ -259,6 +272,8 @@ pub struct Solution<'t, S: Scalar> {
 
 /// A one-shot fixed-point layer: `z* = map(z*, theta)` solved from `z0`, recorded on the
 /// tape of `theta`. Returns the solution and, through the layer, the backward reports.
+/// The options are validated as by [`ImplicitLayer::fixed_point`], the inputs as by
+/// [`ImplicitLayer::apply`].
 ///
 /// ```
 /// use clarke_core::Tape;
@@ -292,7 +307,8 @@ where
     one_shot(ImplicitLayer::fixed_point(map, options)?, z0, theta)
 }
 
-/// A one-shot root layer: `F(z*, theta) = 0` solved from `z0` (see [`fixed_point`]).
+/// A one-shot root layer: `F(z*, theta) = 0` solved from `z0` (see [`fixed_point`]; the
+/// options are validated as by [`ImplicitLayer::root`]).
 pub fn root<'t, S, F>(
     map: F,
     z0: &ArrayD<S>,
@@ -416,7 +432,7 @@ impl<S: Scalar> AdjointNode<S> {
             });
         }
 
-        let g = into_flat(grad.to_owned());
+        let g = into_flat(grad.to_owned()).map_err(within("adjoint solve"))?;
         let warm = if options.warm_start {
             self.warm.borrow().as_ref().filter(|w| w.len() == g.len()).cloned()
         } else {
@@ -469,7 +485,7 @@ impl<S: Scalar> AdjointNode<S> {
             (Form::FixedPoint, Some(bound)) if bound < 1.0 => (1.0 - bound, None),
             _ if dense => {
                 let j = lin.jacobian(&[])?;
-                let spectrum = Spectrum::of(block(self.form, j.clone()).view())?;
+                let spectrum = Spectrum::of(block(self.form, j.clone())?.view())?;
                 (spectrum.sigma_min, Some(j))
             }
             _ => (1.0, None),

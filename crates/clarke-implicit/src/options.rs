@@ -111,6 +111,9 @@ pub enum OnAdjointFailure {
 /// The theorem needs **every** element of the conservative Jacobian block that is inverted
 /// (`I - J_z`, or `J_F`) to be invertible, not only the one backpropagation happened to
 /// select. See [`crate::check`] for what is computed.
+///
+/// The fields are public and the builders take any value; [`CheckOptions::validate`] says
+/// which values are refused, and runs when a layer is built and on every walk.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckOptions {
     /// Run the check on every backward. Default `true`.
@@ -136,21 +139,22 @@ pub struct CheckOptions {
     pub seed: u64,
     /// `sigma_min / max(sigma_max, unit)` at or below this is treated as singular (violated),
     /// where `unit` is 1 for a fixed point and the map's derivative scale for a root (see
-    /// [`crate::check`]). Default `1e3 * eps` of the scalar type (see
+    /// [`crate::check`]). In `[0, 1)`. Default `1e3 * eps` of the scalar type (see
     /// [`CheckOptions::for_precision`]).
     pub singular_tol: f64,
     /// An absolute floor: `sigma_min` at or below it is singular whatever the scale. Default
     /// 0; set it when the problem has a natural unit (see [`crate::check`]).
     pub singular_floor: f64,
     /// `sigma_min / sigma_max` at or below this (but above `singular_tol`) gives a warning.
-    /// Default `1e-6` for f64, `1e-3` for f32.
+    /// In `[0, 1)`. Default `1e-6` for f64, `1e-3` for f32.
     pub warn_tol: f64,
     /// A bound `L` on `||J_z||_2` over **every** selection, declared by the caller (for
     /// example a layer whose weight has spectral norm at most `L` followed by 1-Lipschitz
     /// activations). `L < 1` certifies the hypothesis without computing anything. Default
     /// `None`.
     pub contraction_bound: Option<f64>,
-    /// Power iterations for the matrix-free spectral-radius estimate. Default 50.
+    /// Power iterations for the matrix-free spectral-radius estimate (at least 1); an
+    /// estimate that has not settled within them gives no conclusion. Default 50.
     pub radius_iterations: usize,
 }
 
@@ -209,34 +213,44 @@ impl CheckOptions {
         self.exhaustive_limit = limit;
         self
     }
-    /// Refuses options that cannot mean anything: non-finite or negative thresholds, no
-    /// samples.
+    /// Refuses options that cannot mean anything: a threshold that is negative or not finite,
+    /// a relative threshold (`singular_tol`, `warn_tol`) of 1 or more (`sigma_min / scale`
+    /// never exceeds 1, so every element would be singular, or none certified), no samples,
+    /// no power iterations. Every layer validates its options when it is built, and
+    /// [`walk_vertices`](crate::check::walk_vertices) validates them again on each walk.
     pub fn validate(&self) -> clarke_core::Result<()> {
-        let bad = |what: &str, v: f64| {
-            Err(clarke_core::Error::invalid(
-                "CheckOptions",
-                format!("{what} must be finite and >= 0, got {v}"),
-            ))
-        };
+        let refuse = |detail: String| Err(clarke_core::Error::invalid("CheckOptions", detail));
         for (what, v) in [
             ("singular_tol", self.singular_tol),
             ("singular_floor", self.singular_floor),
             ("warn_tol", self.warn_tol),
         ] {
             if !(v.is_finite() && v >= 0.0) {
-                return bad(what, v);
+                return refuse(format!("{what} must be finite and >= 0, got {v}"));
+            }
+        }
+        for (what, v) in [("singular_tol", self.singular_tol), ("warn_tol", self.warn_tol)] {
+            if v >= 1.0 {
+                return refuse(format!(
+                    "{what} is a ratio sigma_min / scale and must be below 1, got {v}"
+                ));
             }
         }
         if let Some(b) = self.contraction_bound {
             if !(b.is_finite() && b >= 0.0) {
-                return bad("the contraction bound", b);
+                return refuse(format!("the contraction bound must be finite and >= 0, got {b}"));
             }
         }
         if self.samples == 0 {
-            return Err(clarke_core::Error::invalid(
-                "CheckOptions",
-                "samples must be at least 1 (the walk samples vertices above the exhaustive limit)",
-            ));
+            return refuse(
+                "samples must be at least 1 (the walk samples vertices above the exhaustive limit), got 0".into(),
+            );
+        }
+        if self.radius_iterations == 0 {
+            return refuse(
+                "radius_iterations must be at least 1 (the matrix-free check runs that many power iterations), got 0"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -248,6 +262,11 @@ impl CheckOptions {
 }
 
 /// Everything an implicit layer needs to know.
+///
+/// The fields are public and the builders take any value: [`crate::ImplicitLayer::fixed_point`]
+/// and [`crate::ImplicitLayer::root`] validate the mode, the check and the kink band when the
+/// layer is built, and the solvers of `clarke-solve` validate their own options
+/// (`forward`, `newton`, `adjoint`) each time they run, naming the solver.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImplicitOptions {
     /// Name of the layer in errors and reports (default `"fixed_point"` or `"root"`).
@@ -308,6 +327,11 @@ impl Default for KinkBand {
 impl KinkBand {
     /// The band for a solve with residual `residual` and a lower bound `sigma` on the
     /// smallest singular value of the inverted block.
+    ///
+    /// The inputs are taken as given: the layers pass a finite residual `>= 0`, a `sigma >= 0`
+    /// and a factor validated when the layer is built, and get a finite band `>= 0` back (a
+    /// `sigma` of 0 falls back to `factor * residual`). A negative, NaN or overflowing input
+    /// gives a band that the backward pass refuses (it needs a finite band `>= 0`).
     pub fn width(&self, residual: f64, sigma: f64) -> f64 {
         match *self {
             KinkBand::Exact => 0.0,

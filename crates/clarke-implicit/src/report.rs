@@ -198,8 +198,9 @@ pub struct ReportLog {
 }
 
 impl ReportLog {
-    /// Appends a report. Layers built outside this crate on the same theorem (the fused
-    /// DEQ cell of `clarke-nn`) log their backward passes here too.
+    /// Appends a report, as given: the log records what the layers did and judges nothing.
+    /// Layers built outside this crate on the same theorem (the fused DEQ cell of
+    /// `clarke-nn`) log their backward passes here too.
     pub fn push(&self, report: BackwardReport) {
         self.reports.borrow_mut().push(report);
     }

@@ -261,3 +261,348 @@ fn adjoint_failure_policies_are_explicit_and_reported() {
         "{report}"
     );
 }
+
+// ---- bad input to the public check engine, the options, and the layer ----
+
+use clarke_core::ElementSelection;
+use clarke_implicit::check::{block, walk_vertices, Flippable, Form, Spectrum, WalkInput};
+use ndarray::{arr2, Array2};
+
+/// A walk input without kinks, a fixed point with unit 1.
+fn walk_input(form: Form, flippable: usize) -> WalkInput {
+    WalkInput {
+        form,
+        flippable: (0..flippable)
+            .map(|element| Flippable {
+                node: 0,
+                element,
+                low: 0.0,
+                high: 1.0,
+            })
+            .collect(),
+        kink_elements: flippable,
+        frozen: 0,
+        within_solver_error: 0,
+        forward_residual: 0.0,
+        unit: 1.0,
+    }
+}
+
+fn invalid_detail(err: &Error, op_wanted: &str) -> String {
+    match err {
+        Error::InvalidArgument { op, detail } => {
+            assert_eq!(*op, op_wanted, "{err}");
+            detail.clone()
+        }
+        other => panic!("expected InvalidArgument from {op_wanted}, got {other:?}"),
+    }
+}
+
+#[test]
+fn walk_vertices_refuses_a_jacobian_that_is_not_square() {
+    for form in [Form::FixedPoint, Form::Root] {
+        let err = walk_vertices::<f64>(&walk_input(form, 0), &CheckOptions::default(), |_| {
+            Ok(Array2::zeros((3, 2)))
+        })
+        .unwrap_err();
+        match &err {
+            Error::ShapeMismatch { op, lhs, .. } => {
+                assert_eq!((*op, lhs.as_slice()), ("walk_vertices", &[3, 2][..]), "{err}");
+            }
+            other => panic!("{form:?}: expected a shape mismatch, got {other:?}"),
+        }
+        assert!(err.to_string().contains("square"), "{err}");
+    }
+}
+
+#[test]
+fn walk_vertices_refuses_vertex_jacobians_of_another_size() {
+    let err = walk_vertices::<f64>(&walk_input(Form::FixedPoint, 1), &CheckOptions::default(), |s| {
+        Ok(if s.is_empty() {
+            Array2::zeros((1, 1))
+        } else {
+            Array2::zeros((2, 2))
+        })
+    })
+    .unwrap_err();
+    match &err {
+        Error::ShapeMismatch { op, lhs, rhs, .. } => {
+            assert_eq!(
+                (*op, lhs.as_slice(), rhs.as_slice()),
+                ("walk_vertices", &[2, 2][..], &[1, 1][..])
+            );
+        }
+        other => panic!("expected a shape mismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn walk_vertices_refuses_a_non_finite_jacobian() {
+    for (form, bad) in [(Form::Root, f64::NAN), (Form::FixedPoint, f64::INFINITY)] {
+        let err = walk_vertices::<f64>(&walk_input(form, 0), &CheckOptions::default(), |_| {
+            Ok(arr2(&[[0.5, 0.0], [0.0, bad]]))
+        })
+        .unwrap_err();
+        let detail = invalid_detail(&err, "walk_vertices");
+        assert!(detail.contains(&format!("{bad}")) && detail.contains("[1, 1]"), "{err}");
+    }
+}
+
+#[test]
+fn walk_vertices_validates_its_options() {
+    // A singular 1 x 1 root block: with thresholds that cannot mean anything the walk used to
+    // certify it.
+    let bad = CheckOptions {
+        singular_tol: f64::NAN,
+        singular_floor: -1.0,
+        warn_tol: -1.0,
+        ..CheckOptions::default()
+    };
+    let mut input = walk_input(Form::Root, 0);
+    input.unit = 0.0;
+    let err = walk_vertices::<f64>(&input, &bad, |_| Ok(arr2(&[[0.0]]))).unwrap_err();
+    let detail = invalid_detail(&err, "CheckOptions");
+    assert!(detail.contains("singular_tol") && detail.contains("NaN"), "{err}");
+
+    // No samples for a walk above the exhaustive limit: no vertex would be examined.
+    let none = CheckOptions {
+        samples: 0,
+        exhaustive_limit: 0,
+        ..CheckOptions::default()
+    };
+    let err = walk_vertices::<f64>(&walk_input(Form::FixedPoint, 1), &none, |_| Ok(arr2(&[[0.5]]))).unwrap_err();
+    assert!(invalid_detail(&err, "CheckOptions").contains("samples"), "{err}");
+}
+
+#[test]
+fn walk_vertices_refuses_an_inconsistent_walk_input() {
+    let ok = |_: &[ElementSelection]| Ok(arr2(&[[0.5]]));
+    let mut input = walk_input(Form::FixedPoint, 1);
+    input.flippable[0].low = f64::NAN;
+    let err = walk_vertices::<f64>(&input, &CheckOptions::default(), ok).unwrap_err();
+    let detail = invalid_detail(&err, "walk_vertices");
+    assert!(detail.contains("hull") && detail.contains("NaN"), "{err}");
+
+    let mut input = walk_input(Form::FixedPoint, 0);
+    input.forward_residual = -1.0;
+    let err = walk_vertices::<f64>(&input, &CheckOptions::default(), ok).unwrap_err();
+    let detail = invalid_detail(&err, "walk_vertices");
+    assert!(detail.contains("forward_residual") && detail.contains("-1"), "{err}");
+
+    let mut input = walk_input(Form::Root, 0);
+    input.unit = f64::INFINITY;
+    let err = walk_vertices::<f64>(&input, &CheckOptions::default(), ok).unwrap_err();
+    let detail = invalid_detail(&err, "walk_vertices");
+    assert!(detail.contains("unit") && detail.contains("inf"), "{err}");
+}
+
+#[test]
+fn spectrum_and_block_refuse_a_matrix_that_is_not_square() {
+    let tall = Array2::<f64>::zeros((3, 2));
+    for err in [
+        Spectrum::of(tall.view()).unwrap_err(),
+        block(Form::FixedPoint, tall.clone()).unwrap_err(),
+        block(Form::Root, tall.clone()).unwrap_err(),
+    ] {
+        match &err {
+            Error::ShapeMismatch { op, lhs, .. } => {
+                assert!(*op == "Spectrum::of" || *op == "check::block", "{err}");
+                assert_eq!(lhs.as_slice(), &[3, 2], "{err}");
+            }
+            other => panic!("expected a shape mismatch, got {other:?}"),
+        }
+    }
+    let err = Spectrum::of(arr2(&[[1.0, f64::NAN], [0.0, 1.0]]).view()).unwrap_err();
+    let detail = invalid_detail(&err, "Spectrum::of");
+    assert!(detail.contains("NaN") && detail.contains("[0, 1]"), "{err}");
+}
+
+#[test]
+fn check_options_refuse_thresholds_and_budgets_that_cannot_mean_anything() {
+    let cases = [
+        (
+            CheckOptions {
+                singular_tol: 1.0,
+                ..CheckOptions::default()
+            },
+            "singular_tol",
+        ),
+        (
+            CheckOptions {
+                warn_tol: 2.0,
+                ..CheckOptions::default()
+            },
+            "warn_tol",
+        ),
+        (
+            CheckOptions {
+                radius_iterations: 0,
+                ..CheckOptions::default()
+            },
+            "radius_iterations",
+        ),
+    ];
+    for (check, field) in cases {
+        let err = check.validate().unwrap_err();
+        assert!(invalid_detail(&err, "CheckOptions").contains(field), "{err}");
+        let err =
+            ImplicitLayer::<f64>::fixed_point(|z, _| Ok(z), ImplicitOptions::default().with_check(check)).unwrap_err();
+        assert!(err.to_string().contains(field), "{err}");
+    }
+}
+
+#[test]
+fn a_huge_unrolled_budget_runs_without_preallocating_it() {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    let calls = Rc::new(Cell::new(0usize));
+    let counter = calls.clone();
+    let layer = ImplicitLayer::fixed_point(
+        move |z, th| {
+            counter.set(counter.get() + 1);
+            if counter.get() > 3 {
+                return Err(Error::invalid("test map", "stop after three calls"));
+            }
+            Ok(z * 0.5 + th[0])
+        },
+        ImplicitOptions::default().with_mode(GradientMode::Unrolled { iterations: usize::MAX }),
+    )
+    .unwrap();
+    let tape = Tape::<f64>::new();
+    let theta = tape.param(vec(&[1.0]));
+    let err = layer.apply(&vec(&[0.0]), &[theta]).unwrap_err();
+    assert!(err.to_string().contains("stop after three calls"), "{err}");
+    assert_eq!(calls.get(), 4);
+}
+
+#[test]
+fn a_non_finite_incoming_gradient_is_refused_by_every_adjoint_mode() {
+    for mode in [
+        GradientMode::Implicit(AdjointSolver::Dense),
+        GradientMode::Implicit(AdjointSolver::Gmres),
+        GradientMode::LeastSquaresNoHypothesis,
+        GradientMode::TruncatedNeumann { terms: 3 },
+    ] {
+        let layer = ImplicitLayer::fixed_point(
+            |z, th| Ok(z * 0.5 + th[0]),
+            ImplicitOptions::default().with_name("nan_seed").with_mode(mode),
+        )
+        .unwrap();
+        let tape = Tape::<f64>::new();
+        let theta = tape.param(vec(&[1.0, 2.0]));
+        let z = layer.apply(&vec(&[0.0, 0.0]), &[theta]).unwrap().z;
+        let err = (z * f64::NAN).sum().backward().unwrap_err();
+        match &err {
+            Error::InImplicit { node, source, .. } => {
+                assert_eq!(node, "nan_seed");
+                let detail = invalid_detail(source, "implicit layer");
+                assert!(detail.contains("gradient") && detail.contains("NaN"), "{mode:?}: {err}");
+            }
+            other => panic!("{mode:?}: expected a refused adjoint, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn an_empty_state_solves_to_an_empty_solution_in_every_mode() {
+    for mode in [
+        GradientMode::Implicit(AdjointSolver::Dense),
+        GradientMode::Implicit(AdjointSolver::Gmres),
+        GradientMode::Implicit(AdjointSolver::Neumann),
+        GradientMode::LeastSquaresNoHypothesis,
+        GradientMode::TruncatedNeumann { terms: 3 },
+        GradientMode::Unrolled { iterations: 2 },
+        GradientMode::OneStep,
+    ] {
+        let layer = ImplicitLayer::fixed_point(
+            |z, th| Ok(z * 0.5 + th[0].sum()),
+            ImplicitOptions::default().with_mode(mode),
+        )
+        .unwrap();
+        let tape = Tape::<f64>::new();
+        let theta = tape.param(vec(&[1.0]));
+        let z = layer.apply(&vec(&[]), &[theta]).unwrap().z;
+        assert_eq!(z.shape(), vec![0], "{mode:?}");
+        let g = z.sum().backward().unwrap();
+        assert_eq!(g.wrt(theta).unwrap()[0], 0.0, "{mode:?}");
+    }
+}
+
+#[test]
+fn a_non_finite_parameter_is_named() {
+    let layer = ImplicitLayer::fixed_point(|z, th| Ok(z * 0.5 + th[1]), ImplicitOptions::default()).unwrap();
+    let tape = Tape::<f64>::new();
+    let a = tape.param(vec(&[1.0]));
+    let b = tape.param(vec(&[2.0, f64::INFINITY]));
+    let err = layer.apply(&vec(&[0.0, 0.0]), &[a, b]).unwrap_err();
+    match &err {
+        Error::InImplicit { node, source, .. } => {
+            assert_eq!(node, "fixed_point");
+            let detail = invalid_detail(source, "implicit layer");
+            assert!(
+                detail.contains("theta[1]") && detail.contains("inf") && detail.contains("index 1"),
+                "{err}"
+            );
+        }
+        other => panic!("expected a located non-finite parameter, got {other:?}"),
+    }
+}
+
+#[test]
+fn an_unsettled_spectral_radius_estimate_draws_no_conclusion() {
+    // z larger than the dense limit: the check estimates rho(J_z) by power iteration. One
+    // iteration cannot settle, and the check used to call the element invertible anyway.
+    let check = CheckOptions {
+        dense_limit: 2,
+        radius_iterations: 1,
+        ..CheckOptions::default()
+    };
+    let layer = ImplicitLayer::fixed_point(
+        |z, th| Ok((z * 0.5).tanh() + th[0]),
+        ImplicitOptions::default().with_check(check),
+    )
+    .unwrap();
+    let tape = Tape::<f64>::new();
+    let theta = tape.param(vec(&[0.3, -0.2, 0.1, 0.7]));
+    let z = layer.apply(&vec(&[0.0; 4]), &[theta]).unwrap().z;
+    z.sum().backward().unwrap();
+    let c = layer.reports().last().unwrap().check;
+    assert_eq!(c.outcome, clarke_implicit::CheckOutcome::Warning, "{c}");
+    assert!(c.reasons.iter().any(|r| r.contains("not converged")), "{c}");
+    assert!(!c.reasons.iter().any(|r| r.contains("is invertible")), "{c}");
+}
+
+#[test]
+fn solver_options_are_validated_when_the_solver_runs() {
+    fn map<'s>(z: Var<'s, f64>, th: &[Var<'s, f64>]) -> Result<Var<'s, f64>> {
+        Ok(z * 0.5 + th[0])
+    }
+    let tape = Tape::<f64>::new();
+    let theta = tape.param(vec(&[1.0]));
+
+    let forward = ImplicitOptions::default().with_forward(FixedPointOptions::default().with_tol(f64::NAN));
+    let err = ImplicitLayer::fixed_point(map, forward)
+        .unwrap()
+        .apply(&vec(&[0.0]), &[theta])
+        .unwrap_err();
+    match &err {
+        Error::InImplicit { context, source, .. } => {
+            assert_eq!(*context, "forward solve");
+            assert!(invalid_detail(source, "anderson").contains("tolerance"), "{err}");
+        }
+        other => panic!("expected a refused forward option, got {other:?}"),
+    }
+
+    let adjoint = ImplicitOptions::default().with_adjoint(SolveOptions::default().with_tol(-1.0));
+    let layer = ImplicitLayer::fixed_point(map, adjoint).unwrap();
+    let z = layer.apply(&vec(&[0.0]), &[theta]).unwrap().z;
+    let err = z.sum().backward().unwrap_err();
+    match &err {
+        Error::InImplicit { context, source, .. } => {
+            assert_eq!(*context, "adjoint solve");
+            let detail = invalid_detail(source, "gmres");
+            assert!(detail.contains("tolerance") && detail.contains("-1"), "{err}");
+        }
+        other => panic!("expected a refused adjoint option, got {other:?}"),
+    }
+}

@@ -3,7 +3,7 @@
 
 use clarke_core::{BackwardOptions, Error, KinkPolicy, Tape, Var};
 use clarke_implicit::{AdjointSolver, CheckOptions, CheckOutcome, GradientMode, ImplicitOptions};
-use clarke_nn::deq::{Activation, DeqConfig, DeqLayer, ForwardMethod, Parametrization};
+use clarke_nn::deq::{Activation, DeqConfig, DeqLayer, DeqWeights, ForwardMethod, Parametrization};
 use clarke_nn::{Linear, ParamSet};
 use clarke_solve::FixedPointOptions;
 use ndarray::{Array2, ArrayD};
@@ -547,4 +547,164 @@ fn f32_layer_trains_a_step() {
     let grads = bound.gradients(&loss.backward().unwrap(), &params).unwrap();
     assert!(grads.iter().all(|g| g.iter().all(|v| v.is_finite())));
     assert!(grads[0].iter().any(|v| *v != 0.0));
+}
+
+/// `z*` and the input gradient of `sum(z*)` for a layer built from given weights.
+fn solve_with(config: DeqConfig, weights: &DeqWeights<f64>, x: &Array2<f64>) -> (Array2<f64>, ArrayD<f64>) {
+    let config = config
+        .with_power_iterations(5000, 1e-15)
+        .with_forward_tolerance(1e-12, 5000);
+    let config = config.with_adjoint_tolerance(1e-12, 5000);
+    let mut params = ParamSet::new();
+    let deq = DeqLayer::with_weights(&mut params, "deq", config, weights).unwrap();
+    let tape = Tape::new();
+    let bound = params.bind(&tape);
+    let xv = tape.param(x.clone().into_dyn());
+    let z = deq.forward(&bound, xv).unwrap();
+    let grads = z.sum().backward().unwrap();
+    let zv = z.value().into_dimensionality().unwrap();
+    (zv, grads.wrt(xv).unwrap().clone())
+}
+
+#[test]
+fn given_weights_give_the_same_cell_in_every_parametrisation() {
+    // W with spectral norm exactly 0.9 and sym(I - W) >= 0.25 I: every form can hold it.
+    let w = ndarray::array![[0.45, 0.3, 0.0], [-0.3, 0.45, 0.0], [0.0, 0.0, -0.3]];
+    let sigma = clarke_solve::spectral_norm_dense(w.view()).unwrap();
+    let w = w * (0.9 / sigma);
+    let weights = DeqWeights {
+        w,
+        u: inputs(3, 2, 1),
+        bias: ndarray::array![0.2, -0.1, 0.3],
+    };
+    let x = inputs(4, 2, 2);
+    let base = DeqConfig::default();
+    let (z_free, g_free) = solve_with(
+        base.clone().with_parametrization(Parametrization::Unconstrained),
+        &weights,
+        &x,
+    );
+    for form in [
+        Parametrization::SpectralNorm { gamma: 0.9 },
+        Parametrization::Monotone { m: 0.2 },
+    ] {
+        let (z, g) = solve_with(base.clone().with_parametrization(form), &weights, &x);
+        let dz = (&z - &z_free).mapv(f64::abs).fold(0.0f64, |a, &v| a.max(v));
+        let dg = (&g - &g_free).mapv(f64::abs).fold(0.0f64, |a, &v| a.max(v));
+        assert!(dz < 1e-9 && dg < 1e-8, "{form:?}: z differs by {dz}, dx by {dg}");
+    }
+    // A W outside a form is refused with the measured quantity, and nothing is added.
+    let mut params = ParamSet::new();
+    let spectral = base
+        .clone()
+        .with_parametrization(Parametrization::SpectralNorm { gamma: 0.5 });
+    let err = DeqLayer::with_weights(&mut params, "deq", spectral, &weights).unwrap_err();
+    assert!(err.to_string().contains("sigma_max 9.0"), "{err}");
+    assert!(params.is_empty());
+    let mut bad = weights.clone();
+    bad.bias = ndarray::array![0.0, 1.0];
+    let err = DeqLayer::with_weights(&mut params, "deq", base.clone(), &bad).unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+    bad.bias = ndarray::array![0.0, f64::NAN, 0.0];
+    let err = DeqLayer::with_weights(&mut params, "deq", base, &bad).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("bias has a non-finite entry NaN at flat index 1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn set_weights_replaces_every_parameter_or_nothing() {
+    let config = DeqConfig::default().with_parametrization(Parametrization::Monotone { m: 0.5 });
+    let m = model(config, 2, 3, 5);
+    let mut params = m.params.clone();
+    let weights = DeqWeights {
+        w: ndarray::array![[0.2, 0.1, 0.0], [-0.1, 0.2, 0.0], [0.0, 0.0, 0.1]],
+        u: inputs(3, 2, 6),
+        bias: ndarray::Array1::zeros(3),
+    };
+    m.deq.set_weights(&mut params, &weights).unwrap();
+    let tape = Tape::new();
+    let bound = params.bind(&tape);
+    let w = m.deq.weight(&bound).unwrap().value();
+    let diff = (&w - &weights.w.clone().into_dyn())
+        .mapv(f64::abs)
+        .fold(0.0f64, |a, &v| a.max(v));
+    assert!(diff < 1e-12, "W differs by {diff}");
+    // Not monotone enough: refused, and the set is left as it was.
+    let mut steep = weights.clone();
+    steep.w[[0, 0]] = 0.9;
+    let before = params.values().to_vec();
+    assert!(m.deq.set_weights(&mut params, &steep).is_err());
+    assert_eq!(params.values(), &before[..]);
+    // Another layer's set or other dimensions: refused.
+    let mut other = ParamSet::<f64>::new();
+    assert!(m.deq.set_weights(&mut other, &weights).is_err());
+    let mut wide = weights.clone();
+    wide.u = inputs(3, 5, 7);
+    let err = m.deq.set_weights(&mut params, &wide).unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+}
+
+#[test]
+fn a_warm_start_saves_iterations_and_leaves_the_gradient() {
+    let m = model(DeqConfig::default().with_forward_tolerance(1e-10, 1000), 4, 8, 9);
+    let x = inputs(5, 4, 10);
+    let run = |start: Option<&Array2<f64>>| {
+        let tape = Tape::new();
+        let bound = m.params.bind(&tape);
+        let xv = tape.param(x.clone().into_dyn());
+        let z = match start {
+            Some(s) => m.deq.forward_from(&bound, xv, s.view()).unwrap(),
+            None => m.deq.forward(&bound, xv).unwrap(),
+        };
+        let grads = z.sum().backward().unwrap();
+        let iterations = m.deq.last_forward().unwrap().iterations;
+        let zv: Array2<f64> = z.value().into_dimensionality().unwrap();
+        (zv, grads.wrt(xv).unwrap().clone(), iterations)
+    };
+    let (z0, g0, cold) = run(None);
+    let (z1, g1, warm) = run(Some(&z0));
+    assert!(warm < cold / 4, "warm start took {warm} iterations, cold {cold}");
+    let dz = (&z1 - &z0).mapv(f64::abs).fold(0.0f64, |a, &v| a.max(v));
+    let dg = (&g1 - &g0).mapv(f64::abs).fold(0.0f64, |a, &v| a.max(v));
+    assert!(dz < 1e-9 && dg < 1e-7, "z differs by {dz}, dx by {dg}");
+    // A start of the wrong shape or with NaN is refused.
+    let tape = Tape::new();
+    let bound = m.params.bind(&tape);
+    let xv = tape.param(x.clone().into_dyn());
+    let err = m
+        .deq
+        .forward_from(&bound, xv, Array2::zeros((4, 8)).view())
+        .unwrap_err();
+    assert!(matches!(err, Error::ShapeMismatch { .. }), "{err}");
+    let mut nan = z0.clone();
+    nan[[2, 3]] = f64::NAN;
+    let err = m.deq.forward_from(&bound, xv, nan.view()).unwrap_err();
+    assert!(err.to_string().contains("row 2, column 3"), "{err}");
+}
+
+#[test]
+fn a_parameter_replaced_by_another_shape_is_an_error_not_a_panic() {
+    for form in [
+        Parametrization::SpectralNorm { gamma: 0.9 },
+        Parametrization::Monotone { m: 0.5 },
+        Parametrization::Unconstrained,
+    ] {
+        let m = model(DeqConfig::default().with_parametrization(form), 2, 3, 11);
+        for name in ["deq.u", "deq.bias", "deq.w", "deq.v", "deq.a"] {
+            let Some(id) = m.params.id(name) else { continue };
+            let mut params = m.params.clone();
+            *params.get_mut(id) = ArrayD::zeros(vec![2, 2]);
+            let tape = Tape::new();
+            let bound = params.bind(&tape);
+            let x = tape.constant(inputs(1, 2, 12).into_dyn());
+            let err = m.deq.forward(&bound, x).unwrap_err();
+            assert!(
+                matches!(&err, Error::ShapeMismatch { detail, .. } if detail.contains(name)),
+                "{form:?} {name}: {err}"
+            );
+        }
+    }
 }

@@ -206,7 +206,8 @@ impl<S: Scalar> LinearOperator<S> for Array2<S> {
 pub type ProductFn<S> = fn(ArrayView1<'_, S>, ArrayViewMut1<'_, S>) -> Result<()>;
 
 /// An operator given by closures: `apply` computes `y = A x`, the optional transpose closure
-/// computes `y = A^T x`.
+/// computes `y = A^T x`. The closures only ever see vectors of the declared lengths: a call
+/// with other lengths is an [`Error::ShapeMismatch`] before they run.
 ///
 /// ```
 /// use clarke_solve::{FnOperator, LinearOperator};
@@ -279,12 +280,18 @@ where
     fn ncols(&self) -> usize {
         self.ncols
     }
+    /// Checks the lengths (a closure would otherwise see, and might broadcast, vectors of
+    /// the wrong length), then calls the closure.
     fn apply(&self, x: ArrayView1<'_, S>, y: ArrayViewMut1<'_, S>) -> Result<()> {
+        check_product("FnOperator::apply", self.nrows, self.ncols, x.len(), y.len())?;
         (self.f)(x, y)
     }
     fn apply_transpose(&self, x: ArrayView1<'_, S>, y: ArrayViewMut1<'_, S>) -> Result<()> {
         match &self.ft {
-            Some(g) => g(x, y),
+            Some(g) => {
+                check_product("FnOperator::apply_transpose", self.ncols, self.nrows, x.len(), y.len())?;
+                g(x, y)
+            }
             None => Err(Error::invalid(
                 "FnOperator::apply_transpose",
                 "no transpose closure was given (use FnOperator::with_transpose)",
@@ -366,10 +373,19 @@ impl<S: Scalar, O: LinearOperator<S>> LinearOperator<S> for Transposed<O> {
     fn ncols(&self) -> usize {
         self.inner.nrows()
     }
+    /// Checks the lengths before calling the inner operator, which may rely on them.
     fn apply(&self, x: ArrayView1<'_, S>, y: ArrayViewMut1<'_, S>) -> Result<()> {
+        check_product("Transposed::apply", self.nrows(), self.ncols(), x.len(), y.len())?;
         self.inner.apply_transpose(x, y)
     }
     fn apply_transpose(&self, x: ArrayView1<'_, S>, y: ArrayViewMut1<'_, S>) -> Result<()> {
+        check_product(
+            "Transposed::apply_transpose",
+            self.ncols(),
+            self.nrows(),
+            x.len(),
+            y.len(),
+        )?;
         self.inner.apply(x, y)
     }
     fn has_transpose(&self) -> bool {
@@ -394,6 +410,18 @@ impl<O> NormalOperator<O> {
     pub fn inner(&self) -> &O {
         &self.inner
     }
+
+    /// `y = A^T (A x)` with the lengths checked, naming `op`.
+    fn normal_product<S: Scalar>(&self, op: &'static str, x: ArrayView1<'_, S>, y: ArrayViewMut1<'_, S>) -> Result<()>
+    where
+        O: LinearOperator<S>,
+    {
+        let n = self.inner.ncols();
+        check_product(op, n, n, x.len(), y.len())?;
+        let mut t = Array1::zeros(self.inner.nrows());
+        self.inner.apply(x, t.view_mut())?;
+        self.inner.apply_transpose(t.view(), y)
+    }
 }
 
 impl<S: Scalar, O: LinearOperator<S>> LinearOperator<S> for NormalOperator<O> {
@@ -403,13 +431,12 @@ impl<S: Scalar, O: LinearOperator<S>> LinearOperator<S> for NormalOperator<O> {
     fn ncols(&self) -> usize {
         self.inner.ncols()
     }
+    /// Checks the lengths before calling the inner operator, which may rely on them.
     fn apply(&self, x: ArrayView1<'_, S>, y: ArrayViewMut1<'_, S>) -> Result<()> {
-        let mut t = Array1::zeros(self.inner.nrows());
-        self.inner.apply(x, t.view_mut())?;
-        self.inner.apply_transpose(t.view(), y)
+        self.normal_product("NormalOperator::apply", x, y)
     }
     fn apply_transpose(&self, x: ArrayView1<'_, S>, y: ArrayViewMut1<'_, S>) -> Result<()> {
-        self.apply(x, y)
+        self.normal_product("NormalOperator::apply_transpose", x, y)
     }
     fn has_transpose(&self) -> bool {
         self.inner.has_transpose()

@@ -492,12 +492,17 @@ pub fn smallest_singular_value_dense<S: Scalar>(a: ArrayView2<'_, S>) -> Result<
             "needs at least as many rows as columns (a wide matrix has a null space: its n-th singular value is 0)",
         ));
     }
-    let s = dense::singular_values(a)?;
+    let s = dense::singular_values_with::<dense::Active, S>("smallest_singular_value_dense", a)?;
     Ok(s.iter().last().map(|v| v.to_f64_exact()).unwrap_or(0.0))
 }
 
-/// The spectral norm `||A||_2` of a dense matrix through the SVD of the active backend.
+/// The spectral norm `||A||_2` of a dense matrix of any shape through the SVD of the active
+/// backend (0 for an empty matrix).
+///
+/// # Errors
+/// Non-finite entries ([`Error::InvalidArgument`] with the position), or an SVD that does not
+/// converge.
 pub fn spectral_norm_dense<S: Scalar>(a: ArrayView2<'_, S>) -> Result<f64> {
-    let s = dense::singular_values(a)?;
+    let s = dense::singular_values_with::<dense::Active, S>("spectral_norm_dense", a)?;
     Ok(s.iter().next().map(|v| v.to_f64_exact()).unwrap_or(0.0))
 }

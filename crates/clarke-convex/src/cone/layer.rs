@@ -27,7 +27,7 @@ use clarke_implicit::CheckOutcome;
 use ndarray::{s, Array2, ArrayD, ArrayViewD, Axis};
 use rayon::prelude::*;
 
-use super::check::ConicCheck;
+use super::check::{ConeMargin, ConicCheck};
 use super::cones::{BoundaryKind, Cones};
 use super::derivative::{ConeDerivative, DataGradient, DerivativeOptions, SolutionDirection};
 use super::problem::ConeProgram;
@@ -88,8 +88,14 @@ pub struct ConicBackwardReport {
     pub kinks: usize,
     /// Smallest `sigma_min(M)` over the samples (dense check).
     pub min_sigma: Option<f64>,
+    /// The smallest strict-complementarity margin over every cone of every sample, with its
+    /// sample: how close the solution came to a kink of the projection.
+    pub min_margin: Option<(usize, ConeMargin)>,
     /// The check of the first sample that was not certified, with its index.
     pub first_uncertified: Option<(usize, ConicCheck)>,
+    /// Every sample's check (margins per cone, boundaries, singular values, verdict),
+    /// indexed by sample; `None` for a sample whose derivative failed before its check.
+    pub checks: Vec<Option<ConicCheck>>,
 }
 
 /// Reports of every backward pass through a layer, shared with the tape node.
@@ -133,17 +139,46 @@ pub fn cone_program<'t, S: Scalar>(
     layer(None, a, b, c, cones, opts)
 }
 
+/// The quadratic term `P` of [`quadratic_cone_program`]: a tape [`Var`] (it then gets a
+/// symmetric gradient) or a constant array (no tape node, no gradient).
+#[derive(Debug, Clone)]
+pub enum QuadraticTerm<'t, S: Scalar> {
+    /// `P` on the tape, differentiated.
+    Var(Var<'t, S>),
+    /// A constant `P`, `[n, n]` or `[B, n, n]`.
+    Fixed(ArrayD<S>),
+}
+
+impl<'t, S: Scalar> From<Var<'t, S>> for QuadraticTerm<'t, S> {
+    fn from(p: Var<'t, S>) -> Self {
+        QuadraticTerm::Var(p)
+    }
+}
+
+impl<S: Scalar> From<ArrayD<S>> for QuadraticTerm<'_, S> {
+    fn from(p: ArrayD<S>) -> Self {
+        QuadraticTerm::Fixed(p)
+    }
+}
+
+impl<S: Scalar> From<Array2<S>> for QuadraticTerm<'_, S> {
+    fn from(p: Array2<S>) -> Self {
+        QuadraticTerm::Fixed(p.into_dyn())
+    }
+}
+
 /// The conic layer with a quadratic term: `min (1/2) x^T P x + c^T x` s.t. `A x + s = b`,
-/// `s in K`. `P` gets a (symmetric) gradient too.
+/// `s in K`. `P` is a [`Var`] (it gets a symmetric gradient) or a constant array (see
+/// [`QuadraticTerm`]).
 pub fn quadratic_cone_program<'t, S: Scalar>(
-    p: Var<'t, S>,
+    p: impl Into<QuadraticTerm<'t, S>>,
     a: Var<'t, S>,
     b: Var<'t, S>,
     c: Var<'t, S>,
     cones: &Cones,
     opts: &ConicLayerOptions,
 ) -> Result<ConicLayer<'t, S>> {
-    layer(Some(p), a, b, c, cones, opts)
+    layer(Some(p.into()), a, b, c, cones, opts)
 }
 
 /// Which inputs carry a batch axis, and its length.
@@ -230,7 +265,7 @@ fn sample(arr: &ArrayD<f64>, batched: bool, i: usize) -> ArrayD<f64> {
 }
 
 fn layer<'t, S: Scalar>(
-    p: Option<Var<'t, S>>,
+    p: Option<QuadraticTerm<'t, S>>,
     a: Var<'t, S>,
     b: Var<'t, S>,
     c: Var<'t, S>,
@@ -238,7 +273,12 @@ fn layer<'t, S: Scalar>(
     opts: &ConicLayerOptions,
 ) -> Result<ConicLayer<'t, S>> {
     let name = opts.name.clone();
-    let (pv, av, bv, cv) = (p.map(|p| p.value()), a.value(), b.value(), c.value());
+    let (p, pv) = match p {
+        Some(QuadraticTerm::Var(p)) => (Some(p), Some(p.value())),
+        Some(QuadraticTerm::Fixed(value)) => (None, Some(value)),
+        None => (None, None),
+    };
+    let (av, bv, cv) = (a.value(), b.value(), c.value());
     let (batch, m, n) = batch_layout(
         &name,
         [
@@ -369,7 +409,9 @@ fn layer<'t, S: Scalar>(
             not_checked: 0,
             kinks: 0,
             min_sigma: None,
+            min_margin: None,
             first_uncertified: None,
+            checks: vec![None; samples],
         };
         let mut grads = Vec::with_capacity(samples);
         let mut first_error = None;
@@ -434,6 +476,16 @@ fn layer<'t, S: Scalar>(
                     if let Some(sm) = check.check.sigma_min {
                         report.min_sigma = Some(report.min_sigma.map_or(sm, |a: f64| a.min(sm)));
                     }
+                    for margin in &check.margins {
+                        if report
+                            .min_margin
+                            .as_ref()
+                            .is_none_or(|(_, low)| margin.margin < low.margin)
+                        {
+                            report.min_margin = Some((i, margin.clone()));
+                        }
+                    }
+                    report.checks[i] = Some(check.clone());
                     if check.outcome() != CheckOutcome::Certified && report.first_uncertified.is_none() {
                         report.first_uncertified = Some((i, check));
                     }

@@ -50,6 +50,8 @@ pub use cones::{smat, svec, Boundary, BoundaryKind, Cone, Cones, ProjectionJacob
 pub use derivative::{
     ConeDerivative, DataDirection, DataGradient, DerivativeOptions, DerivativeSolver, SolutionDirection,
 };
-pub use layer::{cone_program, quadratic_cone_program, ConicBackwardReport, ConicLayer, ConicLayerOptions, ConicLog};
+pub use layer::{
+    cone_program, quadratic_cone_program, ConicBackwardReport, ConicLayer, ConicLayerOptions, ConicLog, QuadraticTerm,
+};
 pub use problem::{box_projection, lp, polytope_projection, qp, simplex_projection, ConeProgram};
 pub use solver::{solve, ConeSolution, ConeStatus, Refinement, Residuals, SolverOptions, WarmStart};

@@ -33,7 +33,7 @@ pub fn hypergradient(
 ) -> Result<Hypergradient> {
     let start = Instant::now();
     let (check, kinks) = analyze(model, fit, options)?;
-    let g = criterion.gradient(fit.beta.view());
+    let g = criterion.gradient(fit.beta.view())?;
     check_criterion(model, &g)?;
     let gamma = options.step_for(model)?;
     let (w, l2, p) = (model.weight(), model.l2(), model.p());
@@ -93,7 +93,7 @@ pub fn hypergradient(
     let iterations = report.forward.iterations + report.adjoint.as_ref().map_or(0, |a| a.iterations);
     Ok(Hypergradient {
         method: Method::Implicit,
-        value: criterion.value(beta.view()),
+        value: criterion.value(beta.view())?,
         gradient,
         check,
         layer_check: Some(report.check.clone()),

@@ -34,11 +34,20 @@ use crate::model::{axpy, dot, sigmoid, softplus, validate_data, LassoModel};
 
 /// A differentiable criterion of the coefficients (the outer objective of the bilevel
 /// problem).
+///
+/// The criteria of this module also have `value` and `gradient` as inherent methods, so
+/// calling them needs no import of this trait.
 pub trait Criterion {
     /// `C(beta)`.
-    fn value(&self, beta: ArrayView1<'_, f64>) -> f64;
+    ///
+    /// # Errors
+    /// A `beta` the criterion cannot evaluate (for example of another length).
+    fn value(&self, beta: ArrayView1<'_, f64>) -> Result<f64>;
     /// `grad C(beta)`.
-    fn gradient(&self, beta: ArrayView1<'_, f64>) -> Array1<f64>;
+    ///
+    /// # Errors
+    /// As [`Criterion::value`].
+    fn gradient(&self, beta: ArrayView1<'_, f64>) -> Result<Array1<f64>>;
 }
 
 /// Mean squared error on held-out rows: `C(beta) = ||y_val - X_val beta||^2 / n_val`.
@@ -85,27 +94,53 @@ impl ValidationMse {
         self.p
     }
 
-    fn residual(&self, beta: ArrayView1<'_, f64>) -> Vec<f64> {
+    /// `C(beta)`.
+    ///
+    /// # Errors
+    /// A `beta` whose length is not the number of validation features.
+    pub fn value(&self, beta: ArrayView1<'_, f64>) -> Result<f64> {
+        let r = self.residual(beta)?;
+        Ok(dot(&r, &r) / self.n as f64)
+    }
+
+    /// `grad C(beta)`.
+    ///
+    /// # Errors
+    /// As [`ValidationMse::value`].
+    pub fn gradient(&self, beta: ArrayView1<'_, f64>) -> Result<Array1<f64>> {
+        let r = self.residual(beta)?;
+        let s = -2.0 / self.n as f64;
+        Ok(Array1::from_iter(
+            (0..self.p).map(|j| s * dot(&self.cols[j * self.n..(j + 1) * self.n], &r)),
+        ))
+    }
+
+    fn residual(&self, beta: ArrayView1<'_, f64>) -> Result<Vec<f64>> {
+        if beta.len() != self.p {
+            return Err(Error::shapes(
+                "validation criterion",
+                &[beta.len()],
+                &[self.p],
+                "beta must have one entry per validation feature (is the fit of a model with other features?)",
+            ));
+        }
         let mut r = self.y.to_vec();
         for (j, &b) in beta.iter().enumerate() {
             if b != 0.0 {
                 axpy(-b, &self.cols[j * self.n..(j + 1) * self.n], &mut r);
             }
         }
-        r
+        Ok(r)
     }
 }
 
 impl Criterion for ValidationMse {
-    fn value(&self, beta: ArrayView1<'_, f64>) -> f64 {
-        let r = self.residual(beta);
-        dot(&r, &r) / self.n as f64
+    fn value(&self, beta: ArrayView1<'_, f64>) -> Result<f64> {
+        ValidationMse::value(self, beta)
     }
 
-    fn gradient(&self, beta: ArrayView1<'_, f64>) -> Array1<f64> {
-        let r = self.residual(beta);
-        let s = -2.0 / self.n as f64;
-        Array1::from_iter((0..self.p).map(|j| s * dot(&self.cols[j * self.n..(j + 1) * self.n], &r)))
+    fn gradient(&self, beta: ArrayView1<'_, f64>) -> Result<Array1<f64>> {
+        ValidationMse::gradient(self, beta)
     }
 }
 
@@ -134,12 +169,17 @@ impl ValidationLogLoss {
     }
 }
 
-impl Criterion for ValidationLogLoss {
-    fn value(&self, beta: ArrayView1<'_, f64>) -> f64 {
+impl ValidationLogLoss {
+    /// `C(beta)`.
+    ///
+    /// # Errors
+    /// A `beta` whose length is not the number of validation features.
+    pub fn value(&self, beta: ArrayView1<'_, f64>) -> Result<f64> {
         // residual r = y - m, so m = y - r.
-        let r = self.inner.residual(beta);
+        let r = self.inner.residual(beta)?;
         let n = self.inner.n as f64;
-        self.inner
+        let total: f64 = self
+            .inner
             .y
             .iter()
             .zip(&r)
@@ -147,12 +187,16 @@ impl Criterion for ValidationLogLoss {
                 let m = y - ri;
                 softplus(m) - y * m
             })
-            .sum::<f64>()
-            / n
+            .sum();
+        Ok(total / n)
     }
 
-    fn gradient(&self, beta: ArrayView1<'_, f64>) -> Array1<f64> {
-        let r = self.inner.residual(beta);
+    /// `grad C(beta)`.
+    ///
+    /// # Errors
+    /// As [`ValidationLogLoss::value`].
+    pub fn gradient(&self, beta: ArrayView1<'_, f64>) -> Result<Array1<f64>> {
+        let r = self.inner.residual(beta)?;
         let n = self.inner.n;
         let g: Vec<f64> = self
             .inner
@@ -161,7 +205,19 @@ impl Criterion for ValidationLogLoss {
             .zip(&r)
             .map(|(&y, &ri)| sigmoid(y - ri) - y)
             .collect();
-        Array1::from_iter((0..self.inner.p).map(|j| dot(&self.inner.cols[j * n..(j + 1) * n], &g) / n as f64))
+        Ok(Array1::from_iter(
+            (0..self.inner.p).map(|j| dot(&self.inner.cols[j * n..(j + 1) * n], &g) / n as f64),
+        ))
+    }
+}
+
+impl Criterion for ValidationLogLoss {
+    fn value(&self, beta: ArrayView1<'_, f64>) -> Result<f64> {
+        ValidationLogLoss::value(self, beta)
+    }
+
+    fn gradient(&self, beta: ArrayView1<'_, f64>) -> Result<Array1<f64>> {
+        ValidationLogLoss::gradient(self, beta)
     }
 }
 

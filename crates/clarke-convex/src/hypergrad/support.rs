@@ -169,7 +169,7 @@ pub fn hypergradient(
     let start = Instant::now();
     options.policy.validate()?;
     let (check, kinks) = analyze(model, fit, options)?;
-    let g = criterion.gradient(fit.beta.view());
+    let g = criterion.gradient(fit.beta.view())?;
     check_criterion(model, &g)?;
     let q = check.selection;
     // A = S plus the kinks when q > 0.
@@ -235,7 +235,7 @@ pub fn hypergradient(
     }
     Ok(Hypergradient {
         method: Method::Support,
-        value: criterion.value(fit.beta.view()),
+        value: criterion.value(fit.beta.view())?,
         gradient: grad,
         check,
         layer_check: None,

@@ -237,12 +237,12 @@ pub fn hypergradient(
             tolerance: options.unrolled_tol,
         });
     }
-    let g = criterion.gradient(run.beta.view());
+    let g = criterion.gradient(run.beta.view())?;
     check_criterion(model, &g)?;
     let gradient = run.vjp(g.view(), fit.penalty.len());
     Ok(Hypergradient {
         method: Method::Unrolled,
-        value: criterion.value(run.beta.view()),
+        value: criterion.value(run.beta.view())?,
         gradient,
         check,
         layer_check: None,

@@ -37,6 +37,7 @@ mod activation;
 mod check;
 mod config;
 mod kernel;
+pub mod weights;
 
 use std::cell::{Cell, RefCell};
 
@@ -50,6 +51,7 @@ use rayon::prelude::*;
 
 pub use activation::Activation;
 pub use config::{DeqConfig, ForwardMethod, Parametrization};
+pub use weights::DeqWeights;
 
 use crate::init::{glorot_uniform, normal};
 use crate::params::{Bound, ParamId, ParamSet};
@@ -89,15 +91,15 @@ pub struct DeqLayer<S: Scalar> {
 }
 
 impl<S: Scalar> DeqLayer<S> {
-    /// Adds the layer's parameters to `params` (names prefixed with `name`) and returns it.
-    /// `x` will be `[batch, input_dim]`, `z` `[batch, width]`.
+    /// Adds the layer's parameters to `params` (names prefixed with `name`), drawn at random
+    /// from `rng`, and returns it. `x` will be `[batch, input_dim]`, `z` `[batch, width]`.
+    /// To start from given weights instead, use [`DeqLayer::with_weights`] (no RNG needed);
+    /// to replace them later, [`DeqLayer::set_weights`].
     ///
-    /// The parameters, found with `params.id("NAME.…")` and set with `params.get_mut`:
-    /// `NAME.u` (`[width, input_dim]`) and `NAME.bias` (`[width]`) in every form, and for `W`
-    /// (`[width, width]`) `NAME.w` (unconstrained), `NAME.v` (spectral norm: `W = gamma V /
-    /// sigma_max(V)`) or `NAME.a` and `NAME.b_skew` (monotone: `W = (1 - m) I -
-    /// A^T A + B - B^T`). The random initialisation draws from `rng`; overwrite any of them
-    /// afterwards to start from given weights.
+    /// The parameters, found with `params.id("NAME.…")`: `NAME.u` (`[width, input_dim]`) and
+    /// `NAME.bias` (`[width]`) in every form, and for `W` (`[width, width]`) `NAME.w`
+    /// (unconstrained), `NAME.v` (spectral norm: `W = gamma V / sigma_max(V)`) or `NAME.a`
+    /// and `NAME.b_skew` (monotone: `W = (1 - m) I - A^T A + B - B^T`).
     ///
     /// # Errors
     /// Invalid options or dimensions, or a duplicate parameter name.
@@ -117,28 +119,100 @@ impl<S: Scalar> DeqLayer<S> {
             ));
         }
         let n = width;
-        let weight = match config.parametrization {
-            Parametrization::SpectralNorm { .. } => WeightParams::Spectral {
-                v: params.add(format!("{name}.v"), glorot_uniform(n, n, rng).into_dyn())?,
-            },
+        let weight: Vec<(&'static str, ArrayD<S>)> = match config.parametrization {
+            Parametrization::SpectralNorm { .. } => vec![("v", glorot_uniform(n, n, rng).into_dyn())],
             Parametrization::Monotone { .. } => {
                 let scale = 1.0 / (n as f64).sqrt();
-                WeightParams::Monotone {
-                    a: params.add(format!("{name}.a"), normal(n, n, scale, rng).into_dyn())?,
-                    b: params.add(format!("{name}.b_skew"), normal(n, n, scale, rng).into_dyn())?,
-                }
+                vec![
+                    ("a", normal(n, n, scale, rng).into_dyn()),
+                    ("b_skew", normal(n, n, scale, rng).into_dyn()),
+                ]
             }
             Parametrization::Unconstrained => {
                 let mut w = glorot_uniform::<S>(n, n, rng);
                 w.mapv_inplace(|v| v * S::from_f64_lossy(0.5));
-                WeightParams::Free {
-                    w: params.add(format!("{name}.w"), w.into_dyn())?,
-                }
+                vec![("w", w.into_dyn())]
             }
         };
-        let u = params.add(format!("{name}.u"), glorot_uniform::<S>(n, input_dim, rng).into_dyn())?;
-        let b = params.add(format!("{name}.bias"), ArrayD::zeros(vec![n]))?;
+        let u = glorot_uniform::<S>(n, input_dim, rng);
+        let bias = Array1::zeros(n);
         let power_vector = Array1::from_shape_fn(n, |_| S::from_f64_lossy(rng.random_range(-1.0..1.0)));
+        Self::build(params, name, input_dim, config, weight, u, bias, power_vector)
+    }
+
+    /// Adds the layer's parameters to `params` so that its cell is `z = sigma(W z + U x + b)`
+    /// with the given weights, and returns it. `input_dim` and `width` come from the shapes.
+    ///
+    /// The constrained forms find the parameters that give this `W` (see
+    /// [`DeqWeights`] and [`weights::SPECTRAL_NORM_SLACK`]): the spectral-norm form takes a
+    /// `W` whose norm is `gamma`, the monotone form one with `sym(I - W) >= m I`.
+    ///
+    /// # Errors
+    /// Invalid options, inconsistent shapes or non-finite entries, a `W` the parametrisation
+    /// cannot represent (with the measured norm or eigenvalue), or a duplicate name.
+    ///
+    /// ```
+    /// use clarke_nn::deq::{DeqConfig, DeqLayer, DeqWeights, Parametrization};
+    /// use clarke_nn::ParamSet;
+    /// use ndarray::{array, Array1};
+    ///
+    /// let weights = DeqWeights {
+    ///     w: array![[0.5, 0.2], [-0.2, 0.5]],
+    ///     u: array![[1.0], [-1.0]],
+    ///     bias: Array1::zeros(2),
+    /// };
+    /// let config = DeqConfig::default().with_parametrization(Parametrization::Monotone { m: 0.5 });
+    /// let mut params = ParamSet::<f64>::new();
+    /// let deq = DeqLayer::with_weights(&mut params, "deq", config, &weights).unwrap();
+    /// assert!(params.id("deq.a").is_some() && params.id("deq.b_skew").is_some());
+    /// ```
+    pub fn with_weights(
+        params: &mut ParamSet<S>,
+        name: &str,
+        config: DeqConfig,
+        weights: &DeqWeights<S>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let (input_dim, width) = weights.dims()?;
+        let weight = weights::weight_params(config.parametrization, weights.w.view())?;
+        let power_vector = Array1::from_elem(width, S::one());
+        Self::build(
+            params,
+            name,
+            input_dim,
+            config,
+            weight,
+            weights.u.clone(),
+            weights.bias.clone(),
+            power_vector,
+        )
+    }
+
+    /// Adds the parameters and assembles the layer.
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        params: &mut ParamSet<S>,
+        name: &str,
+        input_dim: usize,
+        config: DeqConfig,
+        weight: Vec<(&'static str, ArrayD<S>)>,
+        u: Array2<S>,
+        bias: Array1<S>,
+        power_vector: Array1<S>,
+    ) -> Result<Self> {
+        let width = bias.len();
+        let mut ids = Vec::with_capacity(weight.len());
+        for (suffix, value) in weight {
+            ids.push(params.add(format!("{name}.{suffix}"), value)?);
+        }
+        let weight = match (config.parametrization, ids.as_slice()) {
+            (Parametrization::SpectralNorm { .. }, &[v]) => WeightParams::Spectral { v },
+            (Parametrization::Monotone { .. }, &[a, b]) => WeightParams::Monotone { a, b },
+            (Parametrization::Unconstrained, &[w]) => WeightParams::Free { w },
+            _ => unreachable!("the weight parameters follow the parametrisation"),
+        };
+        let u = params.add(format!("{name}.u"), u.into_dyn())?;
+        let b = params.add(format!("{name}.bias"), bias.into_dyn())?;
         Ok(DeqLayer {
             name: name.to_string(),
             input_dim,
@@ -151,6 +225,71 @@ impl<S: Scalar> DeqLayer<S> {
             reports: ReportLog::default(),
             last_forward: Cell::new(None),
         })
+    }
+
+    /// Replaces the layer's weights in `params` by the given ones (in the layer's form, as
+    /// [`DeqLayer::with_weights`] does).
+    ///
+    /// # Errors
+    /// Shapes other than the layer's, non-finite entries, a `W` the parametrisation cannot
+    /// represent, or a `params` that is not the set the layer was added to. Nothing is
+    /// changed on error.
+    pub fn set_weights(&self, params: &mut ParamSet<S>, weights: &DeqWeights<S>) -> Result<()> {
+        let dims = weights.dims()?;
+        if dims != (self.input_dim, self.width) {
+            return Err(Error::shapes(
+                "DeqLayer::set_weights",
+                weights.u.shape(),
+                &[self.width, self.input_dim],
+                format!("{}: the layer's U is [width, input_dim]", self.name),
+            ));
+        }
+        let weight = weights::weight_params(self.config.parametrization, weights.w.view())?;
+        let ids = self.weight_ids();
+        for (_, id) in ids.iter().copied().chain([("u", self.u), ("bias", self.b)]) {
+            params.try_get(id)?;
+        }
+        for ((_, id), (_, value)) in ids.into_iter().zip(weight) {
+            *params.try_get_mut(id)? = value;
+        }
+        *params.try_get_mut(self.u)? = weights.u.clone().into_dyn();
+        *params.try_get_mut(self.b)? = weights.bias.clone().into_dyn();
+        Ok(())
+    }
+
+    /// The ids of the parameters behind `W`.
+    fn weight_ids(&self) -> Vec<(&'static str, ParamId)> {
+        match self.weight {
+            WeightParams::Spectral { v } => vec![("v", v)],
+            WeightParams::Monotone { a, b } => vec![("a", a), ("b_skew", b)],
+            WeightParams::Free { w } => vec![("w", w)],
+        }
+    }
+
+    /// Checks that every parameter of the layer still has its shape (`ParamSet::get_mut`
+    /// lets a caller replace an array by one of another shape).
+    fn check_parameter_shapes(&self, bound: &Bound<'_, S>) -> Result<()> {
+        let n = self.width;
+        let expected = self
+            .weight_ids()
+            .into_iter()
+            .map(|(suffix, id)| (suffix, id, vec![n, n]))
+            .chain([("u", self.u, vec![n, self.input_dim]), ("bias", self.b, vec![n])]);
+        for (suffix, id, shape) in expected {
+            let found = bound.try_var(id)?.shape();
+            if found != shape {
+                return Err(Error::shapes(
+                    "deq",
+                    &found,
+                    &shape,
+                    format!(
+                        "{0}: parameter {0}.{suffix} was replaced by an array of another shape",
+                        self.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The layer's options.
@@ -238,12 +377,39 @@ impl<S: Scalar> DeqLayer<S> {
     }
 
     /// `z*` for the inputs `x` (`[batch, input_dim]`), recorded on `x`'s tape according to
-    /// the gradient mode.
+    /// the gradient mode. The solver starts from `z = 0`.
     ///
     /// # Errors
-    /// A shape mismatch, a `bound` of another parameter set, a non-finite input or parameter,
-    /// or a forward solve that did not converge (with its residual trace).
+    /// A shape mismatch (of `x`, or of a parameter replaced through `ParamSet::get_mut`), a
+    /// `bound` of another parameter set, a non-finite input or parameter, or a forward solve
+    /// that did not converge (with its residual trace).
     pub fn forward<'t>(&self, bound: &Bound<'t, S>, x: Var<'t, S>) -> Result<Var<'t, S>> {
+        self.forward_inner(bound, x, None)
+    }
+
+    /// As [`DeqLayer::forward`], with the solver (or the unrolled iteration) started from
+    /// `start` (`[batch, width]`), for example the previous step's solution of the same
+    /// batch. The gradient does not depend on the start (it is not a tape input): in the
+    /// implicit and one-step modes only the solution matters, and the unrolled mode
+    /// differentiates its iterations from this constant.
+    ///
+    /// # Errors
+    /// As [`DeqLayer::forward`], and a `start` of another shape or with a non-finite entry.
+    pub fn forward_from<'t>(
+        &self,
+        bound: &Bound<'t, S>,
+        x: Var<'t, S>,
+        start: ArrayView2<'_, S>,
+    ) -> Result<Var<'t, S>> {
+        self.forward_inner(bound, x, Some(start))
+    }
+
+    fn forward_inner<'t>(
+        &self,
+        bound: &Bound<'t, S>,
+        x: Var<'t, S>,
+        start: Option<ArrayView2<'_, S>>,
+    ) -> Result<Var<'t, S>> {
         let xs = x.shape();
         if xs.len() != 2 || xs[1] != self.input_dim {
             return Err(Error::ShapeMismatch {
@@ -253,12 +419,28 @@ impl<S: Scalar> DeqLayer<S> {
                 detail: format!("{}: x must be [batch, {}]", self.name, self.input_dim),
             });
         }
+        let start = match start {
+            Some(z0) => {
+                if z0.dim() != (xs[0], self.width) {
+                    return Err(Error::shapes(
+                        "deq",
+                        z0.shape(),
+                        &[xs[0], self.width],
+                        format!("{}: the start must be [batch, width]", self.name),
+                    ));
+                }
+                kernel::ensure_finite("the start", z0)?;
+                z0.to_owned()
+            }
+            None => Array2::zeros((xs[0], self.width)),
+        };
+        self.check_parameter_shapes(bound)?;
         let w = self.weight(bound)?;
         let (u, b) = (bound.try_var(self.u)?, bound.try_var(self.b)?);
         match self.config.gradient {
-            GradientMode::Unrolled { iterations } => self.unrolled(x, w, u, b, iterations),
+            GradientMode::Unrolled { iterations } => self.unrolled(x, w, u, b, start, iterations),
             mode => {
-                let solved = self.solve(x, w, u, b)?;
+                let solved = self.solve(x, w, u, b, start)?;
                 if mode == GradientMode::OneStep {
                     let tape = x.tape();
                     let z = tape.constant(solved.z.into_dyn());
@@ -272,11 +454,19 @@ impl<S: Scalar> DeqLayer<S> {
         }
     }
 
-    /// `K` iterations from zero recorded on the tape (memory grows with `K`).
-    fn unrolled<'t>(&self, x: Var<'t, S>, w: Var<'t, S>, u: Var<'t, S>, b: Var<'t, S>, k: usize) -> Result<Var<'t, S>> {
+    /// `K` iterations from `start` recorded on the tape (memory grows with `K`).
+    fn unrolled<'t>(
+        &self,
+        x: Var<'t, S>,
+        w: Var<'t, S>,
+        u: Var<'t, S>,
+        b: Var<'t, S>,
+        start: Array2<S>,
+        k: usize,
+    ) -> Result<Var<'t, S>> {
         let tape = x.tape();
         let input = x.try_matmul(u.t())?.try_add(b)?;
-        let mut z = tape.constant(ArrayD::zeros(vec![x.shape()[0], self.width]));
+        let mut z = tape.constant(start.into_dyn());
         let mut previous = z;
         for _ in 0..k {
             previous = z;
@@ -336,7 +526,7 @@ impl<S: Scalar> DeqLayer<S> {
     }
 
     /// The forward solve on raw arrays.
-    fn solve(&self, x: Var<'_, S>, w: Var<'_, S>, u: Var<'_, S>, b: Var<'_, S>) -> Result<Solved<S>> {
+    fn solve(&self, x: Var<'_, S>, w: Var<'_, S>, u: Var<'_, S>, b: Var<'_, S>, start: Array2<S>) -> Result<Solved<S>> {
         let two = |v: Var<'_, S>| v.value().into_dimensionality::<Ix2>().expect("2-D by construction");
         let (xv, wv, uv) = (two(x), two(w), two(u));
         let bv = b.value().into_dimensionality::<Ix1>().expect("1-D by construction");
@@ -350,8 +540,7 @@ impl<S: Scalar> DeqLayer<S> {
             ));
         }
         let c = kernel::input_term(xv.view(), uv.view(), bv.view());
-        let batch = xv.nrows();
-        let mut z = Array2::<S>::zeros((batch, self.width));
+        let mut z = start;
         let (run, solver, tol) = self.forward_iterate(wv.view(), c.view(), &mut z)?;
         let pre = kernel::pre_activation(wv.view(), c.view(), z.view());
         let mut out = pre.clone();
@@ -400,7 +589,7 @@ impl<S: Scalar> DeqLayer<S> {
         })
     }
 
-    /// Runs the forward method over row blocks in parallel; `z` holds the start (zeros).
+    /// Runs the forward method over row blocks in parallel; `z` holds the start.
     fn forward_iterate(
         &self,
         w: ArrayView2<'_, S>,

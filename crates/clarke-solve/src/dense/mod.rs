@@ -20,6 +20,11 @@
 //! symmetric positive definite given to [`cholesky_solve`] gives [`Error::InvalidArgument`].
 //! Least squares never refuses rank deficiency: it returns the minimum-norm solution and the
 //! numerical rank, because that is what was asked for.
+//!
+//! Finite input can still overflow: an LU elimination of entries near the largest number of
+//! the type, or a solution beyond that range (`1e-300 x = 1e300`). Both are an
+//! [`Error::InvalidArgument`] saying so (the same under both backends), never an `inf` or a
+//! NaN in the answer, nor a false [`Error::Singular`].
 
 pub mod faer_backend;
 #[cfg(feature = "lapack")]
@@ -82,6 +87,23 @@ pub(crate) fn check_finite_matrix<S: Scalar>(op: &'static str, what: &str, a: Ar
         return Err(Error::invalid(
             op,
             format!("{what} has a non-finite entry {v} at ({i}, {j})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a non-finite entry of a computed solution. The inputs were checked to be
+/// finite, so such an entry means the answer lies beyond the range of the scalar type (a
+/// badly scaled system such as `1e-300 x = 1e300`); returning it would be a silent `inf`.
+fn check_solution<S: Scalar>(op: &'static str, x: ArrayView2<'_, S>) -> Result<()> {
+    if let Some(((i, j), v)) = x.indexed_iter().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "the solution has a non-finite entry {v} at ({i}, {j}) although the input is finite: \
+                 the system is too badly scaled for {}; rescale A or b",
+                S::NAME
+            ),
         ));
     }
     Ok(())
@@ -215,7 +237,14 @@ impl<S: Scalar, B: Backend> LuWith<S, B> {
             .map(|c| c.iter().map(|v| v.to_f64_exact().abs()).sum::<f64>())
             .fold(0.0, f64::max);
         let lu = B::lu_factor(a).map_err(|e| retag(op, e))?;
-        let (ratio, imin) = pivot_ratio(&B::lu_pivots(&lu));
+        let pivots = B::lu_pivots(&lu);
+        // The matrix is finite, so a non-finite pivot comes from the elimination itself: after
+        // a (numerically) zero pivot, from dividing by it (the matrix is singular: faer goes
+        // on where LAPACK stops), otherwise from an overflow (entries near the largest number
+        // of the type, or subnormal pivots whose reciprocals overflow). The pivots before it
+        // tell which.
+        let finite = pivots.iter().position(|p| !p.is_finite()).unwrap_or(pivots.len());
+        let (ratio, imin) = pivot_ratio(&pivots[..finite]);
         let threshold = singular_threshold::<S>(n);
         if n > 0 && norm1 == 0.0 {
             return Err(Error::Singular {
@@ -231,6 +260,17 @@ impl<S: Scalar, B: Backend> LuWith<S, B> {
                     S::NAME
                 ),
             });
+        }
+        if let Some(p) = pivots.get(finite) {
+            return Err(Error::invalid(
+                op,
+                format!(
+                    "{n}x{n} matrix: the LU elimination overflowed (pivot {finite} is {p}) although the matrix \
+                     is finite: it is too badly scaled for {} (entries near the largest number, or subnormal \
+                     ones); rescale it",
+                    S::NAME
+                ),
+            ));
         }
         Ok(LuWith {
             lu,
@@ -248,6 +288,7 @@ impl<S: Scalar, B: Backend> LuWith<S, B> {
     ) -> Result<Array<S, D>> {
         let mut x = rhs_matrix(op, self.n, &b)?;
         B::lu_solve_in_place(&self.lu, x.view_mut(), transpose)?;
+        check_solution(op, x.view())?;
         rhs_back(op, x, b.ndim())
     }
 
@@ -307,7 +348,8 @@ fn retag(op: &'static str, e: Error) -> Error {
 }
 
 impl<S: Scalar> DenseLu<S> {
-    /// Factors a square matrix. Errors: not square, non-finite entries, singular.
+    /// Factors a square matrix. Errors: not square, non-finite entries, singular, an
+    /// elimination that overflows.
     pub fn new(a: ArrayView2<'_, S>) -> Result<Self> {
         Ok(DenseLu {
             inner: LuWith::new("DenseLu::new", a)?,
@@ -329,11 +371,14 @@ impl<S: Scalar> DenseLu<S> {
     /// `1 / (||A||_1 ||A^{-1}||_1)`, by Hager's method (a few solves with `A` and `A^T`).
     /// It is a lower bound of `||A^{-1}||_1` in practice tight within a small factor, so the
     /// returned value is at least the true reciprocal condition number up to that factor.
+    /// `||A||_1` is summed in `f64`, so only an `f64` matrix whose column sums exceed
+    /// `f64::MAX` (entries near the largest number) makes the estimate 0.
     pub fn rcond_estimate(&self) -> Result<f64> {
         self.inner.rcond_estimate()
     }
 
-    /// Solves `A x = b` for a vector `[n]` or matrix `[n, k]` right-hand side.
+    /// Solves `A x = b` for a vector `[n]` or matrix `[n, k]` right-hand side. Errors: `b`
+    /// of the wrong shape or with non-finite entries, a solution beyond the range of `S`.
     pub fn solve<D: Dimension>(&self, b: ArrayView<'_, S, D>) -> Result<Array<S, D>> {
         self.inner.solve("DenseLu::solve", b, false)
     }
@@ -369,7 +414,8 @@ pub(crate) fn lu_solve_with<B: Backend, S: Scalar, D: Dimension>(
 /// Solves `A x = b` by LU with partial pivoting (vector or matrix `b`).
 ///
 /// Errors: `a` not square, `b` of the wrong length, non-finite entries,
-/// [`Error::Singular`] when the smallest pivot is at most `n * eps` times the largest.
+/// [`Error::Singular`] when the smallest pivot is at most `n * eps` times the largest, an
+/// elimination or a solution that overflows the scalar type.
 ///
 /// ```
 /// use clarke_solve::dense::lu_solve;
@@ -420,14 +466,15 @@ pub(crate) fn cholesky_solve_with<B: Backend, S: Scalar, D: Dimension>(
         }
     }
     B::cholesky_solve_in_place(a, x.view_mut()).map_err(|e| retag(op, e))?;
+    check_solution(op, x.view())?;
     rhs_back(op, x, b.ndim())
 }
 
 /// Solves `A x = b` for a symmetric positive definite `A` by Cholesky (vector or matrix `b`).
 ///
 /// Errors: not square, wrong `b` length, non-finite entries, an unsymmetric matrix (beyond
-/// rounding), or a matrix that is not positive definite ([`Error::InvalidArgument`] naming the
-/// failing pivot).
+/// rounding), a matrix that is not positive definite ([`Error::InvalidArgument`] naming the
+/// failing pivot), or a solution beyond the range of the scalar type.
 pub fn cholesky_solve<S: Scalar, D: Dimension>(a: ArrayView2<'_, S>, b: ArrayView<'_, S, D>) -> Result<Array<S, D>> {
     cholesky_solve_with::<Active, S, D>("cholesky_solve", a, b)
 }
@@ -484,10 +531,12 @@ pub(crate) fn lstsq_with<B: Backend, S: Scalar, D: Dimension>(
     let vr = v.slice(ndarray::s![.., ..rank]);
     let mut c = ur.t().dot(&bm);
     for (i, mut row) in c.rows_mut().into_iter().enumerate() {
-        let inv = S::one() / s[i];
-        row.mapv_inplace(|x| x * inv);
+        // Divide rather than multiply by 1 / s_i, which overflows for a subnormal s_i.
+        let si = s[i];
+        row.mapv_inplace(|x| x / si);
     }
     let x = vr.dot(&c);
+    check_solution(op, x.view())?;
     Ok(Lstsq {
         solution: rhs_back(op, x, b.ndim())?,
         rank,
@@ -502,7 +551,9 @@ pub(crate) fn lstsq_with<B: Backend, S: Scalar, D: Dimension>(
 /// Singular values at most `rcond * s_max` count as zero, with the default
 /// `rcond = max(m, n) * eps` (see [`lstsq_rcond`] to choose it). The rank is reported, not
 /// refused: least squares is an explicit request, unlike [`lu_solve`], which refuses singular
-/// systems.
+/// systems. Errors: `b` without `m` rows, non-finite entries, an SVD that does not converge,
+/// or a solution beyond the range of the scalar type (a tiny singular value kept by the
+/// cutoff).
 ///
 /// ```
 /// use clarke_solve::dense::lstsq;
@@ -518,13 +569,14 @@ pub fn lstsq<S: Scalar, D: Dimension>(a: ArrayView2<'_, S>, b: ArrayView<'_, S, 
     lstsq_with::<Active, S, D>("lstsq", a, b, None)
 }
 
-/// [`lstsq`] with an explicit relative cutoff `rcond` on the singular values.
+/// [`lstsq`] with an explicit relative cutoff `rcond` on the singular values; `rcond` must be
+/// finite and non-negative.
 pub fn lstsq_rcond<S: Scalar, D: Dimension>(
     a: ArrayView2<'_, S>,
     b: ArrayView<'_, S, D>,
     rcond: f64,
 ) -> Result<Lstsq<S, D>> {
-    lstsq_with::<Active, S, D>("lstsq", a, b, Some(rcond))
+    lstsq_with::<Active, S, D>("lstsq_rcond", a, b, Some(rcond))
 }
 
 /// Thin SVD through faer (small internal problems: Anderson, Lanczos).
@@ -608,8 +660,8 @@ fn tag_sample(e: Error, i: usize) -> Error {
 /// layer. `a` is `[batch, n, n]`, `b` is `[batch, n]`, the result is `[batch, n]`.
 ///
 /// Each sample is factored on one thread (faer sequential for small `n`). The first failing
-/// sample (singular, non-finite) makes the whole call fail, with the sample index in the
-/// message.
+/// sample (singular, non-finite, overflowing) makes the whole call fail, with the sample
+/// index in the message.
 pub fn batched_solve<S: Scalar>(a: ArrayView3<'_, S>, b: ArrayView2<'_, S>, transpose: bool) -> Result<Array2<S>> {
     batched_solve_with::<Active, S>("batched_solve", a, b, transpose)
 }

@@ -17,7 +17,8 @@ use crate::util::{all_finite, dot};
 /// `gamma = argmin ||g_k - dG gamma||^2 + lambda ||gamma||^2` (with
 /// `lambda = regularization * max_i ||dG_i||^2`, through an SVD of the stacked system so
 /// that nearly dependent differences do no harm) and takes
-/// `z_{k+1} = z_k + beta g_k - (dX + beta dG) gamma`. With `m = 0` it is [`picard`](super::picard).
+/// `z_{k+1} = z_k + beta g_k - (dX + beta dG) gamma`. With `m = 0` it is [`picard`](super::picard);
+/// any `m` is accepted, and one beyond the dimension `n` only keeps dependent differences.
 ///
 /// On an affine map this is equivalent to GMRES on `(I - A) z = c`, so it needs far fewer
 /// evaluations than Picard for slow contractions. One iteration is one evaluation of `T`;
@@ -58,8 +59,12 @@ where
     if let Some(status) = track.check(res, opts.max_iter) {
         return Ok((z, track.report(eval.count, res, status)));
     }
-    let mut dx: VecDeque<Array1<S>> = VecDeque::with_capacity(m + 1);
-    let mut dg: VecDeque<Array1<S>> = VecDeque::with_capacity(m + 1);
+    // Any memory is accepted: one beyond the dimension keeps linearly dependent differences,
+    // which the SVD handles. Reserve room for at most `n + 1` of them (the deques grow if
+    // more are kept), so that a huge memory does not ask for a huge allocation.
+    let cap = m.min(n) + 1;
+    let mut dx: VecDeque<Array1<S>> = VecDeque::with_capacity(cap);
+    let mut dg: VecDeque<Array1<S>> = VecDeque::with_capacity(cap);
     loop {
         let mut z_new = z.clone();
         z_new.scaled_add(beta, &g);

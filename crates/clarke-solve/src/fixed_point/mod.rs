@@ -403,6 +403,10 @@ pub(crate) fn start<S: Scalar>(
 /// Wraps a map over arrays of shape `shape` into a map over the flat (row-major) state, for
 /// the solvers of this module.
 ///
+/// The wrapped map refuses a flat state whose length is not the number of elements of
+/// `shape` ([`Error::ShapeMismatch`]), a shape whose element count overflows `usize`
+/// ([`Error::InvalidArgument`]) and an output of another shape than its input.
+///
 /// ```
 /// use clarke_solve::fixed_point::{flattened, picard, FixedPointOptions};
 /// use ndarray::{Array1, Array2, Ix2};
@@ -421,7 +425,12 @@ where
     F: FnMut(ArrayView<'_, S, D>) -> Result<Array<S, D>>,
 {
     move |z: ArrayView1<'_, S>| {
-        let want = shape.size();
+        let want = shape.size_checked().ok_or_else(|| {
+            Error::invalid(
+                "flattened",
+                format!("shape {:?} has more elements than a usize can count", shape.slice()),
+            )
+        })?;
         if z.len() != want {
             return Err(Error::shapes(
                 "flattened",

@@ -1,0 +1,22 @@
+//! Every criterion bench of clarke, in one binary: one optimised build instead of one per
+//! bench. `cargo bench` runs them all; a filter after `--` picks by group name, for example
+//! `cargo bench -- deq_step` or `cargo bench -- conic_qp`.
+//!
+//! The groups: `tape_overhead`, `elementwise_*`, `matmul_fwd_bwd`, `tape_vs_unrolled`,
+//! `deq_step`, `conic_qp` and `conic_qp_raw` (see each module).
+
+mod conic_qp;
+mod deq_step;
+mod elementwise;
+mod matmul;
+mod tape_overhead;
+mod tape_vs_unrolled;
+
+criterion::criterion_main!(
+    tape_overhead::benches,
+    elementwise::benches,
+    matmul::benches,
+    tape_vs_unrolled::benches,
+    deq_step::benches,
+    conic_qp::benches,
+);
