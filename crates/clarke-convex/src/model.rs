@@ -105,11 +105,22 @@ impl Penalty {
     }
 
     /// The penalty with `lambda = exp(theta)`, of the same kind as `self`.
-    pub fn from_log_like(&self, theta: ArrayView1<'_, f64>) -> Penalty {
-        match self {
+    ///
+    /// # Errors
+    /// A `theta` whose length is not [`Penalty::len`] (one entry for a uniform penalty).
+    pub fn from_log_like(&self, theta: ArrayView1<'_, f64>) -> Result<Penalty> {
+        if theta.len() != self.len() {
+            return Err(Error::shapes(
+                "Penalty::from_log_like",
+                &[theta.len()],
+                &[self.len()],
+                "theta = log lambda needs one entry per hyperparameter of the penalty",
+            ));
+        }
+        Ok(match self {
             Penalty::Uniform(_) => Penalty::Uniform(theta[0].exp()),
             Penalty::PerFeature(_) => Penalty::PerFeature(theta.mapv(f64::exp)),
-        }
+        })
     }
 
     /// Checks every `lambda > 0`, finite, and the length against `p`.
@@ -385,7 +396,23 @@ impl LassoModel {
     }
 
     /// `X beta`.
-    pub fn predict(&self, beta: ArrayView1<'_, f64>) -> Array1<f64> {
+    ///
+    /// # Errors
+    /// A `beta` whose length is not the number of features.
+    pub fn predict(&self, beta: ArrayView1<'_, f64>) -> Result<Array1<f64>> {
+        if beta.len() != self.p {
+            return Err(Error::shapes(
+                "LassoModel::predict",
+                &[beta.len()],
+                &[self.p],
+                "beta must have one entry per feature",
+            ));
+        }
+        Ok(self.predict_unchecked(beta))
+    }
+
+    /// `X beta` for a `beta` of length `p` (checked by the callers).
+    fn predict_unchecked(&self, beta: ArrayView1<'_, f64>) -> Array1<f64> {
         let mut out = Array1::zeros(self.n);
         let o = out.as_slice_mut().expect("contiguous");
         for (j, &b) in beta.iter().enumerate() {
@@ -429,7 +456,7 @@ impl LassoModel {
             let mut v = vec![1.0 / (self.p as f64).sqrt(); self.p];
             let mut est = 0.0;
             for _ in 0..100 {
-                let xv = self.predict(ArrayView1::from(&v[..]));
+                let xv = self.predict_unchecked(ArrayView1::from(&v[..]));
                 let g = self.correlations(xv.as_slice().expect("contiguous"));
                 let norm = g.iter().map(|a| a * a).sum::<f64>().sqrt();
                 if norm == 0.0 {

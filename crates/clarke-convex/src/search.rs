@@ -186,7 +186,7 @@ pub fn gradient_search(
         }
     }
     let mut theta = clamp(start_log);
-    let mut pen = init.from_log_like(theta.view());
+    let mut pen = init.from_log_like(theta.view())?;
     let mut fit = solve(model, &pen, start_fit.as_ref().map(|f| f.beta.view()), &options.cd)?.into_result()?;
     solves += 1;
     let mut hg = hypergradient(model, &fit, criterion, options.method, &options.hypergrad)?;
@@ -233,7 +233,7 @@ pub fn gradient_search(
                     if norm(&d) < options.tol {
                         break;
                     }
-                    let cpen = init.from_log_like(cand.view());
+                    let cpen = init.from_log_like(cand.view())?;
                     let cfit = solve(model, &cpen, Some(fit.beta.view()), &options.cd)?.into_result()?;
                     solves += 1;
                     let cval = criterion.value(cfit.beta.view())?;
@@ -266,7 +266,7 @@ pub fn gradient_search(
                 let vhat = &v / (1.0 - b2.powi(k));
                 let step = &mhat / &(vhat.mapv(f64::sqrt) + 1e-8) * lr;
                 let cand = clamp(&theta - &step);
-                let cpen = init.from_log_like(cand.view());
+                let cpen = init.from_log_like(cand.view())?;
                 let cfit = solve(model, &cpen, Some(fit.beta.view()), &options.cd)?.into_result()?;
                 solves += 1;
                 let cval = criterion.value(cfit.beta.view())?;
@@ -276,7 +276,7 @@ pub fn gradient_search(
         let moved = norm(&(&next_theta - &theta));
         let improvement = hg.value - next_value;
         let theta_before = std::mem::replace(&mut theta, next_theta);
-        pen = init.from_log_like(theta.view());
+        pen = init.from_log_like(theta.view())?;
         fit = next_fit;
         let previous_theta = theta_before;
         hg = hypergradient(model, &fit, criterion, options.method, &options.hypergrad)?;

@@ -158,7 +158,7 @@ fn central_difference(model: &LassoModel, crit: &ValidationMse, pen: &Penalty, i
     let eval = |delta: f64| {
         let mut theta = pen.log();
         theta[index] += delta;
-        let p = pen.from_log_like(theta.view());
+        let p = pen.from_log_like(theta.view()).unwrap();
         let f = solve(model, &p, None, &tight()).unwrap();
         assert!(f.gap <= 1e-12, "gap {}", f.gap);
         crit.value(f.beta.view()).unwrap()
@@ -391,6 +391,18 @@ fn bad_input_mismatched_lengths() {
         let e = hypergradient(&model, &fit, &narrow, method, &HypergradOptions::default()).unwrap_err();
         assert!(matches!(e, Error::ShapeMismatch { .. }), "{method}: {e}");
     }
+    // Vectors of another length to the model's helpers: errors, not index panics.
+    let e = model.predict(array![1.0, 2.0, 3.0].view()).unwrap_err();
+    assert!(e.to_string().contains("LassoModel::predict"), "{e}");
+    assert_eq!(model.predict(array![0.0, 0.0].view()).unwrap().len(), model.n());
+    let e = Penalty::Uniform(1.0)
+        .from_log_like(ndarray::Array1::<f64>::zeros(0).view())
+        .unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+    let e = Penalty::PerFeature(array![1.0, 1.0])
+        .from_log_like(array![0.0].view())
+        .unwrap_err();
+    assert!(e.to_string().contains("one entry per hyperparameter"), "{e}");
     let e = narrow.value(fit.beta.view()).unwrap_err();
     assert!(e.to_string().contains("one entry per validation feature"), "{e}");
     assert!(narrow.gradient(array![0.5].view()).is_ok());
