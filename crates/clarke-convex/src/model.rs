@@ -286,7 +286,7 @@ impl LassoModel {
 
     /// The generalised residual `rho = -dl/dm` from `r = y - X beta`: `r` itself for the
     /// squared loss, `y - sigmoid(y - r)` for the logistic loss.
-    pub fn generalized_residual(&self, r: &[f64]) -> Vec<f64> {
+    pub(crate) fn generalized_residual(&self, r: &[f64]) -> Vec<f64> {
         match self.loss {
             Loss::Squared => r.to_vec(),
             Loss::Logistic => self.y.iter().zip(r).map(|(&y, &ri)| y - sigmoid(y - ri)).collect(),
@@ -295,7 +295,7 @@ impl LassoModel {
 
     /// The curvature `d^2 l / dm^2` at every row from `r = y - X beta` (1, or
     /// `sigmoid (1 - sigmoid)`).
-    pub fn curvature(&self, r: &[f64]) -> Vec<f64> {
+    pub(crate) fn curvature(&self, r: &[f64]) -> Vec<f64> {
         match self.loss {
             Loss::Squared => vec![1.0; r.len()],
             Loss::Logistic => self
@@ -311,7 +311,7 @@ impl LassoModel {
     }
 
     /// The data-fit term `w sum_i l(y_i, m_i)` from `r = y - X beta`.
-    pub fn datafit(&self, r: &[f64]) -> f64 {
+    pub(crate) fn datafit(&self, r: &[f64]) -> f64 {
         let w = self.weight();
         match self.loss {
             Loss::Squared => 0.5 * w * dot(r, r),
@@ -382,12 +382,12 @@ impl LassoModel {
     }
     /// Column `j` of `X`.
     #[inline]
-    pub fn col(&self, j: usize) -> &[f64] {
+    pub(crate) fn col(&self, j: usize) -> &[f64] {
         &self.cols[j * self.n..(j + 1) * self.n]
     }
     /// `||x_j||^2`.
     #[inline]
-    pub fn col_sq(&self, j: usize) -> f64 {
+    pub(crate) fn col_sq(&self, j: usize) -> f64 {
         self.col_sq[j]
     }
     /// `X` as an owned row-major matrix (for tape-based methods).
@@ -424,7 +424,7 @@ impl LassoModel {
     }
 
     /// `w X^T v` for every column (parallel over columns for large `X`).
-    pub fn correlations(&self, v: &[f64]) -> Array1<f64> {
+    pub(crate) fn correlations(&self, v: &[f64]) -> Array1<f64> {
         let w = self.weight();
         let n = self.n;
         let mut out = vec![0.0; self.p];
@@ -474,19 +474,25 @@ impl LassoModel {
         })
     }
 
-    /// The objective `P(beta)` from `beta` and its residual `y - X beta`.
-    pub fn objective(&self, beta: ArrayView1<'_, f64>, residual: &[f64], penalty: &Penalty) -> f64 {
-        let fit = self.datafit(residual);
+    /// The objective `P(beta)` of the penalised problem.
+    ///
+    /// # Errors
+    /// A `beta` or a penalty of another length than the features, or a penalty that is not
+    /// finite and positive.
+    pub fn objective(&self, beta: ArrayView1<'_, f64>, penalty: &Penalty) -> Result<f64> {
+        penalty.validate("LassoModel::objective", self.p)?;
+        let residual = &self.y - &self.predict(beta)?;
+        let fit = self.datafit(residual.as_slice().expect("contiguous"));
         let l1: f64 = beta.iter().enumerate().map(|(j, b)| penalty.at(j) * b.abs()).sum();
         let l2 = 0.5 * self.l2 * beta.iter().map(|b| b * b).sum::<f64>();
-        fit + l1 + l2
+        Ok(fit + l1 + l2)
     }
 }
 
 /// `sum a_i b_i` with eight accumulators (vectorises; the rounding differs from a serial
 /// sum only in the last bits).
 #[inline]
-pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
     let mut acc = [0.0f64; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
@@ -504,7 +510,7 @@ pub fn dot(a: &[f64], b: &[f64]) -> f64 {
 
 /// `y += a x`.
 #[inline]
-pub fn axpy(a: f64, x: &[f64], y: &mut [f64]) {
+pub(crate) fn axpy(a: f64, x: &[f64], y: &mut [f64]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += a * xi;
     }

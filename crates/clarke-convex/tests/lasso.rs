@@ -395,6 +395,15 @@ fn bad_input_mismatched_lengths() {
     let e = model.predict(array![1.0, 2.0, 3.0].view()).unwrap_err();
     assert!(e.to_string().contains("LassoModel::predict"), "{e}");
     assert_eq!(model.predict(array![0.0, 0.0].view()).unwrap().len(), model.n());
+    let at_fit = model.objective(fit.beta.view(), &Penalty::Uniform(0.1)).unwrap();
+    let at_zero = model
+        .objective(array![0.0, 0.0].view(), &Penalty::Uniform(0.1))
+        .unwrap();
+    assert!(at_fit < at_zero, "the fit minimises P: {at_fit} vs {at_zero} at zero");
+    let e = model.objective(array![1.0].view(), &Penalty::Uniform(0.1)).unwrap_err();
+    assert!(e.to_string().contains("LassoModel::predict"), "{e}");
+    let e = model.objective(fit.beta.view(), &Penalty::Uniform(-1.0)).unwrap_err();
+    assert!(e.to_string().contains("LassoModel::objective"), "{e}");
     let e = Penalty::Uniform(1.0)
         .from_log_like(ndarray::Array1::<f64>::zeros(0).view())
         .unwrap_err();
