@@ -678,7 +678,7 @@ fn train_run<S: Scalar>(
                 if let Some(report) = layer.log.last() {
                     checks.add(&report);
                     if first_uncertified.is_none() {
-                        if let Some((i, check)) = &report.first_uncertified {
+                        if let Some((i, check)) = report.first_uncertified() {
                             first_uncertified = Some(format!("epoch {epoch}, batch {n_batches}, sample {i}: {check}"));
                         }
                     }

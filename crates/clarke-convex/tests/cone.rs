@@ -647,7 +647,7 @@ fn the_tape_node_refuses_on_the_degenerate_line_and_names_the_sample() {
     }
     let report = out.log.last().unwrap();
     assert_eq!((report.certified, report.violated), (2, 1));
-    let (sample, check) = report.first_uncertified.unwrap();
+    let (sample, check) = report.first_uncertified().unwrap();
     assert_eq!(sample, 1);
     assert_eq!(check.outcome(), CheckOutcome::Violated);
     assert!(check.check.sigma_min.unwrap() < 1e-12);
@@ -746,7 +746,7 @@ fn a_constant_quadratic_term_and_the_margins_in_the_log() {
         margins[0] < 1e-9 && (margins[1] - 2.0).abs() < 1e-9 && (margins[2] - 1.5).abs() < 1e-9,
         "{margins:?}"
     );
-    let (sample, low) = report.min_margin.unwrap();
+    let (sample, low) = report.min_margin().unwrap();
     assert_eq!(sample, 0);
     assert!(!low.strict, "{low:?}");
 }

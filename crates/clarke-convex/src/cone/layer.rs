@@ -88,14 +88,37 @@ pub struct ConicBackwardReport {
     pub kinks: usize,
     /// Smallest `sigma_min(M)` over the samples (dense check).
     pub min_sigma: Option<f64>,
-    /// The smallest strict-complementarity margin over every cone of every sample, with its
-    /// sample: how close the solution came to a kink of the projection.
-    pub min_margin: Option<(usize, ConeMargin)>,
-    /// The check of the first sample that was not certified, with its index.
-    pub first_uncertified: Option<(usize, ConicCheck)>,
     /// Every sample's check (margins per cone, boundaries, singular values, verdict),
     /// indexed by sample; `None` for a sample whose derivative failed before its check.
     pub checks: Vec<Option<ConicCheck>>,
+}
+
+impl ConicBackwardReport {
+    /// The check of the first sample that was not certified, with its index.
+    pub fn first_uncertified(&self) -> Option<(usize, &ConicCheck)> {
+        self.sample_checks()
+            .find(|(_, c)| c.outcome() != CheckOutcome::Certified)
+    }
+
+    /// The smallest strict-complementarity margin over every cone of every sample, with its
+    /// sample: how close the solution came to a kink of the projection (the first sample on
+    /// a tie).
+    pub fn min_margin(&self) -> Option<(usize, &ConeMargin)> {
+        self.sample_checks()
+            .flat_map(|(i, c)| c.margins.iter().map(move |m| (i, m)))
+            .fold(None, |low: Option<(usize, &ConeMargin)>, (i, m)| match low {
+                Some((_, l)) if l.margin <= m.margin => low,
+                _ => Some((i, m)),
+            })
+    }
+
+    /// The samples that have a check, with their index.
+    fn sample_checks(&self) -> impl Iterator<Item = (usize, &ConicCheck)> {
+        self.checks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
+    }
 }
 
 /// Reports of every backward pass through a layer, shared with the tape node.
@@ -409,8 +432,6 @@ fn layer<'t, S: Scalar>(
             not_checked: 0,
             kinks: 0,
             min_sigma: None,
-            min_margin: None,
-            first_uncertified: None,
             checks: vec![None; samples],
         };
         let mut grads = Vec::with_capacity(samples);
@@ -476,19 +497,7 @@ fn layer<'t, S: Scalar>(
                     if let Some(sm) = check.check.sigma_min {
                         report.min_sigma = Some(report.min_sigma.map_or(sm, |a: f64| a.min(sm)));
                     }
-                    for margin in &check.margins {
-                        if report
-                            .min_margin
-                            .as_ref()
-                            .is_none_or(|(_, low)| margin.margin < low.margin)
-                        {
-                            report.min_margin = Some((i, margin.clone()));
-                        }
-                    }
-                    report.checks[i] = Some(check.clone());
-                    if check.outcome() != CheckOutcome::Certified && report.first_uncertified.is_none() {
-                        report.first_uncertified = Some((i, check));
-                    }
+                    report.checks[i] = Some(check);
                     grads.extend(gr);
                 }
                 Err(e) => {
