@@ -32,11 +32,11 @@ use std::collections::BTreeMap;
 use std::hint::black_box;
 
 use clarke::convex::cone::{
-    qp, quadratic_cone_program, solve, Cone, ConeDerivative, ConeProgram, ConeSolution, Cones, ConicLayerOptions,
-    DerivativeOptions, SolutionDirection, SolverOptions,
+    Cone, ConeDerivative, ConeProgram, ConeSolution, Cones, ConicLayerOptions, DerivativeOptions, SolutionDirection,
+    SolverOptions, qp, quadratic_cone_program, solve,
 };
 use clarke::core::Tape;
-use criterion::{criterion_group, BenchmarkId, Criterion};
+use criterion::{BenchmarkId, Criterion, criterion_group};
 use ndarray::{Array1, Array2};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

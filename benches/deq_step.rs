@@ -15,12 +15,12 @@
 
 use std::hint::black_box;
 
-use clarke::core::gemm::gemm;
 use clarke::core::Tape;
+use clarke::core::gemm::gemm;
 use clarke::implicit::GradientMode;
 use clarke::nn::deq::{DeqConfig, DeqLayer, Parametrization};
 use clarke::nn::{Linear, ParamSet};
-use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use ndarray::{Array1, Array2, Axis};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

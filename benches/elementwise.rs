@@ -8,9 +8,9 @@
 
 use std::hint::black_box;
 
-use clarke::core::kernels::PARALLEL_ELEMENTS;
 use clarke::core::Tape;
-use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
+use clarke::core::kernels::PARALLEL_ELEMENTS;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use ndarray::{ArrayD, IxDyn, Zip};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

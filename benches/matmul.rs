@@ -3,9 +3,9 @@
 
 use std::hint::black_box;
 
-use clarke::core::gemm::gemm;
 use clarke::core::Tape;
-use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
+use clarke::core::gemm::gemm;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use ndarray::{Array2, ArrayD};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

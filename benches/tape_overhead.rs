@@ -8,7 +8,7 @@
 use std::hint::black_box;
 
 use clarke::core::{Tape, Var};
-use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use ndarray::arr1;
 
 /// Records the chain on `tape`; returns the parameter `w` and the scalar output.

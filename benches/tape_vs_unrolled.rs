@@ -13,7 +13,7 @@ use clarke::core::gemm::gemm;
 use clarke::core::{Result, Tape, Var};
 use clarke::implicit::{AdjointSolver, CheckOptions, ForwardSolver, GradientMode, ImplicitLayer, ImplicitOptions};
 use clarke::solve::SolveOptions;
-use criterion::{criterion_group, BenchmarkId, Criterion};
+use criterion::{BenchmarkId, Criterion, criterion_group};
 use ndarray::{Array1, Array2, ArrayD};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

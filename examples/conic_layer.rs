@@ -53,16 +53,16 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use clarke::convex::cone::{
-    quadratic_cone_program, simplex_projection, ConeSolution, Cones, ConicBackwardReport, ConicLayer, ConicLayerOptions,
+    ConeSolution, Cones, ConicBackwardReport, ConicLayer, ConicLayerOptions, quadratic_cone_program, simplex_projection,
 };
 use clarke::convex::project::project_simplex;
 use clarke::core::{KinkPolicy, Result, Scalar, Tape, Var};
-use clarke::nn::data::{batches, Dataset, Scaler};
+use clarke::nn::data::{Dataset, Scaler, batches};
 use clarke::nn::optim::{Adam, Optimizer, Schedule};
-use clarke::nn::plot::{save_png, Mark, Panel};
-use clarke::nn::train::{accuracy, EpochRecord, History, Progress};
+use clarke::nn::plot::{Mark, Panel, save_png};
+use clarke::nn::train::{EpochRecord, History, Progress, accuracy};
 use clarke::nn::{Bound, Linear, ParamSet};
-use ndarray::{concatenate, Array1, Array2, ArrayD, ArrayView2, Axis, Ix2};
+use ndarray::{Array1, Array2, ArrayD, ArrayView2, Axis, Ix2, concatenate};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
@@ -486,7 +486,11 @@ fn run<S: Scalar>(args: &Args) -> std::result::Result<bool, Box<dyn std::error::
         "conic_layer: {} train / {} test rows, 64 -> {} -> 10, {} parameters, QP with n = {}, m = {} per sample, kink policy {}, {}",
         train.len(),
         test.len(),
-        if args.hidden == 0 { "(none)".to_string() } else { args.hidden.to_string() },
+        if args.hidden == 0 {
+            "(none)".to_string()
+        } else {
+            args.hidden.to_string()
+        },
         params.num_scalars(),
         CLASSES,
         qp.cones.dim(),
@@ -498,7 +502,11 @@ fn run<S: Scalar>(args: &Args) -> std::result::Result<bool, Box<dyn std::error::
     let (verification, at_kinks) = verify(&qp, &policy, &net, &params, &data_s, args.seed)?;
     eprintln!(
         "verification on {} rows ({} kinks within tolerance): max |p_qp - p_closed| = {:.2e}, max |grad_qp - grad_closed| = {:.2e} (squared loss), {:.2e} (sparsemax loss)",
-        verification.rows, verification.kinks, verification.value, verification.grad_squared, verification.grad_sparsemax
+        verification.rows,
+        verification.kinks,
+        verification.value,
+        verification.grad_squared,
+        verification.grad_sparsemax
     );
     eprintln!(
         "on {} score vectors on kinks ({} kinks within tolerance): max |p_qp - p_closed| = {:.2e}, max |grad_qp - grad_closed| = {:.2e} (squared loss), {:.2e} (sparsemax loss)",
@@ -793,11 +801,7 @@ impl Comparison {
 
 /// The larger of two numbers, NaN when either is.
 fn nan_max(a: f64, b: f64) -> f64 {
-    if a.is_nan() || b.is_nan() {
-        f64::NAN
-    } else {
-        a.max(b)
-    }
+    if a.is_nan() || b.is_nan() { f64::NAN } else { a.max(b) }
 }
 
 /// The QP layer against the closed form: on the untrained network's scores of the first 64

@@ -21,13 +21,13 @@
 use std::time::Instant;
 
 use clap::Parser;
-use clarke::convex::cd::{solve, CdOptions};
-use clarke::convex::data::{read_csv, split_centred, synthetic, Split};
-use clarke::convex::hypergrad::{hypergradient, HypergradOptions, Method, ValidationMse};
+use clarke::convex::cd::{CdOptions, solve};
+use clarke::convex::data::{Split, read_csv, split_centred, synthetic};
+use clarke::convex::hypergrad::{HypergradOptions, Method, ValidationMse, hypergradient};
 use clarke::convex::model::{LassoModel, Penalty};
-use clarke::convex::search::{geometric_grid, gradient_search, grid_search, SearchOptions, Stepper};
+use clarke::convex::search::{SearchOptions, Stepper, geometric_grid, gradient_search, grid_search};
 use clarke::core::KinkPolicy;
-use clarke::nn::plot::{save_png, Panel};
+use clarke::nn::plot::{Panel, save_png};
 use ndarray::Array1;
 use serde_json::json;
 
@@ -190,7 +190,11 @@ fn run(args: &Args) -> Result<(), clarke::core::Error> {
             check.kinks.len(),
             check.sigma_min,
             secs.join("/"),
-            if notes.is_empty() { String::new() } else { format!("; {}", notes.join("; ")) }
+            if notes.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", notes.join("; "))
+            }
         );
         table.push(json!({
             "f": f,
@@ -285,10 +289,22 @@ fn run(args: &Args) -> Result<(), clarke::core::Error> {
     let search = gradient_search(&model, &val, &make_penalty(lmax / 10.0), &options)?;
     eprintln!(
         "search ({}, from {}): best validation loss {:.6e} at lambda {:.4e}, {} steps, {} solves, {} hypergradients, {:.3} s; {}",
-        if args.weighted { "Adam on log lambda_j" } else { "secant/BB steps with backtracking on log lambda" },
-        if args.coarse > 0 { format!("the best of a {}-point coarse grid", args.coarse) } else { "lambda_max/10".to_string() },
+        if args.weighted {
+            "Adam on log lambda_j"
+        } else {
+            "secant/BB steps with backtracking on log lambda"
+        },
+        if args.coarse > 0 {
+            format!("the best of a {}-point coarse grid", args.coarse)
+        } else {
+            "lambda_max/10".to_string()
+        },
         search.best_value,
-        search.path.iter().min_by(|a, b| a.value.total_cmp(&b.value)).map_or(f64::NAN, |s| s.lambda),
+        search
+            .path
+            .iter()
+            .min_by(|a, b| a.value.total_cmp(&b.value))
+            .map_or(f64::NAN, |s| s.lambda),
         search.path.len() - 1,
         search.solves,
         search.hypergradients,

@@ -20,8 +20,8 @@
 use clap::Parser;
 use clarke::core::{Error, Result, Tape, Var};
 use clarke::implicit::{AdjointSolver, CheckOutcome, GradientMode, ImplicitLayer, ImplicitOptions};
-use clarke::nn::plot::{save_png, Panel};
-use ndarray::{arr1, Array1, ArrayD};
+use clarke::nn::plot::{Panel, save_png};
+use ndarray::{Array1, ArrayD, arr1};
 use serde_json::json;
 
 #[derive(Parser, Debug)]

@@ -44,16 +44,16 @@ use std::time::Instant;
 
 use clap::Parser;
 use clarke::convex::cone::{
-    cone_program, Cone, ConeSolution, Cones, ConicBackwardReport, ConicLayerOptions, DerivativeOptions, SolverOptions,
+    Cone, ConeSolution, Cones, ConicBackwardReport, ConicLayerOptions, DerivativeOptions, SolverOptions, cone_program,
 };
 use clarke::core::{Error, Result, Tape};
 use clarke::implicit::CheckOutcome;
-use clarke::nn::plot::{save_png, Panel};
-use ndarray::{arr1, arr2, Array1, Array2};
+use clarke::nn::plot::{Panel, save_png};
+use ndarray::{Array1, Array2, arr1, arr2};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 #[derive(Parser, Debug)]
 #[command(about = "Gradient descent through a degenerate LP layer: a limit cycle across the line c = 0")]
@@ -264,11 +264,7 @@ fn dist(a: [f64; 2], b: [f64; 2]) -> f64 {
 
 /// The exact solution map: `(3, 5)` above the line, `(0, 0)` below.
 fn vertex(p: [f64; 2]) -> [f64; 2] {
-    if c_of(p) > 0.0 {
-        [3.0, 5.0]
-    } else {
-        [0.0, 0.0]
-    }
+    if c_of(p) > 0.0 { [3.0, 5.0] } else { [0.0, 0.0] }
 }
 
 /// The loss on the exact solution map.
@@ -356,8 +352,12 @@ struct SweepRow {
 fn sweep(lp_box: &BoxLp, base: [f64; 2], tolerance: f64, k_max: i32) -> Result<Vec<SweepRow>> {
     let normal = [-2.0 / 5f64.sqrt(), 1.0 / 5f64.sqrt()];
     let (on_opts, off_opts) = (layer_options(true, tolerance), layer_options(false, tolerance));
-    eprintln!("\n  solver tolerance {tolerance:.0e}: points at distance 10^-k from (1, 0) along the normal (c = +-sqrt(5) 10^-k)");
-    eprintln!("    side   k  c           s returned               ADMM  refinement  check on   sigma_min(M)  kinks  gradient, check off");
+    eprintln!(
+        "\n  solver tolerance {tolerance:.0e}: points at distance 10^-k from (1, 0) along the normal (c = +-sqrt(5) 10^-k)"
+    );
+    eprintln!(
+        "    side   k  c           s returned               ADMM  refinement  check on   sigma_min(M)  kinks  gradient, check off"
+    );
     let mut rows = Vec::new();
     for k in 1..=k_max {
         let d = 10f64.powi(-k);
@@ -588,7 +588,9 @@ fn run(args: &Args) -> std::result::Result<(), Box<dyn std::error::Error>> {
         let points: Vec<[f64; 2]> = (0..starts)
             .map(|_| [rng.random_range(-10.0..10.0), rng.random_range(-10.0..10.0)])
             .collect();
-        eprintln!("\n  {starts} random starts in [-10, 10]^2, {SCAN_ITERATIONS} iterations each (layer / exact solution map):");
+        eprintln!(
+            "\n  {starts} random starts in [-10, 10]^2, {SCAN_ITERATIONS} iterations each (layer / exact solution map):"
+        );
         eprintln!("    step   to (3, 5)   cycles      other     period: runs          agree");
         for step in [0.2, 0.23, 0.24, 0.245] {
             let endings: Vec<(Ending, Ending)> = points

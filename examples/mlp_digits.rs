@@ -155,7 +155,7 @@ impl<S: Scalar> Mlp<S> {
         let correct = h
             .axis_iter(Axis(0))
             .zip(y)
-            .filter(|(row, &label)| {
+            .filter(|&(ref row, &label)| {
                 let best = row
                     .iter()
                     .enumerate()

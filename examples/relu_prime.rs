@@ -24,9 +24,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use clarke::core::{BackwardOptions, KinkPolicy, Result, Scalar, Tape};
-use clarke::nn::data::{batches, Dataset, Scaler};
+use clarke::nn::data::{Dataset, Scaler, batches};
 use clarke::nn::optim::{Optimizer, Schedule, Sgd};
-use clarke::nn::plot::{save_png, Panel};
+use clarke::nn::plot::{Panel, save_png};
 use clarke::nn::train::accuracy;
 use clarke::nn::{Linear, ParamSet};
 use ndarray::{Array2, ArrayD, Axis, Ix2};

@@ -24,13 +24,13 @@
 use clap::Parser;
 use clarke::core::{Error, KinkPolicy, Result, Tape};
 use clarke::implicit::{AdjointSolver, GradientMode};
-use clarke::nn::data::{batches, Dataset, Scaler};
+use clarke::nn::data::{Dataset, Scaler, batches};
 use clarke::nn::deq::{DeqConfig, DeqLayer, Parametrization};
 use clarke::nn::optim::{Adam, Optimizer, Schedule};
-use clarke::nn::plot::{save_png, Panel};
+use clarke::nn::plot::{Panel, save_png};
 use clarke::nn::train::accuracy;
 use clarke::nn::{Linear, ParamSet};
-use ndarray::{s, Array2, Axis, Ix2};
+use ndarray::{Array2, Axis, Ix2, s};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;

@@ -16,7 +16,7 @@
 
 use clap::Parser;
 use clarke::core::{BackwardOptions, KinkPolicy, Result, Scalar, Tape, Var};
-use clarke::nn::plot::{save_png, Panel};
+use clarke::nn::plot::{Panel, save_png};
 use ndarray::arr0;
 use serde_json::json;
 

@@ -18,7 +18,7 @@ use std::time::Instant;
 use clarke_core::{Error, Result};
 use ndarray::{Array1, ArrayView1};
 
-use crate::model::{axpy, dot, sigmoid, LassoModel, Loss, Penalty};
+use crate::model::{LassoModel, Loss, Penalty, axpy, dot, sigmoid};
 
 /// Options of [`solve`].
 #[derive(Debug, Clone, PartialEq)]

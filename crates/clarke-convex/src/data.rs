@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use clarke_core::{Error, Result};
-use ndarray::{s, Array1, Array2, Axis};
+use ndarray::{Array1, Array2, Axis, s};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};

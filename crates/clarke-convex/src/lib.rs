@@ -50,8 +50,8 @@ pub mod project;
 pub mod prox;
 pub mod search;
 
-pub use cd::{solve, CdOptions, Fit, FitStatus};
-pub use hypergrad::{hypergradient, Criterion, HypergradOptions, Hypergradient, Method, SupportCheck, ValidationMse};
+pub use cd::{CdOptions, Fit, FitStatus, solve};
+pub use hypergrad::{Criterion, HypergradOptions, Hypergradient, Method, SupportCheck, ValidationMse, hypergradient};
 pub use kinks::{KinkSite, Prox};
 pub use model::{LassoModel, Loss, LossScale, Penalty};
-pub use search::{geometric_grid, gradient_search, grid_search, SearchOptions, Stepper};
+pub use search::{SearchOptions, Stepper, geometric_grid, gradient_search, grid_search};

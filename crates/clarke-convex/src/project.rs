@@ -13,7 +13,7 @@
 use clarke_core::{Error, Result, Scalar, Var};
 use ndarray::{ArrayD, IxDyn};
 
-use crate::kinks::{declare, resolve, KinkSite, Prox, SiteKind};
+use crate::kinks::{KinkSite, Prox, SiteKind, declare, resolve};
 use crate::prox::check_finite;
 
 /// Clamps every element to `[lo, hi]` (the projection onto a box). The derivative at a

@@ -20,7 +20,7 @@ use std::ops::Range;
 use clarke_core::{Error, Result, Scalar, Var};
 use ndarray::{ArrayD, IxDyn};
 
-use crate::kinks::{declare, resolve, KinkSite, Prox, SiteKind};
+use crate::kinks::{KinkSite, Prox, SiteKind, declare, resolve};
 
 /// `S_lambda(u) = sign(u) max(|u| - lambda, 0)` elementwise, in f64 (for solvers).
 #[inline]

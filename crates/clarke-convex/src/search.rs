@@ -12,8 +12,8 @@ use std::time::Instant;
 use clarke_core::{Error, Result};
 use ndarray::Array1;
 
-use crate::cd::{solve, CdOptions, Fit};
-use crate::hypergrad::{hypergradient, Criterion, HypergradOptions, Method};
+use crate::cd::{CdOptions, Fit, solve};
+use crate::hypergrad::{Criterion, HypergradOptions, Method, hypergradient};
 use crate::model::{LassoModel, Penalty};
 
 /// How [`gradient_search`] steps.

@@ -6,7 +6,7 @@ use clarke_convex::cone::*;
 use clarke_core::{BackwardOptions, Error, KinkPolicy, Tape};
 use clarke_implicit::CheckOutcome;
 use clarke_solve::SolveOptions;
-use ndarray::{array, s, Array1, Array2, ArrayD, Axis};
+use ndarray::{Array1, Array2, ArrayD, Axis, array, s};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;

@@ -2,15 +2,15 @@
 //! hypergradients against finite differences and against each other; kinks per policy;
 //! bad input.
 
-use clarke_convex::cd::{solve, CdOptions};
+use clarke_convex::cd::{CdOptions, solve};
 use clarke_convex::data::synthetic;
 use clarke_convex::hypergrad::unrolled::ista_forward;
-use clarke_convex::hypergrad::{hypergradient, Criterion, HypergradOptions, Method, ValidationMse};
+use clarke_convex::hypergrad::{Criterion, HypergradOptions, Method, ValidationMse, hypergradient};
 use clarke_convex::model::{LassoModel, LossScale, Penalty};
-use clarke_convex::search::{geometric_grid, gradient_search, grid_search, SearchOptions, Stepper};
+use clarke_convex::search::{SearchOptions, Stepper, geometric_grid, gradient_search, grid_search};
 use clarke_core::{Error, KinkPolicy};
 use clarke_implicit::CheckOutcome;
-use ndarray::{array, Array1, Array2, ArrayView1};
+use ndarray::{Array1, Array2, ArrayView1, array};
 
 fn tight() -> CdOptions {
     CdOptions::default().with_tol(1e-15).with_max_epochs(1_000_000)

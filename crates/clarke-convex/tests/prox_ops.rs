@@ -3,8 +3,8 @@
 
 use clarke_convex::project::{project_box, project_l1_ball, project_nonneg, project_simplex};
 use clarke_convex::prox::{group_soft_threshold, soft_threshold};
-use clarke_core::{gradcheck, BackwardOptions, Error, GradcheckOptions, KinkPolicy, Tape};
-use ndarray::{arr0, arr1, ArrayD};
+use clarke_core::{BackwardOptions, Error, GradcheckOptions, KinkPolicy, Tape, gradcheck};
+use ndarray::{ArrayD, arr0, arr1};
 
 fn a1(v: &[f64]) -> ArrayD<f64> {
     arr1(v).into_dyn()

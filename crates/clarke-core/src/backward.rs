@@ -8,8 +8,8 @@ use crate::grads::Grads;
 use crate::kernels::add_into;
 use crate::ledger::KinkLedger;
 use crate::op::{Ctx, InputValues, Op};
-use crate::policy::{check_selection, KinkPolicy};
-use crate::tape::{first_non_finite, Tape};
+use crate::policy::{KinkPolicy, check_selection};
+use crate::tape::{Tape, first_non_finite};
 use crate::var::Var;
 use crate::{Error, Result, Scalar, Stage};
 
@@ -230,13 +230,13 @@ impl<S: Scalar> Tape<S> {
                     s.shape(),
                     out_shape,
                     "the seed must have the output's shape",
-                ))
+                ));
             }
             None if nodes[out_id].value.len() == 1 => ArrayD::ones(nodes[out_id].value.raw_dim()),
             None => {
                 return Err(Error::NonScalarOutput {
                     shape: out_shape.to_vec(),
-                })
+                });
             }
         };
 

@@ -57,7 +57,9 @@ pub enum Error {
         node: usize,
     },
     /// `backward` was called on a non-scalar output without an explicit seed.
-    #[error("backward: output has shape {shape:?}; backward without a seed needs a scalar (one element) output, or pass a seed of that shape")]
+    #[error(
+        "backward: output has shape {shape:?}; backward without a seed needs a scalar (one element) output, or pass a seed of that shape"
+    )]
     NonScalarOutput {
         /// Shape of the output.
         shape: Vec<usize>,
@@ -78,7 +80,9 @@ pub enum Error {
         hint: &'static str,
     },
     /// A NaN or an infinity appeared (reported in anomaly mode, and by solvers and checks).
-    #[error("{stage}: node {node} ({op}) produced {count} non-finite value(s), first {value} at flat index {index}; its inputs were finite")]
+    #[error(
+        "{stage}: node {node} ({op}) produced {count} non-finite value(s), first {value} at flat index {index}; its inputs were finite"
+    )]
     NonFinite {
         /// Forward or backward.
         stage: Stage,
@@ -155,7 +159,9 @@ pub enum Error {
         source: Box<Error>,
     },
     /// A finite-difference check would difference across a kink and refuses.
-    #[error("gradcheck: refusing to difference across a kink: node {node} ({op}) changes branch when input {input} element {element} moves by ±{step:e}; check a point away from the kink or test the kink value exactly")]
+    #[error(
+        "gradcheck: refusing to difference across a kink: node {node} ({op}) changes branch when input {input} element {element} moves by ±{step:e}; check a point away from the kink or test the kink value exactly"
+    )]
     KinkInFiniteDifference {
         /// The nonsmooth node whose branch changes.
         node: usize,
@@ -169,7 +175,9 @@ pub enum Error {
         step: f64,
     },
     /// A gradient check found a mismatch.
-    #[error("gradcheck: input {input} element {element}: analytic {analytic:e} vs numeric {numeric:e} (abs err {abs_err:e}, rel err {rel_err:e})")]
+    #[error(
+        "gradcheck: input {input} element {element}: analytic {analytic:e} vs numeric {numeric:e} (abs err {abs_err:e}, rel err {rel_err:e})"
+    )]
     GradientMismatch {
         /// Which input.
         input: usize,

@@ -46,7 +46,7 @@ pub mod var;
 pub use backward::{BackwardOptions, ElementSelection};
 pub use custom::{CustomOp, VjpContext};
 pub use error::{Error, Result, Stage};
-pub use gradcheck::{gradcheck, gradcheck_direction, GradcheckOptions, GradcheckReport};
+pub use gradcheck::{GradcheckOptions, GradcheckReport, gradcheck, gradcheck_direction};
 pub use grads::Grads;
 pub use ledger::{KinkLedger, KinkRecord, KinkScan, Selection};
 pub use policy::{KinkPolicy, TieRule};

@@ -15,11 +15,7 @@ use crate::Scalar;
 /// 1 if `c`, else 0, without a branch (kink masks are data dependent and unpredictable).
 #[inline(always)]
 pub fn one_if<S: Scalar>(c: bool) -> S {
-    if c {
-        S::one()
-    } else {
-        S::zero()
-    }
+    if c { S::one() } else { S::zero() }
 }
 
 /// Whether `x` is within `band` of the kink at 0 (false for NaN).
@@ -31,11 +27,7 @@ pub fn at_kink<S: Scalar>(x: S, band: S) -> bool {
 /// `max(x, 0)`, propagating NaN.
 #[inline(always)]
 pub fn relu<S: Scalar>(x: S) -> S {
-    if x < S::zero() {
-        S::zero()
-    } else {
-        x
-    }
+    if x < S::zero() { S::zero() } else { x }
 }
 
 /// relu'(x): 1 above the band, 0 below it, `at` inside it (and 0 for NaN).
@@ -47,11 +39,7 @@ pub fn relu_derivative<S: Scalar>(x: S, at: S, band: S) -> S {
 /// `max(x, alpha x)` for `0 <= alpha < 1`, propagating NaN.
 #[inline(always)]
 pub fn leaky_relu<S: Scalar>(x: S, alpha: S) -> S {
-    if x < S::zero() {
-        alpha * x
-    } else {
-        x
-    }
+    if x < S::zero() { alpha * x } else { x }
 }
 
 /// The derivative the leaky relu's selection `t` in `[0, 1]` means at the kink:
@@ -113,11 +101,7 @@ pub fn max_share<S: Scalar>(a: S, b: S, weight: S, band: S) -> S {
 pub fn soft_threshold<S: Scalar>(u: S, lambda: S) -> S {
     let m = u.abs() - lambda;
     if m > S::zero() {
-        if u > S::zero() {
-            m
-        } else {
-            -m
-        }
+        if u > S::zero() { m } else { -m }
     } else if m.is_nan() {
         m
     } else {

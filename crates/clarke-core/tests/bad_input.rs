@@ -126,7 +126,7 @@ fn panicking_forms_report_the_callers_line() {
     let c = other.param(arr1(&[1.0, 2.0]).into_dyn());
     // Each case is the line it is written on and a closure that panics on that line.
     macro_rules! case {
-        ($e:expr) => {
+        ($e:expr_2021) => {
             (
                 line!(),
                 Box::new(move || {

@@ -2,9 +2,9 @@
 //! kink-aware gradient checks.
 
 use clarke_core::{
-    gradcheck, gradcheck_direction, BackwardOptions, CustomOp, Error, GradcheckOptions, Result, Stage, Tape, Var,
+    BackwardOptions, CustomOp, Error, GradcheckOptions, Result, Stage, Tape, Var, gradcheck, gradcheck_direction,
 };
-use ndarray::{arr0, arr1, arr2, ArrayD, ArrayViewD, IxDyn};
+use ndarray::{ArrayD, ArrayViewD, IxDyn, arr0, arr1, arr2};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

@@ -31,17 +31,17 @@
 //!
 //! `cargo test` runs 64 cases of each property. The ignored `fuzz_100k` runs 100,000 of
 //! each and prints what happened:
-//! `cargo test -p clarke-core --release --test fuzz -- --ignored --nocapture`.
+//! `cargo test -p clarke-core --release --test integration fuzz:: -- --ignored --nocapture`.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Instant;
 
 use clarke_core::{
-    gradcheck, BackwardOptions, ElementSelection, Error, GradcheckOptions, KinkLedger, KinkPolicy, KinkRecord, Result,
-    Scalar, Selection, Tape, TieRule, Var,
+    BackwardOptions, ElementSelection, Error, GradcheckOptions, KinkLedger, KinkPolicy, KinkRecord, Result, Scalar,
+    Selection, Tape, TieRule, Var, gradcheck,
 };
 use ndarray::{ArrayD, Axis, IxDyn};
 use proptest::collection::vec;
@@ -450,11 +450,7 @@ fn apply_ext<'t, S: Scalar>(x: Var<'t, S>, y: Var<'t, S>, max: bool, weight: Opt
 
 /// The axis a reduction code means for rank `nd` (code 3: one past the rank).
 fn reduce_axis(code: u8, nd: usize) -> usize {
-    if code == 3 {
-        nd
-    } else {
-        usize::from(code) % nd.max(1)
-    }
+    if code == 3 { nd } else { usize::from(code) % nd.max(1) }
 }
 
 fn apply_reduce<'t, S: Scalar>(
@@ -554,8 +550,7 @@ fn apply<'t, S: Scalar>(tape: &'t Tape<S>, nodes: &[Var<'t, S>], step: &Step, tr
             a,
         } => {
             let x = pick(nodes, a);
-            let y = apply_reduce(x, max, axis, keep, rule)?;
-            y
+            apply_reduce(x, max, axis, keep, rule)?
         }
         Step::Sum {
             a,
@@ -1500,11 +1495,7 @@ fn check_record(r: &KinkRecord, e: &Expected<impl Scalar>, tolerance: f64, solve
 }
 
 fn maybe_t<S: Scalar>(v: Var<'_, S>, transpose: bool) -> Var<'_, S> {
-    if transpose {
-        v.t()
-    } else {
-        v
-    }
+    if transpose { v.t() } else { v }
 }
 
 fn check_probe<S: Scalar>(p: &Probe, stats: &RefCell<Stats>) -> Check {
@@ -2115,7 +2106,7 @@ fn fuzz_exact_selections_at_planted_kinks() {
 }
 
 /// 100,000 cases of each property (or `CLARKE_FUZZ_CASES`), with a summary. Run in release
-/// mode: `cargo test -p clarke-core --release --test fuzz -- --ignored --nocapture`.
+/// mode: `cargo test -p clarke-core --release --test integration fuzz:: -- --ignored --nocapture`.
 #[test]
 #[ignore = "long: 100,000 cases of each property; run in release mode"]
 fn fuzz_100k() {

@@ -2,7 +2,7 @@
 //! re-runs, the ledger, and the hull check.
 
 use clarke_core::{BackwardOptions, Error, KinkPolicy, Tape, TieRule, Var};
-use ndarray::{arr0, arr1, ArrayD};
+use ndarray::{ArrayD, arr0, arr1};
 
 /// d(sum(seed * f(x)))/dx for a single-input program, under `policy`.
 fn grad1(x: ArrayD<f64>, seed: f64, policy: &KinkPolicy, f: impl for<'t> Fn(Var<'t, f64>) -> Var<'t, f64>) -> Vec<f64> {
@@ -168,9 +168,10 @@ fn outside_the_hull_needs_an_explicit_opt_in() {
     assert!(matches!(x.try_relu_with(-50.0), Err(Error::InvalidSelection { .. })));
     // A backward policy is validated too.
     let y = x.relu();
-    assert!(y
-        .backward_with(&BackwardOptions::policy(KinkPolicy::pytorch().with_abs(2.0)))
-        .is_err());
+    assert!(
+        y.backward_with(&BackwardOptions::policy(KinkPolicy::pytorch().with_abs(2.0)))
+            .is_err()
+    );
     // With the opt-in, relu'(0) = -50 multiplies the upstream gradient.
     let bertoin = KinkPolicy::pytorch().with_relu(-50.0).allow_outside_hull();
     assert_eq!(grad1(arr0(0.0).into_dyn(), 3.0, &bertoin, |v| v.relu()), vec![-150.0]);
@@ -216,7 +217,7 @@ fn one_recording_many_policies() {
         assert_eq!(g.ledger().exact_hits(), 4);
     }
     assert_eq!(seen, vec![0.0, 0.0, 0.0]); // relu'(0) + abs'(0) = s - s
-                                           // The tape's own policy is used when the call names none.
+    // The tape's own policy is used when the call names none.
     tape.set_policy(KinkPolicy::one()).unwrap();
     assert_eq!(
         y.backward().unwrap().wrt(x).unwrap().as_slice().unwrap(),
@@ -263,9 +264,10 @@ fn ledger_counts_tolerance_summary_and_tape_scan() {
     assert_eq!(banded.wrt(x).unwrap().as_slice().unwrap(), &[1.0, 1.0, 0.0, 1.0, 1.0]);
     assert!(banded.ledger().summary().contains("1 within solver error"));
     // An invalid policy or band is refused by the scan.
-    assert!(tape
-        .kink_ledger(Some(&KinkPolicy::pytorch().with_relu(5.0)), 0.0)
-        .is_err());
+    assert!(
+        tape.kink_ledger(Some(&KinkPolicy::pytorch().with_relu(5.0)), 0.0)
+            .is_err()
+    );
     assert!(tape.kink_ledger(None, f64::NAN).is_err());
     // A clean point.
     let t2 = Tape::<f64>::new();

@@ -2,7 +2,7 @@
 //! central finite differences (relative 1e-6, f64), and the f32/f64 kink behaviour of a
 //! whole network.
 
-use clarke_core::{gradcheck, GradcheckOptions, Result, Tape, Var};
+use clarke_core::{GradcheckOptions, Result, Tape, Var, gradcheck};
 use ndarray::{ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -4,7 +4,7 @@
 //! (rather than passing by accident) if a perturbation crosses a kink, so a pass here means
 //! every entry matched.
 
-use clarke_core::{gradcheck, GradcheckOptions, Result, Tape, Var};
+use clarke_core::{GradcheckOptions, Result, Tape, Var, gradcheck};
 use ndarray::{ArrayD, IxDyn};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -21,11 +21,7 @@ fn away_from_zero(shape: &[usize], seed: u64) -> ArrayD<f64> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     ArrayD::from_shape_simple_fn(IxDyn(shape), || {
         let m = rng.random_range(0.2..1.5);
-        if rng.random_bool(0.5) {
-            m
-        } else {
-            -m
-        }
+        if rng.random_bool(0.5) { m } else { -m }
     })
 }
 

@@ -2,7 +2,7 @@
 //! relu'(0)) and T2 (the precision-dependent kink hit).
 
 use clarke_core::{BackwardOptions, KinkPolicy, Tape, Var};
-use ndarray::{arr0, ArrayD};
+use ndarray::{ArrayD, arr0};
 
 type Program = for<'t> fn(Var<'t, f64>) -> Var<'t, f64>;
 

@@ -1,11 +1,11 @@
 //! The adjoint solve of an implicit layer, per gradient mode, with its failure policy.
 
 use clarke_core::{Error, Result, Scalar};
-use clarke_solve::dense::{lstsq, DenseLu};
-use clarke_solve::{bicgstab, gmres, neumann, FnOperator, IdentityMinus, SolveOptions, SolveReport, SolveStatus};
+use clarke_solve::dense::{DenseLu, lstsq};
+use clarke_solve::{FnOperator, IdentityMinus, SolveOptions, SolveReport, SolveStatus, bicgstab, gmres, neumann};
 use ndarray::{Array1, Array2, ArrayView1, ArrayViewMut1};
 
-use crate::check::{block, Form};
+use crate::check::{Form, block};
 use crate::inner::Linearization;
 use crate::options::{AdjointSolver, GradientMode, ImplicitOptions, OnAdjointFailure};
 
@@ -44,7 +44,9 @@ pub(crate) fn solve_adjoint<S: Scalar>(
     if let Some((i, v)) = g.iter().enumerate().find(|(_, v)| !v.is_finite()) {
         return Err(Error::invalid(
             "implicit layer",
-            format!("{name}: the incoming gradient has a non-finite value {v} at flat index {i}; the adjoint system needs a finite right-hand side"),
+            format!(
+                "{name}: the incoming gradient has a non-finite value {v} at flat index {i}; the adjoint system needs a finite right-hand side"
+            ),
         ));
     }
     let jt = FnOperator::new(n, n, |x: ArrayView1<'_, S>, y: ArrayViewMut1<'_, S>| lin.vjp_into(x, y));

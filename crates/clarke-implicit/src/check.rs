@@ -41,7 +41,7 @@
 
 use clarke_core::{ElementSelection, Error, Result, Scalar};
 use clarke_solve::dense::singular_values;
-use clarke_solve::{spectral_radius, FnOperator, SpectralOptions};
+use clarke_solve::{FnOperator, SpectralOptions, spectral_radius};
 use ndarray::{Array2, ArrayView2};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -298,11 +298,7 @@ fn is_singular(spec: &Spectrum, unit: f64, opts: &CheckOptions) -> bool {
 /// `sigma_min / max(sigma_max, unit)`: how far from singular, on the scale that decides.
 fn relative(spec: &Spectrum, unit: f64) -> f64 {
     let scale = spec.sigma_max.max(unit);
-    if scale > 0.0 {
-        spec.sigma_min / scale
-    } else {
-        0.0
-    }
+    if scale > 0.0 { spec.sigma_min / scale } else { 0.0 }
 }
 
 /// The vertex walk: the one place where the theorem's hypothesis is judged.

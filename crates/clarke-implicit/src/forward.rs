@@ -1,7 +1,7 @@
 //! The forward solve of an implicit layer: find `z*` without recording.
 
 use clarke_core::{Error, Result, Scalar};
-use clarke_solve::{anderson, broyden, newton_krylov, picard, FixedPointReport, SolveStatus};
+use clarke_solve::{FixedPointReport, SolveStatus, anderson, broyden, newton_krylov, picard};
 use ndarray::{Array1, ArrayView1, ArrayViewD};
 
 use crate::check::Form;

@@ -8,9 +8,9 @@ use clarke_solve::{FixedPointReport, SolveStatus};
 use ndarray::{Array1, Array2, ArrayD, ArrayViewD, IxDyn};
 
 use crate::adjoint::solve_adjoint;
-use crate::check::{block, run_check, Form, Spectrum};
+use crate::check::{Form, Spectrum, block, run_check};
 use crate::forward::solve_forward;
-use crate::inner::{flat, into_flat, InnerMap, Linearization, MapFn};
+use crate::inner::{InnerMap, Linearization, MapFn, flat, into_flat};
 use crate::options::{AdjointSolver, GradientMode, ImplicitOptions, KinkBand};
 use crate::report::{BackwardReport, CheckOutcome, HypothesisCheck, ReportLog};
 
@@ -101,7 +101,7 @@ impl<S: Scalar> ImplicitLayer<S> {
                 return Err(Error::invalid(
                     "implicit layer",
                     format!("{name}: needs at least one parameter Var theta (the layer records onto its tape)"),
-                ))
+                ));
             }
         };
         if let Some(bad) = theta.iter().find(|t| !std::ptr::eq(t.tape(), tape)) {

@@ -48,7 +48,7 @@ pub mod options;
 pub mod report;
 
 pub use inner::MapFn;
-pub use layer::{fixed_point, root, ImplicitLayer, Solution};
+pub use layer::{ImplicitLayer, Solution, fixed_point, root};
 pub use options::{
     AdjointSolver, CheckOptions, ForwardSolver, GradientMode, ImplicitOptions, KinkBand, OnAdjointFailure,
 };

@@ -2,7 +2,7 @@
 
 use clarke_core::{Error, KinkPolicy, Result, Tape, Var};
 use clarke_implicit::{AdjointSolver, CheckOptions, CheckOutcome, GradientMode, ImplicitLayer, ImplicitOptions};
-use ndarray::{arr1, Array1, Array2, ArrayD};
+use ndarray::{Array1, Array2, ArrayD, arr1};
 
 fn vec(v: &[f64]) -> ArrayD<f64> {
     arr1(v).into_dyn()

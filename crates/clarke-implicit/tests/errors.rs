@@ -5,7 +5,7 @@ use clarke_implicit::{
     AdjointSolver, CheckOptions, ForwardSolver, GradientMode, ImplicitLayer, ImplicitOptions, OnAdjointFailure,
 };
 use clarke_solve::{FixedPointOptions, SolveOptions};
-use ndarray::{arr1, ArrayD};
+use ndarray::{ArrayD, arr1};
 
 fn vec(v: &[f64]) -> ArrayD<f64> {
     arr1(v).into_dyn()
@@ -193,11 +193,13 @@ fn bad_parameters_and_starting_points_are_refused() {
     let other = Tape::<f64>::new();
     let theta = tape.param(vec(&[1.0]));
     let foreign = other.param(vec(&[1.0]));
-    assert!(layer
-        .apply(&vec(&[0.0]), &[])
-        .unwrap_err()
-        .to_string()
-        .contains("at least one parameter"));
+    assert!(
+        layer
+            .apply(&vec(&[0.0]), &[])
+            .unwrap_err()
+            .to_string()
+            .contains("at least one parameter")
+    );
     assert!(matches!(
         layer.apply(&vec(&[0.0]), &[theta, foreign]),
         Err(Error::ForeignVar { .. })
@@ -265,8 +267,8 @@ fn adjoint_failure_policies_are_explicit_and_reported() {
 // ---- bad input to the public check engine, the options, and the layer ----
 
 use clarke_core::ElementSelection;
-use clarke_implicit::check::{block, walk_vertices, Flippable, Form, Spectrum, WalkInput};
-use ndarray::{arr2, Array2};
+use clarke_implicit::check::{Flippable, Form, Spectrum, WalkInput, block, walk_vertices};
+use ndarray::{Array2, arr2};
 
 /// A walk input without kinks, a fixed point with unit 1.
 fn walk_input(form: Form, flippable: usize) -> WalkInput {

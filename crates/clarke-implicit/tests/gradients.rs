@@ -1,10 +1,10 @@
 //! Implicit gradients against closed forms, against each other, against unrolling and
 //! against finite differences.
 
-use clarke_core::{gradcheck, GradcheckOptions, KinkPolicy, Result, Tape, Var};
+use clarke_core::{GradcheckOptions, KinkPolicy, Result, Tape, Var, gradcheck};
 use clarke_implicit::{AdjointSolver, ForwardSolver, GradientMode, ImplicitLayer, ImplicitOptions};
 use clarke_solve::{FixedPointOptions, SolveOptions};
-use ndarray::{arr1, Array1, Array2, ArrayD};
+use ndarray::{Array1, Array2, ArrayD, arr1};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -121,9 +121,13 @@ fn scalar_root_z_squared_equals_theta() {
 
 /// A nonlinear DEQ z = tanh(W z + U x + b), well conditioned (||W|| = 0.5).
 fn deq_inputs() -> (ArrayD<f64>, ArrayD<f64>, ArrayD<f64>, ArrayD<f64>) {
-    let w = with_norm(random(12, 12, 3), 0.5).into_dyn();
-    let u = (random(12, 5, 4) * 0.5).into_dyn();
-    let b = (random(12, 1, 5).into_shape_with_order(12).unwrap() * 0.1).into_dyn();
+    deq_inputs_of_width(12)
+}
+
+fn deq_inputs_of_width(n: usize) -> (ArrayD<f64>, ArrayD<f64>, ArrayD<f64>, ArrayD<f64>) {
+    let w = with_norm(random(n, n, 3), 0.5).into_dyn();
+    let u = (random(n, 5, 4) * 0.5).into_dyn();
+    let b = (random(n, 1, 5).into_shape_with_order(n).unwrap() * 0.1).into_dyn();
     let x = random(5, 1, 6).into_shape_with_order(5).unwrap().into_dyn();
     (w, u, b, x)
 }
@@ -178,16 +182,18 @@ fn unrolled_gradients_converge_to_the_implicit_one() {
 
 #[test]
 fn gradcheck_of_a_network_with_a_deq_layer() {
-    // x -> DEQ(tanh) -> linear readout -> softplus -> mean; every input differentiated.
-    let (w, u, b, x) = deq_inputs();
-    let readout = random(3, 12, 7).into_dyn();
+    // x -> DEQ(tanh) -> linear readout -> softplus -> mean; every input differentiated
+    // (8 units: 153 entries, each differenced through two tight forward solves).
+    let n = 8;
+    let (w, u, b, x) = deq_inputs_of_width(n);
+    let readout = random(3, n, 7).into_dyn();
     let layer = std::rc::Rc::new(
         ImplicitLayer::fixed_point(deq_map, tight(GradientMode::Implicit(AdjointSolver::Gmres))).unwrap(),
     );
     let report = gradcheck(
         move |_, v| {
             let z = layer
-                .apply(&ArrayD::zeros(ndarray::IxDyn(&[12])), &[v[0], v[1], v[2], v[3]])?
+                .apply(&ArrayD::zeros(ndarray::IxDyn(&[n])), &[v[0], v[1], v[2], v[3]])?
                 .z;
             Ok(v[4].matmul(z).softplus().mean())
         },
@@ -199,7 +205,7 @@ fn gradcheck_of_a_network_with_a_deq_layer() {
         },
     )
     .unwrap();
-    assert!(report.compared > 200, "{report:?}");
+    assert_eq!(report.compared, n * n + 5 * n + n + 5 + 3 * n, "{report:?}");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use clarke_core::{BackwardOptions, Error, KinkPolicy, Result, Tape, Var};
 use clarke_implicit::{AdjointSolver, CheckOutcome, GradientMode, ImplicitLayer, ImplicitOptions, OnAdjointFailure};
-use ndarray::{arr1, arr2, Array2, ArrayD};
+use ndarray::{Array2, ArrayD, arr1, arr2};
 
 fn vec(v: &[f64]) -> ArrayD<f64> {
     arr1(v).into_dyn()

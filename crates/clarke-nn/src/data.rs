@@ -4,8 +4,8 @@ use std::path::Path;
 
 use clarke_core::{Error, Result, Scalar};
 use ndarray::{Array1, Array2, Axis};
-use rand::seq::SliceRandom;
 use rand::Rng;
+use rand::seq::SliceRandom;
 
 /// A classification data set: features `[rows, features]` and integer labels.
 #[derive(Debug, Clone, PartialEq)]
@@ -122,7 +122,7 @@ impl Dataset {
     /// # Errors
     /// A row index out of range, naming it.
     pub fn select(&self, idx: &[usize]) -> Result<Dataset> {
-        if let Some((k, &i)) = idx.iter().enumerate().find(|(_, &i)| i >= self.len()) {
+        if let Some((k, &i)) = idx.iter().enumerate().find(|&(_, &i)| i >= self.len()) {
             return Err(Error::invalid(
                 "Dataset::select",
                 format!(

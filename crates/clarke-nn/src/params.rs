@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use clarke_core::{Error, Grads, Result, Scalar, Tape, Var};
 use ndarray::{ArrayD, IxDyn};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 /// The identity of the next [`ParamSet`].
 static NEXT_SET: AtomicU64 = AtomicU64::new(0);
@@ -182,7 +182,7 @@ impl<S: Scalar> ParamSet<S> {
     }
 
     /// All ids, in insertion order.
-    pub fn ids(&self) -> impl Iterator<Item = ParamId> {
+    pub fn ids(&self) -> impl Iterator<Item = ParamId> + use<S> {
         let set = self.id;
         (0..self.values.len()).map(move |index| ParamId { set, index })
     }

@@ -8,7 +8,7 @@ use clarke_core::{Error, Result, Scalar};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use ndarray::ArrayView2;
 
-use crate::plot::{save_png, Panel};
+use crate::plot::{Panel, save_png};
 
 /// Fraction of rows whose largest logit is at the label (the first largest on ties); 0 for
 /// no rows.

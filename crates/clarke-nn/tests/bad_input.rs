@@ -10,7 +10,7 @@ use clarke_nn::deq::{DeqConfig, DeqLayer};
 use clarke_nn::optim::{Adam, Optimizer, Schedule, Sgd};
 use clarke_nn::train::accuracy;
 use clarke_nn::{Linear, ParamSet};
-use ndarray::{arr1, arr2, Array2, ArrayD, IxDyn};
+use ndarray::{Array2, ArrayD, IxDyn, arr1, arr2};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 

@@ -1,9 +1,9 @@
 //! Optimisers, schedules, parameter files and the linear layer.
 
-use clarke_core::{gradcheck, GradcheckOptions, Tape};
+use clarke_core::{GradcheckOptions, Tape, gradcheck};
 use clarke_nn::optim::{Adam, Optimizer, Schedule, Sgd};
 use clarke_nn::{Linear, ParamSet};
-use ndarray::{arr1, Array2, ArrayD};
+use ndarray::{Array2, ArrayD, arr1};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -95,10 +95,12 @@ fn optimisers_refuse_bad_gradients() {
     assert!(e.contains("non-finite") && e.contains("\"w\""), "{e}");
     assert!(Sgd::<f64>::new(Schedule::Constant(-1.0), 0.9).is_err());
     assert!(Sgd::<f64>::new(Schedule::Constant(0.1), 1.0).is_err());
-    assert!(Adam::<f64>::new(Schedule::Constant(0.1))
-        .unwrap()
-        .with_betas(1.0, 0.9)
-        .is_err());
+    assert!(
+        Adam::<f64>::new(Schedule::Constant(0.1))
+            .unwrap()
+            .with_betas(1.0, 0.9)
+            .is_err()
+    );
 }
 
 #[test]
@@ -123,11 +125,13 @@ fn parameters_round_trip_through_a_file() {
     assert!(e.contains("lin.weight"), "{e}");
     let mut missing = ParamSet::<f64>::new();
     missing.add("extra", ArrayD::zeros(vec![1])).unwrap();
-    assert!(missing
-        .load(&path)
-        .unwrap_err()
-        .to_string()
-        .contains("\"extra\" is missing"));
+    assert!(
+        missing
+            .load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("\"extra\" is missing")
+    );
     assert!(params.add("lin.bias", ArrayD::zeros(vec![1])).is_err());
     assert!(params.add("nan", ArrayD::from_elem(vec![1], f64::NAN)).is_err());
     std::fs::remove_dir_all(dir).unwrap();

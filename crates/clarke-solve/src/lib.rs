@@ -51,15 +51,15 @@ pub mod report;
 pub mod spectral;
 mod util;
 
-pub use dense::{batched_solve, cholesky_solve, lstsq, lu_solve, lu_solve_transpose, DenseLu, Lstsq};
+pub use dense::{DenseLu, Lstsq, batched_solve, cholesky_solve, lstsq, lu_solve, lu_solve_transpose};
 pub use fixed_point::{
-    anderson, broyden, flattened, newton_krylov, newton_krylov_with_jvp, picard, FixedPointOptions, FixedPointReport,
-    NewtonKrylovOptions,
+    FixedPointOptions, FixedPointReport, NewtonKrylovOptions, anderson, broyden, flattened, newton_krylov,
+    newton_krylov_with_jvp, picard,
 };
 pub use krylov::{bicgstab, cg, gmres, neumann};
 pub use linop::{DenseOperator, FnOperator, IdentityMinus, LinearOperator, NormalOperator, Transposed};
 pub use report::{SolveOptions, SolveReport, SolveStatus};
 pub use spectral::{
-    smallest_singular_value, smallest_singular_value_dense, spectral_norm, spectral_norm_dense, spectral_radius,
-    SpectralEstimate, SpectralOptions,
+    SpectralEstimate, SpectralOptions, smallest_singular_value, smallest_singular_value_dense, spectral_norm,
+    spectral_norm_dense, spectral_radius,
 };

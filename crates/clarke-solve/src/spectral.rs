@@ -20,7 +20,7 @@ use clarke_core::{Error, Result, Scalar};
 use ndarray::{Array1, Array2, ArrayView2};
 
 use crate::dense;
-use crate::linop::{apply_new, apply_transpose_new, LinearOperator};
+use crate::linop::{LinearOperator, apply_new, apply_transpose_new};
 use crate::report::SolveStatus;
 use crate::util::{dot, f, norm2, seeded_unit_vector};
 

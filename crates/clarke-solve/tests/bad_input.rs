@@ -10,10 +10,10 @@ use clarke_solve::spectral::{
     smallest_singular_value, smallest_singular_value_dense, spectral_norm, spectral_norm_dense, spectral_radius,
 };
 use clarke_solve::{
-    bicgstab, cg, gmres, neumann, FixedPointOptions, FnOperator, IdentityMinus, LinearOperator, NewtonKrylovOptions,
-    NormalOperator, SolveOptions, SolveReport, SolveStatus, SpectralOptions, Transposed,
+    FixedPointOptions, FnOperator, IdentityMinus, LinearOperator, NewtonKrylovOptions, NormalOperator, SolveOptions,
+    SolveReport, SolveStatus, SpectralOptions, Transposed, bicgstab, cg, gmres, neumann,
 };
-use ndarray::{arr1, arr2, Array1, Array2, Array3, ArrayView1, ArrayViewMut1, Ix2, IxDyn};
+use ndarray::{Array1, Array2, Array3, ArrayView1, ArrayViewMut1, Ix2, IxDyn, arr1, arr2};
 
 /// Asserts an [`Error::InvalidArgument`] from `op` whose detail contains every word.
 #[track_caller]
@@ -377,12 +377,16 @@ fn dense_solves_refuse_bad_shapes_and_overflow() {
     );
     // Empty inputs are fine.
     let empty = Array2::<f64>::zeros((0, 0));
-    assert!(dense::lu_solve(empty.view(), Array1::zeros(0).view())
-        .unwrap()
-        .is_empty());
-    assert!(dense::cholesky_solve(empty.view(), Array1::zeros(0).view())
-        .unwrap()
-        .is_empty());
+    assert!(
+        dense::lu_solve(empty.view(), Array1::zeros(0).view())
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        dense::cholesky_solve(empty.view(), Array1::zeros(0).view())
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
         dense::batched_solve(
             Array3::<f64>::zeros((2, 0, 0)).view(),
@@ -399,9 +403,11 @@ fn dense_solves_refuse_bad_shapes_and_overflow() {
             .rank,
         0
     );
-    assert!(dense::singular_values(Array2::<f64>::zeros((0, 4)).view())
-        .unwrap()
-        .is_empty());
+    assert!(
+        dense::singular_values(Array2::<f64>::zeros((0, 4)).view())
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[test]

@@ -2,15 +2,15 @@
 //! batched solves, singularity and input errors; both backends against each other under the
 //! `lapack` feature.
 
-mod common;
+use crate::common;
 
 use clarke_core::Error;
 use clarke_solve::dense::{
-    backend_name, batched_solve, cholesky_solve, faer_backend, lstsq, lstsq_rcond, lu_solve, lu_solve_transpose,
-    singular_values, DenseLu,
+    DenseLu, backend_name, batched_solve, cholesky_solve, faer_backend, lstsq, lstsq_rcond, lu_solve,
+    lu_solve_transpose, singular_values,
 };
 use common::*;
-use ndarray::{array, Array1, Array2, Array3, Axis};
+use ndarray::{Array1, Array2, Array3, Axis, array};
 
 fn max_abs(a: &Array2<f64>) -> f64 {
     a.iter().fold(0.0, |m, v| m.max(v.abs()))

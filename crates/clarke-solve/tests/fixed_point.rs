@@ -1,15 +1,15 @@
 //! Forward fixed-point and root solvers.
 
-mod common;
+use crate::common;
 
 use clarke_core::{Error, Result};
 use clarke_solve::fixed_point::{
-    anderson, broyden, flattened, newton_krylov, newton_krylov_with_jvp, picard, FixedPointOptions, FixedPointReport,
-    NewtonKrylovOptions,
+    FixedPointOptions, FixedPointReport, NewtonKrylovOptions, anderson, broyden, flattened, newton_krylov,
+    newton_krylov_with_jvp, picard,
 };
 use clarke_solve::{SolveOptions, SolveStatus};
 use common::*;
-use ndarray::{array, Array1, Array2, ArrayView1, ArrayView2, Ix2};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Ix2, array};
 
 type FpSolver = fn(
     &mut dyn FnMut(ArrayView1<'_, f64>) -> Result<Array1<f64>>,

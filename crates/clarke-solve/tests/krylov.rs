@@ -1,14 +1,14 @@
 //! Matrix-free linear solvers: accuracy against dense LU, warm starts, honest statuses.
 
-mod common;
+use crate::common;
 
 use clarke_core::Error;
 use clarke_solve::{
-    bicgstab, cg, gmres, neumann, FnOperator, IdentityMinus, LinearOperator, SolveOptions, SolveReport, SolveStatus,
-    Transposed,
+    FnOperator, IdentityMinus, LinearOperator, SolveOptions, SolveReport, SolveStatus, Transposed, bicgstab, cg, gmres,
+    neumann,
 };
 use common::*;
-use ndarray::{array, Array1, Array2, ArrayView1};
+use ndarray::{Array1, Array2, ArrayView1, array};
 
 type Solver = fn(
     &Array2<f64>,

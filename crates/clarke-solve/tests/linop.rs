@@ -1,6 +1,6 @@
 //! Linear-operator adapters agree with dense matrix algebra.
 
-mod common;
+use crate::common;
 
 use clarke_core::Error;
 use clarke_solve::linop::{apply_new, apply_transpose_new};

@@ -1,16 +1,16 @@
 //! Spectral estimates against exact values (faer SVD and eigenvalues).
 
-mod common;
+use crate::common;
 
 use clarke_core::Error;
 use clarke_solve::spectral::{
-    smallest_singular_value, smallest_singular_value_dense, spectral_norm, spectral_norm_dense, spectral_radius,
-    SpectralOptions,
+    SpectralOptions, smallest_singular_value, smallest_singular_value_dense, spectral_norm, spectral_norm_dense,
+    spectral_radius,
 };
 use clarke_solve::{FnOperator, IdentityMinus, SolveStatus};
 use common::*;
 use faer_ext::IntoFaer;
-use ndarray::{array, Array1, Array2, ArrayView1, ArrayViewMut1};
+use ndarray::{Array1, Array2, ArrayView1, ArrayViewMut1, array};
 
 /// Singular values straight from faer (not through this crate), non-increasing.
 fn faer_singular_values(a: &Array2<f64>) -> Vec<f64> {

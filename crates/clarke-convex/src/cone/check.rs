@@ -26,12 +26,12 @@
 //! the derivative's LU when there is no kink, and the midpoint of boundary blocks.
 
 use clarke_core::{ElementSelection, Result};
-use clarke_implicit::check::{walk_vertices, Flippable, Form, Spectrum, WalkInput};
+use clarke_implicit::check::{Flippable, Form, Spectrum, WalkInput, walk_vertices};
 use clarke_implicit::{CheckOptions, CheckOutcome, HypothesisCheck};
 use clarke_solve::DenseLu;
-use ndarray::{s, Array1, Array2, ArrayView1};
+use ndarray::{Array1, Array2, ArrayView1, s};
 
-use super::cones::{psd_eigen, soc_margin, Boundary, BoundaryKind, Cone, Cones};
+use super::cones::{Boundary, BoundaryKind, Cone, Cones, psd_eigen, soc_margin};
 use super::problem::ConeProgram;
 use super::residual::jacobian_matrix;
 
@@ -273,11 +273,7 @@ fn estimated_extremes(m: &Array2<f64>, lu: &DenseLu<f64>) -> Result<(f64, f64)> 
     let start = Array1::from_shape_fn(n, |i| 1.0 + 0.5 * ((i as f64) * 0.618_034).fract());
     let normalise = |v: Array1<f64>| {
         let norm = v.dot(&v).sqrt();
-        if norm > 0.0 {
-            v / norm
-        } else {
-            v
-        }
+        if norm > 0.0 { v / norm } else { v }
     };
     let settled = |new: f64, old: f64| (new - old).abs() <= 1e-4 * new.abs().max(f64::MIN_POSITIVE);
     let mut v = normalise(start.clone());

@@ -32,7 +32,7 @@
 
 use clarke_core::{Error, Result};
 use faer::{Mat, Side};
-use ndarray::{s, Array1, Array2, ArrayView1, ArrayViewMut1};
+use ndarray::{Array1, Array2, ArrayView1, ArrayViewMut1, s};
 
 /// One cone of the product `K`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -566,7 +566,9 @@ mod tests {
             Cone::Psd(3),
         ])
         .unwrap();
-        let v = array![0.3, -1.2, 0.7, -0.4, 1.1, 0.5, 1.0, -2.0, 2.0, 0.1, 0.2, 1.0, 0.4, -0.3, -0.8, 0.2, 0.6];
+        let v = array![
+            0.3, -1.2, 0.7, -0.4, 1.1, 0.5, 1.0, -2.0, 2.0, 0.1, 0.2, 1.0, 0.4, -0.3, -0.8, 0.2, 0.6
+        ];
         assert_eq!(v.len(), cones.dim());
         let jac = cones.dual_jacobian(v.view(), &[], &[], 0.5).to_dense();
         let fd = fd_jacobian(&cones, &v);

@@ -21,10 +21,10 @@
 
 use clarke_core::{Error, Result};
 use clarke_implicit::{CheckOptions, CheckOutcome, OnAdjointFailure};
-use clarke_solve::{gmres, lstsq, DenseLu, FnOperator, SolveOptions, SolveReport};
-use ndarray::{s, Array1, Array2, ArrayView1, ArrayView2};
+use clarke_solve::{DenseLu, FnOperator, SolveOptions, SolveReport, gmres, lstsq};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, s};
 
-use super::check::{cone_margins, run, ConicCheck, Linearisation};
+use super::check::{ConicCheck, Linearisation, cone_margins, run};
 use super::cones::ProjectionJacobian;
 use super::problem::ConeProgram;
 use super::residual::{apply_jacobian, apply_jacobian_transpose, inf_norm, jacobian_matrix};

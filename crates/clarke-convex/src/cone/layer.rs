@@ -24,14 +24,14 @@ use std::sync::Arc;
 
 use clarke_core::{Error, KinkScan, Result, Scalar, Selection, Var};
 use clarke_implicit::CheckOutcome;
-use ndarray::{s, Array2, ArrayD, ArrayViewD, Axis};
+use ndarray::{Array2, ArrayD, ArrayViewD, Axis, s};
 use rayon::prelude::*;
 
 use super::check::{ConeMargin, ConicCheck};
 use super::cones::{BoundaryKind, Cones};
 use super::derivative::{ConeDerivative, DataGradient, DerivativeOptions, SolutionDirection};
 use super::problem::ConeProgram;
-use super::solver::{solve, ConeSolution, SolverOptions};
+use super::solver::{ConeSolution, SolverOptions, solve};
 
 /// Options of the conic layer.
 #[derive(Debug, Clone, PartialEq)]
@@ -237,7 +237,7 @@ fn batch_layout(name: &str, shapes: [Option<&[usize]>; 4]) -> Result<(Batch, usi
                     return Err(Error::invalid(
                         "cone_program",
                         format!("{name}: {which} has batch size {} but another input has {bs}", shape[0]),
-                    ))
+                    ));
                 }
                 _ => size = Some(shape[0]),
             }

@@ -46,12 +46,12 @@ pub mod residual;
 pub mod solver;
 
 pub use check::{ConeMargin, ConicCheck};
-pub use cones::{smat, svec, Boundary, BoundaryKind, Cone, Cones, ProjectionJacobian};
+pub use cones::{Boundary, BoundaryKind, Cone, Cones, ProjectionJacobian, smat, svec};
 pub use derivative::{
     ConeDerivative, DataDirection, DataGradient, DerivativeOptions, DerivativeSolver, SolutionDirection,
 };
 pub use layer::{
-    cone_program, quadratic_cone_program, ConicBackwardReport, ConicLayer, ConicLayerOptions, ConicLog, QuadraticTerm,
+    ConicBackwardReport, ConicLayer, ConicLayerOptions, ConicLog, QuadraticTerm, cone_program, quadratic_cone_program,
 };
-pub use problem::{box_projection, lp, polytope_projection, qp, simplex_projection, ConeProgram};
-pub use solver::{solve, ConeSolution, ConeStatus, Refinement, Residuals, SolverOptions, WarmStart};
+pub use problem::{ConeProgram, box_projection, lp, polytope_projection, qp, simplex_projection};
+pub use solver::{ConeSolution, ConeStatus, Refinement, Residuals, SolverOptions, WarmStart, solve};

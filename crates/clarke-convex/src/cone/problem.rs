@@ -13,7 +13,7 @@
 
 use clarke_core::{Error, Result};
 use faer::{Mat, Side};
-use ndarray::{concatenate, s, Array1, Array2, ArrayView1, ArrayView2, Axis};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis, concatenate, s};
 
 use super::cones::{Cone, Cones};
 

@@ -18,7 +18,7 @@
 //! M = (Q - I) J + I = [[P, A^T J_y], [-A, I - J_y]].
 //! ```
 
-use ndarray::{s, Array1, Array2, ArrayView1, ArrayViewMut1};
+use ndarray::{Array1, Array2, ArrayView1, ArrayViewMut1, s};
 
 use super::cones::ProjectionJacobian;
 use super::problem::ConeProgram;

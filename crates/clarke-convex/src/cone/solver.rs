@@ -41,7 +41,7 @@ use ndarray::{Array1, ArrayView1, Zip};
 
 use super::cones::Cone;
 use super::problem::ConeProgram;
-use super::residual::{inf_norm, jacobian_matrix, KktPoint};
+use super::residual::{KktPoint, inf_norm, jacobian_matrix};
 
 /// Options of [`solve`].
 #[derive(Debug, Clone, PartialEq)]

@@ -16,7 +16,7 @@ use clarke_solve::{FixedPointOptions, SolveOptions};
 use ndarray::{Array1, ArrayD, IxDyn};
 
 use super::support::analyze;
-use super::{check_criterion, Criterion, HypergradOptions, Hypergradient, Method};
+use super::{Criterion, HypergradOptions, Hypergradient, Method, check_criterion};
 use crate::cd::Fit;
 use crate::model::{LassoModel, Loss, Penalty};
 use crate::prox::soft_threshold;

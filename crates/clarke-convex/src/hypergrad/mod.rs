@@ -30,7 +30,7 @@ use clarke_implicit::{CheckOutcome, HypothesisCheck};
 use ndarray::{Array1, ArrayView1, ArrayView2};
 
 use crate::cd::Fit;
-use crate::model::{axpy, dot, sigmoid, softplus, validate_data, LassoModel};
+use crate::model::{LassoModel, axpy, dot, sigmoid, softplus, validate_data};
 
 /// A differentiable criterion of the coefficients (the outer objective of the bilevel
 /// problem).

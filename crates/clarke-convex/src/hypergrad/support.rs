@@ -29,9 +29,9 @@ use clarke_solve::dense::singular_values;
 use clarke_solve::{cholesky_solve, lu_solve_transpose};
 use ndarray::{Array1, Array2};
 
-use super::{check_criterion, Criterion, HypergradOptions, Hypergradient, Method, SupportCheck};
+use super::{Criterion, HypergradOptions, Hypergradient, Method, SupportCheck, check_criterion};
 use crate::cd::Fit;
-use crate::model::{dot, LassoModel, Loss, Penalty};
+use crate::model::{LassoModel, Loss, Penalty, dot};
 
 /// The sets of Prop. 5 at a fit, the rank check, and the kink ledger.
 pub fn analyze(model: &LassoModel, fit: &Fit, options: &HypergradOptions) -> Result<(SupportCheck, KinkLedger)> {

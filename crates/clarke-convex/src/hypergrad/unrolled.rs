@@ -21,9 +21,9 @@ use clarke_core::{Error, Result};
 use ndarray::{Array1, ArrayView1};
 
 use super::support::analyze;
-use super::{check_criterion, Criterion, HypergradOptions, Hypergradient, Method};
+use super::{Criterion, HypergradOptions, Hypergradient, Method, check_criterion};
 use crate::cd::Fit;
-use crate::model::{axpy, dot, LassoModel, Loss, Penalty};
+use crate::model::{LassoModel, Loss, Penalty, axpy, dot};
 use crate::prox::soft_threshold_scalar;
 
 /// The state after some ISTA steps with their forward-mode derivative.
@@ -84,7 +84,7 @@ pub fn ista_forward(
                 &[b.len()],
                 &[p],
                 "the start needs one coefficient per feature",
-            ))
+            ));
         }
         Some(b) => b.to_vec(),
         None => vec![0.0; p],

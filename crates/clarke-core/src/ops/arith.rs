@@ -46,11 +46,7 @@ impl<S: Scalar> ArithOp<S> {
                 let (a, b) = (&ctx.inputs[0].shape(), &ctx.inputs[1].shape());
                 let gb = ctx.needs(1).then(|| {
                     let gb = reduce_to_shape(g.clone(), b);
-                    if matches!(self, ArithOp::Sub) {
-                        -gb
-                    } else {
-                        gb
-                    }
+                    if matches!(self, ArithOp::Sub) { -gb } else { gb }
                 });
                 let ga = ctx.needs(0).then(|| reduce_to_shape(g, a));
                 out.push(ga);

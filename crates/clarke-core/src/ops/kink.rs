@@ -12,7 +12,7 @@ use crate::kernels::{broadcast_shape, broadcast_view, check_axis, map, parallel,
 use crate::ledger::{KinkRecord, KinkScan, Selection};
 use crate::nonsmooth;
 use crate::op::{Ctx, InputGrads, InputValues, Op};
-use crate::policy::{check_selection, check_tie_rule, KinkPolicy, TieRule};
+use crate::policy::{KinkPolicy, TieRule, check_selection, check_tie_rule};
 use crate::tape::Inputs;
 use crate::var::Var;
 use crate::{Error, Result, Scalar};

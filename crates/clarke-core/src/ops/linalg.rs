@@ -276,7 +276,7 @@ impl<'t, S: Scalar> Var<'t, S> {
                         sa,
                         sb,
                         "supported ranks: 2x2, 2x1, 1x2, 1x1, 3x3 (batched), 3x2 (shared right operand)",
-                    ))
+                    ));
                 }
             };
             if inner_a != inner_b {

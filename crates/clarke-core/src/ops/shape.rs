@@ -1,11 +1,11 @@
 //! Shape ops: reshape, broadcast, concat, stack, slicing and index-select along an axis.
 
-use ndarray::{concatenate, ArrayD, ArrayViewD, Axis, IxDyn, Slice};
+use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Slice, concatenate};
 
 use crate::kernels::{check_axis, reduce_to_shape};
 use crate::op::{Ctx, InputGrads, Op};
 use crate::tape::{Inputs, Tape};
-use crate::var::{fail, Var};
+use crate::var::{Var, fail};
 use crate::{Error, Result, Scalar};
 
 pub(crate) enum ShapeOp {

@@ -2,11 +2,11 @@
 
 use ndarray::ArrayD;
 
+use crate::Scalar;
 use crate::kernels::{map, update_with};
 use crate::op::{Ctx, InputGrads, Op};
 use crate::tape::Inputs;
 use crate::var::Var;
-use crate::Scalar;
 
 /// Smooth unary ops.
 pub(crate) enum UnaryOp<S> {

@@ -7,7 +7,7 @@
 //! selections at the sample's kink units flipped over their hull.
 
 use clarke_core::{ElementSelection, Result, Scalar};
-use clarke_implicit::check::{merge_samples, walk_vertices, Flippable, Form, WalkInput};
+use clarke_implicit::check::{Flippable, Form, WalkInput, merge_samples, walk_vertices};
 use clarke_implicit::{CheckOptions, CheckOutcome, HypothesisCheck};
 use clarke_solve::dense::singular_values;
 use ndarray::{Array2, ArrayView2};

@@ -205,12 +205,12 @@ impl DeqConfig {
         let bad = |detail: String| Err(Error::invalid("DeqConfig", detail));
         match self.parametrization {
             Parametrization::SpectralNorm { gamma } if !(gamma > 0.0 && gamma < 1.0) => {
-                return bad(format!("the spectral-norm bound gamma must lie in (0, 1), got {gamma}"))
+                return bad(format!("the spectral-norm bound gamma must lie in (0, 1), got {gamma}"));
             }
             Parametrization::Monotone { m } if !(m > 0.0 && m.is_finite()) => {
                 return bad(format!(
                     "the monotonicity margin m must be positive and finite, got {m}"
-                ))
+                ));
             }
             _ => {}
         }

@@ -8,7 +8,7 @@
 use clarke_core::{Error, Result, Scalar};
 use faer::{Accum, Par};
 use faer_ext::IntoFaer;
-use ndarray::{s, Array2, ArrayView2, ArrayViewMut2, Axis};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis, s};
 use rayon::prelude::*;
 
 use super::Activation;
@@ -208,11 +208,7 @@ pub(crate) fn picard_block<S: Scalar>(
                 (Activation::Relu, false) => forward_row(zs, ps, cs, |p, _| if p > zero { p } else { zero }),
                 (Activation::Relu, true) => forward_row(zs, ps, cs, |p, old| {
                     let r = keep * old + a * p;
-                    if r > zero {
-                        r
-                    } else {
-                        zero
-                    }
+                    if r > zero { r } else { zero }
                 }),
                 _ => forward_row(zs, ps, cs, |p, _| act.value(p)),
             };

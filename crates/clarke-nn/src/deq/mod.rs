@@ -45,7 +45,7 @@ use clarke_core::gemm::gemm;
 use clarke_core::{Error, KinkLedger, Result, Scalar, Var, VjpContext};
 use clarke_implicit::{AdjointSolver, BackwardReport, CheckOutcome, GradientMode, HypothesisCheck, ReportLog};
 use clarke_solve::{FixedPointOptions, FixedPointReport, FnOperator, SolveOptions, SolveReport, SolveStatus};
-use ndarray::{s, Array1, Array2, Array3, ArrayD, ArrayView2, Axis, Ix1, Ix2, Zip};
+use ndarray::{Array1, Array2, Array3, ArrayD, ArrayView2, Axis, Ix1, Ix2, Zip, s};
 use rand::Rng;
 use rayon::prelude::*;
 
@@ -55,7 +55,7 @@ pub use weights::DeqWeights;
 
 use crate::init::{glorot_uniform, normal};
 use crate::params::{Bound, ParamId, ParamSet};
-use kernel::{merge, neumann_block, picard_block, row_blocks, split_rows, BlockRun, Budget};
+use kernel::{BlockRun, Budget, merge, neumann_block, picard_block, row_blocks, split_rows};
 
 /// The parameters behind `W`.
 #[derive(Debug, Clone, Copy)]
@@ -657,7 +657,7 @@ impl<S: Scalar> DeqLayer<S> {
                 return Err(Error::invalid(
                     "deq",
                     "forward-backward splitting needs an explicit step unless the parametrisation is monotone",
-                ))
+                ));
             }
         };
         let n = w.nrows();
@@ -1068,11 +1068,7 @@ fn adjoint_residual<S: Scalar>(
     Zip::from(&mut r).and(g).and(sol).for_each(|r, &g, &s| *r = g - s + *r);
     let num = r.iter().map(|v| v.to_f64_exact().powi(2)).sum::<f64>().sqrt();
     let den = g.iter().map(|v| v.to_f64_exact().powi(2)).sum::<f64>().sqrt();
-    if den > 0.0 {
-        num / den
-    } else {
-        num
-    }
+    if den > 0.0 { num / den } else { num }
 }
 
 /// GMRES or BiCGSTAB on one row block (flattened), through `clarke-solve`.

@@ -101,7 +101,7 @@ impl Backend for Faer {
     }
 
     fn cholesky_solve_in_place<S: Scalar>(a: ArrayView2<'_, S>, b: ArrayViewMut2<'_, S>) -> Result<()> {
-        use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch, LltError};
+        use faer::linalg::cholesky::llt::factor::{LltError, cholesky_in_place, cholesky_in_place_scratch};
         use faer::linalg::cholesky::llt::solve::{solve_in_place_scratch, solve_in_place_with_conj};
         let n = a.nrows();
         let k = b.ncols();
@@ -122,7 +122,7 @@ impl Backend for Faer {
                     format!(
                         "the {n}x{n} matrix is not symmetric positive definite: non-positive pivot at index {index} of the Cholesky factorization; use lu_solve for indefinite matrices"
                     ),
-                ))
+                ));
             }
         }
         let mut buf = MemBuffer::new(solve_in_place_scratch::<S>(n, k, par));

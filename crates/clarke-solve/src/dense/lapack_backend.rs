@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 
 use clarke_core::{Error, Result, Scalar};
 use ndarray::{Array, Array1, Array2, ArrayView, ArrayView2, ArrayView3, ArrayViewMut2, Dimension, ShapeBuilder};
-use ndarray_linalg::{JobSvd, MatrixLayout, Pivot, Transpose, SVDDC, UPLO};
+use ndarray_linalg::{JobSvd, MatrixLayout, Pivot, SVDDC, Transpose, UPLO};
 
 use super::{Backend, Lstsq};
 

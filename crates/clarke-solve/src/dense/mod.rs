@@ -136,7 +136,7 @@ fn rhs_matrix<S: Scalar, D: Dimension>(op: &'static str, n: usize, b: &ArrayView
                     "the right-hand side must be a vector or a matrix, got {d} dimensions (shape {:?})",
                     b.shape()
                 ),
-            ))
+            ));
         }
     };
     if b2.nrows() != n {

@@ -3,9 +3,9 @@
 use std::collections::VecDeque;
 
 use clarke_core::{Result, Scalar};
-use ndarray::{s, Array1, Array2, ArrayView1};
+use ndarray::{Array1, Array2, ArrayView1, s};
 
-use super::{start, Evaluator, FixedPointOptions, FixedPointReport, Tracker};
+use super::{Evaluator, FixedPointOptions, FixedPointReport, Tracker, start};
 use crate::dense::faer_backend;
 use crate::util::{all_finite, dot};
 

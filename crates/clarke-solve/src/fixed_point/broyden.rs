@@ -3,7 +3,7 @@
 use clarke_core::{Result, Scalar};
 use ndarray::{Array1, ArrayView1};
 
-use super::{start, Evaluator, FixedPointOptions, FixedPointReport, Tracker};
+use super::{Evaluator, FixedPointOptions, FixedPointReport, Tracker, start};
 use crate::util::{dot, norm2};
 
 /// The inverse-Jacobian estimate `H = beta I + sum_i u_i v_i^T`.

@@ -33,7 +33,7 @@ mod picard;
 
 pub use anderson::anderson;
 pub use broyden::broyden;
-pub use newton::{newton_krylov, newton_krylov_with_jvp, NewtonKrylovOptions};
+pub use newton::{NewtonKrylovOptions, newton_krylov, newton_krylov_with_jvp};
 pub use picard::picard;
 
 use std::fmt;

@@ -3,7 +3,7 @@
 use clarke_core::{Result, Scalar};
 use ndarray::{Array1, ArrayView1};
 
-use super::{start, Evaluator, FixedPointOptions, FixedPointReport, Tracker};
+use super::{Evaluator, FixedPointOptions, FixedPointReport, Tracker, start};
 
 /// Solves `z = T(z)` by the damped iteration `z <- z + beta (T(z) - z)`,
 /// `beta = opts.damping`.

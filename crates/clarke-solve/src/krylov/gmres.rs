@@ -3,7 +3,7 @@
 use clarke_core::{Result, Scalar};
 use ndarray::{Array1, Array2, ArrayView1};
 
-use super::{finish, rel, setup, true_residual, Start};
+use super::{Start, finish, rel, setup, true_residual};
 use crate::linop::LinearOperator;
 use crate::report::{SolveOptions, SolveReport, SolveStatus};
 use crate::util::{dot, f, norm2};

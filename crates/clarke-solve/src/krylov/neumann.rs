@@ -3,7 +3,7 @@
 use clarke_core::{Result, Scalar};
 use ndarray::{Array1, ArrayView1, Zip};
 
-use super::{rel, setup, Start};
+use super::{Start, rel, setup};
 use crate::linop::LinearOperator;
 use crate::report::{SolveOptions, SolveReport, SolveStatus};
 

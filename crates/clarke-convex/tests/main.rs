@@ -1,0 +1,7 @@
+//! Integration tests of `clarke-convex`, one module per subject, linked into one binary: each
+//! integration test file would otherwise be its own binary, linked against the whole
+//! dependency tree.
+
+mod cone;
+mod lasso;
+mod prox_ops;
