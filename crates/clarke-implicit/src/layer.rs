@@ -9,9 +9,9 @@ use ndarray::{Array1, Array2, ArrayD, ArrayViewD, IxDyn};
 
 use crate::adjoint::solve_adjoint;
 use crate::check::{Form, Spectrum, block, run_check};
-use crate::forward::solve_forward;
+use crate::forward::{default_solver, solve_forward};
 use crate::inner::{InnerMap, Linearization, MapFn, flat, into_flat};
-use crate::options::{AdjointSolver, GradientMode, ImplicitOptions, KinkBand};
+use crate::options::{AdjointSolver, ForwardSolver, GradientMode, ImplicitOptions, KinkBand};
 use crate::report::{BackwardReport, CheckOutcome, HypothesisCheck, ReportLog};
 
 /// A reusable implicit layer: a map, its options, the adjoint warm start shared by every
@@ -355,6 +355,14 @@ fn validate(name: &str, form: Form, options: &ImplicitOptions) -> Result<()> {
         _ => Ok(()),
     }?;
     options.check.validate()?;
+    options.forward.validate("implicit layer (forward options)")?;
+    let solver = options.forward_solver.unwrap_or_else(|| default_solver(form));
+    if solver == ForwardSolver::NewtonKrylov {
+        options.newton.validate("implicit layer (Newton-Krylov options)")?;
+    }
+    if matches!(mode, GradientMode::Implicit(_) | GradientMode::TruncatedNeumann { .. }) {
+        options.adjoint.validate("implicit layer (adjoint options)")?;
+    }
     if let KinkBand::SolverError { factor } = options.kink_band {
         if !(factor.is_finite() && factor >= 0.0) {
             return refuse(format!("the kink band factor must be finite and >= 0, got {factor}"));

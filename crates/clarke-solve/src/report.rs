@@ -205,8 +205,11 @@ impl SolveOptions {
         self
     }
 
-    /// Checks the options, naming `op` in the error.
-    pub(crate) fn validate(&self, op: &'static str) -> Result<()> {
+    /// Checks the options, naming `op` in the error: a finite tolerance `>= 0`, a restart
+    /// length of at least 1, a divergence factor above 1. Every solver validates its options
+    /// on entry; layers call this when they are built, so bad options are refused before
+    /// the first solve.
+    pub fn validate(&self, op: &'static str) -> Result<()> {
         if !(self.tol.is_finite() && self.tol >= 0.0) {
             return Err(Error::invalid(
                 op,

@@ -148,7 +148,10 @@ impl FixedPointOptions {
         self
     }
 
-    pub(crate) fn validate(&self, op: &'static str) -> Result<()> {
+    /// Checks the options, naming `op` in the error: a finite tolerance `>= 0`, damping in
+    /// `(0, 1]`, a finite regularization `>= 0`, a divergence factor above 1. Every solver
+    /// validates its options on entry; layers call this when they are built.
+    pub fn validate(&self, op: &'static str) -> Result<()> {
         if !(self.tol.is_finite() && self.tol >= 0.0) {
             return Err(Error::invalid(
                 op,

@@ -74,7 +74,11 @@ impl NewtonKrylovOptions {
         self
     }
 
-    fn validate(&self, op: &'static str) -> Result<()> {
+    /// Checks the options, naming `op` in the error: a finite tolerance `>= 0`, `forcing_max`
+    /// in `(0, 1)`, a finite positive finite-difference step if one is set, and valid inner
+    /// GMRES options (their tolerance is set per step by the forcing term, so only the rest
+    /// is checked). [`newton_krylov`] validates on entry; layers call this when built.
+    pub fn validate(&self, op: &'static str) -> Result<()> {
         if !(self.tol.is_finite() && self.tol >= 0.0) {
             return Err(Error::invalid(
                 op,
