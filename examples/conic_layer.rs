@@ -664,7 +664,7 @@ fn train_run<S: Scalar>(
         let (mut loss_sum, mut n_batches) = (0.0, 0usize);
         let (mut checks, mut solver) = (CheckCounts::default(), SolverCounts::default());
         let (mut forward_seconds, mut backward_seconds) = (0.0, 0.0);
-        for idx in batches(data.y_train.len(), args.batch, &mut rng) {
+        for idx in batches(data.y_train.len(), args.batch, &mut rng)? {
             let tape = Tape::<S>::with_policy(policy.clone())?;
             let bound = params.bind(&tape);
             let x = tape.constant(data.x_train.select(Axis(0), &idx).into_dyn());

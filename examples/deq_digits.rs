@@ -160,7 +160,7 @@ fn run<S: Scalar>(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     for epoch in 1..=epochs {
         let start = Instant::now();
         let (mut loss_sum, mut fwd, mut adj, mut n_batches) = (0.0, 0usize, 0usize, 0usize);
-        for idx in batches(train.len(), args.batch, &mut rng) {
+        for idx in batches(train.len(), args.batch, &mut rng)? {
             let tape = Tape::<S>::with_policy(policy.clone())?;
             let bound = params.bind(&tape);
             let x = tape.constant(x_train.select(ndarray::Axis(0), &idx).into_dyn());

@@ -22,10 +22,10 @@ use std::time::Instant;
 
 use clap::Parser;
 use clarke::convex::cd::{CdOptions, solve};
-use clarke::convex::data::{Split, read_csv, split_centred, synthetic};
+use clarke::convex::data::{Split, read_csv, split_centred, try_synthetic};
 use clarke::convex::hypergrad::{HypergradOptions, Method, ValidationMse, hypergradient};
 use clarke::convex::model::{LassoModel, Penalty};
-use clarke::convex::search::{SearchOptions, Stepper, geometric_grid, gradient_search, grid_search};
+use clarke::convex::search::{SearchOptions, Stepper, gradient_search, grid_search, try_geometric_grid};
 use clarke::core::KinkPolicy;
 use clarke::nn::plot::{Panel, save_png};
 use ndarray::Array1;
@@ -70,7 +70,7 @@ struct Args {
 fn load(args: &Args) -> Result<(String, Split), clarke::core::Error> {
     if args.synthetic {
         let p = if args.quick { 300 } else { 10_000 };
-        let data = synthetic(400, p, 20, 1.0, args.seed);
+        let data = try_synthetic(400, p, 20, 1.0, args.seed)?;
         Ok((
             format!("synthetic (p = {p}, seed {})", args.seed),
             split_centred(&data, 0..200, 200..400)?,
@@ -226,7 +226,7 @@ fn run(args: &Args) -> Result<(), clarke::core::Error> {
     let cd = CdOptions::default().with_tol(1e-8);
     let grid_points = if args.quick { args.grid.min(10) } else { args.grid };
     let steps = if args.quick { args.steps.min(8) } else { args.steps };
-    let grid = grid_search(&model, &val, &geometric_grid(lmax, 0.01, grid_points), &cd)?;
+    let grid = grid_search(&model, &val, &try_geometric_grid(lmax, 0.01, grid_points)?, &cd)?;
     eprintln!(
         "\ngrid ({grid_points} points, warm-started): best lambda {:.4e} (lambda_max/{:.1}), validation loss {:.6e}, {:.3} s",
         grid.best_lambda,

@@ -112,7 +112,7 @@ fn bifurcates<S: Scalar>(x: &Array2<f64>, y: &[usize], batch: usize, seed: u64) 
     let xs: Array2<S> = x.mapv(S::from_f64_lossy);
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
     let (mut differs, mut hits) = (false, 0);
-    for idx in batches(xs.nrows(), batch, &mut rng) {
+    for idx in batches(xs.nrows(), batch, &mut rng)? {
         let tape = Tape::<S>::new();
         let bound = params.bind(&tape);
         let xb = tape.constant(xs.select(Axis(0), &idx).into_dyn());
@@ -212,7 +212,7 @@ fn run(args: &Args) -> std::result::Result<(), Box<dyn std::error::Error>> {
     let mut curve = Vec::new();
     let mut train_hits = [0usize; 2];
     for epoch in 1..=epochs {
-        for idx in batches(xtr.nrows(), args.batch, &mut rng) {
+        for idx in batches(xtr.nrows(), args.batch, &mut rng)? {
             let labels: Vec<usize> = idx.iter().map(|&i| train.y[i]).collect();
             let xb = xtr.select(Axis(0), &idx);
             for (k, (params, mlp, opt)) in nets.iter_mut().enumerate() {

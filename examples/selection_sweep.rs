@@ -224,7 +224,7 @@ fn run(args: &Args) -> std::result::Result<(), Box<dyn std::error::Error>> {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let mut curve = Vec::new();
         for epoch in 1..=epochs {
-            for idx in batches(x_train.nrows(), 64, &mut rng) {
+            for idx in batches(x_train.nrows(), 64, &mut rng)? {
                 let labels: Vec<usize> = idx.iter().map(|&i| train.y[i]).collect();
                 let (_, g) = step(&m, &x_train.select(Axis(0), &idx), &labels, s)?;
                 adam.step(&mut m.params, &g)?;

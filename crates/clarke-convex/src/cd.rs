@@ -27,14 +27,16 @@ pub struct CdOptions {
     /// with `w = 1/n` this is scikit-learn's `tol`). Default `1e-8`.
     pub tol: f64,
     /// Largest number of epochs (passes over the working set), all outer iterations
-    /// together. Default 20,000.
+    /// together. Default 20,000. With 0 the fit is the start (zero or the warm start) with
+    /// its duality gap, `MaxEpochs` unless that start already meets the tolerance.
     pub max_epochs: usize,
-    /// Epochs between two gap checks of the inner solver. Default 10.
+    /// Epochs between two gap checks of the inner solver (`>= 1`). Default 10.
     pub gap_every: usize,
     /// Use working sets (default `true`); `false` runs cyclic coordinate descent on every
     /// feature, checking the gap every `gap_every` epochs.
     pub working_set: bool,
-    /// Size of the first working set (grown to at least twice the support). Default 16.
+    /// Size of the first working set (grown to at least twice the support). Default 16; 0
+    /// counts as 1 (a working set is never empty).
     pub ws_start: usize,
     /// Anderson extrapolation every this many epochs from the last iterates (0: off).
     /// Default 5. An extrapolated point is kept only when it lowers the objective, so it
@@ -229,8 +231,10 @@ fn dot_logistic(x: &[f64], y: &[f64], r: &[f64]) -> f64 {
 /// coordinate descent (exact coordinate minimisation for the squared loss, a step on the
 /// coordinate-wise quadratic bound `w ||x_j||^2 / 4` for the logistic loss), from `warm` (a previous solution, for paths and searches) or zero.
 ///
-/// Errors on bad input (a `lambda <= 0`, a warm start of the wrong length or with non-finite
-/// values). An exhausted epoch budget is not an error: the fit says `MaxEpochs` with its gap
+/// Errors on bad input (a `lambda` that is not finite and `> 0` or a per-feature penalty of
+/// another length than the features, a `tol` that is not finite and `>= 0`, `gap_every ==
+/// 0`, a warm start of the wrong length or with non-finite values). The model's data was
+/// validated by [`LassoModel::new`] (no empty design, no constant column). An exhausted epoch budget is not an error: the fit says `MaxEpochs` with its gap
 /// ([`Fit::into_result`] makes it one).
 pub fn solve(
     model: &LassoModel,
@@ -246,6 +250,12 @@ pub fn solve(
         return Err(Error::invalid(
             OP,
             format!("tol must be finite and >= 0, got {}", options.tol),
+        ));
+    }
+    if options.gap_every == 0 {
+        return Err(Error::invalid(
+            OP,
+            "gap_every must be >= 1 (the inner solver checks its gap every gap_every epochs)",
         ));
     }
     let mut beta = vec![0.0; p];
@@ -288,7 +298,7 @@ pub fn solve(
     let mut scores: Vec<(f64, usize)> = Vec::with_capacity(p);
     let mut ws: Vec<usize> = Vec::with_capacity(p);
     let mut corr_ws: Vec<f64> = Vec::with_capacity(p);
-    let gap_every = options.gap_every.max(1);
+    let gap_every = options.gap_every;
     let mut previous_gap: Option<f64> = None;
     let mut anderson = Anderson::default();
     loop {
@@ -408,7 +418,10 @@ pub fn solve(
 }
 
 /// Solves along a sequence of penalties, each warm-started from the previous solution (a
-/// regularisation path; pass decreasing `lambda`s).
+/// regularisation path; pass decreasing `lambda`s). An empty sequence gives an empty path.
+///
+/// # Errors
+/// As [`solve`], for the first penalty it refuses.
 pub fn path(model: &LassoModel, penalties: &[Penalty], options: &CdOptions) -> Result<Vec<Fit>> {
     let mut fits: Vec<Fit> = Vec::with_capacity(penalties.len());
     for pen in penalties {

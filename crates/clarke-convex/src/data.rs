@@ -21,6 +21,12 @@ pub struct Regression {
 }
 
 /// Reads a numeric CSV with a header line; the last column is the target.
+///
+/// # Errors
+/// [`Error::Data`] naming the file (and the line and column): an unreadable or empty file,
+/// fewer than two columns, a line with another number of fields, a field that is not a
+/// number or is not finite (`NaN` and `inf` parse as numbers but no model accepts them),
+/// no data line after the header.
 pub fn read_csv(path: impl AsRef<Path>) -> Result<Regression> {
     let path = path.as_ref();
     let text =
@@ -62,9 +68,23 @@ pub fn read_csv(path: impl AsRef<Path>) -> Result<Regression> {
                     f
                 ))
             })?;
+            if !v.is_finite() {
+                return Err(Error::Data(format!(
+                    "{}: line {}, column {:?}: {v} is not finite",
+                    path.display(),
+                    k + 2,
+                    header[c]
+                )));
+            }
             values.push(v);
         }
         rows += 1;
+    }
+    if rows == 0 {
+        return Err(Error::Data(format!(
+            "{}: no data line after the header",
+            path.display()
+        )));
     }
     let all = Array2::from_shape_vec((rows, cols), values).map_err(|e| Error::Data(e.to_string()))?;
     Ok(Regression {
@@ -114,10 +134,33 @@ pub fn split_centred(data: &Regression, train: std::ops::Range<usize>, val: std:
 /// A seeded sparse regression problem: `n` rows of i.i.d. standard normal features (`p`
 /// columns), `informative` non-zero coefficients (the first ones, values `+-1` to `+-2`),
 /// Gaussian noise of standard deviation `noise`.
-pub fn synthetic(n: usize, p: usize, informative: usize, noise: f64, seed: u64) -> Regression {
+///
+/// # Errors
+/// `n == 0` or `p == 0` (no data), `informative > p`, or a `noise` that is not finite and
+/// `>= 0`, naming `synthetic` and the value.
+pub fn try_synthetic(n: usize, p: usize, informative: usize, noise: f64, seed: u64) -> Result<Regression> {
+    const OP: &str = "synthetic";
+    if n == 0 || p == 0 {
+        return Err(Error::invalid(
+            OP,
+            format!("empty data: asked for {n} rows and {p} columns"),
+        ));
+    }
+    if informative > p {
+        return Err(Error::invalid(
+            OP,
+            format!("{informative} informative features asked for, but there are only p = {p}"),
+        ));
+    }
+    if !(noise.is_finite() && noise >= 0.0) {
+        return Err(Error::invalid(
+            OP,
+            format!("noise is a standard deviation and must be finite and >= 0, got {noise}"),
+        ));
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let x = Array2::from_shape_simple_fn((n, p), || StandardNormal.sample(&mut rng));
-    let k = informative.min(p);
+    let k = informative;
     let mut beta = Array1::zeros(p);
     for j in 0..k {
         let mag = 1.0 + (j as f64) / (k.max(2) - 1) as f64;
@@ -125,9 +168,18 @@ pub fn synthetic(n: usize, p: usize, informative: usize, noise: f64, seed: u64) 
     }
     let eps: Array1<f64> = Array1::from_shape_simple_fn(n, || StandardNormal.sample(&mut rng));
     let y = x.dot(&beta) + eps * noise;
-    Regression {
+    Ok(Regression {
         names: (0..p).map(|j| format!("x{j}")).collect(),
         x,
         y,
-    }
+    })
+}
+
+/// Panicking form of [`try_synthetic`], for examples and tests with fixed arguments.
+///
+/// # Panics
+/// On the arguments [`try_synthetic`] refuses, with its error.
+#[track_caller]
+pub fn synthetic(n: usize, p: usize, informative: usize, noise: f64, seed: u64) -> Regression {
+    try_synthetic(n, p, informative, noise, seed).unwrap_or_else(|e| panic!("{e}"))
 }

@@ -54,4 +54,4 @@ pub use cd::{CdOptions, Fit, FitStatus, solve};
 pub use hypergrad::{Criterion, HypergradOptions, Hypergradient, Method, SupportCheck, ValidationMse, hypergradient};
 pub use kinks::{KinkSite, Prox};
 pub use model::{LassoModel, Loss, LossScale, Penalty};
-pub use search::{SearchOptions, Stepper, geometric_grid, gradient_search, grid_search};
+pub use search::{SearchOptions, Stepper, geometric_grid, gradient_search, grid_search, try_geometric_grid};

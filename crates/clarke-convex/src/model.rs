@@ -74,12 +74,26 @@ pub enum Penalty {
 }
 
 impl Penalty {
-    /// `lambda_j`.
+    /// `lambda_j`, for an index `j` already known to be a feature of the penalty's model
+    /// (the solvers' inner loops, after [`Penalty::validate`] checked the length).
+    ///
+    /// # Panics
+    /// For a per-feature penalty, when `j` is not below [`Penalty::len`]; a uniform penalty
+    /// returns its `lambda` for every `j`. [`Penalty::get`] is the checked form.
     #[inline]
     pub fn at(&self, j: usize) -> f64 {
         match self {
             Penalty::Uniform(l) => *l,
             Penalty::PerFeature(l) => l[j],
+        }
+    }
+
+    /// `lambda_j`, or `None` when `j` is outside a per-feature penalty (a uniform penalty
+    /// has `lambda_j = lambda` for every `j`).
+    pub fn get(&self, j: usize) -> Option<f64> {
+        match self {
+            Penalty::Uniform(l) => Some(*l),
+            Penalty::PerFeature(l) => l.get(j).copied(),
         }
     }
 

@@ -18,9 +18,23 @@ use crate::prox::check_finite;
 
 /// Clamps every element to `[lo, hi]` (the projection onto a box). The derivative at a
 /// bound is the policy's `clamp_low` / `clamp_high`; the kinks are in the backward ledger
-/// under `"clamp"`. Errors on `lo > hi` or NaN bounds.
+/// under `"clamp"`.
+///
+/// Infinite bounds are allowed (`lo = -inf` or `hi = inf` leave that side open); `lo == hi`
+/// is the single point `{lo}`, every element then sits on both bounds.
+///
+/// # Errors
+/// A NaN bound, or `lo > hi` (the box is empty and has no projection), naming
+/// `project_box` and both bounds; a non-finite element of `u`.
 pub fn project_box<'t, S: Scalar>(u: Var<'t, S>, lo: S, hi: S) -> Result<Var<'t, S>> {
-    u.with_value(|v| check_finite("project_box", "input u", v))?;
+    const OP: &str = "project_box";
+    if lo.is_nan() || hi.is_nan() || lo > hi {
+        return Err(Error::invalid(
+            OP,
+            format!("the box [lo, hi] must be non-empty with lo <= hi and no NaN, got lo = {lo}, hi = {hi}"),
+        ));
+    }
+    u.with_value(|v| check_finite(OP, "input u", v))?;
     u.try_clamp(lo, hi)
 }
 
@@ -31,17 +45,46 @@ pub fn project_nonneg<'t, S: Scalar>(u: Var<'t, S>) -> Result<Var<'t, S>> {
     Ok(u.relu())
 }
 
-/// The threshold `tau` with `sum_i max(a_i - tau, 0) = radius` (for `a` with
-/// `sum_i max(a_i, 0) > radius`), by sorting: O(p log p).
+/// The threshold `tau` with `sum_i max(a_i - tau, 0) = radius`, by sorting: O(p log p).
+/// When `sum_i max(a_i, 0) <= radius` no threshold `>= 0` reaches the radius and the result
+/// is the `tau < 0` that does (for the simplex projection `max(a - tau, 0)`, which then
+/// lifts every entry).
 ///
 /// The search runs on `a_i - max(a)`, so the result is `max(a)` plus a threshold computed
 /// to the rounding of the radius, not of the entries.
-pub fn simplex_threshold(a: &[f64], radius: f64) -> f64 {
+///
+/// # Errors
+/// A `radius` that is not finite and `> 0` (the simplex of radius 0 is the single point 0,
+/// a negative radius gives an empty set: neither has a threshold), an empty `a`, or a
+/// non-finite entry, naming `simplex_threshold` and the value.
+pub fn simplex_threshold(a: &[f64], radius: f64) -> Result<f64> {
+    const OP: &str = "simplex_threshold";
+    check_radius(OP, radius)?;
     if a.is_empty() {
-        return 0.0;
+        return Err(Error::invalid(OP, "the input is empty: the simplex in R^0 is empty"));
+    }
+    if let Some((i, v)) = a.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::invalid(
+            OP,
+            format!("input has a non-finite value {v} at index {i}"),
+        ));
     }
     let (top, shifted) = shift_by_max(a);
-    top + shifted_threshold(&shifted, radius)
+    Ok(top + shifted_threshold(&shifted, radius))
+}
+
+/// Checks a ball or simplex radius: finite and `> 0`.
+fn check_radius(op: &'static str, radius: f64) -> Result<()> {
+    if radius.is_finite() && radius > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            op,
+            format!(
+                "radius must be finite and > 0, got {radius} (radius 0 is the single point 0, a negative radius an empty set)"
+            ),
+        ))
+    }
 }
 
 /// `max(a)` and `a_i - max(a)`: the largest entry becomes 0, and the entries within the
@@ -75,6 +118,10 @@ fn shifted_threshold(b: &[f64], radius: f64) -> f64 {
 /// Projection onto the simplex `{x >= 0, sum x = radius}` (`radius > 0`):
 /// `x = max(u - tau, 0)`.
 ///
+/// # Errors
+/// A `radius` that is not finite and `> 0` (0 would make the set the single point 0, a
+/// negative radius an empty set), a `u` that is not a non-empty vector of finite values.
+///
 /// The derivative at `u_i == tau` (a coordinate on the boundary of the active face) is the
 /// policy's `relu` selection `d_i`; the Jacobian is `D - d d^T / sum(d)`. The site reports
 /// those coordinates (`"project_simplex"`).
@@ -104,18 +151,17 @@ pub fn project_simplex<S: Scalar>(u: Var<'_, S>, radius: f64) -> Result<Prox<'_,
 /// At `|u_i| == tau` the derivative is the policy's `soft_threshold` selection; the
 /// Jacobian is `D - (d s)(d s)^T / sum(d)` with `s = sign(u)`. A point exactly on the
 /// sphere `||u||_1 == radius` is treated as inside (the identity Jacobian).
+///
+/// # Errors
+/// As [`project_simplex`] (a radius of 0 would make the ball the single point 0, a negative
+/// one an empty set).
 pub fn project_l1_ball<S: Scalar>(u: Var<'_, S>, radius: f64) -> Result<Prox<'_, S>> {
     threshold_projection(u, radius, true)
 }
 
 fn threshold_projection<S: Scalar>(u: Var<'_, S>, radius: f64, l1: bool) -> Result<Prox<'_, S>> {
     let op: &'static str = if l1 { "project_l1_ball" } else { "project_simplex" };
-    if !(radius.is_finite() && radius > 0.0) {
-        return Err(Error::invalid(
-            op,
-            format!("radius must be finite and > 0, got {radius}"),
-        ));
-    }
+    check_radius(op, radius)?;
     let uv = u.value();
     if uv.ndim() != 1 {
         return Err(Error::shapes(op, uv.shape(), &[uv.len()], "the input must be a vector"));

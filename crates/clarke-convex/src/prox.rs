@@ -22,13 +22,20 @@ use ndarray::{ArrayD, IxDyn};
 
 use crate::kinks::{KinkSite, Prox, SiteKind, declare, resolve};
 
-/// `S_lambda(u) = sign(u) max(|u| - lambda, 0)` elementwise, in f64 (for solvers).
+/// `S_lambda(u) = sign(u) max(|u| - lambda, 0)` on one value, in f64 (for solvers' inner
+/// loops, which validate their thresholds once).
+///
+/// A NaN `u` or `lambda` gives NaN (it is not thresholded to 0). `lambda` must be `>= 0`:
+/// a negative one is passed on unchecked (this is a per-element kernel) and moves `u` away
+/// from 0 instead of towards it, which is not a prox; [`soft_threshold`] checks it.
 #[inline]
 pub fn soft_threshold_scalar(u: f64, lambda: f64) -> f64 {
     if u > lambda {
         u - lambda
     } else if u < -lambda {
         u + lambda
+    } else if u.is_nan() || lambda.is_nan() {
+        f64::NAN
     } else {
         0.0
     }

@@ -71,6 +71,89 @@ pub struct SearchOptions {
     pub min_ratio: f64,
 }
 
+impl SearchOptions {
+    /// Checks the options [`gradient_search`] reads itself (the inner solves and the
+    /// hypergradients check theirs): the stepper's step, `tol`, `max_step`,
+    /// `rel_improvement`, `min_ratio` and, with a coarse grid, `coarse_ratio` and
+    /// `coarse_tol`.
+    fn validate(&self, op: &'static str) -> Result<()> {
+        let (step_name, step) = match self.stepper {
+            Stepper::LineSearch { initial_step } => ("initial_step", initial_step),
+            Stepper::Adam { lr } => ("lr", lr),
+        };
+        positive(op, step_name, step)?;
+        positive(op, "max_step", self.max_step)?;
+        non_negative(op, "tol", self.tol)?;
+        non_negative(op, "rel_improvement", self.rel_improvement)?;
+        if !(self.min_ratio > 0.0 && self.min_ratio < 1.0) {
+            return Err(Error::invalid(
+                op,
+                format!("min_ratio must be in (0, 1), got {}", self.min_ratio),
+            ));
+        }
+        if self.coarse_grid > 0 {
+            check_ratio(op, "coarse_ratio", self.coarse_ratio)?;
+            non_negative(op, "coarse_tol", self.coarse_tol)?;
+        }
+        Ok(())
+    }
+}
+
+/// `Ok` when `v` is finite and `> 0`, else an error naming `op` and the option.
+fn positive(op: &'static str, name: &str, v: f64) -> Result<()> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        Err(Error::invalid(op, format!("{name} must be finite and > 0, got {v}")))
+    }
+}
+
+/// `Ok` when `v` is finite and `>= 0`, else an error naming `op` and the option.
+fn non_negative(op: &'static str, name: &str, v: f64) -> Result<()> {
+    if v.is_finite() && v >= 0.0 {
+        Ok(())
+    } else {
+        Err(Error::invalid(op, format!("{name} must be finite and >= 0, got {v}")))
+    }
+}
+
+/// `Ok` when `v` is in `(0, 1]`, else an error naming `op` and the option.
+fn check_ratio(op: &'static str, name: &str, v: f64) -> Result<()> {
+    if v > 0.0 && v <= 1.0 {
+        Ok(())
+    } else {
+        Err(Error::invalid(op, format!("{name} must be in (0, 1], got {v}")))
+    }
+}
+
+/// `C(beta)`, refused when it is not finite: a NaN value would lose every comparison and
+/// leave a search on an arbitrary point.
+fn criterion_value(op: &'static str, criterion: &dyn Criterion, fit: &Fit, lambda: f64) -> Result<f64> {
+    let v = criterion.value(fit.beta.view())?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(Error::invalid(
+            op,
+            format!("the criterion is {v} at lambda = {lambda:e}; a search needs finite values"),
+        ))
+    }
+}
+
+/// `lambda_max` of `model`, refused when it is 0: then `beta = 0` for every `lambda > 0`
+/// (no feature correlates with the response) and there is nothing to search.
+fn positive_lambda_max(op: &'static str, model: &LassoModel) -> Result<f64> {
+    let lmax = model.lambda_max();
+    if lmax > 0.0 && lmax.is_finite() {
+        Ok(lmax)
+    } else {
+        Err(Error::invalid(
+            op,
+            format!("lambda_max = {lmax}: no feature correlates with the response, beta = 0 for every lambda > 0"),
+        ))
+    }
+}
+
 impl Default for SearchOptions {
     fn default() -> Self {
         SearchOptions {
@@ -133,6 +216,13 @@ fn summary(pen: &Penalty) -> f64 {
 
 /// Minimises `criterion(beta_hat(lambda))` over `log lambda` from `init` (its kind sets the
 /// hyperparameters: one, or one per feature).
+///
+/// # Errors
+/// An `init` the model refuses ([`Penalty::validate`]), invalid options (a step or
+/// `max_step` that is not finite and `> 0`, a negative or non-finite `tol` or
+/// `rel_improvement`, `min_ratio` outside `(0, 1)`, with a coarse grid `coarse_ratio`
+/// outside `(0, 1]`), a model with `lambda_max = 0`, a criterion value that is not finite;
+/// errors of the inner solves (an unconverged one included) and of the hypergradients.
 pub fn gradient_search(
     model: &LassoModel,
     criterion: &dyn Criterion,
@@ -142,13 +232,8 @@ pub fn gradient_search(
     const OP: &str = "gradient_search";
     let start = Instant::now();
     init.validate(OP, model.p())?;
-    if !(options.min_ratio > 0.0 && options.min_ratio < 1.0) {
-        return Err(Error::invalid(
-            OP,
-            format!("min_ratio must be in (0, 1), got {}", options.min_ratio),
-        ));
-    }
-    let lmax = model.lambda_max();
+    options.validate(OP)?;
+    let lmax = positive_lambda_max(OP, model)?;
     let lo = (lmax * options.min_ratio).ln();
     let hi = match init {
         Penalty::Uniform(_) => lmax.ln(),
@@ -167,7 +252,7 @@ pub fn gradient_search(
         };
         let mut best = f64::INFINITY;
         let mut warm: Option<Fit> = None;
-        for l in geometric_grid(lmax, options.coarse_ratio, options.coarse_grid) {
+        for l in try_geometric_grid(lmax, options.coarse_ratio, options.coarse_grid)? {
             let f = solve(
                 model,
                 &Penalty::Uniform(l),
@@ -176,7 +261,7 @@ pub fn gradient_search(
             )?
             .into_result()?;
             solves += 1;
-            let v = criterion.value(f.beta.view())?;
+            let v = criterion_value(OP, criterion, &f, l)?;
             if v < best {
                 best = v;
                 start_log.fill(l.ln());
@@ -236,7 +321,7 @@ pub fn gradient_search(
                     let cpen = init.from_log_like(cand.view())?;
                     let cfit = solve(model, &cpen, Some(fit.beta.view()), &options.cd)?.into_result()?;
                     solves += 1;
-                    let cval = criterion.value(cfit.beta.view())?;
+                    let cval = criterion_value(OP, criterion, &cfit, summary(&cpen))?;
                     if cval <= hg.value + 1e-4 * g.dot(&d) {
                         accepted = Some((cand, cfit, cval));
                         break;
@@ -269,7 +354,7 @@ pub fn gradient_search(
                 let cpen = init.from_log_like(cand.view())?;
                 let cfit = solve(model, &cpen, Some(fit.beta.view()), &options.cd)?.into_result()?;
                 solves += 1;
-                let cval = criterion.value(cfit.beta.view())?;
+                let cval = criterion_value(OP, criterion, &cfit, summary(&cpen))?;
                 (cand, cfit, cval)
             }
         };
@@ -314,14 +399,34 @@ pub fn gradient_search(
     })
 }
 
-/// `num` values from `lambda_max` down to `lambda_max * ratio`, evenly spaced in log.
-pub fn geometric_grid(lambda_max: f64, ratio: f64, num: usize) -> Vec<f64> {
-    if num == 1 {
-        return vec![lambda_max];
+/// `num` values from `lambda_max` down to `lambda_max * ratio`, evenly spaced in log
+/// (`num == 1`: `lambda_max` alone).
+///
+/// # Errors
+/// `num == 0`, a `lambda_max` that is not finite and `> 0`, a `ratio` outside `(0, 1]`,
+/// naming `geometric_grid` and the value.
+pub fn try_geometric_grid(lambda_max: f64, ratio: f64, num: usize) -> Result<Vec<f64>> {
+    const OP: &str = "geometric_grid";
+    if num == 0 {
+        return Err(Error::invalid(OP, "num must be >= 1: the grid would be empty"));
     }
-    (0..num)
+    positive(OP, "lambda_max", lambda_max)?;
+    check_ratio(OP, "ratio", ratio)?;
+    if num == 1 {
+        return Ok(vec![lambda_max]);
+    }
+    Ok((0..num)
         .map(|k| lambda_max * ratio.powf(k as f64 / (num - 1) as f64))
-        .collect()
+        .collect())
+}
+
+/// Panicking form of [`try_geometric_grid`].
+///
+/// # Panics
+/// On the arguments [`try_geometric_grid`] refuses, with its error.
+#[track_caller]
+pub fn geometric_grid(lambda_max: f64, ratio: f64, num: usize) -> Vec<f64> {
+    try_geometric_grid(lambda_max, ratio, num).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// One grid point.
@@ -351,23 +456,36 @@ pub struct GridResult {
 }
 
 /// Solves at every `lambda` of `lambdas` (pass them decreasing), each warm-started from
-/// the previous solution, and keeps the one with the smallest criterion.
+/// the previous solution, and keeps the one with the smallest criterion (the first of
+/// equal ones).
+///
+/// # Errors
+/// An empty grid, a `lambda` that is not finite and `> 0` (with its index), a criterion
+/// value that is not finite, naming `grid_search`; errors of the inner solves (an
+/// unconverged one included).
 pub fn grid_search(
     model: &LassoModel,
     criterion: &dyn Criterion,
     lambdas: &[f64],
     cd: &CdOptions,
 ) -> Result<GridResult> {
+    const OP: &str = "grid_search";
     let start = Instant::now();
     if lambdas.is_empty() {
-        return Err(Error::invalid("grid_search", "the grid is empty"));
+        return Err(Error::invalid(OP, "the grid is empty"));
+    }
+    if let Some((i, l)) = lambdas.iter().enumerate().find(|(_, l)| !(l.is_finite() && **l > 0.0)) {
+        return Err(Error::invalid(
+            OP,
+            format!("every lambda must be finite and > 0, got lambdas[{i}] = {l}"),
+        ));
     }
     let mut points = Vec::with_capacity(lambdas.len());
     let mut best: Option<(f64, f64, Fit)> = None;
     let mut warm: Option<Fit> = None;
     for &l in lambdas {
         let fit = solve(model, &Penalty::Uniform(l), warm.as_ref().map(|f| f.beta.view()), cd)?.into_result()?;
-        let value = criterion.value(fit.beta.view())?;
+        let value = criterion_value(OP, criterion, &fit, l)?;
         points.push(GridPoint {
             lambda: l,
             value,

@@ -2,6 +2,7 @@
 //! integration test file would otherwise be its own binary, linked against the whole
 //! dependency tree.
 
+mod bad_input;
 mod cone;
 mod lasso;
 mod prox_ops;

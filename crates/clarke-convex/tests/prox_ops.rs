@@ -275,7 +275,7 @@ fn bad_input_is_refused_with_the_op_and_value() {
     let m = message(project_l1_ball(nan, 1.0).unwrap_err());
     assert!(m.contains("project_l1_ball") && m.contains("NaN"), "{m}");
     let m = message(project_box(u, 1.0, 0.0).unwrap_err());
-    assert!(m.contains("clamp") && m.contains("lo = 1"), "{m}");
+    assert!(m.contains("project_box") && m.contains("lo = 1"), "{m}");
 }
 
 #[test]

@@ -8,6 +8,9 @@ use rand::Rng;
 use rand::seq::SliceRandom;
 
 /// A classification data set: features `[rows, features]` and integer labels.
+///
+/// The fields are public; the methods that use them refuse a value whose fields do not fit
+/// together (a label count other than the row count, a label not below `classes`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {
     /// Features, one row per example.
@@ -87,7 +90,7 @@ impl Dataset {
         Ok(Dataset { x, y, classes })
     }
 
-    /// Number of rows.
+    /// Number of rows (of labels: the methods that use the rows check that `x` has as many).
     pub fn len(&self) -> usize {
         self.y.len()
     }
@@ -105,8 +108,10 @@ impl Dataset {
     /// Splits rows by index: those for which `test(i)` holds go to the second set.
     ///
     /// # Errors
-    /// When either side would be empty.
+    /// Fields that do not fit together (see [`Dataset`]), or a split that leaves either side
+    /// empty.
     pub fn split_by_index(&self, test: impl Fn(usize) -> bool) -> Result<(Dataset, Dataset)> {
+        self.check("Dataset::split_by_index")?;
         let (te, tr): (Vec<usize>, Vec<usize>) = (0..self.len()).partition(|&i| test(i));
         if te.is_empty() || tr.is_empty() {
             return Err(Error::invalid(
@@ -120,8 +125,10 @@ impl Dataset {
     /// The rows `idx`, in that order (repeats allowed).
     ///
     /// # Errors
-    /// A row index out of range, naming it.
+    /// Fields that do not fit together (see [`Dataset`]), or a row index out of range, naming
+    /// it.
     pub fn select(&self, idx: &[usize]) -> Result<Dataset> {
+        self.check("Dataset::select")?;
         if let Some((k, &i)) = idx.iter().enumerate().find(|&(_, &i)| i >= self.len()) {
             return Err(Error::invalid(
                 "Dataset::select",
@@ -139,8 +146,42 @@ impl Dataset {
     }
 
     /// The features converted to the training precision.
-    pub fn x_as<S: Scalar>(&self) -> Array2<S> {
-        self.x.mapv(S::from_f64_lossy)
+    ///
+    /// # Errors
+    /// A feature that is not finite in `S` (NaN, or 1e300 in f32), naming its row and column.
+    pub fn x_as<S: Scalar>(&self) -> Result<Array2<S>> {
+        let x = self.x.mapv(S::from_f64_lossy);
+        if let Some(((i, j), _)) = x.indexed_iter().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::invalid(
+                "Dataset::x_as",
+                format!(
+                    "row {i}, column {j}: feature {:?} is not finite in {}",
+                    self.x[[i, j]],
+                    S::NAME
+                ),
+            ));
+        }
+        Ok(x)
+    }
+
+    /// Refuses fields that do not fit together: a label count other than the row count of
+    /// `x`, or a label not below `classes`.
+    fn check(&self, op: &'static str) -> Result<()> {
+        if self.x.nrows() != self.y.len() {
+            return Err(Error::shapes(
+                op,
+                self.x.shape(),
+                &[self.y.len(), self.x.ncols()],
+                format!("x has {} rows for {} labels", self.x.nrows(), self.y.len()),
+            ));
+        }
+        if let Some((i, &label)) = self.y.iter().enumerate().find(|&(_, &l)| l >= self.classes) {
+            return Err(Error::invalid(
+                op,
+                format!("row {i}: label {label} is out of range for {} classes", self.classes),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -153,7 +194,8 @@ pub struct Scaler {
 }
 
 impl Scaler {
-    /// Divides every feature by the same constant (digits: 16).
+    /// Divides every feature by the same constant (digits: 16). A negative constant flips the
+    /// features; a tiny one may overflow, which [`Scaler::apply`] refuses.
     ///
     /// # Errors
     /// A zero or non-finite constant.
@@ -173,49 +215,90 @@ impl Scaler {
     /// Maps each feature's training range to `[0, 1]`; a constant feature is only shifted.
     ///
     /// # Errors
-    /// No rows to fit on.
+    /// No rows to fit on, a non-finite feature (naming its row and column), or a range that
+    /// overflows (wider than `f64::MAX`).
     pub fn min_max(x: &Array2<f64>) -> Result<Self> {
-        no_rows("Scaler::min_max", x)?;
+        const OP: &str = "Scaler::min_max";
+        fit_input(OP, x)?;
         let lo = x.fold_axis(Axis(0), f64::INFINITY, |a, &b| a.min(b));
         let hi = x.fold_axis(Axis(0), f64::NEG_INFINITY, |a, &b| a.max(b));
         let scale = (&hi - &lo).mapv(|r| if r > 0.0 { r } else { 1.0 });
-        Ok(Scaler { shift: lo, scale })
+        Scaler { shift: lo, scale }.fitted(OP, "range")
     }
 
     /// Zero mean and unit variance per feature on the training data; a constant feature is
     /// only centred.
     ///
     /// # Errors
-    /// No rows to fit on.
+    /// No rows to fit on, a non-finite feature (naming its row and column), or a mean or
+    /// standard deviation that overflows (features beyond about `1e154` in magnitude).
     pub fn standardize(x: &Array2<f64>) -> Result<Self> {
-        no_rows("Scaler::standardize", x)?;
+        const OP: &str = "Scaler::standardize";
+        fit_input(OP, x)?;
         let mean = x.mean_axis(Axis(0)).unwrap_or_else(|| Array1::zeros(x.ncols()));
         let std = x.std_axis(Axis(0), 0.0).mapv(|s| if s > 0.0 { s } else { 1.0 });
-        Ok(Scaler {
+        Scaler {
             shift: mean,
             scale: std,
-        })
+        }
+        .fitted(OP, "mean or standard deviation")
     }
 
     /// Applies the scaling.
     ///
     /// # Errors
-    /// When the number of features differs from the fitted one.
+    /// When the number of features differs from the fitted one, a feature is not finite, or
+    /// a scaled value overflows (a test value far outside the training range): each names
+    /// the row and column.
     pub fn apply(&self, x: &Array2<f64>) -> Result<Array2<f64>> {
+        const OP: &str = "Scaler::apply";
         if x.ncols() != self.shift.len() {
             return Err(Error::shapes(
-                "Scaler::apply",
+                OP,
                 x.shape(),
                 &[x.nrows(), self.shift.len()],
                 "the scaler was fitted on another number of features",
             ));
         }
-        Ok((x - &self.shift) / &self.scale)
+        finite_features(OP, x)?;
+        let scaled = (x - &self.shift) / &self.scale;
+        if let Some(((i, j), v)) = scaled.indexed_iter().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "row {i}, column {j}: feature {:?} scales to {v} (shift {:?}, scale {:?})",
+                    x[[i, j]],
+                    self.shift[j],
+                    self.scale[j]
+                ),
+            ));
+        }
+        Ok(scaled)
+    }
+
+    /// `self`, or an error naming the first feature whose fitted `what` overflowed.
+    fn fitted(self, op: &'static str, what: &str) -> Result<Self> {
+        let overflow = self
+            .shift
+            .iter()
+            .zip(&self.scale)
+            .position(|(s, c)| !(s.is_finite() && c.is_finite()));
+        match overflow {
+            None => Ok(self),
+            Some(j) => Err(Error::invalid(
+                op,
+                format!(
+                    "column {j}: the {what} overflows (shift {:?}, scale {:?})",
+                    self.shift[j], self.scale[j]
+                ),
+            )),
+        }
     }
 }
 
-/// Refuses to fit a scaler on no rows (the fitted shift would be infinite or arbitrary).
-fn no_rows(op: &'static str, x: &Array2<f64>) -> Result<()> {
+/// Refuses data to fit a scaler on: no rows (the fitted shift would be infinite or
+/// arbitrary) or a non-finite feature.
+fn fit_input(op: &'static str, x: &Array2<f64>) -> Result<()> {
     if x.nrows() == 0 {
         return Err(Error::shapes(
             op,
@@ -224,14 +307,35 @@ fn no_rows(op: &'static str, x: &Array2<f64>) -> Result<()> {
             "fitting needs at least one row",
         ));
     }
-    Ok(())
+    finite_features(op, x)
 }
 
-/// Seeded mini-batches of row indices: a fresh permutation per epoch.
-pub fn batches(rows: usize, batch: usize, rng: &mut impl Rng) -> Vec<Vec<usize>> {
+/// Refuses a non-finite feature, naming its row and column.
+fn finite_features(op: &'static str, x: &Array2<f64>) -> Result<()> {
+    match x.indexed_iter().find(|(_, v)| !v.is_finite()) {
+        None => Ok(()),
+        Some(((i, j), v)) => Err(Error::invalid(
+            op,
+            format!("row {i}, column {j}: feature {v} is not finite"),
+        )),
+    }
+}
+
+/// Seeded mini-batches of row indices: a fresh permutation per epoch, cut into batches of
+/// `batch` rows (the last one shorter). No rows give no batches.
+///
+/// # Errors
+/// A batch size of 0.
+pub fn batches(rows: usize, batch: usize, rng: &mut impl Rng) -> Result<Vec<Vec<usize>>> {
+    if batch == 0 {
+        return Err(Error::invalid(
+            "batches",
+            format!("the batch size must be positive, got 0 (for {rows} rows)"),
+        ));
+    }
     let mut idx: Vec<usize> = (0..rows).collect();
     idx.shuffle(rng);
-    idx.chunks(batch.max(1)).map(|c| c.to_vec()).collect()
+    Ok(idx.chunks(batch).map(|c| c.to_vec()).collect())
 }
 
 #[cfg(test)]
@@ -283,8 +387,8 @@ mod tests {
     fn batches_are_a_seeded_permutation() {
         let mut r1 = rand_chacha::ChaCha8Rng::seed_from_u64(3);
         let mut r2 = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        let a = batches(10, 4, &mut r1);
-        assert_eq!(a, batches(10, 4, &mut r2));
+        let a = batches(10, 4, &mut r1).unwrap();
+        assert_eq!(a, batches(10, 4, &mut r2).unwrap());
         assert_eq!(a.iter().map(Vec::len).collect::<Vec<_>>(), vec![4, 4, 2]);
         let mut all: Vec<usize> = a.concat();
         all.sort_unstable();

@@ -65,8 +65,10 @@ impl Linear {
     /// Applies the layer on the tape.
     ///
     /// # Errors
-    /// When `x` is not `[batch, input_dim]`, or `bound` is not a binding of the set holding
-    /// the layer's parameters.
+    /// When `x` is not `[batch, input_dim]`, `bound` is not a binding of the set holding
+    /// the layer's parameters, a parameter was replaced (through `ParamSet::get_mut`) by an
+    /// array of another shape (a bias of shape `[1]` would broadcast silently), or `x` or a
+    /// parameter has a non-finite entry.
     pub fn forward<'t, S: Scalar>(&self, bound: &Bound<'t, S>, x: Var<'t, S>) -> Result<Var<'t, S>> {
         let shape = x.shape();
         if shape.len() != 2 || shape[1] != self.input_dim {
@@ -77,7 +79,37 @@ impl Linear {
                 detail: format!("x must be [batch, {}]", self.input_dim),
             });
         }
-        x.try_matmul(bound.try_var(self.weight)?.t())?
-            .try_add(bound.try_var(self.bias)?)
+        let weight = checked(bound, self.weight, "weight", &[self.output_dim, self.input_dim])?;
+        let bias = checked(bound, self.bias, "bias", &[self.output_dim])?;
+        finite("x", &x)?;
+        x.try_matmul(weight.t())?.try_add(bias)
     }
+}
+
+/// The variable of parameter `id` (the layer's `what`), refused unless it has `shape` and
+/// finite entries.
+fn checked<'t, S: Scalar>(bound: &Bound<'t, S>, id: ParamId, what: &str, shape: &[usize]) -> Result<Var<'t, S>> {
+    let v = bound.try_var(id)?;
+    let found = v.shape();
+    if found != shape {
+        return Err(Error::shapes(
+            "linear",
+            &found,
+            shape,
+            format!("the {what} was replaced by an array of another shape"),
+        ));
+    }
+    finite(&format!("the {what}"), &v)?;
+    Ok(v)
+}
+
+/// Refuses a variable with a non-finite entry, naming it and the entry's flat index.
+fn finite<S: Scalar>(what: &str, v: &Var<'_, S>) -> Result<()> {
+    v.with_value(|a| match a.iter().enumerate().find(|(_, e)| !e.is_finite()) {
+        None => Ok(()),
+        Some((i, e)) => Err(Error::invalid(
+            "linear",
+            format!("{what} has a non-finite entry {e} at flat index {i}"),
+        )),
+    })
 }

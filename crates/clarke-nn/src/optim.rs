@@ -33,18 +33,26 @@ pub enum Schedule {
 }
 
 impl Schedule {
-    /// The rate at step `k`.
+    /// The rate at step `k`: the formula evaluated as it stands, with `every = 0` read as 1.
+    /// The schedule is not validated here (a hand-built `Constant(-1.0)` gives -1); the
+    /// optimisers refuse an invalid schedule when they are built and a rate that is not
+    /// finite when they step.
     pub fn rate(&self, k: usize) -> f64 {
         match *self {
             Schedule::Constant(lr) => lr,
-            Schedule::Step { lr, factor, every } => lr * factor.powi((k / every.max(1)) as i32),
+            Schedule::Step { lr, factor, every } => {
+                let periods = k / every.max(1);
+                // `powi` takes an i32: past i32::MAX periods the cast would wrap.
+                lr * i32::try_from(periods).map_or_else(|_| factor.powf(periods as f64), |n| factor.powi(n))
+            }
             Schedule::InverseTime { lr, offset, power } => lr / (1.0 + k as f64 / offset).powf(power),
         }
     }
 
-    /// Whether the schedule satisfies `sum a_k = inf` and `sum a_k^2 < inf`.
+    /// Whether the schedule is valid (positive finite rate and offset) and satisfies
+    /// `sum a_k = inf` and `sum a_k^2 < inf`.
     pub fn is_square_summable_not_summable(&self) -> bool {
-        matches!(*self, Schedule::InverseTime { power, .. } if power > 0.5 && power <= 1.0)
+        self.validate().is_ok() && matches!(*self, Schedule::InverseTime { power, .. } if power > 0.5 && power <= 1.0)
     }
 
     fn validate(&self) -> Result<()> {
@@ -132,6 +140,28 @@ fn check_grads<S: Scalar>(op: &'static str, params: &ParamSet<S>, grads: &[Array
     Ok(())
 }
 
+/// The error for an update that is not finite: parameter `index` of `params`, element `flat`
+/// (in logical order), with the gradient entry that produced it.
+fn unstable_update<S: Scalar>(
+    op: &'static str,
+    params: &ParamSet<S>,
+    index: usize,
+    flat: usize,
+    grad: &ArrayD<S>,
+) -> Error {
+    let id = params.ids().nth(index).expect("the index of a parameter");
+    Error::invalid(
+        op,
+        format!(
+            "parameter {:?}: the update of element {flat} (value {}, gradient {}) is not finite in {}; nothing was changed (lower the step size or scale the loss)",
+            params.name(id),
+            params.get(id).iter().nth(flat).map_or(f64::NAN, |v| v.to_f64_exact()),
+            grad.iter().nth(flat).map_or(f64::NAN, |v| v.to_f64_exact()),
+            S::NAME
+        ),
+    )
+}
+
 /// Checks that `params` is the set an optimiser first stepped (`set`, recorded on the first
 /// step) and still has the shapes of the optimiser's per-parameter `state`.
 fn check_state<S: Scalar>(op: &'static str, set: Option<u64>, state: &[ArrayD<S>], params: &ParamSet<S>) -> Result<()> {
@@ -176,7 +206,8 @@ fn check_state<S: Scalar>(op: &'static str, set: Option<u64>, state: &[ArrayD<S>
 /// SGD with (heavy-ball) momentum and optional weight decay: `v <- mu v + g + wd p`,
 /// `p <- p - a_k v`.
 ///
-/// The first step ties the optimiser to its [`ParamSet`] (and the set's clones): stepping
+/// A step whose new parameters or velocities would not all be finite is refused and changes
+/// nothing. The first step ties the optimiser to its [`ParamSet`] (and the set's clones): stepping
 /// another set, or a set whose parameters changed shape, is an error.
 #[derive(Debug, Clone)]
 pub struct Sgd<S: Scalar> {
@@ -240,12 +271,24 @@ impl<S: Scalar> Optimizer<S> for Sgd<S> {
             self.set = Some(params.identity());
         }
         let (mu, wd) = (S::from_f64_lossy(self.momentum), S::from_f64_lossy(self.weight_decay));
+        let update = |p: S, v: S, g: S| {
+            let v = mu * v + g + wd * p;
+            (p - lr * v, v)
+        };
+        for (i, ((p, v), g)) in params.values().iter().zip(&self.velocity).zip(grads).enumerate() {
+            let unstable = p.iter().zip(v).zip(g).position(|((&p, &v), &g)| {
+                let (p, v) = update(p, v, g);
+                !(p.is_finite() && v.is_finite())
+            });
+            if let Some(flat) = unstable {
+                return Err(unstable_update(OP, params, i, flat, g));
+            }
+        }
         for ((p, v), g) in params.values_mut().iter_mut().zip(&mut self.velocity).zip(grads) {
-            Zip::from(&mut *v)
+            Zip::from(p)
+                .and(v)
                 .and(g)
-                .and(&*p)
-                .for_each(|v, &g, &p| *v = mu * *v + g + wd * p);
-            p.scaled_add(-lr, v);
+                .for_each(|p, v, &g| (*p, *v) = update(*p, *v, g));
         }
         self.steps += 1;
         Ok(())
@@ -256,9 +299,11 @@ impl<S: Scalar> Optimizer<S> for Sgd<S> {
     }
 }
 
-/// Adam (Kingma and Ba) with bias correction.
+/// Adam (Kingma and Ba) with bias correction and `eps = 1e-8`.
 ///
-/// The first step ties the optimiser to its [`ParamSet`] (and the set's clones): stepping
+/// A step whose new parameters or moments would not all be finite (a squared gradient
+/// beyond the scalar's range, which would otherwise stall the update at 0) is refused and
+/// changes nothing. The first step ties the optimiser to its [`ParamSet`] (and the set's clones): stepping
 /// another set, or a set whose parameters changed shape, is an error.
 #[derive(Debug, Clone)]
 pub struct Adam<S: Scalar> {
@@ -336,6 +381,20 @@ impl<S: Scalar> Optimizer<S> for Adam<S> {
             self.v = self.m.clone();
             self.set = Some(params.identity());
         }
+        let update = |p: S, m: S, v: S, g: S| {
+            let m = b1 * m + (S::one() - b1) * g;
+            let v = b2 * v + (S::one() - b2) * g * g;
+            (p - step * m / (v.sqrt() + eps), m, v)
+        };
+        for (i, (((p, m), v), g)) in params.values().iter().zip(&self.m).zip(&self.v).zip(grads).enumerate() {
+            let unstable = p.iter().zip(m).zip(v).zip(g).position(|(((&p, &m), &v), &g)| {
+                let (p, m, v) = update(p, m, v, g);
+                !(p.is_finite() && m.is_finite() && v.is_finite())
+            });
+            if let Some(flat) = unstable {
+                return Err(unstable_update(OP, params, i, flat, g));
+            }
+        }
         for (((p, m), v), g) in params
             .values_mut()
             .iter_mut()
@@ -343,15 +402,11 @@ impl<S: Scalar> Optimizer<S> for Adam<S> {
             .zip(&mut self.v)
             .zip(grads)
         {
-            Zip::from(&mut *p)
-                .and(&mut *m)
-                .and(&mut *v)
+            Zip::from(p)
+                .and(m)
+                .and(v)
                 .and(g)
-                .for_each(|p, m, v, &g| {
-                    *m = b1 * *m + (S::one() - b1) * g;
-                    *v = b2 * *v + (S::one() - b2) * g * g;
-                    *p -= step * *m / (v.sqrt() + eps);
-                });
+                .for_each(|p, m, v, &g| (*p, *m, *v) = update(*p, *m, *v, g));
         }
         self.steps += 1;
         Ok(())

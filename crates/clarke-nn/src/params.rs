@@ -4,6 +4,7 @@
 //! ([`ParamSet::bind`]), runs the layers on the [`Bound`] variables, and collects the
 //! gradients in parameter order ([`Bound::gradients`]) for an optimiser.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -151,6 +152,10 @@ impl<S: Scalar> ParamSet<S> {
 
     /// The value of a parameter, mutably.
     ///
+    /// What is written here is not checked: the layers check the shapes and finiteness of
+    /// their parameters when they run, the optimisers the shapes against their state, and
+    /// [`ParamSet::save`] the finiteness.
+    ///
     /// # Errors
     /// An id of another set.
     pub fn try_get_mut(&mut self, id: ParamId) -> Result<&mut ArrayD<S>> {
@@ -158,8 +163,8 @@ impl<S: Scalar> ParamSet<S> {
         Ok(&mut self.values[i])
     }
 
-    /// The value of a parameter, mutably. Panics (at the caller's line) on an id of another
-    /// set.
+    /// The value of a parameter, mutably (unchecked, as [`ParamSet::try_get_mut`]). Panics
+    /// (at the caller's line) on an id of another set.
     #[track_caller]
     pub fn get_mut(&mut self, id: ParamId) -> &mut ArrayD<S> {
         or_panic(self.try_get_mut(id))
@@ -192,12 +197,16 @@ impl<S: Scalar> ParamSet<S> {
         &self.values
     }
 
-    /// All values, mutably (for optimisers).
+    /// All values, mutably (for optimisers; unchecked, as [`ParamSet::try_get_mut`]).
     pub fn values_mut(&mut self) -> &mut [ArrayD<S>] {
         &mut self.values
     }
 
     /// Records every parameter on `tape` as a gradient-requiring variable.
+    ///
+    /// The values are recorded as they are: [`ParamSet::add`] and the optimisers keep them
+    /// finite, and the layers refuse a parameter made non-finite or reshaped through
+    /// [`ParamSet::get_mut`] when they use it.
     pub fn bind<'t>(&self, tape: &'t Tape<S>) -> Bound<'t, S> {
         Bound {
             set: self.id,
@@ -206,7 +215,8 @@ impl<S: Scalar> ParamSet<S> {
         }
     }
 
-    /// Records every parameter on `tape` as a constant (evaluation without gradients).
+    /// Records every parameter on `tape` as a constant (evaluation without gradients), as
+    /// they are (see [`ParamSet::bind`]).
     pub fn bind_constant<'t>(&self, tape: &'t Tape<S>) -> Bound<'t, S> {
         Bound {
             set: self.id,
@@ -219,8 +229,17 @@ impl<S: Scalar> ParamSet<S> {
     /// "data"}]}`); values are written with full precision.
     ///
     /// # Errors
-    /// When the file cannot be written.
+    /// A non-finite value (JSON has no number for it: it would be written as `null`, which
+    /// [`ParamSet::load`] refuses), naming the parameter; or a file that cannot be written.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        for (name, value) in self.names.iter().zip(&self.values) {
+            if let Some((i, v)) = value.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(Error::invalid(
+                    "ParamSet::save",
+                    format!("parameter {name:?} has the non-finite value {v} at flat index {i}"),
+                ));
+            }
+        }
         let params: Vec<Value> = self
             .names
             .iter()
@@ -239,11 +258,14 @@ impl<S: Scalar> ParamSet<S> {
     }
 
     /// Loads values saved by [`ParamSet::save`] into this set: every parameter must be present
-    /// with the same shape (the set's structure comes from the model, the file fills it).
+    /// once with the same shape, and the file must hold no other parameter (the set's
+    /// structure comes from the model, the file fills it; a file of another model is refused).
+    /// Nothing is loaded unless everything is.
     ///
     /// # Errors
-    /// An unreadable file, a missing parameter, a shape mismatch, or a value that is not
-    /// finite in `S` (checked after the conversion: 1e300 is finite in f64, not in f32).
+    /// An unreadable file, a missing, repeated or unknown parameter, a shape mismatch, or a
+    /// value that is not finite in `S` (checked after the conversion: 1e300 is finite in f64,
+    /// not in f32).
     pub fn load(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let bad = |detail: String| Error::invalid("ParamSet::load", format!("{}: {detail}", path.display()));
@@ -296,6 +318,20 @@ impl<S: Scalar> ParamSet<S> {
             let value =
                 ArrayD::from_shape_vec(IxDyn(&shape), data).map_err(|e| bad(format!("parameter {name:?}: {e}")))?;
             loaded.push(value);
+        }
+        let mut seen = HashSet::with_capacity(entries.len());
+        for (k, entry) in entries.iter().enumerate() {
+            let name = entry["name"]
+                .as_str()
+                .ok_or_else(|| bad(format!("entry {k} of \"params\" has no name")))?;
+            if !self.names.iter().any(|n| n == name) {
+                return Err(bad(format!(
+                    "parameter {name:?} in the file is not a parameter of this set"
+                )));
+            }
+            if !seen.insert(name) {
+                return Err(bad(format!("parameter {name:?} appears more than once")));
+            }
         }
         self.values = loaded;
         Ok(())

@@ -36,11 +36,15 @@ pub struct Series {
     /// Legend entry.
     pub name: String,
     /// The points, in drawing order. Non-finite points (and non-positive ones on a log axis)
-    /// are skipped.
+    /// are skipped. Data too spread for an axis (a linear range wider than `f64::MAX`, a log
+    /// range whose ends differ by a factor beyond it) make [`save_png`] refuse the figure.
     pub points: Vec<(f64, f64)>,
     /// How to draw it.
     pub mark: Mark,
 }
+
+/// The `(start, end)` of a panel's x and y axes.
+type AxisRanges = ((f64, f64), (f64, f64));
 
 /// One set of axes with its series.
 #[derive(Debug, Clone, Default)]
@@ -112,25 +116,28 @@ impl Panel {
         self
     }
 
-    /// The points of every series that can be drawn on this panel's axes.
-    fn drawable(&self, s: &Series) -> Vec<(f64, f64)> {
-        s.points
-            .iter()
-            .copied()
-            .filter(|&(x, y)| x.is_finite() && y.is_finite() && (!self.log_x || x > 0.0) && (!self.log_y || y > 0.0))
-            .collect()
+    /// Whether a point can be drawn on this panel's axes (finite, positive on a log axis).
+    fn is_drawable(&self, (x, y): (f64, f64)) -> bool {
+        x.is_finite() && y.is_finite() && (!self.log_x || x > 0.0) && (!self.log_y || y > 0.0)
     }
 
-    /// The data range on each axis, widened when it is a single value.
-    fn ranges(&self) -> ((f64, f64), (f64, f64)) {
+    /// The points of a series that can be drawn on this panel's axes.
+    fn drawable(&self, s: &Series) -> Vec<(f64, f64)> {
+        s.points.iter().copied().filter(|&p| self.is_drawable(p)).collect()
+    }
+
+    /// The data range on each axis, padded (and widened when it is a single value), or why
+    /// an axis cannot be drawn: its padded range must have a finite width (a finite ratio of
+    /// its ends on a log axis), else the backend's tick search does not terminate.
+    fn ranges(&self) -> Result<AxisRanges, String> {
         let pts: Vec<(f64, f64)> = self.series.iter().flat_map(|s| self.drawable(s)).collect();
-        let span = |vals: Vec<f64>, log: bool| {
+        let axis = |name: char, vals: Vec<f64>, log: bool| {
             let lo = vals.iter().copied().fold(f64::INFINITY, f64::min);
             let hi = vals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             if !lo.is_finite() {
-                return if log { (0.1, 10.0) } else { (0.0, 1.0) };
+                return Ok(if log { (0.1, 10.0) } else { (0.0, 1.0) });
             }
-            if log {
+            let (start, end) = if log {
                 let (lo, hi) = if hi / lo < 1.01 { (lo / 2.0, hi * 2.0) } else { (lo, hi) };
                 (lo / 1.1, hi * 1.1)
             } else {
@@ -140,12 +147,26 @@ impl Panel {
                     lo.abs().max(1.0) * 0.5
                 };
                 (lo - pad, hi + pad)
+            };
+            let drawable = if log {
+                start > 0.0 && (end / start).is_finite()
+            } else {
+                (end - start).is_finite()
+            };
+            if drawable {
+                Ok((start, end))
+            } else {
+                Err(format!(
+                    "panel {:?}: the {name} data [{lo:e}, {hi:e}] are too large or too spread for a {} axis (its padded range overflows)",
+                    self.title,
+                    if log { "log" } else { "linear" }
+                ))
             }
         };
-        (
-            span(pts.iter().map(|p| p.0).collect(), self.log_x),
-            span(pts.iter().map(|p| p.1).collect(), self.log_y),
-        )
+        Ok((
+            axis('x', pts.iter().map(|p| p.0).collect(), self.log_x)?,
+            axis('y', pts.iter().map(|p| p.1).collect(), self.log_y)?,
+        ))
     }
 }
 
@@ -183,24 +204,41 @@ fn font_available() -> bool {
 /// Saves the panels as one PNG: up to three panels per row, 560 x 420 pixels each.
 ///
 /// # Errors
-/// When there are no panels, or the file cannot be written.
+/// `InvalidInput` when there are no panels, the path does not end in `.png` (the encoder
+/// picks the format from the extension: `.jpg` would silently write a JPEG), a panel's data
+/// are too spread for its axes (naming the panel and axis; see [`Series::points`]), or the
+/// figure is too tall for a bitmap; otherwise when the file cannot be written.
 pub fn save_png(path: impl AsRef<Path>, panels: &[Panel]) -> std::io::Result<()> {
+    let invalid = |msg: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("plot: {msg}"));
     if panels.is_empty() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "plot: no panels to draw",
-        ));
+        return Err(invalid("no panels to draw".into()));
     }
+    let is_png = path.as_ref().extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if !is_png {
+        return Err(invalid(format!(
+            "{}: the file name must end in .png",
+            path.as_ref().display()
+        )));
+    }
+    let ranges = panels
+        .iter()
+        .map(Panel::ranges)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(invalid)?;
     let cols = panels.len().min(3);
     let rows = panels.len().div_ceil(cols);
-    let size = (560 * cols as u32, 420 * rows as u32);
+    let height = u32::try_from(rows)
+        .ok()
+        .and_then(|r| r.checked_mul(420))
+        .ok_or_else(|| invalid(format!("{} panels make a figure too tall for a bitmap", panels.len())))?;
+    let size = (560 * cols as u32, height);
     let text = font_available();
     let root = BitMapBackend::new(path.as_ref(), size).into_drawing_area();
     let io = |e: &dyn std::fmt::Display| std::io::Error::other(format!("plot: {e}"));
     root.fill(&WHITE).map_err(|e| io(&e))?;
     let areas = root.split_evenly((rows, cols));
-    for (panel, area) in panels.iter().zip(areas.iter()) {
-        draw_panel(panel, area, text).map_err(|e| io(&e))?;
+    for ((panel, area), ranges) in panels.iter().zip(areas.iter()).zip(ranges) {
+        draw_panel(panel, area, ranges, text).map_err(|e| io(&e))?;
     }
     root.present().map_err(|e| io(&e))?;
     Ok(())
@@ -208,8 +246,13 @@ pub fn save_png(path: impl AsRef<Path>, panels: &[Panel]) -> std::io::Result<()>
 
 type DrawResult = Result<(), DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>>;
 
-fn draw_panel(panel: &Panel, area: &DrawingArea<BitMapBackend<'_>, Shift>, text: bool) -> DrawResult {
-    let ((x0, x1), (y0, y1)) = panel.ranges();
+/// Draws `panel` on `area` with the axis ranges from [`Panel::ranges`].
+fn draw_panel(
+    panel: &Panel,
+    area: &DrawingArea<BitMapBackend<'_>, Shift>,
+    ((x0, x1), (y0, y1)): AxisRanges,
+    text: bool,
+) -> DrawResult {
     let mut builder = ChartBuilder::on(area);
     builder.margin(12);
     if text {

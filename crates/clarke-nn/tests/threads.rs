@@ -172,7 +172,7 @@ fn train_mlp<S: Scalar>(steps: usize) -> Run<S> {
     let (mut losses, mut kink_hits) = (Vec::new(), Vec::new());
     let mut ledger = KinkLedger::default();
     for _ in 0..steps {
-        for batch in clarke_nn::data::batches(x.nrows(), 32, &mut rng) {
+        for batch in clarke_nn::data::batches(x.nrows(), 32, &mut rng).unwrap() {
             let tape = Tape::with_policy(KinkPolicy::pytorch().with_relu(0.5)).unwrap();
             let bound = params.bind(&tape);
             let xb = tape.constant(x.select(ndarray::Axis(0), &batch).into_dyn());

@@ -123,6 +123,10 @@ impl Cones {
     }
 
     /// `Pi_K(v)` into `out`.
+    ///
+    /// # Panics
+    /// When `v` (or `out`) has another length than [`Cones::dim`]. This is the solver's
+    /// per-iteration kernel: its callers check the program's shapes once, up front.
     pub fn project(&self, v: ArrayView1<'_, f64>, mut out: ArrayViewMut1<'_, f64>) {
         for (_, cone, r) in self.blocks() {
             let (vb, ob) = (v.slice(s![r.clone()]), out.slice_mut(s![r]));
@@ -134,6 +138,10 @@ impl Cones {
     }
 
     /// `Pi_{K*}(v)` into `out`.
+    ///
+    /// # Panics
+    /// When `v` (or `out`) has another length than [`Cones::dim`]. This is the solver's
+    /// per-iteration kernel: its callers check the program's shapes once, up front.
     pub fn project_dual(&self, v: ArrayView1<'_, f64>, mut out: ArrayViewMut1<'_, f64>) {
         for (_, cone, r) in self.blocks() {
             let (vb, mut ob) = (v.slice(s![r.clone()]), out.slice_mut(s![r]));
@@ -145,6 +153,10 @@ impl Cones {
     }
 
     /// `||v - Pi_K(v)||_2`.
+    ///
+    /// # Panics
+    /// When `v` (or `out`) has another length than [`Cones::dim`]. This is the solver's
+    /// per-iteration kernel: its callers check the program's shapes once, up front.
     pub fn distance(&self, v: ArrayView1<'_, f64>) -> f64 {
         let mut p = Array1::zeros(v.len());
         self.project(v, p.view_mut());
@@ -152,6 +164,10 @@ impl Cones {
     }
 
     /// `||v - Pi_{K*}(v)||_2`.
+    ///
+    /// # Panics
+    /// When `v` (or `out`) has another length than [`Cones::dim`]. This is the solver's
+    /// per-iteration kernel: its callers check the program's shapes once, up front.
     pub fn distance_dual(&self, v: ArrayView1<'_, f64>) -> f64 {
         let mut p = Array1::zeros(v.len());
         self.project_dual(v, p.view_mut());
@@ -161,6 +177,10 @@ impl Cones {
     /// Where `v` sits within `tol` of a kink of `Pi_{K*}`: one [`Boundary`] per
     /// non-negative entry, second-order cone or PSD block. Exact kinks (a zero entry, a
     /// point exactly on a boundary, an exactly zero eigenvalue) are flagged as such.
+    ///
+    /// # Panics
+    /// When `v` has another length than [`Cones::dim`] (checked by the derivative, which
+    /// calls this with a solution of the program).
     pub fn boundaries(&self, v: ArrayView1<'_, f64>, tol: f64) -> Vec<Boundary> {
         let mut out = Vec::new();
         for (index, cone, r) in self.blocks() {
@@ -216,6 +236,10 @@ impl Cones {
     /// missing: a numerical solution within the tolerance of a kink cannot tell which side
     /// it is on, so the kink policy decides rather than rounding. Entries not listed take
     /// the side `v` is on.
+    ///
+    /// # Panics
+    /// When `v` has another length than [`Cones::dim`], or a boundary names a row outside
+    /// its cone (boundaries come from [`Cones::boundaries`] of the same product).
     pub fn dual_jacobian(
         &self,
         v: ArrayView1<'_, f64>,
@@ -300,6 +324,9 @@ pub struct ProjectionJacobian {
 
 impl ProjectionJacobian {
     /// `out = J x`.
+    ///
+    /// # Panics
+    /// When `x` or `out` has another length than the Jacobian's dimension.
     pub fn apply(&self, x: ArrayView1<'_, f64>, mut out: ArrayViewMut1<'_, f64>) {
         for (r, block) in &self.blocks {
             let xb = x.slice(s![r.clone()]);
@@ -317,6 +344,9 @@ impl ProjectionJacobian {
     }
 
     /// `J x` as a new array.
+    ///
+    /// # Panics
+    /// As [`ProjectionJacobian::apply`].
     pub fn apply_new(&self, x: ArrayView1<'_, f64>) -> Array1<f64> {
         let mut out = Array1::zeros(self.dim);
         self.apply(x, out.view_mut());
@@ -500,8 +530,13 @@ fn psd_jacobian(v: ArrayView1<'_, f64>, k: usize, selection: Option<(f64, f64)>)
 }
 
 /// Scaled vectorisation of a symmetric matrix: lower triangle by columns, off-diagonal
-/// entries times `sqrt(2)`.
+/// entries times `sqrt(2)`. Only the lower triangle is read: the upper one of a matrix
+/// that is not symmetric is ignored.
+///
+/// # Panics
+/// When `x` is not square.
 pub fn svec(x: &Array2<f64>) -> Array1<f64> {
+    assert!(x.is_square(), "svec: the matrix must be square, got {:?}", x.shape());
     let k = x.nrows();
     let mut out = Vec::with_capacity(k * (k + 1) / 2);
     for j in 0..k {
@@ -517,7 +552,17 @@ pub fn svec(x: &Array2<f64>) -> Array1<f64> {
 }
 
 /// The symmetric `k x k` matrix of a scaled vectorisation (inverse of [`svec`]).
+///
+/// # Panics
+/// When `v` does not have `k (k + 1) / 2` entries.
 pub fn smat(v: ArrayView1<'_, f64>, k: usize) -> Array2<f64> {
+    assert_eq!(
+        v.len(),
+        k * (k + 1) / 2,
+        "smat: a {k} x {k} symmetric matrix has k (k + 1) / 2 = {} entries, got {}",
+        k * (k + 1) / 2,
+        v.len()
+    );
     let mut x = Array2::zeros((k, k));
     let mut idx = 0;
     for j in 0..k {

@@ -26,7 +26,7 @@ use ndarray::{Array1, Array2, ArrayView1, ArrayView2, s};
 
 use super::check::{ConicCheck, Linearisation, cone_margins, run};
 use super::cones::ProjectionJacobian;
-use super::problem::ConeProgram;
+use super::problem::{ConeProgram, check_finite};
 use super::residual::{apply_jacobian, apply_jacobian_transpose, inf_norm, jacobian_matrix};
 use super::solver::{ConeSolution, ConeStatus};
 
@@ -137,9 +137,18 @@ impl<'p> ConeDerivative<'p> {
     /// Linearises `prog` at `sol` with selection `q` at the kinks within tolerance (the kink policy's
     /// `relu'(0)`), runs the check, and factors `M` for the dense solver. Errors: an
     /// unsolved `sol`, a solution of another program, a violated hypothesis (unless the
-    /// check is told not to refuse), a singular `M`.
+    /// check is told not to refuse), a singular `M`; a program whose fields do not fit
+    /// together (see [`super::solve`]), a `q` that is not finite, a `boundary_tol` that is
+    /// not finite and `>= 0`.
     pub fn new(prog: &'p ConeProgram, sol: &ConeSolution, q: f64, opts: &DerivativeOptions) -> Result<Self> {
         const OP: &str = "cone_program derivative";
+        prog.check(OP)?;
+        if !q.is_finite() {
+            return Err(Error::invalid(
+                OP,
+                format!("the selection q at the kinks must be finite, got {q}"),
+            ));
+        }
         if sol.status != ConeStatus::Solved {
             sol.clone().ensure_solved(OP)?;
         }
@@ -151,10 +160,10 @@ impl<'p> ConeDerivative<'p> {
                 "the solution is not one of this program",
             ));
         }
-        if opts.boundary_tol.is_nan() || opts.boundary_tol < 0.0 {
+        if !(opts.boundary_tol.is_finite() && opts.boundary_tol >= 0.0) {
             return Err(Error::invalid(
                 OP,
-                format!("boundary_tol must be >= 0, got {}", opts.boundary_tol),
+                format!("boundary_tol must be finite and >= 0, got {}", opts.boundary_tol),
             ));
         }
         let v = sol.v.view();
@@ -283,7 +292,12 @@ impl<'p> ConeDerivative<'p> {
     }
 
     /// The forward map: the first-order change of `(x, y, s)` for a data direction.
+    ///
+    /// # Errors
+    /// A direction whose parts do not match `(P, A, b, c)` or are not finite; a failed
+    /// solve with `M`.
     pub fn forward(&self, d: &DataDirection<'_>) -> Result<SolutionDirection> {
+        const OP: &str = "cone_program forward";
         let (n, m) = (self.prog.n(), self.prog.m());
         if d.a.dim() != (m, n) || d.b.len() != m || d.c.len() != n {
             return Err(Error::shapes(
@@ -293,6 +307,9 @@ impl<'p> ConeDerivative<'p> {
                 "the direction (dA, db, dc) must match (A, b, c)",
             ));
         }
+        check_finite(OP, "dA", d.a.iter())?;
+        check_finite(OP, "db", d.b.iter())?;
+        check_finite(OP, "dc", d.c.iter())?;
         let mut top = d.a.t().dot(&self.y) + d.c;
         if let (Some(dp), Some(_)) = (d.p, &self.prog.p) {
             if dp.dim() != (n, n) {
@@ -303,6 +320,7 @@ impl<'p> ConeDerivative<'p> {
                     "dP must be n x n",
                 ));
             }
+            check_finite(OP, "dP", dp.iter())?;
             top += &dp.dot(&self.x);
         }
         let bottom = &d.b - &d.a.dot(&self.x);
@@ -322,6 +340,13 @@ impl<'p> ConeDerivative<'p> {
 
     /// The adjoint map: the gradient with respect to the data of a loss whose gradient with
     /// respect to `(x, y, s)` is `g`.
+    ///
+    /// A non-finite entry of `g` is passed on (the map is linear, so it shows in the result):
+    /// the conic layer's backward hands this map the tape's gradient, and NaN propagates
+    /// through a backward sweep as it does through every other node.
+    ///
+    /// # Errors
+    /// A `g` whose parts do not match `(x, y, s)`; a failed solve with `M^T`.
     pub fn adjoint(&self, g: &SolutionDirection) -> Result<DataGradient> {
         let (n, m) = (self.prog.n(), self.prog.m());
         if g.x.len() != n || g.y.len() != m || g.s.len() != m {

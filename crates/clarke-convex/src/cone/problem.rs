@@ -36,49 +36,62 @@ impl ConeProgram {
     /// The cone program `min c^T x` s.t. `A x + s = b`, `s in K`. Errors name the op, the
     /// shapes and the first non-finite entry.
     pub fn new(a: Array2<f64>, b: Array1<f64>, c: Array1<f64>, cones: Cones) -> Result<Self> {
-        const OP: &str = "ConeProgram::new";
-        let (m, n) = a.dim();
-        if n == 0 {
-            return Err(Error::invalid(OP, "A has no columns: the program has no variables"));
-        }
-        if b.len() != m {
-            return Err(Error::shapes(
-                OP,
-                &[b.len()],
-                &[m],
-                "b must have one entry per row of A",
-            ));
-        }
-        if c.len() != n {
-            return Err(Error::shapes(
-                OP,
-                &[c.len()],
-                &[n],
-                "c must have one entry per column of A",
-            ));
-        }
-        if cones.dim() != m {
-            return Err(Error::shapes(
-                OP,
-                &[cones.dim()],
-                &[m],
-                format!(
-                    "the cones {:?} take {} rows but A and b have {m}",
-                    cones.list(),
-                    cones.dim()
-                ),
-            ));
-        }
-        check_finite(OP, "A", a.iter())?;
-        check_finite(OP, "b", b.iter())?;
-        check_finite(OP, "c", c.iter())?;
-        Ok(ConeProgram {
+        let prog = ConeProgram {
             p: None,
             a,
             b,
             c,
             cones,
-        })
+        };
+        prog.check("ConeProgram::new")?;
+        Ok(prog)
+    }
+
+    /// Checks what the fields of a program built as a struct literal (or changed through
+    /// them) could get wrong, in the words of `op`: `A` without columns, `b`, `c`, the cones
+    /// or `P` of the wrong size, non-finite entries, a `P` that is not symmetric. (That `P` is
+    /// positive semidefinite is checked by [`ConeProgram::with_quadratic`]; the solver's
+    /// factorisation refuses a `P` that is not.)
+    pub(crate) fn check(&self, op: &'static str) -> Result<()> {
+        let (m, n) = self.a.dim();
+        if n == 0 {
+            return Err(Error::invalid(op, "A has no columns: the program has no variables"));
+        }
+        if self.b.len() != m {
+            return Err(Error::shapes(
+                op,
+                &[self.b.len()],
+                &[m],
+                "b must have one entry per row of A",
+            ));
+        }
+        if self.c.len() != n {
+            return Err(Error::shapes(
+                op,
+                &[self.c.len()],
+                &[n],
+                "c must have one entry per column of A",
+            ));
+        }
+        if self.cones.dim() != m {
+            return Err(Error::shapes(
+                op,
+                &[self.cones.dim()],
+                &[m],
+                format!(
+                    "the cones {:?} take {} rows but A and b have {m}",
+                    self.cones.list(),
+                    self.cones.dim()
+                ),
+            ));
+        }
+        check_finite(op, "A", self.a.iter())?;
+        check_finite(op, "b", self.b.iter())?;
+        check_finite(op, "c", self.c.iter())?;
+        if let Some(p) = &self.p {
+            check_quadratic_shape(op, p, n)?;
+        }
+        Ok(())
     }
 
     /// Adds the quadratic term `(1/2) x^T P x`. Errors: wrong shape, non-finite, not
@@ -86,23 +99,8 @@ impl ConeProgram {
     pub fn with_quadratic(mut self, p: Array2<f64>) -> Result<Self> {
         const OP: &str = "ConeProgram::with_quadratic";
         let n = self.n();
-        if p.dim() != (n, n) {
-            return Err(Error::shapes(
-                OP,
-                p.shape(),
-                &[n, n],
-                "P must be n x n with n = columns of A",
-            ));
-        }
-        check_finite(OP, "P", p.iter())?;
+        check_quadratic_shape(OP, &p, n)?;
         let scale = p.iter().fold(0.0f64, |a, v| a.max(v.abs()));
-        let asym = (&p - &p.t()).iter().fold(0.0f64, |a, v| a.max(v.abs()));
-        if asym > 1e-12 * scale.max(1.0) {
-            return Err(Error::invalid(
-                OP,
-                format!("P is not symmetric: max |P - P^T| = {asym:e}"),
-            ));
-        }
         // A Cholesky factorisation of P + delta I succeeds for every PSD P (cheap); only when
         // it fails are the eigenvalues computed, to report the smallest.
         let delta = 1e-10 * scale.max(1.0);
@@ -136,7 +134,23 @@ impl ConeProgram {
     }
 
     /// `P x` (zero without a quadratic term).
-    pub fn p_times(&self, x: ArrayView1<'_, f64>) -> Array1<f64> {
+    ///
+    /// # Errors
+    /// An `x` of another length than the variables.
+    pub fn p_times(&self, x: ArrayView1<'_, f64>) -> Result<Array1<f64>> {
+        if x.len() != self.n() {
+            return Err(Error::shapes(
+                "ConeProgram::p_times",
+                &[x.len()],
+                &[self.n()],
+                "x must have one entry per variable",
+            ));
+        }
+        Ok(self.p_dot(x))
+    }
+
+    /// `P x` for an `x` of length `n` (checked by the callers).
+    pub(crate) fn p_dot(&self, x: ArrayView1<'_, f64>) -> Array1<f64> {
         match &self.p {
             Some(p) => p.dot(&x),
             None => Array1::zeros(self.n()),
@@ -161,7 +175,30 @@ impl ConeProgram {
     }
 }
 
-fn check_finite<'a>(op: &'static str, what: &str, values: impl Iterator<Item = &'a f64>) -> Result<()> {
+/// `P` is `n x n`, finite and symmetric (to `1e-12` of its largest entry).
+fn check_quadratic_shape(op: &'static str, p: &Array2<f64>, n: usize) -> Result<()> {
+    if p.dim() != (n, n) {
+        return Err(Error::shapes(
+            op,
+            p.shape(),
+            &[n, n],
+            "P must be n x n with n = columns of A",
+        ));
+    }
+    check_finite(op, "P", p.iter())?;
+    let scale = p.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    let asym = (p - &p.t()).iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    if asym > 1e-12 * scale.max(1.0) {
+        return Err(Error::invalid(
+            op,
+            format!("P is not symmetric: max |P - P^T| = {asym:e}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The first non-finite entry of `values`, as an error naming `op`, `what` and the index.
+pub(crate) fn check_finite<'a>(op: &'static str, what: &str, values: impl Iterator<Item = &'a f64>) -> Result<()> {
     for (i, v) in values.enumerate() {
         if !v.is_finite() {
             return Err(Error::invalid(
@@ -171,6 +208,14 @@ fn check_finite<'a>(op: &'static str, what: &str, values: impl Iterator<Item = &
         }
     }
     Ok(())
+}
+
+/// The point `u` of a projection: non-empty and finite.
+fn check_point(op: &'static str, u: ArrayView1<'_, f64>) -> Result<()> {
+    if u.is_empty() {
+        return Err(Error::invalid(op, "the point u is empty"));
+    }
+    check_finite(op, "u", u.iter())
 }
 
 /// Inequalities `G x <= h` and equalities `A x = b` stacked into cone-program rows (zero
@@ -224,6 +269,10 @@ fn stack_constraints(
 }
 
 /// The LP `min c^T x` s.t. `G x <= h`, `A x = b` (either part may be absent).
+///
+/// # Errors
+/// No constraint rows at all, a `G` or `A` without `len(c)` columns, an `h` or `b` of
+/// another length than its matrix's rows, non-finite data (as [`ConeProgram::new`]).
 pub fn lp(
     c: ArrayView1<'_, f64>,
     ineq: Option<(ArrayView2<'_, f64>, ArrayView1<'_, f64>)>,
@@ -234,6 +283,9 @@ pub fn lp(
 }
 
 /// The QP `min (1/2) x^T P x + c^T x` s.t. `G x <= h`, `A x = b`.
+///
+/// # Errors
+/// As [`lp`], and a `P` [`ConeProgram::with_quadratic`] refuses.
 pub fn qp(
     p: ArrayView2<'_, f64>,
     c: ArrayView1<'_, f64>,
@@ -246,24 +298,37 @@ pub fn qp(
 
 /// Euclidean projection onto the polytope `{x : G x <= h}` as the QP
 /// `min (1/2)||x||^2 - u^T x` s.t. `G x <= h` (so the cost is `c = -u`).
+///
+/// An empty polytope is not detected here: [`super::solve`] reports the program as
+/// [`super::ConeStatus::Infeasible`] with a certificate.
+///
+/// # Errors
+/// An empty or non-finite `u`, a `G` or `h` that does not fit `u` (as [`qp`]).
 pub fn polytope_projection(
     u: ArrayView1<'_, f64>,
     g: ArrayView2<'_, f64>,
     h: ArrayView1<'_, f64>,
 ) -> Result<ConeProgram> {
+    check_point("polytope_projection", u)?;
     let n = u.len();
     qp(Array2::eye(n).view(), (-&u).view(), Some((g, h)), None)
 }
 
 /// Projection onto the box `[lo, hi]^n` as a QP with `2n` inequalities (`x <= hi`, `-x <= -lo`).
-/// Errors when `lo > hi`.
+///
+/// # Errors
+/// `lo > hi` (an empty box: the QP would be infeasible), a NaN or infinite bound (the rows
+/// of a cone program are finite: leave an open side out with [`polytope_projection`]), an
+/// empty or non-finite `u`.
 pub fn box_projection(u: ArrayView1<'_, f64>, lo: f64, hi: f64) -> Result<ConeProgram> {
-    if lo.is_nan() || hi.is_nan() || lo > hi {
+    const OP: &str = "box_projection";
+    if !(lo.is_finite() && hi.is_finite()) || lo > hi {
         return Err(Error::invalid(
-            "box_projection",
-            format!("needs lo <= hi, got lo = {lo}, hi = {hi}"),
+            OP,
+            format!("needs finite bounds with lo <= hi, got lo = {lo}, hi = {hi}"),
         ));
     }
+    check_point(OP, u)?;
     let n = u.len();
     let eye = Array2::<f64>::eye(n);
     let g = concatenate(Axis(0), &[eye.view(), (-&eye).view()])
@@ -276,13 +341,19 @@ pub fn box_projection(u: ArrayView1<'_, f64>, lo: f64, hi: f64) -> Result<ConePr
 /// Sparsemax (Martins and Astudillo 2016): projection onto the simplex
 /// `{x >= 0, sum x = radius}` as the QP `min (1/2)||x||^2 - u^T x` s.t. `1^T x = radius`,
 /// `-x <= 0`.
+///
+/// # Errors
+/// A `radius` that is not finite and `> 0` (0 makes the simplex the single point 0, a
+/// negative radius an empty set), an empty or non-finite `u`.
 pub fn simplex_projection(u: ArrayView1<'_, f64>, radius: f64) -> Result<ConeProgram> {
+    const OP: &str = "simplex_projection";
     if !(radius.is_finite() && radius > 0.0) {
         return Err(Error::invalid(
-            "simplex_projection",
+            OP,
             format!("radius must be finite and > 0, got {radius}"),
         ));
     }
+    check_point(OP, u)?;
     let n = u.len();
     let g = -Array2::<f64>::eye(n);
     let h = Array1::zeros(n);

@@ -40,7 +40,7 @@ impl KktPoint {
         let mut y = Array1::zeros(v.len());
         prog.cones.project_dual(v.view(), y.view_mut());
         let s = &y - &v;
-        let dual = prog.p_times(x.view()) + prog.a.t().dot(&y) + &prog.c;
+        let dual = prog.p_dot(x.view()) + prog.a.t().dot(&y) + &prog.c;
         let primal = &prog.b - &prog.a.dot(&x) - &s;
         let mut residual = Array1::zeros(x.len() + v.len());
         residual.slice_mut(s![..x.len()]).assign(&dual);
@@ -94,7 +94,7 @@ pub(crate) fn apply_jacobian(
     let n = prog.n();
     let (du, dv) = (d.slice(s![..n]), d.slice(s![n..]));
     let jdv = j.apply_new(dv);
-    let top = prog.p_times(du) + prog.a.t().dot(&jdv);
+    let top = prog.p_dot(du) + prog.a.t().dot(&jdv);
     let bottom = &dv - &jdv - prog.a.dot(&du);
     out.slice_mut(s![..n]).assign(&top);
     out.slice_mut(s![n..]).assign(&bottom);
@@ -109,7 +109,7 @@ pub(crate) fn apply_jacobian_transpose(
 ) {
     let n = prog.n();
     let (da, db) = (d.slice(s![..n]), d.slice(s![n..]));
-    let top = prog.p_times(da) - prog.a.t().dot(&db);
+    let top = prog.p_dot(da) - prog.a.t().dot(&db);
     let bottom = j.apply_new((prog.a.dot(&da) - db).view()) + db;
     out.slice_mut(s![..n]).assign(&top);
     out.slice_mut(s![n..]).assign(&bottom);

@@ -40,7 +40,7 @@ use ndarray::linalg::general_mat_vec_mul;
 use ndarray::{Array1, ArrayView1, Zip};
 
 use super::cones::Cone;
-use super::problem::ConeProgram;
+use super::problem::{ConeProgram, check_finite};
 use super::residual::{KktPoint, inf_norm, jacobian_matrix};
 
 /// Options of [`solve`].
@@ -124,9 +124,19 @@ impl SolverOptions {
                 ))
             }
         };
-        positive("eps_abs", self.eps_abs.max(self.eps_rel))?;
-        if self.eps_abs < 0.0 || self.eps_rel < 0.0 {
-            return Err(Error::invalid("cone::solve", "eps_abs and eps_rel must be >= 0"));
+        for (name, v) in [("eps_abs", self.eps_abs), ("eps_rel", self.eps_rel)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(Error::invalid(
+                    "cone::solve",
+                    format!("{name} must be finite and >= 0, got {v}"),
+                ));
+            }
+        }
+        if self.eps_abs == 0.0 && self.eps_rel == 0.0 {
+            return Err(Error::invalid(
+                "cone::solve",
+                "eps_abs and eps_rel are both 0: no iterate can meet the stopping criteria",
+            ));
         }
         positive("eps_infeasible", self.eps_infeasible)?;
         positive("refine_from", self.refine_from)?;
@@ -194,8 +204,22 @@ pub struct Residuals {
 
 impl Residuals {
     /// The residuals of `(x, y, s)` for `prog`.
-    pub fn of(prog: &ConeProgram, x: ArrayView1<'_, f64>, y: ArrayView1<'_, f64>, s: ArrayView1<'_, f64>) -> Self {
-        let px = prog.p_times(x);
+    ///
+    /// # Errors
+    /// An `(x, y, s)` whose lengths are not the program's `(n, m, m)`.
+    pub fn of(
+        prog: &ConeProgram,
+        x: ArrayView1<'_, f64>,
+        y: ArrayView1<'_, f64>,
+        s: ArrayView1<'_, f64>,
+    ) -> Result<Self> {
+        check_point_shape("Residuals::of", prog, x.len(), y.len(), s.len())?;
+        Ok(Self::compute(prog, x, y, s))
+    }
+
+    /// [`Residuals::of`] for a point of the program's shape (checked by the callers).
+    fn compute(prog: &ConeProgram, x: ArrayView1<'_, f64>, y: ArrayView1<'_, f64>, s: ArrayView1<'_, f64>) -> Self {
+        let px = prog.p_dot(x);
         let primal = inf_norm((prog.a.dot(&x) + s - &prog.b).view());
         let dual = inf_norm((&px + &prog.a.t().dot(&y) + &prog.c).view());
         let gap = (x.dot(&px) + prog.c.dot(&x) + prog.b.dot(&y)).abs();
@@ -275,10 +299,34 @@ impl ConeSolution {
         }
     }
 
-    /// The objective `(1/2) x^T P x + c^T x`.
-    pub fn objective(&self, prog: &ConeProgram) -> f64 {
-        0.5 * self.x.dot(&prog.p_times(self.x.view())) + prog.c.dot(&self.x)
+    /// The objective `(1/2) x^T P x + c^T x` of `prog` at this solution's `x`.
+    ///
+    /// # Errors
+    /// A solution of a program with another number of variables or rows.
+    pub fn objective(&self, prog: &ConeProgram) -> Result<f64> {
+        check_point_shape(
+            "ConeSolution::objective",
+            prog,
+            self.x.len(),
+            self.y.len(),
+            self.s.len(),
+        )?;
+        Ok(0.5 * self.x.dot(&prog.p_dot(self.x.view())) + prog.c.dot(&self.x))
     }
+}
+
+/// Checks that a primal-dual point `(x, y, s)` has the program's `(n, m, m)` entries.
+fn check_point_shape(op: &'static str, prog: &ConeProgram, x: usize, y: usize, s: usize) -> Result<()> {
+    let (n, m) = (prog.n(), prog.m());
+    if (x, y, s) != (n, m, m) {
+        return Err(Error::shapes(
+            op,
+            &[x, y, s],
+            &[n, m, m],
+            "(x, y, s) must match the program's (n, m, m)",
+        ));
+    }
+    Ok(())
 }
 
 /// A starting point for [`solve`] (a previous solution of a nearby program).
@@ -380,7 +428,7 @@ fn converged(
     eps_abs: f64,
     eps_rel: f64,
 ) -> (bool, f64, f64) {
-    let px = prog.p_times(x);
+    let px = prog.p_dot(x);
     let ax = prog.a.dot(&x);
     let aty = prog.a.t().dot(&y);
     let r_p = inf_norm((&ax + &s - &prog.b).view());
@@ -398,25 +446,32 @@ fn converged(
 }
 
 /// Solves the cone program (see the module docs). Errors only on invalid options, a
-/// mismatched warm start or a failed factorisation; infeasible, unbounded and unfinished
-/// solves are statuses of the returned [`ConeSolution`].
+/// program whose fields do not fit together (shapes, non-finite data, a non-symmetric `P`:
+/// possible for a struct literal), a mismatched or non-finite warm start or a failed
+/// factorisation; infeasible, unbounded and unfinished solves are statuses of the returned
+/// [`ConeSolution`].
 ///
 /// Refinement is tried early: once the ADMM residuals are below `refine_from` (relative),
 /// a refined point that meets the full tolerances ends the solve. Otherwise ADMM goes on and
 /// tries again after its residuals dropped another hundredfold.
 pub fn solve(prog: &ConeProgram, opts: &SolverOptions, warm: Option<WarmStart<'_>>) -> Result<ConeSolution> {
+    const OP: &str = "cone::solve";
     opts.validate()?;
+    prog.check(OP)?;
     let (m, n) = (prog.m(), prog.n());
     let (mut x, mut s, mut w) = match warm {
         Some(ws) => {
             if ws.x.len() != n || ws.y.len() != m || ws.s.len() != m {
                 return Err(Error::shapes(
-                    "cone::solve",
+                    OP,
                     &[ws.x.len(), ws.y.len(), ws.s.len()],
                     &[n, m, m],
                     "the warm start (x, y, s) must match the program's (n, m, m)",
                 ));
             }
+            check_finite(OP, "warm start x", ws.x.iter())?;
+            check_finite(OP, "warm start y", ws.y.iter())?;
+            check_finite(OP, "warm start s", ws.s.iter())?;
             (ws.x.to_owned(), ws.s.to_owned(), -&ws.y)
         }
         None => (Array1::zeros(n), Array1::zeros(m), Array1::zeros(m)),
@@ -538,7 +593,7 @@ pub fn solve(prog: &ConeProgram, opts: &SolverOptions, warm: Option<WarmStart<'_
     }
 
     let y = -&w;
-    let admm_residuals = Residuals::of(prog, x.view(), y.view(), s.view());
+    let admm_residuals = Residuals::compute(prog, x.view(), y.view(), s.view());
     let v = &y - &s;
     let (x, y, s, v, refinement) = match (status, refined) {
         (ConeStatus::Solved, Some((pt, refinement))) => (pt.x, pt.y, pt.s, pt.v, refinement),
@@ -558,7 +613,7 @@ pub fn solve(prog: &ConeProgram, opts: &SolverOptions, warm: Option<WarmStart<'_
             (x, y, s, v, refinement)
         }
     };
-    let residuals = Residuals::of(prog, x.view(), y.view(), s.view());
+    let residuals = Residuals::compute(prog, x.view(), y.view(), s.view());
     Ok(ConeSolution {
         x,
         y,
@@ -600,7 +655,7 @@ fn dual_infeasibility(prog: &ConeProgram, dx: &Array1<f64>, eps: f64) -> Option<
     }
     let d = dx / norm;
     let a_scale = matrix_scale(prog);
-    let ok = inf_norm(prog.p_times(d.view()).view()) <= eps * a_scale
+    let ok = inf_norm(prog.p_dot(d.view()).view()) <= eps * a_scale
         && prog.c.dot(&d) < -eps
         && prog.cones.distance((-prog.a.dot(&d)).view()) <= eps * a_scale;
     ok.then_some(d)

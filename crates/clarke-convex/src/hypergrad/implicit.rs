@@ -15,8 +15,8 @@ use clarke_implicit::{AdjointSolver, CheckOptions, ForwardSolver, GradientMode, 
 use clarke_solve::{FixedPointOptions, SolveOptions};
 use ndarray::{Array1, ArrayD, IxDyn};
 
-use super::support::analyze;
-use super::{Criterion, HypergradOptions, Hypergradient, Method, check_criterion};
+use super::support::sets;
+use super::{Criterion, HypergradOptions, Hypergradient, Method, check_criterion, prepare};
 use crate::cd::Fit;
 use crate::model::{LassoModel, Loss, Penalty};
 use crate::prox::soft_threshold;
@@ -25,6 +25,10 @@ use crate::prox::soft_threshold;
 const DENSE_ADJOINT_LIMIT: usize = 256;
 
 /// The generic implicit-layer hypergradient (see the module documentation).
+///
+/// # Errors
+/// As [`super::hypergradient`]; the implicit layer's errors (a failed solve, a violated
+/// hypothesis).
 pub fn hypergradient(
     model: &LassoModel,
     fit: &Fit,
@@ -32,7 +36,8 @@ pub fn hypergradient(
     options: &HypergradOptions,
 ) -> Result<Hypergradient> {
     let start = Instant::now();
-    let (check, kinks) = analyze(model, fit, options)?;
+    prepare(model, fit, options)?;
+    let (check, kinks) = sets(model, fit, options)?;
     let g = criterion.gradient(fit.beta.view())?;
     check_criterion(model, &g)?;
     let gamma = options.step_for(model)?;

@@ -386,6 +386,14 @@ pub struct Hypergradient {
 
 /// Dispatches to one of the three methods. `fit` must solve `model` (its penalty is the
 /// point where the hypergradient is taken).
+///
+/// # Errors
+/// Invalid options ([`HypergradOptions::validate`]); a fit that did not converge (its gap
+/// above its tolerance: the implicit function theorem is about the solution, not an
+/// iterate); a fit that is not one of `model` (coefficients, residual or correlations of
+/// another length, or a residual `y - X beta` or correlations that `model` does not
+/// reproduce: another data set, loss or loss scale); a criterion whose gradient has
+/// another length or is not finite; the method's own errors.
 pub fn hypergradient(
     model: &LassoModel,
     fit: &Fit,
@@ -393,7 +401,6 @@ pub fn hypergradient(
     method: Method,
     options: &HypergradOptions,
 ) -> Result<Hypergradient> {
-    check_fit(model, fit)?;
     match method {
         Method::Implicit => implicit::hypergradient(model, fit, criterion, options),
         Method::Support => support::hypergradient(model, fit, criterion, options),
@@ -401,16 +408,108 @@ pub fn hypergradient(
     }
 }
 
-pub(crate) fn check_fit(model: &LassoModel, fit: &Fit) -> Result<()> {
-    if fit.beta.len() != model.p() {
-        return Err(Error::shapes(
+impl HypergradOptions {
+    /// Checks the options: the policy, the step (when given), `kink_tol` in `[0, 1)`,
+    /// `rank_tol` in `[0, 1)`, `implicit_tol` finite and `> 0`, `unrolled_tol` finite and
+    /// `>= 0`.
+    ///
+    /// # Errors
+    /// The first invalid option, naming `hypergradient` and the value.
+    pub fn validate(&self) -> Result<()> {
+        const OP: &str = "hypergradient";
+        self.policy.validate()?;
+        if let Some(step) = self.step {
+            if !(step.is_finite() && step > 0.0) {
+                return Err(Error::invalid(
+                    OP,
+                    format!("the step must be finite and > 0, got {step}"),
+                ));
+            }
+        }
+        for (name, v) in [("kink_tol", self.kink_tol), ("rank_tol", self.rank_tol)] {
+            if !((0.0..1.0).contains(&v)) {
+                return Err(Error::invalid(OP, format!("{name} must be in [0, 1), got {v}")));
+            }
+        }
+        if !(self.implicit_tol.is_finite() && self.implicit_tol > 0.0) {
+            return Err(Error::invalid(
+                OP,
+                format!("implicit_tol must be finite and > 0, got {}", self.implicit_tol),
+            ));
+        }
+        if !(self.unrolled_tol.is_finite() && self.unrolled_tol >= 0.0) {
+            return Err(Error::invalid(
+                OP,
+                format!("unrolled_tol must be finite and >= 0, got {}", self.unrolled_tol),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What every method checks first: the options, a fit of `model`, and its convergence.
+pub(crate) fn prepare(model: &LassoModel, fit: &Fit, options: &HypergradOptions) -> Result<()> {
+    options.validate()?;
+    check_fit(model, fit)?;
+    if !fit.is_converged() {
+        return Err(Error::invalid(
             "hypergradient",
-            &[fit.beta.len()],
-            &[model.p()],
-            "the fit's coefficients must have one entry per feature of the model",
+            format!(
+                "the fit did not converge (duality gap {:e} > tolerance {:e} after {} epochs): the derivative of the solution map is taken at a solution; raise max_epochs or use Fit::into_result",
+                fit.gap, fit.tolerance, fit.epochs
+            ),
         ));
     }
-    fit.penalty.validate("hypergradient", model.p())
+    Ok(())
+}
+
+/// Checks that `fit` is a fit of `model`: lengths, finite coefficients and penalty, and the
+/// residual and correlations `model` computes from its coefficients (within `1e-6` of
+/// their scale, far above the rounding a solver accumulates and far below what another data
+/// set, loss or loss scale gives).
+pub(crate) fn check_fit(model: &LassoModel, fit: &Fit) -> Result<()> {
+    const OP: &str = "hypergradient";
+    let (n, p) = (model.n(), model.p());
+    for (what, found, expected) in [
+        ("coefficients", fit.beta.len(), p),
+        ("correlations", fit.correlations.len(), p),
+        ("residual", fit.residual.len(), n),
+    ] {
+        if found != expected {
+            return Err(Error::shapes(
+                OP,
+                &[found],
+                &[expected],
+                format!("the fit's {what} do not match the model (n = {n}, p = {p}): is it the fit of another model?"),
+            ));
+        }
+    }
+    if let Some((j, v)) = fit.beta.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::invalid(OP, format!("the fit's beta[{j}] = {v} is not finite")));
+    }
+    fit.penalty.validate(OP, p)?;
+    let residual = &model.y() - &model.predict(fit.beta.view())?;
+    let rho = model.generalized_residual(residual.as_slice().expect("contiguous"));
+    let correlations = model.correlations(&rho);
+    for (what, stored, computed) in [
+        ("residual y - X beta", &fit.residual, &residual),
+        ("correlations w X^T rho", &fit.correlations, &correlations),
+    ] {
+        let scale = computed.iter().chain(stored.iter()).fold(0.0f64, |m, v| m.max(v.abs()));
+        let diff = stored
+            .iter()
+            .zip(computed.iter())
+            .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+        if diff.is_nan() || diff > 1e-6 * scale {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "the fit's {what} differs from the model's by {diff:e} (scale {scale:e}): the fit is not one of this model (another data set, loss or loss scale?)"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn check_criterion(model: &LassoModel, g: &Array1<f64>) -> Result<()> {

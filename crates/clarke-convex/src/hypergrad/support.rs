@@ -29,12 +29,26 @@ use clarke_solve::dense::singular_values;
 use clarke_solve::{cholesky_solve, lu_solve_transpose};
 use ndarray::{Array1, Array2};
 
-use super::{Criterion, HypergradOptions, Hypergradient, Method, SupportCheck, check_criterion};
+use super::{Criterion, HypergradOptions, Hypergradient, Method, SupportCheck, check_criterion, check_fit, prepare};
 use crate::cd::Fit;
 use crate::model::{LassoModel, Loss, Penalty, dot};
 
 /// The sets of Prop. 5 at a fit, the rank check, and the kink ledger.
+///
+/// The fit need not have converged (the sets of an iterate are informative too), but it
+/// must be one of `model`.
+///
+/// # Errors
+/// Invalid options, a fit of another model (as [`super::hypergradient`]), a failed singular
+/// value decomposition.
 pub fn analyze(model: &LassoModel, fit: &Fit, options: &HypergradOptions) -> Result<(SupportCheck, KinkLedger)> {
+    options.validate()?;
+    check_fit(model, fit)?;
+    sets(model, fit, options)
+}
+
+/// [`analyze`] for checked arguments.
+pub(crate) fn sets(model: &LassoModel, fit: &Fit, options: &HypergradOptions) -> Result<(SupportCheck, KinkLedger)> {
     let q = options.policy.soft_threshold;
     let pen = &fit.penalty;
     let mut support = Vec::new();
@@ -160,6 +174,10 @@ fn sign(c: f64) -> f64 {
 }
 
 /// The Prop. 5 hypergradient (see the module documentation).
+///
+/// # Errors
+/// As [`super::hypergradient`]; [`Error::HypothesisViolated`] when the system to solve is
+/// singular.
 pub fn hypergradient(
     model: &LassoModel,
     fit: &Fit,
@@ -167,8 +185,8 @@ pub fn hypergradient(
     options: &HypergradOptions,
 ) -> Result<Hypergradient> {
     let start = Instant::now();
-    options.policy.validate()?;
-    let (check, kinks) = analyze(model, fit, options)?;
+    prepare(model, fit, options)?;
+    let (check, kinks) = sets(model, fit, options)?;
     let g = criterion.gradient(fit.beta.view())?;
     check_criterion(model, &g)?;
     let q = check.selection;

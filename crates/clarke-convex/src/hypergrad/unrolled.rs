@@ -20,8 +20,8 @@ use std::time::Instant;
 use clarke_core::{Error, Result};
 use ndarray::{Array1, ArrayView1};
 
-use super::support::analyze;
-use super::{Criterion, HypergradOptions, Hypergradient, Method, check_criterion};
+use super::support::sets;
+use super::{Criterion, HypergradOptions, Hypergradient, Method, check_criterion, prepare};
 use crate::cd::Fit;
 use crate::model::{LassoModel, Loss, Penalty, axpy, dot};
 use crate::prox::soft_threshold_scalar;
@@ -44,13 +44,33 @@ pub struct UnrolledRun {
 }
 
 impl UnrolledRun {
-    /// `J^T g` for a vector `g` (one entry per hyperparameter).
-    pub fn vjp(&self, g: ArrayView1<'_, f64>, hyperparameters: usize) -> Array1<f64> {
+    /// `J^T g` for a vector `g` with one entry per feature (a gradient with respect to
+    /// `beta`), as a vector with one entry per hyperparameter.
+    ///
+    /// # Errors
+    /// A `g` of another length than `beta`, or a `hyperparameters` count that does not hold
+    /// the run's columns (1 for a uniform penalty, `p` for a per-feature one).
+    pub fn vjp(&self, g: ArrayView1<'_, f64>, hyperparameters: usize) -> Result<Array1<f64>> {
+        const OP: &str = "UnrolledRun::vjp";
+        if g.len() != self.beta.len() {
+            return Err(Error::shapes(
+                OP,
+                &[g.len()],
+                &[self.beta.len()],
+                "g needs one entry per feature",
+            ));
+        }
+        if let Some((k, _)) = self.columns.iter().find(|(k, _)| *k >= hyperparameters) {
+            return Err(Error::invalid(
+                OP,
+                format!("the run has a column for hyperparameter {k}, but hyperparameters = {hyperparameters}"),
+            ));
+        }
         let mut out = Array1::zeros(hyperparameters);
         for (k, col) in &self.columns {
             out[*k] += col.iter().zip(g.iter()).map(|(a, b)| a * b).sum::<f64>();
         }
-        out
+        Ok(out)
     }
 }
 
@@ -59,6 +79,11 @@ impl UnrolledRun {
 /// threshold. With `tol > 0` it stops once a step changes `J` by at most `tol` (relative,
 /// max norm) and `beta` by at most `tol` relative to its size; with `tol = 0` it runs
 /// exactly `max_iter` steps.
+///
+/// # Errors
+/// A penalty the model refuses, a `gamma` that is not finite and `> 0`, a `q` that is not
+/// finite (it may lie outside `[0, 1]` only as a policy allowing it would), a `tol` that is
+/// not finite and `>= 0`, a start of another length or with non-finite values.
 pub fn ista_forward(
     model: &LassoModel,
     penalty: &Penalty,
@@ -75,6 +100,21 @@ pub fn ista_forward(
         return Err(Error::invalid(
             OP,
             format!("the step must be finite and > 0, got {gamma}"),
+        ));
+    }
+    if !q.is_finite() {
+        return Err(Error::invalid(
+            OP,
+            format!("the selection q at the threshold must be finite, got {q}"),
+        ));
+    }
+    if !(tol.is_finite() && tol >= 0.0) {
+        return Err(Error::invalid(OP, format!("tol must be finite and >= 0, got {tol}")));
+    }
+    if let Some((j, v)) = beta0.iter().flatten().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::invalid(
+            OP,
+            format!("the start has a non-finite value {v} at index {j}"),
         ));
     }
     let mut beta = match beta0 {
@@ -208,7 +248,8 @@ pub fn ista_forward(
 
 /// The unrolled hypergradient: ISTA from the fit's solution (or from zero, see
 /// [`HypergradOptions::unrolled_warm`]) until the Jacobian settles, then `J^T grad C`.
-/// Errors with [`Error::NotConverged`] when the budget runs out first.
+/// Errors with [`Error::NotConverged`] when the budget runs out first, and as
+/// [`super::hypergradient`].
 pub fn hypergradient(
     model: &LassoModel,
     fit: &Fit,
@@ -216,8 +257,8 @@ pub fn hypergradient(
     options: &HypergradOptions,
 ) -> Result<Hypergradient> {
     let start = Instant::now();
-    options.policy.validate()?;
-    let (check, kinks) = analyze(model, fit, options)?;
+    prepare(model, fit, options)?;
+    let (check, kinks) = sets(model, fit, options)?;
     let gamma = options.step_for(model)?;
     let beta0 = options.unrolled_warm.then(|| fit.beta.view());
     let run = ista_forward(
@@ -239,7 +280,7 @@ pub fn hypergradient(
     }
     let g = criterion.gradient(run.beta.view())?;
     check_criterion(model, &g)?;
-    let gradient = run.vjp(g.view(), fit.penalty.len());
+    let gradient = run.vjp(g.view(), fit.penalty.len())?;
     Ok(Hypergradient {
         method: Method::Unrolled,
         value: criterion.value(run.beta.view())?,
