@@ -9,7 +9,7 @@ use crate::kernels::add_into;
 use crate::ledger::KinkLedger;
 use crate::op::{Ctx, InputValues, Op};
 use crate::policy::{KinkPolicy, check_selection};
-use crate::tape::{Tape, first_non_finite};
+use crate::tape::{Tape, first_non_finite, non_finite};
 use crate::var::Var;
 use crate::{Error, Result, Scalar, Stage};
 
@@ -37,11 +37,14 @@ pub struct BackwardOptions<S: Scalar> {
 /// the flat (row-major) index reported in the ledger's `kink_indices`. The value is the
 /// derivative at that element (relu, leaky relu, abs, sign; for clamp the derivative at
 /// whichever bound the element sits on) or the share sent to the first argument
-/// (`maximum`/`minimum` of equal-shaped operands). It applies only where the element is
-/// treated as at the kink (exactly on it, or within the call's band); elsewhere the ordinary
-/// derivative stands. Reductions ignore it. A value outside the element's hull is refused
-/// unless the call's policy allows selections outside the hull. Custom nodes receive the
-/// selections for their own id through [`VjpContext`](crate::VjpContext).
+/// (`maximum`/`minimum`; with broadcasting, `element` indexes the broadcast shape, as in the
+/// ledger). It applies only where the element is treated as at the kink (exactly on it, or
+/// within the call's band); elsewhere the ordinary derivative stands. Backward refuses a
+/// selection it would not apply: for a node that is not nonsmooth, a max/min reduction
+/// (whose ties follow a [`TieRule`](crate::TieRule)), a node recorded after the output or
+/// an element past the node's elements; and a value outside the element's hull unless the
+/// call's policy allows selections outside the hull. Custom nodes receive the selections
+/// for their own id through [`VjpContext`](crate::VjpContext).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ElementSelection {
     /// Node id of the nonsmooth op.
@@ -145,27 +148,141 @@ impl<S: Scalar> GradBuffer<S> {
 }
 
 impl<S: Scalar> Tape<S> {
-    /// Refuses an element selection outside the hull of its core nonsmooth node (unless the
-    /// policy opts in), or one that names a node that does not exist.
-    fn check_element_hulls(&self, selections: &[ElementSelection], policy: &KinkPolicy) -> Result<()> {
+    /// Refuses an element selection that backward would not apply: one naming a node that
+    /// does not exist, was recorded after the output `out` (backward never reaches it) or
+    /// has no kinks to select at (a smooth op, a leaf, a max/min reduction, whose ties follow
+    /// a tie rule), an element past the node's kink elements, or a value outside the hull
+    /// of a core nonsmooth node (unless the policy opts in). Selections for custom nodes are
+    /// theirs to interpret (see [`VjpContext`](crate::VjpContext)).
+    fn check_element_selections(&self, selections: &[ElementSelection], out: usize, policy: &KinkPolicy) -> Result<()> {
         let nodes = self.nodes();
+        let refuse = |e: &ElementSelection, why: String| {
+            Err(Error::invalid(
+                "element selection",
+                format!("node {} element {}: {why}", e.node, e.element),
+            ))
+        };
         for e in selections {
             let Some(node) = nodes.get(e.node) else {
-                return Err(Error::invalid(
-                    "element selection",
-                    format!("node {} does not exist (the tape has {} nodes)", e.node, nodes.len()),
-                ));
+                return refuse(
+                    e,
+                    format!("the node does not exist (the tape has {} nodes)", nodes.len()),
+                );
             };
-            if let Op::Kink(k) = &node.op {
-                if let Some((low, high)) = k.element_hull() {
-                    check_selection(k.name(), e.value, low, high, policy.allow_outside_hull)?;
+            if e.node > out {
+                return refuse(
+                    e,
+                    format!("the node was recorded after the output (node {out}), so backward never reaches it"),
+                );
+            }
+            match &node.op {
+                Op::Custom(_) => {}
+                Op::Kink(k) => {
+                    let Some(elements) = k.selectable_elements(&node.value) else {
+                        return refuse(
+                            e,
+                            format!(
+                                "the node is a {} reduction, whose ties follow a tie rule (KinkPolicy::reduce_tie or the op's _with form), not element selections",
+                                k.name()
+                            ),
+                        );
+                    };
+                    if e.element >= elements {
+                        return refuse(e, format!("the {} node has {elements} elements", k.name()));
+                    }
+                    if let Some((low, high)) = k.element_hull() {
+                        check_selection(k.name(), e.value, low, high, policy.allow_outside_hull)?;
+                    }
+                }
+                other => {
+                    return refuse(
+                        e,
+                        format!(
+                            "the node ({}) has no kinks to select at (nonsmooth nodes recorded under no_grad keep none either)",
+                            other.name()
+                        ),
+                    );
                 }
             }
         }
         Ok(())
     }
 
+    /// In anomaly mode, refuses a seed with a NaN or an infinity: the sweep checks each
+    /// gradient only when the gradient it came from was finite, so such a seed would pass
+    /// through every node unreported.
+    fn check_seed(&self, seed: &ArrayD<S>) -> Result<()> {
+        if !self.anomaly_detection() {
+            return Ok(());
+        }
+        match first_non_finite(seed) {
+            None => Ok(()),
+            Some((count, value, index)) => Err(Error::invalid(
+                "backward",
+                format!("the seed has {count} non-finite value(s), first {value} at flat index {index} (anomaly mode)"),
+            )),
+        }
+    }
+
+    /// Checks the arguments every sweep shares (backward and [`jvp`](Self::jvp)) and
+    /// returns the element selections sorted by node: `output` must live on this tape,
+    /// `policy` must be valid, the selections finite and applicable (see
+    /// [`ElementSelection`]), the solver band finite and non-negative, and in anomaly mode
+    /// the forward pass must have seen no anomaly. `op` names the call in errors.
+    pub(crate) fn check_call(
+        &self,
+        op: &'static str,
+        output: Var<'_, S>,
+        policy: &KinkPolicy,
+        element_selections: &[ElementSelection],
+        solver_band: f64,
+    ) -> Result<Vec<ElementSelection>> {
+        if !std::ptr::eq(output.tape(), self) {
+            return Err(Error::ForeignVar { op, node: output.id() });
+        }
+        policy.validate()?;
+        for e in element_selections {
+            if !e.value.is_finite() {
+                return Err(Error::InvalidSelection {
+                    op: "element selection",
+                    value: e.value,
+                    low: f64::NEG_INFINITY,
+                    high: f64::INFINITY,
+                    hint: " (selections must be finite)",
+                });
+            }
+        }
+        if !(solver_band.is_finite() && solver_band >= 0.0) {
+            return Err(Error::invalid(
+                op,
+                format!("the solver band must be finite and >= 0, got {solver_band}"),
+            ));
+        }
+        let mut element_selections = element_selections.to_vec();
+        element_selections.sort_by_key(|e| e.node);
+        self.check_anomaly()?;
+        self.check_element_selections(&element_selections, output.id(), policy)?;
+        Ok(element_selections)
+    }
+
     /// Backpropagates from `output`. See [`Var::backward`] and [`Var::backward_with`].
+    ///
+    /// Backward never consumes the tape: calling it again (with other options) replays the
+    /// same recording.
+    ///
+    /// # Errors
+    /// - [`Error::ForeignVar`]: `output` lives on another tape.
+    /// - [`Error::InvalidSelection`] / [`Error::InvalidArgument`]: an invalid policy, a
+    ///   non-finite element selection or one backward would not apply (see
+    ///   [`ElementSelection`]), a solver band that is NaN, infinite or negative.
+    /// - [`Error::ShapeMismatch`]: a seed whose shape is not the output's;
+    ///   [`Error::NonScalarOutput`]: no seed for an output of more than one element.
+    /// - In anomaly mode: the first anomaly of the forward pass, a seed with a non-finite
+    ///   value ([`Error::InvalidArgument`]; outside anomaly mode such a seed propagates by
+    ///   IEEE rules), and the first non-finite gradient computed from a finite one
+    ///   ([`Error::NonFinite`], or [`Error::CustomOp`] for a custom node).
+    /// - Whatever a custom node's VJP returns, and [`Error::CustomOp`] when it returns the
+    ///   wrong number of gradients or one of the wrong shape.
     pub fn backward(&self, output: Var<'_, S>, options: &BackwardOptions<S>) -> Result<Grads<S>> {
         self.backward_impl(
             output,
@@ -186,38 +303,9 @@ impl<S: Scalar> Tape<S> {
         element_selections: &[ElementSelection],
         solver_band: f64,
     ) -> Result<Grads<S>> {
-        if !std::ptr::eq(output.tape(), self) {
-            return Err(Error::ForeignVar {
-                op: "backward",
-                node: output.id(),
-            });
-        }
-        if let Some(p) = policy {
-            p.validate()?;
-        }
-        for e in element_selections {
-            if !e.value.is_finite() {
-                return Err(Error::InvalidSelection {
-                    op: "element selection",
-                    value: e.value,
-                    low: f64::NEG_INFINITY,
-                    high: f64::INFINITY,
-                    hint: " (selections must be finite)",
-                });
-            }
-        }
-        if !(solver_band.is_finite() && solver_band >= 0.0) {
-            return Err(Error::invalid(
-                "backward",
-                format!("the solver band must be finite and >= 0, got {solver_band}"),
-            ));
-        }
-        let mut element_selections = element_selections.to_vec();
-        element_selections.sort_by_key(|e| e.node);
-        self.check_anomaly()?;
         let own_policy = self.policy();
         let policy = policy.unwrap_or(&own_policy);
-        self.check_element_hulls(&element_selections, policy)?;
+        let element_selections = self.check_call("backward", output, policy, element_selections, solver_band)?;
         let anomaly = self.anomaly_detection();
         let nodes = self.nodes();
         let out_id = output.id();
@@ -239,6 +327,7 @@ impl<S: Scalar> Tape<S> {
                 });
             }
         };
+        self.check_seed(&seed)?;
 
         let mut grads = GradBuffer::new(out_id + 1);
         let mut ledger = KinkLedger::new(policy.label());
@@ -277,15 +366,8 @@ impl<S: Scalar> Tape<S> {
                     continue;
                 }
                 if grad_was_finite {
-                    if let Some((count, value, index)) = first_non_finite(&gi) {
-                        return Err(Error::NonFinite {
-                            stage: Stage::Backward,
-                            op: node.op.name(),
-                            node: id,
-                            count,
-                            value,
-                            index,
-                        });
+                    if let Some(found) = first_non_finite(&gi) {
+                        return Err(non_finite(Stage::Backward, &node.op, id, Some(k), found));
                     }
                 }
                 grads.add(target, gi);
@@ -307,7 +389,7 @@ impl<S: Scalar> Tape<S> {
         Ok(Grads {
             params,
             ledger,
-            tape_addr: self as *const _ as usize,
+            tape_id: self.id(),
         })
     }
 }

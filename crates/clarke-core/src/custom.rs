@@ -4,7 +4,18 @@
 //! [`Tape::try_custom`], or compute the value yourself and pass a VJP closure to
 //! [`Tape::try_custom_fn`]. Either way backward checks what the VJP returns: one entry per
 //! input, each `None` or an array of exactly that input's shape. A mismatch is an
-//! [`Error::CustomOp`] naming the op, never a silently broadcast gradient.
+//! [`Error::CustomOp`] naming the op, never a silently broadcast gradient. Values are not
+//! scanned (that would cost a pass per node): a NaN or an infinity in a value or a VJP
+//! gradient propagates like any IEEE result, and in anomaly mode
+//! ([`Tape::set_anomaly_detection`]) the first one that a custom node produces from finite
+//! inputs is an [`Error::CustomOp`] naming the op, the node and the element.
+//!
+//! **Forward mode.** A custom node takes part in [`Tape::jvp`] only with a JVP of its own,
+//! recorded with [`Tape::try_custom_fn_with_jvp`] or attached to any custom node with
+//! [`Tape::set_custom_jvp`]; forward mode refuses a node without one with an
+//! [`Error::CustomOp`] naming the op. The JVP must be the transpose of the VJP, with the
+//! same selections at kinks, so that forward and reverse mode give one conservative
+//! Jacobian.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -13,7 +24,7 @@ use ndarray::{ArrayD, ArrayViewD};
 
 use crate::backward::ElementSelection;
 use crate::ledger::KinkRecord;
-use crate::op::{Ctx, InputGrads, Op};
+use crate::op::{Ctx, InputGrads, InputTangents, Op};
 use crate::policy::KinkPolicy;
 use crate::tape::{Inputs, Tape};
 use crate::var::Var;
@@ -47,7 +58,8 @@ pub type VjpFn<S> =
 /// resolves kinks itself applies [`policy`](Self::policy)'s selection inside
 /// [`band`](Self::band) (and [`element_selections`](Self::element_selections) where given),
 /// and reports what it did with [`report_kinks`](Self::report_kinks), so the ledger of the
-/// backward call lists its kinks beside those of the core ops.
+/// backward call lists its kinks beside those of the core ops. A custom node's JVP gets the
+/// same context in a forward-mode call ([`JvpContext`]).
 #[derive(Debug, Clone, Copy)]
 pub struct VjpContext<'a> {
     /// The kink policy of this backward call. A node that differentiates an inner program
@@ -69,10 +81,10 @@ impl VjpContext<'_> {
         self.policy.tolerance.max(self.solver_band)
     }
 
-    /// Adds records to the ledger of this backward call. A record whose `layer` is `None`
-    /// is this node's own kink and gets this node's id; a record with a `layer` (a kink
-    /// inside the layer) gets this node's id too, so every record points to a node of the
-    /// tape the user holds.
+    /// Adds records to the ledger of this call (backward or forward mode). A record whose
+    /// `layer` is `None` is this node's own kink and gets this node's id; a record with a
+    /// `layer` (a kink inside the layer) gets this node's id too, so every record points to
+    /// a node of the tape the user holds.
     pub fn report_kinks(&self, records: impl IntoIterator<Item = KinkRecord>) {
         let mut sink = self.kinks.borrow_mut();
         sink.extend(records.into_iter().map(|mut r| {
@@ -81,6 +93,18 @@ impl VjpContext<'_> {
         }));
     }
 }
+
+/// The context of a custom node's JVP in a forward-mode call ([`Tape::jvp`]): the same
+/// policy, node id, band and element selections as in backward, and
+/// [`report_kinks`](VjpContext::report_kinks) adds to the ledger of the forward-mode call.
+/// A nonsmooth custom op resolves the same selections in its JVP as in its VJP.
+pub type JvpContext<'a> = VjpContext<'a>;
+
+/// The JVP of a custom node: `(context, inputs, output, input tangents) -> output tangent`.
+/// An input tangent is `None` when it is zero (no listed parameter reaches that input); at
+/// least one is `Some`. The result must have the output's shape.
+pub type JvpFn<S> =
+    dyn Fn(&JvpContext<'_>, &[ArrayViewD<'_, S>], ArrayViewD<'_, S>, &[Option<ArrayViewD<'_, S>>]) -> Result<ArrayD<S>>;
 
 /// A context-aware VJP: `(context, inputs, output, grad) -> per-input gradients`.
 pub type VjpCtxFn<S> = dyn Fn(
@@ -94,6 +118,8 @@ pub type VjpCtxFn<S> = dyn Fn(
 pub(crate) struct CustomNode<S: Scalar> {
     name: String,
     vjp: Box<VjpCtxFn<S>>,
+    /// The forward-mode rule, if the op has one.
+    jvp: Option<Box<JvpFn<S>>>,
     /// Which side of its kinks each element sat on when the node was recorded (see
     /// [`Tape::declare_kink_regions`]): the finite-difference check refuses to difference
     /// across them.
@@ -101,6 +127,11 @@ pub(crate) struct CustomNode<S: Scalar> {
 }
 
 impl<S: Scalar> CustomNode<S> {
+    /// The op's name, for errors.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn backward(&self, ctx: &Ctx<'_, S>, grad: ArrayD<S>) -> Result<InputGrads<S>> {
         let views: Vec<ArrayViewD<'_, S>> = ctx.inputs.iter().map(|a| a.view()).collect();
         let vctx = VjpContext {
@@ -132,6 +163,42 @@ impl<S: Scalar> CustomNode<S> {
             }
         }
         Ok(grads.into_iter().collect())
+    }
+
+    /// The tangent of the output from the JVP closure, checked for shape; refused when the
+    /// op has no forward-mode rule.
+    pub fn jvp(&self, ctx: &Ctx<'_, S>, tangents: &InputTangents<'_, S>) -> Result<ArrayD<S>> {
+        let Some(jvp) = &self.jvp else {
+            return Err(Error::CustomOp {
+                op: self.name.clone(),
+                detail: format!(
+                    "node {} has no forward-mode rule (record it with Tape::try_custom_fn_with_jvp or attach one with Tape::set_custom_jvp)",
+                    ctx.node
+                ),
+            });
+        };
+        let views: Vec<ArrayViewD<'_, S>> = ctx.inputs.iter().map(|a| a.view()).collect();
+        let tangent_views: Vec<Option<ArrayViewD<'_, S>>> = tangents.iter().map(|t| t.map(|t| t.view())).collect();
+        let jctx = JvpContext {
+            policy: ctx.policy,
+            node: ctx.node,
+            solver_band: ctx.solver_band,
+            element_selections: ctx.element_selections,
+            kinks: ctx.kinks,
+        };
+        let tangent = jvp(&jctx, &views, ctx.output.view(), &tangent_views)?;
+        if tangent.shape() != ctx.output.shape() {
+            return Err(Error::CustomOp {
+                op: self.name.clone(),
+                detail: format!(
+                    "jvp of node {} returned a tangent of shape {:?}, the output has shape {:?}",
+                    ctx.node,
+                    tangent.shape(),
+                    ctx.output.shape()
+                ),
+            });
+        }
+        Ok(tangent)
     }
 }
 
@@ -204,6 +271,105 @@ impl<S: Scalar> Tape<S> {
         Ok(self.record_custom(name.to_string(), inputs, value, Box::new(vjp)))
     }
 
+    /// Like [`try_custom_fn`](Self::try_custom_fn), with a forward-mode rule: `jvp` maps
+    /// `(context, inputs, output, input tangents)` to the output's tangent (see [`JvpFn`]),
+    /// so the node takes part in [`jvp`](Self::jvp).
+    ///
+    /// ```
+    /// use clarke_core::{BackwardOptions, Tape};
+    /// use ndarray::arr1;
+    ///
+    /// let tape = Tape::<f64>::new();
+    /// let x = tape.param(arr1(&[1.0, 2.0]).into_dyn());
+    /// // y = x^3, elementwise; with one input, its tangent is the one that reaches the node.
+    /// let y = tape
+    ///     .try_custom_fn_with_jvp(
+    ///         "cube",
+    ///         &[x],
+    ///         x.value().mapv(|v| v * v * v),
+    ///         |i, _, g| Ok(vec![Some(&g * &i[0].mapv(|v| 3.0 * v * v))]),
+    ///         |_, i, _, t| Ok(t[0].as_ref().unwrap() * &i[0].mapv(|v| 3.0 * v * v)),
+    ///     )
+    ///     .unwrap();
+    /// let jvp = y.jvp(&[(x, arr1(&[1.0, 1.0]).into_dyn())], &BackwardOptions::default()).unwrap();
+    /// assert_eq!(jvp.tangent().as_slice().unwrap(), &[3.0, 12.0]);
+    /// ```
+    pub fn try_custom_fn_with_jvp<'t, F, J>(
+        &'t self,
+        name: &str,
+        inputs: &[Var<'t, S>],
+        value: ArrayD<S>,
+        vjp: F,
+        jvp: J,
+    ) -> Result<Var<'t, S>>
+    where
+        F: Fn(&[ArrayViewD<'_, S>], ArrayViewD<'_, S>, ArrayViewD<'_, S>) -> Result<Vec<Option<ArrayD<S>>>> + 'static,
+        J: Fn(
+                &JvpContext<'_>,
+                &[ArrayViewD<'_, S>],
+                ArrayViewD<'_, S>,
+                &[Option<ArrayViewD<'_, S>>],
+            ) -> Result<ArrayD<S>>
+            + 'static,
+    {
+        let node = self.try_custom_fn(name, inputs, value, vjp)?;
+        self.set_custom_jvp(node, jvp)?;
+        Ok(node)
+    }
+
+    /// Attaches a forward-mode rule to a custom node recorded by any of the constructors
+    /// ([`try_custom`](Self::try_custom), [`try_custom_fn`](Self::try_custom_fn),
+    /// [`try_custom_fn_ctx`](Self::try_custom_fn_ctx)), replacing the one it had. A
+    /// nonsmooth op applies the selections of its [`JvpContext`] as its VJP does.
+    ///
+    /// A node off the gradient path keeps no op, and the call does nothing for it.
+    ///
+    /// # Errors
+    /// [`Error::ForeignVar`] for a node of another tape, [`Error::InvalidArgument`] for a
+    /// leaf or a core op (whose forward-mode rules are built in).
+    pub fn set_custom_jvp<J>(&self, node: Var<'_, S>, jvp: J) -> Result<()>
+    where
+        J: Fn(
+                &JvpContext<'_>,
+                &[ArrayViewD<'_, S>],
+                ArrayViewD<'_, S>,
+                &[Option<ArrayViewD<'_, S>>],
+            ) -> Result<ArrayD<S>>
+            + 'static,
+    {
+        const NAME: &str = "Tape::set_custom_jvp";
+        if !std::ptr::eq(node.tape(), self) {
+            return Err(Error::ForeignVar {
+                op: NAME,
+                node: node.id(),
+            });
+        }
+        let mut nodes = self.nodes.borrow_mut();
+        let target = &mut nodes[node.id()];
+        match &mut target.op {
+            Op::Custom(c) => {
+                c.jvp = Some(Box::new(jvp));
+                Ok(())
+            }
+            Op::Leaf if target.needs_grad => Err(Error::invalid(
+                NAME,
+                format!(
+                    "node {} is a parameter; only custom nodes take a forward-mode rule",
+                    node.id()
+                ),
+            )),
+            Op::Leaf => Ok(()),
+            other => Err(Error::invalid(
+                NAME,
+                format!(
+                    "node {} is a core {} op, whose forward-mode rule is built in; only custom nodes take one",
+                    node.id(),
+                    other.name()
+                ),
+            )),
+        }
+    }
+
     fn record_custom<'t>(
         &'t self,
         name: String,
@@ -216,6 +382,7 @@ impl<S: Scalar> Tape<S> {
             Op::Custom(Box::new(CustomNode {
                 name,
                 vjp,
+                jvp: None,
                 regions: None,
             })),
             ids,
@@ -225,25 +392,42 @@ impl<S: Scalar> Tape<S> {
 
     /// Declares, for a custom node that resolves kinks itself (a fused prox op, a layer),
     /// which side of its kinks each element sat on when it was recorded: `op` names the
-    /// nonsmooth function and `codes` holds one integer per element (-1, 0, 1 for below, at
-    /// and above a kink, or any coding in which equal codes mean the same smooth piece).
+    /// nonsmooth function and `codes` holds one integer per kink site, usually per element
+    /// (-1, 0, 1 for below, at and above a kink, or any coding in which equal codes mean the
+    /// same smooth piece).
     /// [`gradcheck`](crate::gradcheck()) compares these codes at the perturbed points and
     /// refuses to difference across a kink, as it does for the core nonsmooth ops.
     ///
     /// A node off the gradient path keeps no op, and the call does nothing for it.
+    ///
+    /// # Errors
+    /// [`Error::ForeignVar`] for a node of another tape, [`Error::InvalidArgument`] for a
+    /// parameter or a core op. The number of codes is not checked against the value: an op
+    /// may code its kink sites rather than its elements (one code per group of a group
+    /// soft-threshold); the check only needs the same coding at every point, and refuses
+    /// when the number of codes changes between them.
     pub fn declare_kink_regions(&self, node: Var<'_, S>, op: &'static str, codes: Vec<i64>) -> Result<()> {
+        const NAME: &str = "Tape::declare_kink_regions";
         if !std::ptr::eq(node.tape(), self) {
             return Err(Error::ForeignVar {
-                op: "Tape::declare_kink_regions",
+                op: NAME,
                 node: node.id(),
             });
         }
         let mut nodes = self.nodes.borrow_mut();
-        match &mut nodes[node.id()].op {
+        let target = &mut nodes[node.id()];
+        match &mut target.op {
             Op::Custom(c) => {
                 c.regions = Some((op, codes));
                 Ok(())
             }
+            Op::Leaf if target.needs_grad => Err(Error::invalid(
+                NAME,
+                format!(
+                    "node {} is a parameter, which has no kinks; only custom nodes declare theirs",
+                    node.id()
+                ),
+            )),
             Op::Leaf => Ok(()),
             other => Err(Error::invalid(
                 "Tape::declare_kink_regions",

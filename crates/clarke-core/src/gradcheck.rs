@@ -49,6 +49,66 @@ impl Default for GradcheckOptions {
     }
 }
 
+impl GradcheckOptions {
+    /// Checks the settings: a finite step `> 0` (a zero step divides by zero, a NaN one
+    /// compares NaN) and finite tolerances `>= 0` (a negative or NaN one fails every
+    /// comparison, reported as a gradient mismatch).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the field and its value.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.step.is_finite() && self.step > 0.0) {
+            return Err(Error::invalid(
+                "gradcheck",
+                format!("step must be finite and > 0, got {}", self.step),
+            ));
+        }
+        for (name, tol) in [("rtol", self.rtol), ("atol", self.atol)] {
+            if !(tol.is_finite() && tol >= 0.0) {
+                return Err(Error::invalid(
+                    "gradcheck",
+                    format!("{name} must be finite and >= 0, got {tol}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Refuses inputs a check cannot compare anything at: no input element at all, or a NaN or
+/// an infinity (the function and its gradient are NaN there, and a NaN never matches).
+fn check_inputs<S: Scalar>(inputs: &[ArrayD<S>]) -> Result<()> {
+    if inputs.iter().all(|x| x.is_empty()) {
+        return Err(Error::invalid(
+            "gradcheck",
+            format!("nothing to check: {} input(s), none with an element", inputs.len()),
+        ));
+    }
+    for (i, x) in inputs.iter().enumerate() {
+        if let Some((k, v)) = x.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::invalid(
+                "gradcheck",
+                format!("input {i} element {k} is {v}: check at a finite point"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses an output at a perturbed point whose shape differs from the base point's (the
+/// program depends on the data): the Jacobian rows would not line up.
+fn same_shape<S: Scalar>(base: &[usize], other: &ArrayD<S>) -> Result<()> {
+    if other.shape() != base {
+        return Err(Error::shapes(
+            "gradcheck",
+            base,
+            other.shape(),
+            "the output at a perturbed point has another shape than at the checked point (data-dependent shape); check it at points where it does not change",
+        ));
+    }
+    Ok(())
+}
+
 /// What a passing check measured.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GradcheckReport {
@@ -92,7 +152,12 @@ where
 }
 
 fn same_regions(base: &Regions, other: &Regions, input: usize, element: usize, step: f64) -> Result<()> {
-    if base.len() != other.len() {
+    let same_program = base.len() == other.len()
+        && base
+            .iter()
+            .zip(other)
+            .all(|((id, op, a), (id2, op2, b))| id == id2 && op == op2 && a.len() == b.len());
+    if !same_program {
         return Err(Error::invalid(
             "gradcheck",
             "the function recorded a different program at a perturbed point (data-dependent control flow); check it at points where it does not",
@@ -144,17 +209,32 @@ fn compare(
 ///
 /// Cost: one backward per output element and two forwards per input element; meant for
 /// inputs with up to a few hundred elements.
+///
+/// # Errors
+/// Besides [`Error::GradientMismatch`] and [`Error::KinkInFiniteDifference`]:
+/// [`Error::InvalidArgument`] for options that fail [`GradcheckOptions::validate`], inputs
+/// with no element at all or with a non-finite one, an output with no element, or a
+/// function that records another program at a perturbed point; [`Error::ShapeMismatch`]
+/// when its output shape changes there.
 pub fn gradcheck<S, F>(f: F, inputs: &[ArrayD<S>], options: &GradcheckOptions) -> Result<GradcheckReport>
 where
     S: Scalar,
     F: for<'t> Fn(&'t Tape<S>, &[Var<'t, S>]) -> Result<Var<'t, S>>,
 {
+    options.validate()?;
+    check_inputs(inputs)?;
     let tape = Tape::<S>::new();
     let vars: Vec<Var<'_, S>> = inputs.iter().map(|x| tape.param(x.clone())).collect();
     let y = f(&tape, &vars)?;
     let base_regions = regions(&tape);
     let y_shape = y.shape();
     let m = y.len();
+    if m == 0 {
+        return Err(Error::invalid(
+            "gradcheck",
+            format!("nothing to check: the output has shape {y_shape:?}, no element"),
+        ));
+    }
     // Analytic Jacobian rows: backward with each unit seed, replaying the same tape.
     let mut rows: Vec<Vec<ArrayD<S>>> = Vec::with_capacity(m);
     for j in 0..m {
@@ -186,6 +266,8 @@ where
             minus.as_slice_mut().expect("standard")[k] -= S::from_f64_lossy(h);
             shifted[i] = minus;
             let (ym, rm) = evaluate(&f, &shifted)?;
+            same_shape(&y_shape, &yp)?;
+            same_shape(&y_shape, &ym)?;
             if options.kink_aware {
                 same_regions(&base_regions, &rp, i, k, h)?;
                 same_regions(&base_regions, &rm, i, k, h)?;
@@ -202,16 +284,28 @@ where
 
 /// One-direction check: `<u, J v>` from backward against central differences of
 /// `<u, f(x + h v)>`, with a seeded random direction `v` (over all inputs) and cotangent `u`.
+///
+/// # Errors
+/// As [`gradcheck`].
 pub fn gradcheck_direction<S, F>(f: F, inputs: &[ArrayD<S>], options: &GradcheckOptions) -> Result<GradcheckReport>
 where
     S: Scalar,
     F: for<'t> Fn(&'t Tape<S>, &[Var<'t, S>]) -> Result<Var<'t, S>>,
 {
+    options.validate()?;
+    check_inputs(inputs)?;
     let mut rng = ChaCha8Rng::seed_from_u64(options.seed);
     let tape = Tape::<S>::new();
     let vars: Vec<Var<'_, S>> = inputs.iter().map(|x| tape.param(x.clone())).collect();
     let y = f(&tape, &vars)?;
     let base_regions = regions(&tape);
+    let y_shape = y.shape();
+    if y.is_empty() {
+        return Err(Error::invalid(
+            "gradcheck_direction",
+            format!("nothing to check: the output has shape {y_shape:?}, no element"),
+        ));
+    }
     let u = ArrayD::<S>::from_shape_simple_fn(IxDyn(&y.shape()), || S::from_f64_lossy(rng.random_range(-1.0..1.0)));
     let v: Vec<ArrayD<S>> = inputs
         .iter()
@@ -238,6 +332,8 @@ where
     };
     let (yp, rp) = evaluate(&f, &shifted(S::one()))?;
     let (ym, rm) = evaluate(&f, &shifted(-S::one()))?;
+    same_shape(&y_shape, &yp)?;
+    same_shape(&y_shape, &ym)?;
     if options.kink_aware {
         same_regions(&base_regions, &rp, usize::MAX, usize::MAX, h)?;
         same_regions(&base_regions, &rm, usize::MAX, usize::MAX, h)?;

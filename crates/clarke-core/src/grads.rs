@@ -13,19 +13,22 @@ pub struct Grads<S: Scalar> {
     /// (node id, gradient) of every parameter recorded before the output, by id.
     pub(crate) params: Vec<(usize, ArrayD<S>)>,
     pub(crate) ledger: KinkLedger,
-    pub(crate) tape_addr: usize,
+    /// [`Tape::id`] of the tape of the backward call.
+    pub(crate) tape_id: u64,
 }
 
 impl<S: Scalar> Grads<S> {
-    /// Whether these gradients come from a backward pass on `tape`.
+    /// Whether these gradients come from a backward pass on `tape`. Tapes are told apart by
+    /// a process-unique id, not by address: a tape that moved is still the same tape, and a
+    /// new tape at a dropped tape's address is another.
     pub fn is_from(&self, tape: &Tape<S>) -> bool {
-        tape as *const Tape<S> as usize == self.tape_addr
+        tape.id() == self.tape_id
     }
 
     /// The gradient of a parameter, or `None` if `v` is not a parameter of this tape (or was
     /// recorded after the output).
     pub fn get(&self, v: Var<'_, S>) -> Option<&ArrayD<S>> {
-        if v.tape() as *const _ as usize != self.tape_addr {
+        if v.tape().id() != self.tape_id {
             return None;
         }
         self.params
@@ -36,7 +39,7 @@ impl<S: Scalar> Grads<S> {
 
     /// The gradient of a parameter (zeros if the output does not depend on it).
     pub fn wrt(&self, v: Var<'_, S>) -> Result<&ArrayD<S>> {
-        if v.tape() as *const _ as usize != self.tape_addr {
+        if v.tape().id() != self.tape_id {
             return Err(Error::ForeignVar {
                 op: "Grads::wrt",
                 node: v.id(),
@@ -55,7 +58,7 @@ impl<S: Scalar> Grads<S> {
 
     /// Moves a parameter's gradient out.
     pub fn take(&mut self, v: Var<'_, S>) -> Option<ArrayD<S>> {
-        if v.tape() as *const _ as usize != self.tape_addr {
+        if v.tape().id() != self.tape_id {
             return None;
         }
         let i = self.params.binary_search_by_key(&v.id(), |(id, _)| *id).ok()?;

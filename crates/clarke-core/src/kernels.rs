@@ -117,13 +117,52 @@ pub(crate) fn broadcast_shape(op: &'static str, a: &[usize], b: &[usize]) -> Res
             ));
         };
     }
+    checked_len(op, &out).map_err(|_| {
+        Error::shapes(
+            op,
+            a,
+            b,
+            format!(
+                "the broadcast shape {out:?} has too many elements: the product of its axis lengths overflows isize"
+            ),
+        )
+    })?;
     Ok(out)
+}
+
+/// The element count of `shape`, refusing a shape no array can have: the product of its
+/// non-zero axis lengths must fit in `isize` (what ndarray requires, even when an axis is 0).
+/// Ops whose result shape is not one of their inputs' call it before allocating.
+pub(crate) fn checked_len(op: &'static str, shape: &[usize]) -> Result<usize> {
+    let nonzero = shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| isize::try_from(n).is_ok());
+    match nonzero {
+        Some(_) if shape.contains(&0) => Ok(0),
+        Some(n) => Ok(n),
+        None => Err(Error::invalid(
+            op,
+            format!("shape {shape:?} has too many elements: the product of its axis lengths overflows isize"),
+        )),
+    }
 }
 
 /// View of `x` broadcast to `shape` (which must be a valid broadcast target).
 pub(crate) fn broadcast_view<'a, S: Scalar>(x: &'a ArrayD<S>, shape: &[usize]) -> ArrayViewD<'a, S> {
     x.broadcast(IxDyn(shape))
         .expect("broadcast target checked by the caller")
+}
+
+/// The tangent `t` broadcast to `shape`, or zeros of that shape when `t` is `None` (`zero`
+/// is a 0-d zero broadcast in place: nothing of the full shape is allocated).
+pub(crate) fn tangent_view<'a, S: Scalar>(
+    t: Option<&'a ArrayD<S>>,
+    shape: &[usize],
+    zero: &'a ArrayD<S>,
+) -> ArrayViewD<'a, S> {
+    broadcast_view(t.unwrap_or(zero), shape)
 }
 
 /// Sums a gradient of the broadcast shape back to `shape` (the inverse of broadcasting).

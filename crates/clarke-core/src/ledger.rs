@@ -102,7 +102,9 @@ impl KinkRecord {
         self
     }
 
-    /// The multi-index of flat index `i` in [`shape`](Self::shape).
+    /// The multi-index of flat index `i` in [`shape`](Self::shape). `i` is meant to be one
+    /// of [`kink_indices`](Self::kink_indices); an index past the shape's element count wraps
+    /// around the first axis.
     pub fn position(&self, i: usize) -> Vec<usize> {
         let mut idx = vec![0; self.shape.len()];
         let mut rest = i;
@@ -133,7 +135,10 @@ pub struct KinkScan {
 }
 
 impl KinkScan {
-    /// A scan with the policy's `tolerance` and the solver's error band.
+    /// A scan with the policy's `tolerance` and the solver's error band. Both are meant to
+    /// be finite and `>= 0`, as a validated policy and a backward call's
+    /// [`VjpContext`](crate::VjpContext) give them; a NaN or negative band is not refused
+    /// here (this constructor returns no `Result`) and widens nothing: only exact hits count.
     pub fn new(tolerance: f64, solver_band: f64) -> Self {
         KinkScan {
             tolerance,

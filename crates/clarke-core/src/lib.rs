@@ -30,6 +30,7 @@
 pub mod backward;
 pub mod custom;
 pub mod error;
+pub mod forward;
 pub mod gemm;
 pub mod gradcheck;
 pub mod grads;
@@ -44,8 +45,9 @@ pub mod tape;
 pub mod var;
 
 pub use backward::{BackwardOptions, ElementSelection};
-pub use custom::{CustomOp, VjpContext};
+pub use custom::{CustomOp, JvpContext, VjpContext};
 pub use error::{Error, Result, Stage};
+pub use forward::Jvp;
 pub use gradcheck::{GradcheckOptions, GradcheckReport, gradcheck, gradcheck_direction};
 pub use grads::Grads;
 pub use ledger::{KinkLedger, KinkRecord, KinkScan, Selection};
@@ -56,5 +58,5 @@ pub use var::Var;
 
 /// The names most programs need.
 pub mod prelude {
-    pub use crate::{BackwardOptions, Error, Grads, KinkLedger, KinkPolicy, Result, Scalar, Tape, TieRule, Var};
+    pub use crate::{BackwardOptions, Error, Grads, Jvp, KinkLedger, KinkPolicy, Result, Scalar, Tape, TieRule, Var};
 }

@@ -1,4 +1,5 @@
-//! The recorded op of a node, and the dispatch of backward rules to the op families.
+//! The recorded op of a node, and the dispatch of backward and forward-mode (JVP) rules to
+//! the op families.
 
 use ndarray::ArrayD;
 use smallvec::SmallVec;
@@ -21,6 +22,9 @@ use crate::{Result, Scalar};
 
 /// Gradients with respect to an op's inputs (`None`: input needs none).
 pub(crate) type InputGrads<S> = SmallVec<[Option<ArrayD<S>>; 2]>;
+
+/// Tangents of an op's inputs in a forward-mode sweep (`None`: the tangent is zero).
+pub(crate) type InputTangents<'a, S> = [Option<&'a ArrayD<S>>];
 
 /// The input values of a node, read in place from the arena (no per-node collection).
 #[derive(Clone, Copy)]
@@ -57,7 +61,7 @@ impl<S: Scalar> std::ops::Index<usize> for InputValues<'_, S> {
     }
 }
 
-/// What a backward rule sees of its node.
+/// What a backward or forward-mode rule sees of its node.
 pub(crate) struct Ctx<'a, S: Scalar> {
     /// Values of the inputs.
     pub inputs: InputValues<'a, S>,
@@ -142,6 +146,24 @@ impl<S: Scalar> Op<S> {
             Op::Reduce(o) => Ok(o.backward(ctx, grad)),
             Op::Loss(o) => Ok(o.backward(ctx, grad)),
             Op::Custom(o) => o.backward(ctx, grad),
+        }
+    }
+
+    /// The tangent of the output, given the tangents of the inputs (at least one is
+    /// `Some`): the Jacobian-vector product whose transpose [`backward`](Self::backward) is,
+    /// with the same selections at kinks.
+    pub fn jvp(&self, ctx: &Ctx<'_, S>, tangents: &InputTangents<'_, S>) -> Result<ArrayD<S>> {
+        match self {
+            // A leaf has no inputs: its tangent is given, never derived.
+            Op::Leaf => Ok(ArrayD::zeros(ctx.output.raw_dim())),
+            Op::Arith(o) => Ok(o.jvp(ctx, tangents)),
+            Op::Unary(o) => Ok(o.jvp(ctx, tangents)),
+            Op::Kink(o) => Ok(o.jvp(ctx, tangents)),
+            Op::Linalg(o) => Ok(o.jvp(ctx, tangents)),
+            Op::Shape(o) => Ok(o.jvp(ctx, tangents)),
+            Op::Reduce(o) => Ok(o.jvp(ctx, tangents)),
+            Op::Loss(o) => Ok(o.jvp(ctx, tangents)),
+            Op::Custom(o) => o.jvp(ctx, tangents),
         }
     }
 }

@@ -7,6 +7,7 @@
 //! policies.
 
 use std::cell::{Cell, Ref, RefCell};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ndarray::{ArrayD, IxDyn};
 use smallvec::SmallVec;
@@ -47,6 +48,9 @@ pub(crate) struct Node<S: Scalar> {
 /// assert_eq!(grads.ledger().exact_hits(), 1);
 /// ```
 pub struct Tape<S: Scalar> {
+    /// Unique among the tapes of the process: [`Grads`](crate::Grads) remember it, as an
+    /// address could be reused by a later tape or change when the tape moves.
+    id: u64,
     pub(crate) nodes: RefCell<Vec<Node<S>>>,
     policy: RefCell<KinkPolicy>,
     grad_enabled: Cell<bool>,
@@ -73,7 +77,9 @@ impl<S: Scalar> std::fmt::Debug for Tape<S> {
 impl<S: Scalar> Tape<S> {
     /// An empty tape with the default kink policy ([`KinkPolicy::pytorch`]).
     pub fn new() -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Tape {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             nodes: RefCell::new(Vec::new()),
             policy: RefCell::new(KinkPolicy::default()),
             grad_enabled: Cell::new(true),
@@ -90,11 +96,18 @@ impl<S: Scalar> Tape<S> {
         Ok(tape)
     }
 
-    /// An empty tape with room for `capacity` nodes.
+    /// An empty tape with room for `capacity` nodes. The capacity is a hint: one that cannot
+    /// be reserved (more nodes than memory can hold) is ignored, and the tape grows on demand.
     pub fn with_capacity(capacity: usize) -> Self {
         let tape = Self::new();
-        tape.nodes.borrow_mut().reserve(capacity);
+        // Ignoring the failure is the point: a hint must not abort the program.
+        let _ = tape.nodes.borrow_mut().try_reserve(capacity);
         tape
+    }
+
+    /// The process-unique id of this tape (what [`Grads`](crate::Grads) compare).
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     /// The tape's kink policy (the default for every backward call on it).
@@ -174,11 +187,22 @@ impl<S: Scalar> Tape<S> {
     }
 
     /// A leaf that needs a gradient (a parameter or an input to differentiate by).
+    ///
+    /// Any value is accepted, of any shape (empty too). A NaN or an infinity propagates
+    /// through the ops by IEEE rules; scanning every leaf would cost a pass over its elements
+    /// on the hot path, so only anomaly mode checks: there a parameter with a non-finite
+    /// element is the anomaly ([`Error::NonFinite`] with op `"param"`, which backward
+    /// returns), as differentiating at such a point means nothing.
     pub fn param(&self, value: ArrayD<S>) -> Var<'_, S> {
         self.leaf(value, true)
     }
 
     /// A leaf without gradient (data, labels, fixed weights).
+    ///
+    /// Any value is accepted, NaN and infinities included, also in anomaly mode: an infinite
+    /// bound or a `-inf` mask is legitimate data. Anomaly mode reports the first op that
+    /// turns finite inputs into a non-finite value, so non-finite values that enter through
+    /// a constant are not reported where they propagate.
     pub fn constant(&self, value: ArrayD<S>) -> Var<'_, S> {
         self.leaf(value, false)
     }
@@ -196,6 +220,18 @@ impl<S: Scalar> Tape<S> {
     fn leaf(&self, value: ArrayD<S>, needs_grad: bool) -> Var<'_, S> {
         let mut nodes = self.nodes.borrow_mut();
         let id = nodes.len();
+        if needs_grad && self.anomaly_mode.get() && self.first_anomaly.borrow().is_none() {
+            if let Some((count, value_at, index)) = first_non_finite(&value) {
+                *self.first_anomaly.borrow_mut() = Some(Error::NonFinite {
+                    stage: Stage::Forward,
+                    op: "param",
+                    node: id,
+                    count,
+                    value: value_at,
+                    index,
+                });
+            }
+        }
         nodes.push(Node {
             op: Op::Leaf,
             inputs: Inputs::new(),
@@ -313,14 +349,8 @@ impl<S: Scalar> Tape<S> {
             if let Some((count, value_at, index)) = first_non_finite(&value) {
                 let inputs_finite = inputs.iter().all(|&i| nodes[i].value.iter().all(|v| v.is_finite()));
                 if inputs_finite {
-                    *self.first_anomaly.borrow_mut() = Some(Error::NonFinite {
-                        stage: Stage::Forward,
-                        op: op.name(),
-                        node: id,
-                        count,
-                        value: value_at,
-                        index,
-                    });
+                    *self.first_anomaly.borrow_mut() =
+                        Some(non_finite(Stage::Forward, &op, id, None, (count, value_at, index)));
                 }
             }
         }
@@ -335,6 +365,41 @@ impl<S: Scalar> Tape<S> {
             needs_grad,
         });
         Var::new(id, self)
+    }
+}
+
+/// The anomaly-mode error for node `node` (op `op`), whose value (at `Stage::Forward`) or
+/// gradient for input `input` (at `Stage::Backward`) has `count` non-finite entries, the
+/// first `value` at flat `index`, although its inputs (or upstream gradient) were finite.
+/// A custom node is named by its own name ([`Error::CustomOp`]), a core op by
+/// [`Error::NonFinite`].
+pub(crate) fn non_finite<S: Scalar>(
+    stage: Stage,
+    op: &Op<S>,
+    node: usize,
+    input: Option<usize>,
+    (count, value, index): (usize, f64, usize),
+) -> Error {
+    match op {
+        Op::Custom(c) => Error::CustomOp {
+            op: c.name().to_string(),
+            detail: match input {
+                Some(k) => format!(
+                    "{stage}: the vjp of node {node} returned {count} non-finite value(s) for input {k}, first {value} at flat index {index}, from a finite upstream gradient (anomaly mode)"
+                ),
+                None => format!(
+                    "{stage}: node {node} has {count} non-finite value(s), first {value} at flat index {index}; its inputs were finite (anomaly mode)"
+                ),
+            },
+        },
+        _ => Error::NonFinite {
+            stage,
+            op: op.name(),
+            node,
+            count,
+            value,
+            index,
+        },
     }
 }
 

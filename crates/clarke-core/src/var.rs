@@ -5,6 +5,7 @@ use std::ops::{Add, Div, Mul, Neg, Sub};
 use ndarray::ArrayD;
 
 use crate::backward::BackwardOptions;
+use crate::forward::Jvp;
 use crate::grads::Grads;
 use crate::tape::Tape;
 use crate::{Error, Result, Scalar};
@@ -121,6 +122,12 @@ impl<'t, S: Scalar> Var<'t, S> {
         self.tape.backward(*self, options)
     }
 
+    /// The Jacobian-vector product of this output for the given parameter tangents (see
+    /// [`Tape::jvp`]).
+    pub fn jvp(&self, tangents: &[(Var<'t, S>, ArrayD<S>)], options: &BackwardOptions<S>) -> Result<Jvp<S>> {
+        self.tape.jvp(*self, tangents, options)
+    }
+
     /// Backward from this output with the given seed (its shape), moved in rather than
     /// copied, under the tape's kink policy.
     pub fn backward_seeded(&self, seed: ArrayD<S>) -> Result<Grads<S>> {
@@ -172,10 +179,21 @@ impl<'t, S: Scalar> Mul<S> for Var<'t, S> {
         self.affine(rhs, S::zero())
     }
 }
+/// `x / s` records `x * (1 / s)`, one affine node, so its value may differ from the
+/// quotient by a rounding. Where `1 / s` overflows (a subnormal `s`) that product would be
+/// infinite for small `x`, so the quotient is recorded as a division by a 0-d constant
+/// instead. Division by zero gives the IEEE result (inf, or NaN for `0 / 0`), as
+/// [`try_div`](Var::try_div) does.
 impl<'t, S: Scalar> Div<S> for Var<'t, S> {
     type Output = Var<'t, S>;
     fn div(self, rhs: S) -> Var<'t, S> {
-        self.affine(S::one() / rhs, S::zero())
+        let scale = S::one() / rhs;
+        if scale.is_finite() || rhs == S::zero() || !rhs.is_finite() {
+            self.affine(scale, S::zero())
+        } else {
+            let divisor = self.tape().constant_scalar(rhs);
+            self.try_div(divisor).expect("a 0-d divisor broadcasts to every shape")
+        }
     }
 }
 impl<'t, S: Scalar> Neg for Var<'t, S> {

@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod engine;
+mod forward_mode;
 mod fuzz;
 mod kink_selection;
 mod mlp;

@@ -1,9 +1,11 @@
 //! `+ - * /` between Vars (NumPy broadcasting) and affine maps with scalars.
 
-use ndarray::{ArrayD, Zip};
+use ndarray::{ArrayD, IxDyn, Zip};
 
-use crate::kernels::{broadcast_shape, broadcast_view, map, map_inplace, reduce_to_shape, update_with, zip_map};
-use crate::op::{Ctx, InputGrads, Op};
+use crate::kernels::{
+    broadcast_shape, broadcast_view, map, map_inplace, reduce_to_shape, tangent_view, update_with, zip_map,
+};
+use crate::op::{Ctx, InputGrads, InputTangents, Op};
 use crate::tape::Inputs;
 use crate::var::Var;
 use crate::{Result, Scalar};
@@ -107,6 +109,32 @@ impl<S: Scalar> ArithOp<S> {
         }
         out
     }
+
+    /// The tangent of the output: `scale t` for affine maps, `ta ± tb`, `ta b + a tb` and
+    /// `ta / b - tb y / b` in the broadcast shape (an absent tangent counts as zero).
+    pub fn jvp(&self, ctx: &Ctx<'_, S>, t: &InputTangents<'_, S>) -> ArrayD<S> {
+        if let ArithOp::Affine { scale } = *self {
+            let ta = t[0].expect("a tangent reaches the node");
+            return map(ta, move |v| v * scale);
+        }
+        let shape = ctx.output.shape();
+        let zero = ArrayD::zeros(IxDyn(&[]));
+        let (a, b, y) = (
+            broadcast_view(&ctx.inputs[0], shape),
+            broadcast_view(&ctx.inputs[1], shape),
+            ctx.output,
+        );
+        let (ta, tb) = (tangent_view(t[0], shape, &zero), tangent_view(t[1], shape, &zero));
+        let z = Zip::from(&ta).and(&tb).and(&a).and(&b).and(y);
+        match self {
+            ArithOp::Add => z.map_collect(|&ta, &tb, _, _, _| ta + tb),
+            ArithOp::Sub => z.map_collect(|&ta, &tb, _, _, _| ta - tb),
+            ArithOp::Mul => z.map_collect(|&ta, &tb, &a, &b, _| ta * b + tb * a),
+            // The same factors as backward: dy/da = 1/b, dy/db = -y/b.
+            ArithOp::Div => z.map_collect(|&ta, &tb, _, &b, &y| ta / b + -tb * y / b),
+            ArithOp::Affine { .. } => unreachable!("handled above"),
+        }
+    }
 }
 
 impl<'t, S: Scalar> Var<'t, S> {
@@ -141,6 +169,12 @@ impl<'t, S: Scalar> Var<'t, S> {
     }
 
     /// `self + other` with NumPy broadcasting.
+    ///
+    /// # Errors
+    /// [`Error::ForeignVar`](crate::Error::ForeignVar) when `other` lives on another tape,
+    /// [`Error::ShapeMismatch`](crate::Error::ShapeMismatch) naming both shapes when they do
+    /// not broadcast (or their broadcast shape has more elements than an array can hold).
+    /// The other binary operators refuse the same inputs.
     pub fn try_add(self, other: Var<'t, S>) -> Result<Var<'t, S>> {
         self.binary(other, ArithOp::Add)
     }
@@ -153,11 +187,17 @@ impl<'t, S: Scalar> Var<'t, S> {
         self.binary(other, ArithOp::Mul)
     }
     /// `self / other` (elementwise) with NumPy broadcasting.
+    ///
+    /// Division by zero is not an error: it gives the IEEE result (`±inf`, NaN for `0 / 0`),
+    /// and so does the gradient. Refusing it would cost a scan of the divisor on every
+    /// division; anomaly mode ([`Tape::set_anomaly_detection`](crate::Tape::set_anomaly_detection))
+    /// reports the first node that turns finite inputs into a non-finite value instead.
     pub fn try_div(self, other: Var<'t, S>) -> Result<Var<'t, S>> {
         self.binary(other, ArithOp::Div)
     }
 
     /// `scale * self + shift`, elementwise (what `x * 2.0`, `x + 1.0`, `-x`, `1.0 - x` record).
+    /// A non-finite `scale` or `shift` gives the IEEE results (anomaly mode reports them).
     pub fn affine(self, scale: S, shift: S) -> Var<'t, S> {
         let value = self.with_value(|x| map(x, |v| scale * v + shift));
         self.tape().push(

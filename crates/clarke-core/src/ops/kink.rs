@@ -8,10 +8,12 @@
 
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Zip};
 
-use crate::kernels::{broadcast_shape, broadcast_view, check_axis, map, parallel, reduce_to_shape, zip_map};
+use crate::kernels::{
+    broadcast_shape, broadcast_view, check_axis, map, parallel, reduce_to_shape, tangent_view, zip_map,
+};
 use crate::ledger::{KinkRecord, KinkScan, Selection};
 use crate::nonsmooth;
-use crate::op::{Ctx, InputGrads, InputValues, Op};
+use crate::op::{Ctx, InputGrads, InputTangents, InputValues, Op};
 use crate::policy::{KinkPolicy, TieRule, check_selection, check_tie_rule};
 use crate::tape::Inputs;
 use crate::var::Var;
@@ -105,15 +107,80 @@ impl<S: Scalar> KinkOp<S> {
         let sel = self.selection(ctx.policy);
         let band = S::from_f64_lossy(ctx.band());
         let x = &ctx.inputs[0];
-        let mut g = g;
-        // Upstream gradients at elements with their own selection, before the in-place update.
-        let pinned: Vec<(usize, S, S)> = ctx
-            .element_selections
-            .iter()
-            .filter(|e| e.element < g.len())
-            .map(|e| (e.element, flat(&g, e.element), S::from_f64_lossy(e.value)))
-            .collect();
         let mut out = InputGrads::new();
+        match (self.kind, sel) {
+            (KinkKind::Maximum | KinkKind::Minimum, Selection::TieWeight(w)) => {
+                let w = S::from_f64_lossy(w);
+                let b = &ctx.inputs[1];
+                let is_max = matches!(self.kind, KinkKind::Maximum);
+                let pinned = pins(ctx, &g);
+                let (ga, gb) = extremum_backward(x, b, g, w, band, is_max, &pinned);
+                out.push(ctx.needs(0).then_some(ga));
+                out.push(ctx.needs(1).then_some(gb));
+            }
+            (
+                KinkKind::Reduce {
+                    axis,
+                    keep_dims,
+                    is_max,
+                },
+                Selection::Tie(rule),
+            ) => {
+                out.push(Some(reduce_backward(
+                    x, ctx.output, g, axis, keep_dims, is_max, rule, band,
+                )));
+            }
+            _ => out.push(Some(self.scale_by_derivative(ctx, sel, band, g))),
+        }
+        out
+    }
+
+    /// The tangent of the output, with the selections of [`backward`](Self::backward) at
+    /// the same elements: the selected diagonal for the elementwise ops, the tie shares of
+    /// `maximum`/`minimum`, the tie rule of the reductions.
+    pub fn jvp(&self, ctx: &Ctx<'_, S>, t: &InputTangents<'_, S>) -> ArrayD<S> {
+        let sel = self.selection(ctx.policy);
+        let band = S::from_f64_lossy(ctx.band());
+        let x = &ctx.inputs[0];
+        match (self.kind, sel) {
+            (KinkKind::Maximum | KinkKind::Minimum, Selection::TieWeight(w)) => {
+                let w = S::from_f64_lossy(w);
+                let is_max = matches!(self.kind, KinkKind::Maximum);
+                let shares: Vec<(usize, S)> = ctx
+                    .element_selections
+                    .iter()
+                    .map(|e| (e.element, S::from_f64_lossy(e.value)))
+                    .collect();
+                extremum_jvp(
+                    x,
+                    &ctx.inputs[1],
+                    ctx.output.shape(),
+                    (t[0], t[1]),
+                    w,
+                    band,
+                    is_max,
+                    &shares,
+                )
+            }
+            (KinkKind::Reduce { axis, keep_dims, .. }, Selection::Tie(rule)) => {
+                let tx = t[0].expect("a tangent reaches the node");
+                reduce_jvp(x, ctx.output, tx, axis, keep_dims, rule, band)
+            }
+            _ => {
+                let tx = t[0].expect("a tangent reaches the node").clone();
+                self.scale_by_derivative(ctx, sel, band, tx)
+            }
+        }
+    }
+
+    /// `g[i] * f'(x[i])` for the elementwise ops (relu, leaky relu, abs, sign, clamp), with
+    /// the selection `sel` within `band` of a kink and the call's element selections where
+    /// they apply. The Jacobian is diagonal, so this one map serves backward (on the
+    /// gradient) and forward mode (on the tangent).
+    fn scale_by_derivative(&self, ctx: &Ctx<'_, S>, sel: Selection, band: S, mut g: ArrayD<S>) -> ArrayD<S> {
+        let x = &ctx.inputs[0];
+        // Values at elements with their own selection, before the in-place update.
+        let pinned = pins(ctx, &g);
         match (self.kind, sel) {
             (KinkKind::Relu, Selection::Slope(s)) => {
                 let s = S::from_f64_lossy(s);
@@ -135,37 +202,7 @@ impl<S: Scalar> KinkOp<S> {
                 let (dl, dh) = (S::from_f64_lossy(low), S::from_f64_lossy(high));
                 slope_update(&mut g, x, move |x| nonsmooth::clamp_derivative(x, lo, hi, dl, dh, band));
             }
-            (KinkKind::Maximum | KinkKind::Minimum, Selection::TieWeight(w)) => {
-                let w = S::from_f64_lossy(w);
-                let b = &ctx.inputs[1];
-                let is_max = matches!(self.kind, KinkKind::Maximum);
-                let (mut ga, mut gb) = extremum_backward(x, b, g, w, band, is_max);
-                if x.shape() == b.shape() {
-                    for &(e, upstream, share) in &pinned {
-                        if nonsmooth::at_kink(flat(x, e) - flat(b, e), band) {
-                            *flat_mut(&mut ga, e) = upstream * share;
-                            *flat_mut(&mut gb, e) = upstream * (S::one() - share);
-                        }
-                    }
-                }
-                out.push(ctx.needs(0).then_some(ga));
-                out.push(ctx.needs(1).then_some(gb));
-                return out;
-            }
-            (
-                KinkKind::Reduce {
-                    axis,
-                    keep_dims,
-                    is_max,
-                },
-                Selection::Tie(rule),
-            ) => {
-                out.push(Some(reduce_backward(
-                    x, ctx.output, g, axis, keep_dims, is_max, rule, band,
-                )));
-                return out;
-            }
-            _ => unreachable!("selection kind always matches the op kind"),
+            _ => unreachable!("an elementwise op with its kind of selection"),
         }
         for &(e, upstream, value) in &pinned {
             let v = flat(x, e);
@@ -177,8 +214,7 @@ impl<S: Scalar> KinkOp<S> {
                 *flat_mut(&mut g, e) = upstream * value;
             }
         }
-        out.push(Some(g));
-        out
+        g
     }
 
     /// The ledger record of this node at its recorded inputs under `policy`, with the
@@ -223,6 +259,17 @@ impl<S: Scalar> KinkOp<S> {
         let mut record = scan.finish(node, self.name(), &shape, self.selection(policy), self.element_hull());
         record.overridden = self.over.is_some();
         record
+    }
+
+    /// How many elements an [`ElementSelection`](crate::ElementSelection) for this node can
+    /// address (the `elements` of its ledger record), or `None` for a reduction, whose ties
+    /// follow a [`TieRule`] instead.
+    pub fn selectable_elements(&self, output: &ArrayD<S>) -> Option<usize> {
+        match self.kind {
+            KinkKind::Reduce { .. } => None,
+            // Elementwise ops: the output has the shape of the (broadcast) kink argument.
+            _ => Some(output.len()),
+        }
     }
 
     /// The convex hull of the one-sided derivatives at one kink element (see
@@ -292,8 +339,65 @@ impl<S: Scalar> KinkOp<S> {
     }
 }
 
+/// (flat index, value of `g` there, selection) of the call's element selections for this
+/// node that index into `g`.
+fn pins<S: Scalar>(ctx: &Ctx<'_, S>, g: &ArrayD<S>) -> Vec<(usize, S, S)> {
+    ctx.element_selections
+        .iter()
+        .filter(|e| e.element < g.len())
+        .map(|e| (e.element, flat(g, e.element), S::from_f64_lossy(e.value)))
+        .collect()
+}
+
+/// The share of `maximum(a, b)` (or `minimum`) sent to `a`: 1 where `a` wins, 0 where `b`
+/// does, `w` at a tie within `band`. Branch-free: the winner is data dependent and
+/// unpredictable. `minimum(a, b)` is `maximum` with the comparison reversed; the tie weight
+/// stays with `a`.
+#[inline(always)]
+fn extremum_share<S: Scalar>(a: S, b: S, w: S, band: S, is_max: bool) -> S {
+    if is_max {
+        nonsmooth::max_share(a, b, w, band)
+    } else {
+        nonsmooth::max_share(b, a, w, band)
+    }
+}
+
+/// The tangent of `maximum(a, b)` or `minimum(a, b)` in the broadcast `shape`: `s ta + (1 -
+/// s) tb` with the share `s` of [`extremum_share`], replaced by the element's own share in
+/// `shares` (flat index, share) where that element ties within `band`, as backward does.
+#[allow(clippy::too_many_arguments)]
+fn extremum_jvp<S: Scalar>(
+    a: &ArrayD<S>,
+    b: &ArrayD<S>,
+    shape: &[usize],
+    (ta, tb): (Option<&ArrayD<S>>, Option<&ArrayD<S>>),
+    w: S,
+    band: S,
+    is_max: bool,
+    shares: &[(usize, S)],
+) -> ArrayD<S> {
+    let zero = ArrayD::zeros(IxDyn(&[]));
+    let (av, bv) = (broadcast_view(a, shape), broadcast_view(b, shape));
+    let (tav, tbv) = (tangent_view(ta, shape, &zero), tangent_view(tb, shape, &zero));
+    let tangent = |s: S, ta: S, tb: S| s * ta + (S::one() - s) * tb;
+    let mut out = Zip::from(&av)
+        .and(&bv)
+        .and(&tav)
+        .and(&tbv)
+        .map_collect(|&a, &b, &ta, &tb| tangent(extremum_share(a, b, w, band, is_max), ta, tb));
+    let len = out.len();
+    for &(e, share) in shares.iter().filter(|(e, _)| *e < len) {
+        if nonsmooth::at_kink(flat(&av, e) - flat(&bv, e), band) {
+            *flat_mut(&mut out, e) = tangent(share, flat(&tav, e), flat(&tbv, e));
+        }
+    }
+    out
+}
+
 /// Gradients of `maximum(a, b)` or `minimum(a, b)`: the winner of each element gets the
-/// gradient, a tie within `band` sends the share `w` to `a`.
+/// gradient, a tie within `band` sends the share `w` to `a`. `pins` are (flat index in the
+/// broadcast shape, upstream gradient there, share sent to `a`) of the elements with their
+/// own selection: they replace `w` where those elements tie.
 fn extremum_backward<S: Scalar>(
     a: &ArrayD<S>,
     b: &ArrayD<S>,
@@ -301,16 +405,9 @@ fn extremum_backward<S: Scalar>(
     w: S,
     band: S,
     is_max: bool,
+    pins: &[(usize, S, S)],
 ) -> (ArrayD<S>, ArrayD<S>) {
-    // Branch-free: the winner is data dependent and unpredictable. `minimum(a, b)` is
-    // `maximum` with the comparison reversed; the tie weight stays with `a`.
-    let share = move |a: S, b: S| {
-        if is_max {
-            nonsmooth::max_share(a, b, w, band)
-        } else {
-            nonsmooth::max_share(b, a, w, band)
-        }
-    };
+    let share = move |a: S, b: S| extremum_share(a, b, w, band, is_max);
     let split = |g: &mut S, gb: &mut S, a: S, b: S| {
         let s = share(a, b);
         *gb = *g * (S::one() - s);
@@ -337,6 +434,7 @@ fn extremum_backward<S: Scalar>(
                 .and(b)
                 .for_each(|g, gb, &a, &b| split(g, gb, a, b));
         }
+        pin_ties(&mut g, &mut gb, a.view(), b.view(), pins, band);
         return (g, gb);
     }
     let shape = g.shape().to_vec();
@@ -347,7 +445,26 @@ fn extremum_backward<S: Scalar>(
         .and(&av)
         .and(&bv)
         .for_each(|g, gb, &a, &b| split(g, gb, a, b));
+    pin_ties(&mut g, &mut gb, av, bv, pins, band);
     (reduce_to_shape(g, a.shape()), reduce_to_shape(gb, b.shape()))
+}
+
+/// Applies per-element tie shares to the gradients of `maximum`/`minimum` in the broadcast
+/// shape (`a` and `b` are the operands broadcast to it), where the element ties within `band`.
+fn pin_ties<S: Scalar>(
+    ga: &mut ArrayD<S>,
+    gb: &mut ArrayD<S>,
+    a: ArrayViewD<'_, S>,
+    b: ArrayViewD<'_, S>,
+    pins: &[(usize, S, S)],
+    band: S,
+) {
+    for &(e, upstream, share) in pins {
+        if nonsmooth::at_kink(flat(&a, e) - flat(&b, e), band) {
+            *flat_mut(ga, e) = upstream * share;
+            *flat_mut(gb, e) = upstream * (S::one() - share);
+        }
+    }
 }
 
 /// `g[i] *= d(x[i])`, in parallel for large arrays.
@@ -495,6 +612,63 @@ fn reduce_backward<S: Scalar>(
     gx
 }
 
+/// The tangent of a max/min reduction: per lane, the tangents of the extremal elements
+/// (within `band` of the extremum) combined by the tie rule as [`reduce_backward`] spreads
+/// the gradient: their mean (`Split`), their sum (`All`), the first or the last.
+fn reduce_jvp<S: Scalar>(
+    x: &ArrayD<S>,
+    y: &ArrayD<S>,
+    t: &ArrayD<S>,
+    axis: Option<usize>,
+    keep_dims: bool,
+    rule: TieRule,
+    band: S,
+) -> ArrayD<S> {
+    let tied = move |v: S, m: S| nonsmooth::at_kink(v - m, band);
+    let gather = |lane: ndarray::ArrayView1<'_, S>, tlane: ndarray::ArrayView1<'_, S>, m: S| -> S {
+        let mut ties = lane
+            .iter()
+            .zip(tlane.iter())
+            .filter(|&(&v, _)| tied(v, m))
+            .map(|(_, &t)| t);
+        match rule {
+            TieRule::Split => {
+                let (count, sum) = ties.fold((0usize, S::zero()), |(n, s), t| (n + 1, s + t));
+                if count == 0 {
+                    S::zero() // NaN lane: nothing is extremal
+                } else {
+                    sum / S::from_usize(count).expect("count fits")
+                }
+            }
+            TieRule::All => ties.fold(S::zero(), |s, t| s + t),
+            TieRule::First => ties.next().unwrap_or_else(S::zero),
+            TieRule::Last => ties.last().unwrap_or_else(S::zero),
+        }
+    };
+    let mut out = ArrayD::<S>::zeros(y.raw_dim());
+    match axis {
+        None => {
+            let m = *y.iter().next().expect("one element");
+            let flat_x: ndarray::Array1<S> = x.iter().copied().collect();
+            let flat_t: ndarray::Array1<S> = t.iter().copied().collect();
+            *out.iter_mut().next().expect("one element") = gather(flat_x.view(), flat_t.view(), m);
+        }
+        Some(ax) => {
+            let (yv, mut ov) = if keep_dims {
+                (y.index_axis(Axis(ax), 0), out.index_axis_mut(Axis(ax), 0))
+            } else {
+                (y.view(), out.view_mut())
+            };
+            Zip::from(x.lanes(Axis(ax)))
+                .and(t.lanes(Axis(ax)))
+                .and(&yv)
+                .and(&mut ov)
+                .for_each(|lane, tlane, &m, o| *o = gather(lane, tlane, m));
+        }
+    }
+    out
+}
+
 impl<'t, S: Scalar> Var<'t, S> {
     fn kink_unary(self, kind: KinkKind<S>, over: Option<Selection>, f: impl Fn(S) -> S + Sync + Send) -> Var<'t, S> {
         let value = self.with_value(|x| map(x, f));
@@ -525,7 +699,10 @@ impl<'t, S: Scalar> Var<'t, S> {
     }
 
     /// Leaky relu: `x` for `x > 0`, `alpha x` otherwise; the slope at 0 from the policy's
-    /// `leaky_relu` position between `alpha` and 1.
+    /// `leaky_relu` position between `alpha` and 1. This form returns no `Result` and does
+    /// not check `alpha`: a NaN or infinite `alpha` gives NaN values below 0 and NaN slopes,
+    /// which anomaly mode reports ([`try_leaky_relu_with`](Self::try_leaky_relu_with)
+    /// refuses such an `alpha`).
     pub fn leaky_relu(self, alpha: S) -> Var<'t, S> {
         self.kink_unary(KinkKind::LeakyRelu { alpha }, None, move |v| {
             nonsmooth::leaky_relu(v, alpha)
@@ -683,7 +860,12 @@ impl<'t, S: Scalar> Var<'t, S> {
         is_max: bool,
         rule: Option<TieRule>,
     ) -> Result<Var<'t, S>> {
-        let name = if is_max { "max_axis" } else { "min_axis" };
+        let name = match (axis, is_max) {
+            (Some(_), true) => "max_axis",
+            (Some(_), false) => "min_axis",
+            (None, true) => "max_all",
+            (None, false) => "min_all",
+        };
         if let Some(r) = rule {
             check_tie_rule(r, self.outside_ok())?;
         }
@@ -761,7 +943,7 @@ impl<'t, S: Scalar> Var<'t, S> {
 }
 
 /// The element at row-major flat index `i`.
-fn flat<S: Scalar>(a: &ArrayD<S>, i: usize) -> S {
+fn flat<S: Scalar, D: ndarray::Data<Elem = S>>(a: &ndarray::ArrayBase<D, IxDyn>, i: usize) -> S {
     match a.as_slice() {
         Some(s) => s[i],
         None => a[unravel(a.shape(), i).as_slice()],

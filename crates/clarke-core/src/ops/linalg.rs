@@ -6,7 +6,8 @@
 use ndarray::{Array2, ArrayD, ArrayView2, Axis, Ix1, Ix2, Ix3, IxDyn};
 
 use crate::gemm::gemm;
-use crate::op::{Ctx, InputGrads, Op};
+use crate::kernels::{add_into, checked_len};
+use crate::op::{Ctx, InputGrads, InputTangents, Op};
 use crate::tape::Inputs;
 use crate::var::Var;
 use crate::{Error, Result, Scalar};
@@ -145,6 +146,30 @@ impl LinalgOp {
             }
         }
         out
+    }
+
+    /// The tangent of the output: the permuted tangent, or `ta b + a tb` (the product
+    /// rule, each term by the same product as the value).
+    pub fn jvp<S: Scalar>(&self, ctx: &Ctx<'_, S>, t: &InputTangents<'_, S>) -> ArrayD<S> {
+        match self {
+            LinalgOp::Permute(perm) => t[0]
+                .expect("a tangent reaches the node")
+                .clone()
+                .permuted_axes(IxDyn(perm)),
+            LinalgOp::MatMul(p) => {
+                let (a, b) = (&ctx.inputs[0], &ctx.inputs[1]);
+                match (t[0], t[1]) {
+                    (Some(ta), Some(tb)) => {
+                        let mut y = forward(*p, ta, b);
+                        add_into(&mut y, &forward(*p, a, tb));
+                        y
+                    }
+                    (Some(ta), None) => forward(*p, ta, b),
+                    (None, Some(tb)) => forward(*p, a, tb),
+                    (None, None) => ArrayD::zeros(ctx.output.raw_dim()),
+                }
+            }
+        }
     }
 }
 
@@ -287,6 +312,23 @@ impl<'t, S: Scalar> Var<'t, S> {
                     format!("inner dimensions differ: {inner_a} vs {inner_b}"),
                 ));
             }
+            let out = match p {
+                Product::MatMat => vec![sa[0], sb[1]],
+                Product::MatVec => vec![sa[0]],
+                Product::VecMat => vec![sb[1]],
+                Product::Dot => vec![],
+                Product::Batched => vec![sa[0], sa[1], sb[2]],
+                Product::BatchedShared => vec![sa[0], sa[1], sb[1]],
+            };
+            // Empty operands can have long axes whose product no array can hold.
+            checked_len("matmul", &out).map_err(|_| {
+                Error::invalid(
+                    "matmul",
+                    format!(
+                        "the product of {sa:?} and {sb:?} would have shape {out:?}, whose element count overflows isize"
+                    ),
+                )
+            })?;
             (p, forward(p, a, b))
         };
         let (p, value) = value;

@@ -3,7 +3,7 @@
 use ndarray::{ArrayD, Axis, Ix2, IxDyn, Zip};
 
 use crate::kernels::check_axis;
-use crate::op::{Ctx, InputGrads, Op};
+use crate::op::{Ctx, InputGrads, InputTangents, Op};
 use crate::tape::Inputs;
 use crate::var::Var;
 use crate::{Error, Result, Scalar};
@@ -82,6 +82,56 @@ impl<S: Scalar> LossOp<S> {
             }
         }
         out
+    }
+
+    /// The tangent of the output: `t - sum(softmax * t)` along the axis for log-softmax,
+    /// `mean over rows of (softmax . t - t[label])` for the cross-entropy,
+    /// `2 mean((a - b)(ta - tb))` for the squared error.
+    pub fn jvp(&self, ctx: &Ctx<'_, S>, t: &InputTangents<'_, S>) -> ArrayD<S> {
+        let scalar = |v: S| ArrayD::from_elem(IxDyn(&[]), v);
+        match self {
+            LossOp::LogSoftmax { axis } => {
+                let mut dy = t[0].expect("a tangent reaches the node").clone();
+                Zip::from(dy.lanes_mut(Axis(*axis)))
+                    .and(ctx.output.lanes(Axis(*axis)))
+                    .for_each(|mut tl, yl| {
+                        let mean = Zip::from(&tl).and(&yl).fold(S::zero(), |acc, &t, &y| acc + y.exp() * t);
+                        tl.mapv_inplace(|t| t - mean);
+                    });
+                dy
+            }
+            LossOp::SoftmaxCrossEntropy { labels, probs } => {
+                fn as2<S: Scalar>(a: &ArrayD<S>) -> ndarray::ArrayView2<'_, S> {
+                    a.view().into_dimensionality::<Ix2>().expect("2-D logits")
+                }
+                let tx = as2(t[0].expect("a tangent reaches the node"));
+                let n = S::from_usize(labels.len()).expect("count fits");
+                let total: S = as2(probs)
+                    .outer_iter()
+                    .zip(tx.outer_iter())
+                    .zip(labels)
+                    .map(|((p, t), &l)| Zip::from(&p).and(&t).fold(S::zero(), |acc, &p, &t| acc + p * t) - t[l])
+                    .sum();
+                scalar(total / n)
+            }
+            LossOp::Mse => {
+                let (a, b) = (&ctx.inputs[0], &ctx.inputs[1]);
+                let k = (S::one() + S::one()) / S::from_usize(a.len().max(1)).expect("count fits");
+                let dot = |d: &ArrayD<S>| {
+                    Zip::from(a)
+                        .and(b)
+                        .and(d)
+                        .fold(S::zero(), |acc, &a, &b, &d| acc + (a - b) * d)
+                };
+                let total = match (t[0], t[1]) {
+                    (Some(ta), Some(tb)) => dot(ta) - dot(tb),
+                    (Some(ta), None) => dot(ta),
+                    (None, Some(tb)) => -dot(tb),
+                    (None, None) => S::zero(),
+                };
+                scalar(k * total)
+            }
+        }
     }
 }
 

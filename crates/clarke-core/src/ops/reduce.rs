@@ -3,7 +3,7 @@
 use ndarray::{ArrayD, Axis};
 
 use crate::kernels::check_axis;
-use crate::op::{Ctx, InputGrads, Op};
+use crate::op::{Ctx, InputGrads, InputTangents, Op};
 use crate::tape::Inputs;
 use crate::var::Var;
 use crate::{Error, Result, Scalar};
@@ -44,6 +44,32 @@ impl ReduceOp {
         out.push(Some(gx));
         out
     }
+
+    /// The tangent of the output: the same sum (or mean) of the tangent.
+    pub fn jvp<S: Scalar>(&self, _ctx: &Ctx<'_, S>, t: &InputTangents<'_, S>) -> ArrayD<S> {
+        let ReduceOp::Sum { axes, keep_dims, mean } = self;
+        sum_over(t[0].expect("a tangent reaches the node"), axes, *keep_dims, *mean)
+    }
+}
+
+/// The sum (or mean) of `x` over `axes` (sorted, distinct; none of length 0 for a mean),
+/// removed unless `keep_dims`.
+fn sum_over<S: Scalar>(x: &ArrayD<S>, axes: &[usize], keep_dims: bool, mean: bool) -> ArrayD<S> {
+    let mut v = x.clone();
+    for &a in axes.iter().rev() {
+        v = v.sum_axis(Axis(a));
+    }
+    if mean {
+        let count: usize = axes.iter().map(|&a| x.shape()[a]).product();
+        let inv = S::one() / S::from_usize(count).expect("count fits");
+        v.mapv_inplace(|e| e * inv);
+    }
+    if keep_dims {
+        for &a in axes {
+            v = v.insert_axis(Axis(a));
+        }
+    }
+    v
 }
 
 impl<'t, S: Scalar> Var<'t, S> {
@@ -52,29 +78,23 @@ impl<'t, S: Scalar> Var<'t, S> {
         let nd = self.ndim();
         let mut axes = axes.to_vec();
         axes.sort_unstable();
-        axes.dedup();
         for &a in &axes {
             check_axis(op_name, a, nd)?;
         }
+        if let Some(w) = axes.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::invalid(
+                op_name,
+                format!(
+                    "axis {} is listed more than once (NumPy refuses duplicate axes too)",
+                    w[0]
+                ),
+            ));
+        }
         let value = self.with_value(|x| {
-            let mut v = x.clone();
-            for &a in axes.iter().rev() {
-                v = v.sum_axis(Axis(a));
+            if mean && axes.iter().any(|&a| x.shape()[a] == 0) {
+                return Err(Error::invalid(op_name, "mean over an empty axis"));
             }
-            if mean {
-                let count: usize = axes.iter().map(|&a| x.shape()[a]).product();
-                if count == 0 {
-                    return Err(Error::invalid(op_name, "mean over an empty axis"));
-                }
-                let inv = S::one() / S::from_usize(count).expect("count fits");
-                v.mapv_inplace(|e| e * inv);
-            }
-            if keep_dims {
-                for &a in &axes {
-                    v = v.insert_axis(Axis(a));
-                }
-            }
-            Ok(v)
+            Ok(sum_over(x, &axes, keep_dims, mean))
         })?;
         Ok(self.tape().push(
             Op::Reduce(Box::new(ReduceOp::Sum { axes, keep_dims, mean })),
@@ -83,7 +103,11 @@ impl<'t, S: Scalar> Var<'t, S> {
         ))
     }
 
-    /// Sum over the given axes (removed unless `keep_dims`).
+    /// Sum over the given axes (removed unless `keep_dims`), in any order. An empty axis
+    /// sums to 0.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the axis when one is past the rank or listed twice.
     pub fn try_sum_axes(self, axes: &[usize], keep_dims: bool) -> Result<Var<'t, S>> {
         self.reduce(axes, keep_dims, false)
     }
@@ -98,6 +122,10 @@ impl<'t, S: Scalar> Var<'t, S> {
         self.reduce(&all, false, false).expect("all axes are valid")
     }
     /// Mean over the given axes.
+    ///
+    /// # Errors
+    /// As [`try_sum_axes`](Self::try_sum_axes), and [`Error::InvalidArgument`] for a mean
+    /// over no elements (an axis of length 0).
     pub fn try_mean_axes(self, axes: &[usize], keep_dims: bool) -> Result<Var<'t, S>> {
         self.reduce(axes, keep_dims, true)
     }

@@ -2,8 +2,8 @@
 
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Slice, concatenate};
 
-use crate::kernels::{check_axis, reduce_to_shape};
-use crate::op::{Ctx, InputGrads, Op};
+use crate::kernels::{broadcast_view, check_axis, checked_len, reduce_to_shape};
+use crate::op::{Ctx, InputGrads, InputTangents, Op};
 use crate::tape::{Inputs, Tape};
 use crate::var::{Var, fail};
 use crate::{Error, Result, Scalar};
@@ -82,23 +82,38 @@ impl ShapeOp {
         }
         out
     }
-}
 
-/// The element count of `shape`, refusing a shape no array can have: the product of its
-/// non-zero axis lengths must fit in `isize` (what ndarray requires, even when an axis is 0).
-fn element_count(op: &'static str, shape: &[usize]) -> Result<usize> {
-    let nonzero = shape
-        .iter()
-        .filter(|&&d| d != 0)
-        .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .filter(|&n| isize::try_from(n).is_ok());
-    match nonzero {
-        Some(_) if shape.contains(&0) => Ok(0),
-        Some(n) => Ok(n),
-        None => Err(Error::invalid(
-            op,
-            format!("shape {shape:?} has too many elements: the product of its axis lengths overflows isize"),
-        )),
+    /// The tangent of the output: the same rearrangement applied to the tangents (zeros
+    /// for the parts of a concat or stack whose tangent is absent).
+    pub fn jvp<S: Scalar>(&self, ctx: &Ctx<'_, S>, t: &InputTangents<'_, S>) -> ArrayD<S> {
+        let tx = || t[0].expect("a tangent reaches the node");
+        match self {
+            ShapeOp::Reshape => reshape(tx().clone(), ctx.output.shape()),
+            ShapeOp::BroadcastTo => broadcast_view(tx(), ctx.output.shape()).to_owned(),
+            ShapeOp::Slice { axis, start, end } => tx().slice_axis(Axis(*axis), Slice::from(*start..*end)).to_owned(),
+            ShapeOp::IndexSelect { axis, indices } => tx().select(Axis(*axis), indices),
+            ShapeOp::Concat { axis, .. } | ShapeOp::Stack { axis } => {
+                let zeros: Vec<ArrayD<S>> = t
+                    .iter()
+                    .zip(ctx.inputs.iter())
+                    .filter(|(t, _)| t.is_none())
+                    .map(|(_, x)| ArrayD::zeros(x.raw_dim()))
+                    .collect();
+                let mut fill = zeros.iter();
+                let views: Vec<ArrayViewD<'_, S>> = t
+                    .iter()
+                    .map(|t| match t {
+                        Some(t) => t.view(),
+                        None => fill.next().expect("one zero per absent tangent").view(),
+                    })
+                    .collect();
+                if matches!(self, ShapeOp::Concat { .. }) {
+                    concatenate(Axis(*axis), &views).expect("shapes checked at record time")
+                } else {
+                    ndarray::stack(Axis(*axis), &views).expect("shapes checked at record time")
+                }
+            }
+        }
     }
 }
 
@@ -114,7 +129,7 @@ impl<'t, S: Scalar> Var<'t, S> {
     /// Reshapes (row-major order). The element count must not change.
     pub fn try_reshape(self, shape: &[usize]) -> Result<Var<'t, S>> {
         let from = self.shape();
-        if self.len() != element_count("reshape", shape)? {
+        if self.len() != checked_len("reshape", shape)? {
             return Err(Error::shapes("reshape", &from, shape, "element counts differ"));
         }
         let value = self.with_value(|x| reshape(x.clone(), shape));
@@ -132,7 +147,7 @@ impl<'t, S: Scalar> Var<'t, S> {
 
     /// Broadcasts to `shape` (NumPy rules); backward sums over the broadcast axes.
     pub fn try_broadcast_to(self, shape: &[usize]) -> Result<Var<'t, S>> {
-        element_count("broadcast_to", shape)?;
+        checked_len("broadcast_to", shape)?;
         let value = self.with_value(|x| {
             x.broadcast(IxDyn(shape))
                 .map(|v| v.to_owned())
@@ -247,7 +262,7 @@ impl<S: Scalar> Tape<S> {
                         format!("the lengths {lengths:?} along axis {axis} overflow usize"),
                     )
                 })?;
-            element_count("concat", &shape)?;
+            checked_len("concat", &shape)?;
             (concatenate(Axis(axis), &views).expect("shapes checked"), lengths)
         };
         let inputs: Inputs = parts.iter().map(|p| p.id()).collect();
@@ -290,7 +305,7 @@ impl<S: Scalar> Tape<S> {
             }
             let mut shape = views[0].shape().to_vec();
             shape.insert(axis, views.len());
-            element_count("stack", &shape)?;
+            checked_len("stack", &shape)?;
             ndarray::stack(Axis(axis), &views).expect("shapes checked")
         };
         let inputs: Inputs = parts.iter().map(|p| p.id()).collect();

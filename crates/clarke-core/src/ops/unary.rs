@@ -1,10 +1,19 @@
 //! Smooth elementwise functions: exp, log, sqrt, recip, powers, tanh, sigmoid, softplus.
+//!
+//! **Domains.** These functions take every input and return the IEEE result, as `f64::ln`
+//! and friends do: `log` of a negative number and `sqrt` of one are NaN, `log(0)` is -inf,
+//! `recip(0)` is inf, `powf` of a negative base with a non-integer exponent is NaN, and the
+//! backward rules at such points are NaN or infinite likewise. Checking every element on
+//! every op would cost a scan per node; instead, with
+//! [`Tape::set_anomaly_detection`](crate::Tape::set_anomaly_detection) on, the first node
+//! that turns finite inputs into a NaN or an infinity is reported as
+//! [`Error::NonFinite`](crate::Error::NonFinite), and so is the first such gradient.
 
 use ndarray::ArrayD;
 
 use crate::Scalar;
 use crate::kernels::{map, update_with};
-use crate::op::{Ctx, InputGrads, Op};
+use crate::op::{Ctx, InputGrads, InputTangents, Op};
 use crate::tape::Inputs;
 use crate::var::Var;
 
@@ -69,29 +78,46 @@ impl<S: Scalar> UnaryOp<S> {
 
     pub fn backward(&self, ctx: &Ctx<'_, S>, g: ArrayD<S>) -> InputGrads<S> {
         let mut g = g;
-        let (x, y) = (&ctx.inputs[0], ctx.output);
-        let two = S::one() + S::one();
-        match *self {
-            UnaryOp::Exp => update_with(&mut g, y, |g, y| g * y),
-            UnaryOp::Log => update_with(&mut g, x, |g, x| g / x),
-            UnaryOp::Sqrt => update_with(&mut g, y, move |g, y| g / (two * y)),
-            UnaryOp::Recip => update_with(&mut g, y, |g, y| -g * y * y),
-            // `x^0` is the constant 1: its derivative is 0 everywhere, also where `x^-1`
-            // overflows (the general rule would give `0 * inf = NaN` at 0).
-            UnaryOp::Powi(0) => update_with(&mut g, x, |_, _| S::zero()),
-            UnaryOp::Powi(n) => {
-                let nf = S::from_i32(n).expect("i32 fits");
-                update_with(&mut g, x, move |g, x| g * nf * x.powi(n - 1))
-            }
-            UnaryOp::Powf(p) if p == S::zero() => update_with(&mut g, x, |_, _| S::zero()),
-            UnaryOp::Powf(p) => update_with(&mut g, x, move |g, x| g * p * x.powf(p - S::one())),
-            UnaryOp::Tanh => update_with(&mut g, y, |g, y| g * (S::one() - y * y)),
-            UnaryOp::Sigmoid => update_with(&mut g, y, |g, y| g * y * (S::one() - y)),
-            UnaryOp::Softplus => update_with(&mut g, x, |g, x| g * sigmoid(x)),
-        }
+        self.scale_by_derivative(&mut g, &ctx.inputs[0], ctx.output);
         let mut out = InputGrads::new();
         out.push(Some(g));
         out
+    }
+
+    /// The tangent of the output: the input's tangent times the derivative.
+    pub fn jvp(&self, ctx: &Ctx<'_, S>, t: &InputTangents<'_, S>) -> ArrayD<S> {
+        let mut t = t[0].expect("a tangent reaches the node").clone();
+        self.scale_by_derivative(&mut t, &ctx.inputs[0], ctx.output);
+        t
+    }
+
+    /// `g[i] *= f'(x[i])` in place, from the input `x` or the output `y`, whichever gives
+    /// the derivative cheaply. The Jacobian is diagonal, so this one map serves backward
+    /// (on the gradient) and forward mode (on the tangent).
+    fn scale_by_derivative(&self, g: &mut ArrayD<S>, x: &ArrayD<S>, y: &ArrayD<S>) {
+        let two = S::one() + S::one();
+        match *self {
+            UnaryOp::Exp => update_with(g, y, |g, y| g * y),
+            UnaryOp::Log => update_with(g, x, |g, x| g / x),
+            UnaryOp::Sqrt => update_with(g, y, move |g, y| g / (two * y)),
+            UnaryOp::Recip => update_with(g, y, |g, y| -g * y * y),
+            // `x^0` is the constant 1: its derivative is 0 everywhere, also where `x^-1`
+            // overflows (the general rule would give `0 * inf = NaN` at 0).
+            UnaryOp::Powi(0) => update_with(g, x, |_, _| S::zero()),
+            UnaryOp::Powi(n) => {
+                let nf = S::from_i32(n).expect("i32 fits");
+                match n.checked_sub(1) {
+                    Some(m) => update_with(g, x, move |g, x| g * nf * x.powi(m)),
+                    // `n - 1` overflows i32 for `n = i32::MIN`: `x^(n-1) = x^n / x`.
+                    None => update_with(g, x, move |g, x| g * nf * (x.powi(n) / x)),
+                }
+            }
+            UnaryOp::Powf(p) if p == S::zero() => update_with(g, x, |_, _| S::zero()),
+            UnaryOp::Powf(p) => update_with(g, x, move |g, x| g * p * x.powf(p - S::one())),
+            UnaryOp::Tanh => update_with(g, y, |g, y| g * (S::one() - y * y)),
+            UnaryOp::Sigmoid => update_with(g, y, |g, y| g * y * (S::one() - y)),
+            UnaryOp::Softplus => update_with(g, x, |g, x| g * sigmoid(x)),
+        }
     }
 }
 
@@ -105,23 +131,25 @@ impl<'t, S: Scalar> Var<'t, S> {
     pub fn exp(self) -> Var<'t, S> {
         self.unary(UnaryOp::Exp)
     }
-    /// Natural logarithm.
+    /// Natural logarithm (NaN below 0, -inf at 0: see the [domains](self)).
     pub fn log(self) -> Var<'t, S> {
         self.unary(UnaryOp::Log)
     }
-    /// Square root.
+    /// Square root (NaN below 0; its derivative is inf at 0: see the [domains](self)).
     pub fn sqrt(self) -> Var<'t, S> {
         self.unary(UnaryOp::Sqrt)
     }
-    /// `1 / x`.
+    /// `1 / x` (inf at 0: see the [domains](self)).
     pub fn recip(self) -> Var<'t, S> {
         self.unary(UnaryOp::Recip)
     }
-    /// `x^n` for an integer `n`.
+    /// `x^n` for any integer `n` (a negative `n` at 0 gives inf: see the [domains](self)).
+    /// `x^0` is the constant 1, with derivative 0 everywhere.
     pub fn powi(self, n: i32) -> Var<'t, S> {
         self.unary(UnaryOp::Powi(n))
     }
-    /// `x^p` for a real `p`.
+    /// `x^p` for a real `p`: NaN for a negative base and a non-integer `p`, and for a NaN
+    /// `p` (see the [domains](self)). `x^0` is the constant 1, with derivative 0 everywhere.
     pub fn powf(self, p: S) -> Var<'t, S> {
         self.unary(UnaryOp::Powf(p))
     }
