@@ -812,6 +812,30 @@ fn bad_shapes_and_values_get_clear_errors() {
 }
 
 #[test]
+fn a_solution_of_another_program_of_the_same_size_is_refused() {
+    // The nondegenerate LP vertex below, and the same LP with its right-hand side moved.
+    let g = array![[1.0, 1.0], [1.0, 3.0], [-1.0, 0.0], [0.0, -1.0]];
+    let h = array![4.0, 6.0, 0.0, 0.0];
+    let prog = lp(array![-1.0, -2.0].view(), Some((g.view(), h.view())), None).unwrap();
+    let mut other = prog.clone();
+    other.b[0] += 0.5;
+    let sol = solve(&other, &SolverOptions::default(), None).unwrap();
+    // Its own program accepts it.
+    assert!(ConeDerivative::new(&other, &sol, 0.5, &DerivativeOptions::default()).is_ok());
+    let err = ConeDerivative::new(&prog, &sol, 0.5, &DerivativeOptions::default())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("does not solve this program"), "{err}");
+    // A v changed after the solve.
+    let mut changed = solve(&prog, &SolverOptions::default(), None).unwrap();
+    changed.v[0] += 1e-3;
+    let err = ConeDerivative::new(&prog, &changed, 0.5, &DerivativeOptions::default())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("v is not y - s"), "{err}");
+}
+
+#[test]
 fn a_nondegenerate_lp_vertex_has_the_basis_inverse_as_derivative() {
     // min -x_1 - 2 x_2 s.t. x_1 + x_2 <= 4, x_1 + 3 x_2 <= 6, x >= 0: vertex (3, 1) where the
     // first two rows are active, with multipliers (1/2, 1/2) > 0.

@@ -28,7 +28,7 @@ use super::check::{ConicCheck, Linearisation, cone_margins, run};
 use super::cones::ProjectionJacobian;
 use super::problem::{ConeProgram, check_finite};
 use super::residual::{apply_jacobian, apply_jacobian_transpose, inf_norm, jacobian_matrix};
-use super::solver::{ConeSolution, ConeStatus};
+use super::solver::{ConeSolution, ConeStatus, Residuals};
 
 /// How `M` (and `M^T`) is solved.
 #[derive(Debug, Clone, PartialEq)]
@@ -160,6 +160,7 @@ impl<'p> ConeDerivative<'p> {
                 "the solution is not one of this program",
             ));
         }
+        check_solves(OP, prog, sol)?;
         if !(opts.boundary_tol.is_finite() && opts.boundary_tol >= 0.0) {
             return Err(Error::invalid(
                 OP,
@@ -380,4 +381,47 @@ impl<'p> ConeDerivative<'p> {
             c: wu.to_owned(),
         })
     }
+}
+
+/// Refuses a solution that is not one of `prog`: its KKT residuals recomputed on `prog`
+/// must be those its solve reported (to rounding: `10x` plus `1e-12` of the data's scale),
+/// and `v` must be `y - s`. A solution of another program of the same size passes the
+/// shape checks, and differentiating `prog` at it gives a derivative of nothing (with a
+/// check that may well certify it).
+fn check_solves(op: &'static str, prog: &ConeProgram, sol: &ConeSolution) -> Result<()> {
+    let here = Residuals::compute(prog, sol.x.view(), sol.y.view(), sol.s.view());
+    let scale = [
+        inf_norm(prog.b.view()),
+        inf_norm(prog.c.view()),
+        inf_norm(sol.x.view()),
+        inf_norm(sol.y.view()),
+    ]
+    .into_iter()
+    .fold(1.0f64, f64::max);
+    let allowed = 10.0 * sol.residuals.max() + 1e-12 * scale;
+    if here.max().is_nan() || here.max() > allowed {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "the solution does not solve this program: its KKT residual here is {:e} (primal {:e}, dual {:e}, gap {:e}) where its solve reported {:e}; is it the solution of another program?",
+                here.max(),
+                here.primal,
+                here.dual,
+                here.gap,
+                sol.residuals.max()
+            ),
+        ));
+    }
+    let v_gap = sol
+        .v
+        .iter()
+        .zip(sol.y.iter().zip(sol.s.iter()))
+        .fold(0.0f64, |m, (v, (y, s))| m.max((v - (y - s)).abs()));
+    if v_gap.is_nan() || v_gap > 1e-12 * scale {
+        return Err(Error::invalid(
+            op,
+            format!("the solution's v is not y - s (off by {v_gap:e}): it was changed after its solve"),
+        ));
+    }
+    Ok(())
 }

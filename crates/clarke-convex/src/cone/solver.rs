@@ -218,7 +218,12 @@ impl Residuals {
     }
 
     /// [`Residuals::of`] for a point of the program's shape (checked by the callers).
-    fn compute(prog: &ConeProgram, x: ArrayView1<'_, f64>, y: ArrayView1<'_, f64>, s: ArrayView1<'_, f64>) -> Self {
+    pub(crate) fn compute(
+        prog: &ConeProgram,
+        x: ArrayView1<'_, f64>,
+        y: ArrayView1<'_, f64>,
+        s: ArrayView1<'_, f64>,
+    ) -> Self {
         let px = prog.p_dot(x);
         let primal = inf_norm((prog.a.dot(&x) + s - &prog.b).view());
         let dual = inf_norm((&px + &prog.a.t().dot(&y) + &prog.c).view());
