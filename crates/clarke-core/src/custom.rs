@@ -337,10 +337,31 @@ impl<S: Scalar> Tape<S> {
             ) -> Result<ArrayD<S>>
             + 'static,
     {
-        const NAME: &str = "Tape::set_custom_jvp";
+        self.edit_custom_node(
+            "Tape::set_custom_jvp",
+            node,
+            (
+                "a parameter",
+                "whose forward-mode rule is built in",
+                "take a forward-mode rule",
+            ),
+            |c| c.jvp = Some(Box::new(jvp)),
+        )
+    }
+
+    /// Applies `edit` to the custom node of `node`. `words` say, in the errors, what a
+    /// parameter is, why a core op needs no such edit, and what only custom nodes do. A
+    /// constant (or a node recorded without gradient) keeps no op: the call does nothing.
+    fn edit_custom_node(
+        &self,
+        name: &'static str,
+        node: Var<'_, S>,
+        (parameter, core_reason, custom_only): (&str, &str, &str),
+        edit: impl FnOnce(&mut CustomNode<S>),
+    ) -> Result<()> {
         if !std::ptr::eq(node.tape(), self) {
             return Err(Error::ForeignVar {
-                op: NAME,
+                op: name,
                 node: node.id(),
             });
         }
@@ -348,21 +369,18 @@ impl<S: Scalar> Tape<S> {
         let target = &mut nodes[node.id()];
         match &mut target.op {
             Op::Custom(c) => {
-                c.jvp = Some(Box::new(jvp));
+                edit(c);
                 Ok(())
             }
             Op::Leaf if target.needs_grad => Err(Error::invalid(
-                NAME,
-                format!(
-                    "node {} is a parameter; only custom nodes take a forward-mode rule",
-                    node.id()
-                ),
+                name,
+                format!("node {} is {parameter}; only custom nodes {custom_only}", node.id()),
             )),
             Op::Leaf => Ok(()),
             other => Err(Error::invalid(
-                NAME,
+                name,
                 format!(
-                    "node {} is a core {} op, whose forward-mode rule is built in; only custom nodes take one",
+                    "node {} is a core {} op, {core_reason}; only custom nodes {custom_only}",
                     node.id(),
                     other.name()
                 ),
@@ -407,36 +425,15 @@ impl<S: Scalar> Tape<S> {
     /// soft-threshold); the check only needs the same coding at every point, and refuses
     /// when the number of codes changes between them.
     pub fn declare_kink_regions(&self, node: Var<'_, S>, op: &'static str, codes: Vec<i64>) -> Result<()> {
-        const NAME: &str = "Tape::declare_kink_regions";
-        if !std::ptr::eq(node.tape(), self) {
-            return Err(Error::ForeignVar {
-                op: NAME,
-                node: node.id(),
-            });
-        }
-        let mut nodes = self.nodes.borrow_mut();
-        let target = &mut nodes[node.id()];
-        match &mut target.op {
-            Op::Custom(c) => {
-                c.regions = Some((op, codes));
-                Ok(())
-            }
-            Op::Leaf if target.needs_grad => Err(Error::invalid(
-                NAME,
-                format!(
-                    "node {} is a parameter, which has no kinks; only custom nodes declare theirs",
-                    node.id()
-                ),
-            )),
-            Op::Leaf => Ok(()),
-            other => Err(Error::invalid(
-                "Tape::declare_kink_regions",
-                format!(
-                    "node {} is a core {} op, whose kinks the tape knows already; only custom nodes declare theirs",
-                    node.id(),
-                    other.name()
-                ),
-            )),
-        }
+        self.edit_custom_node(
+            "Tape::declare_kink_regions",
+            node,
+            (
+                "a parameter, which has no kinks",
+                "whose kinks the tape knows already",
+                "declare theirs",
+            ),
+            |c| c.regions = Some((op, codes)),
+        )
     }
 }

@@ -8,6 +8,7 @@ mod forward_mode;
 mod fuzz;
 mod kink_selection;
 mod mlp;
+mod op_cases;
 mod op_gradients;
 mod paper_cases;
 mod properties;
