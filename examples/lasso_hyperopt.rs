@@ -11,9 +11,9 @@
 //! ```
 //!
 //! For `lambda = f lambda_max`, `f` in {0.5, 0.1, 0.02, 0.005, 0.001}, it prints the support
-//! size, the validation loss and `dL/d log lambda` from the three methods (implicit layer on
-//! the forward-backward map, the support-restricted solve of Prop. 5, unrolled ISTA) with
-//! the hypothesis check; then times one hypergradient, runs the gradient-based search and
+//! size, the validation loss and `dL/d log lambda` from the four methods (implicit layer on
+//! the forward-backward map, the support-restricted solve of Prop. 5, unrolled ISTA, and the
+//! implicit forward method's tangent sweeps on the active set) with the hypothesis check; then times one hypergradient, runs the gradient-based search and
 //! the grid, and compares them. `--synthetic`: n = 200 training and 200 validation rows,
 //! p = 10,000 features, 20 informative (seeded). `--weighted`: one `lambda` per feature.
 //! Progress goes to stderr; the last line on stdout is one JSON object with the results.
@@ -128,8 +128,8 @@ fn run(args: &Args) -> Result<(), clarke::core::Error> {
         &[0.5, 0.1, 0.02, 0.005, 0.001]
     };
     eprintln!(
-        "\n{:>6} {:>11} {:>5} {:>12} {:>15} {:>15} {:>15} {:>9}  hypothesis",
-        "f", "lambda", "|S|", "val loss", "implicit", "support", "unrolled", "max rel"
+        "\n{:>6} {:>11} {:>5} {:>12} {:>15} {:>15} {:>15} {:>15} {:>9}  hypothesis",
+        "f", "lambda", "|S|", "val loss", "implicit", "support", "unrolled", "forward", "max rel"
     );
     let tight = CdOptions::default().with_tol(1e-12);
     let mut table = Vec::new();
@@ -177,13 +177,14 @@ fn run(args: &Args) -> Result<(), clarke::core::Error> {
             .collect();
         let value = val.value(fit.beta.view())?;
         eprintln!(
-            "{f:>6} {:>11.4e} {:>5} {:>12.6e} {:>15} {:>15} {:>15} {:>9.1e}  {} (|E| = {}, kinks {}, sigma_min {:.2e}); seconds {}{}",
+            "{f:>6} {:>11.4e} {:>5} {:>12.6e} {:>15} {:>15} {:>15} {:>15} {:>9.1e}  {} (|E| = {}, kinks {}, sigma_min {:.2e}); seconds {}{}",
             f * lmax,
             fit.support().len(),
             value,
             fmt_opt(scalar(&grads[0])),
             fmt_opt(scalar(&grads[1])),
             fmt_opt(scalar(&grads[2])),
+            fmt_opt(scalar(&grads[3])),
             max_rel,
             check.outcome,
             check.equicorrelation.len(),
@@ -205,9 +206,11 @@ fn run(args: &Args) -> Result<(), clarke::core::Error> {
             "grad_implicit": scalar(&grads[0]),
             "grad_support": scalar(&grads[1]),
             "grad_unrolled": scalar(&grads[2]),
+            "grad_forward": scalar(&grads[3]),
             "seconds_implicit": times[0],
             "seconds_support": times[1],
             "seconds_unrolled": times[2],
+            "seconds_forward": times[3],
             "max_rel_diff": max_rel,
             "hypothesis": check.outcome.to_string(),
             "equicorrelation": check.equicorrelation.len(),

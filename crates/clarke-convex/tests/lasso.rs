@@ -3,7 +3,7 @@
 //! bad input.
 
 use clarke_convex::cd::{CdOptions, solve};
-use clarke_convex::data::synthetic;
+use clarke_convex::data::{read_csv, split_centred, synthetic};
 use clarke_convex::hypergrad::unrolled::ista_forward;
 use clarke_convex::hypergrad::{Criterion, HypergradOptions, Method, ValidationMse, hypergradient};
 use clarke_convex::model::{LassoModel, LossScale, Penalty};
@@ -61,7 +61,7 @@ fn t6_at_the_kink_each_policy_selects_its_element() {
         let options = HypergradOptions::default()
             .with_policy(KinkPolicy::pytorch().with_soft_threshold(q))
             .with_step(1.0);
-        for m in [Method::Support, Method::Implicit] {
+        for m in [Method::Support, Method::Implicit, Method::Forward] {
             let hg = hypergradient(&model, &fit, &c, m, &options).unwrap();
             assert!(
                 (hg.gradient[0] - expected).abs() < 1e-12,
@@ -556,4 +556,65 @@ fn sparse_logistic_regression_hypergradients_match_finite_differences() {
     assert!(e.to_string().contains("labels must be 0 or 1, got 2"), "{e}");
     let e = LassoModel::logistic(xt.view(), Array1::zeros(80).view()).unwrap_err();
     assert!(e.to_string().contains("both classes"), "{e}");
+}
+
+#[test]
+fn the_forward_method_agrees_with_the_others_on_diabetes() {
+    // The example's split: 300 training rows, the rest for validation, centred.
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/diabetes.csv");
+    let data = read_csv(path).unwrap();
+    let n = data.x.nrows();
+    let split = split_centred(&data, 0..300, 300..n).unwrap();
+    let model = LassoModel::new(split.x_train.view(), split.y_train.view()).unwrap();
+    let crit = ValidationMse::new(split.x_val.view(), split.y_val.view()).unwrap();
+    let lmax = model.lambda_max();
+    let p = model.p();
+    let per_feature = Penalty::PerFeature(Array1::from_iter((0..p).map(|j| lmax * (0.01 + 0.004 * j as f64))));
+    for pen in [
+        Penalty::Uniform(0.1 * lmax),
+        Penalty::Uniform(0.01 * lmax),
+        Penalty::Uniform(0.001 * lmax),
+        per_feature,
+    ] {
+        let fit = solve(&model, &pen, None, &tight()).unwrap();
+        let forward = hypergradient(&model, &fit, &crit, Method::Forward, &HypergradOptions::default()).unwrap();
+        assert!(forward.iterations > 0, "{pen:?}: no sweep ran");
+        // Unrolled forward mode carries p tangents for a per-feature penalty: seconds in a
+        // debug build, and nothing the uniform cases do not already compare.
+        let others: &[Method] = match pen {
+            Penalty::Uniform(_) => &[Method::Support, Method::Implicit, Method::Unrolled],
+            Penalty::PerFeature(_) => &[Method::Support, Method::Implicit],
+        };
+        for &m in others {
+            let other = hypergradient(&model, &fit, &crit, m, &HypergradOptions::default()).unwrap();
+            for (a, b) in forward.gradient.iter().zip(&other.gradient) {
+                assert_rel(*a, *b, 1e-8, &format!("forward vs {m} at {pen:?}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn the_forward_method_reports_sweeps_that_do_not_converge() {
+    let (model, crit) = problem(60, 25, 5);
+    let pen = Penalty::Uniform(0.05 * model.lambda_max());
+    let fit = solve(&model, &pen, None, &tight()).unwrap();
+    let options = HypergradOptions {
+        forward_max_sweeps: 1,
+        ..HypergradOptions::default()
+    };
+    let err = hypergradient(&model, &fit, &crit, Method::Forward, &options).unwrap_err();
+    match err {
+        Error::NotConverged { solver, iterations, .. } => {
+            assert!(solver.contains("forward"), "{solver}");
+            assert_eq!(iterations, 1);
+        }
+        other => panic!("expected NotConverged, got {other}"),
+    }
+    let bad = HypergradOptions {
+        forward_tol: 0.0,
+        ..HypergradOptions::default()
+    };
+    let err = hypergradient(&model, &fit, &crit, Method::Forward, &bad).unwrap_err();
+    assert!(err.to_string().contains("forward_tol"), "{err}");
 }

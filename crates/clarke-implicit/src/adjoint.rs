@@ -1,4 +1,6 @@
-//! The adjoint solve of an implicit layer, per gradient mode, with its failure policy.
+//! The linear solves of an implicit layer, per gradient mode, with their failure policy:
+//! the adjoint `A^T w = g` of a backward pass and the tangent `A dz = r` of a forward-mode
+//! product, with `A = I - J_z` (fixed point) or `A = J_F` (root).
 
 use clarke_core::{Error, Result, Scalar};
 use clarke_solve::dense::{DenseLu, lstsq};
@@ -9,7 +11,34 @@ use crate::check::{Form, block};
 use crate::inner::Linearization;
 use crate::options::{AdjointSolver, GradientMode, ImplicitOptions, OnAdjointFailure};
 
-/// The adjoint `w` and how it was obtained.
+/// Which system with the block `A` a solve is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum System {
+    /// `A^T w = g`: the adjoint of a backward pass.
+    Adjoint,
+    /// `A dz = r`: the tangent of a forward-mode product.
+    Tangent,
+}
+
+impl System {
+    /// The stage named in errors.
+    fn stage(self) -> &'static str {
+        match self {
+            System::Adjoint => "adjoint",
+            System::Tangent => "tangent",
+        }
+    }
+
+    /// What its right-hand side is, in errors.
+    fn rhs(self) -> &'static str {
+        match self {
+            System::Adjoint => "the incoming gradient",
+            System::Tangent => "the parameters' tangent J_theta dtheta",
+        }
+    }
+}
+
+/// The solution (`w` or `dz`) and how it was obtained.
 pub(crate) struct Adjoint<S: Scalar> {
     pub w: Array1<S>,
     pub report: SolveReport,
@@ -17,16 +46,20 @@ pub(crate) struct Adjoint<S: Scalar> {
     pub approximate: bool,
 }
 
-/// Solves `A^T w = g` with `A = I - J_z` (fixed point) or `A = J_F` (root) as `mode` says.
-/// `dense` is the block `A` when the check already built it.
+/// Solves `A^T w = g` ([`System::Adjoint`]) or `A w = g` ([`System::Tangent`]) with
+/// `A = I - J_z` (fixed point) or `A = J_F` (root) as `mode` says: the products with `A`
+/// are forward-mode replays of the linearization, those with `A^T` backward ones. `dense` is
+/// the block `A` when the check already built it.
 ///
 /// `g` must have `z`'s length and be finite: a NaN or an infinity arriving from the loss
-/// is refused here, the same way by every adjoint solver, rather than turned into a NaN
-/// gradient that a direct solve would report as converged.
+/// (or the tangent of a parameter) is refused here, the same way by every solver, rather
+/// than turned into a NaN that a direct solve would report as converged.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn solve_adjoint<S: Scalar>(
     name: &str,
     lin: &Linearization<'_, S>,
     form: Form,
+    system: System,
     g: ArrayView1<'_, S>,
     warm: Option<ArrayView1<'_, S>>,
     dense: Option<Array2<S>>,
@@ -38,18 +71,23 @@ pub(crate) fn solve_adjoint<S: Scalar>(
             "implicit layer",
             &[g.len()],
             &[n],
-            format!("{name}: the incoming gradient must have one element per element of z"),
+            format!("{name}: {} must have one element per element of z", system.rhs()),
         ));
     }
     if let Some((i, v)) = g.iter().enumerate().find(|(_, v)| !v.is_finite()) {
         return Err(Error::invalid(
             "implicit layer",
             format!(
-                "{name}: the incoming gradient has a non-finite value {v} at flat index {i}; the adjoint system needs a finite right-hand side"
+                "{name}: {} has a non-finite value {v} at flat index {i}; the {} system needs a finite right-hand side",
+                system.rhs(),
+                system.stage()
             ),
         ));
     }
-    let jt = FnOperator::new(n, n, |x: ArrayView1<'_, S>, y: ArrayViewMut1<'_, S>| lin.vjp_into(x, y));
+    let jt = FnOperator::new(n, n, |x: ArrayView1<'_, S>, y: ArrayViewMut1<'_, S>| match system {
+        System::Adjoint => lin.vjp_into(x, y),
+        System::Tangent => lin.jvp_into(x, y),
+    });
     let iterative = |solver: AdjointSolver, opts: &SolveOptions| -> Result<(Array1<S>, SolveReport)> {
         match (solver, form) {
             (AdjointSolver::Neumann, Form::FixedPoint) => neumann(&jt, g, warm, opts),
@@ -85,7 +123,7 @@ pub(crate) fn solve_adjoint<S: Scalar>(
 
     match options.mode {
         GradientMode::Implicit(AdjointSolver::Dense) => {
-            dense_solve(name, &dense_block(dense)?, g).map(|(w, report)| Adjoint {
+            dense_solve(name, &dense_block(dense)?, g, system).map(|(w, report)| Adjoint {
                 w,
                 report,
                 fallback: None,
@@ -94,10 +132,12 @@ pub(crate) fn solve_adjoint<S: Scalar>(
         }
         GradientMode::LeastSquaresNoHypothesis => {
             let a = dense_block(dense)?;
-            let at = a.t().to_owned();
-            let ls = lstsq(at.view(), g)?;
+            let ls = match system {
+                System::Adjoint => lstsq(a.t(), g)?,
+                System::Tangent => lstsq(a.view(), g)?,
+            };
             let w = ls.solution;
-            let mut report = dense_report("lstsq", &a, &w, g, n);
+            let mut report = dense_report("lstsq", &a, &w, g, system);
             let unsolved = report.residual.is_nan() || report.residual > 1e-6;
             if unsolved {
                 report.status = SolveStatus::Breakdown;
@@ -106,8 +146,10 @@ pub(crate) fn solve_adjoint<S: Scalar>(
                 w,
                 fallback: unsolved.then(|| {
                     format!(
-                        "least squares: the adjoint system has no solution (rank {} of {n}, residual {:.3e}); the gradient ignores the hypothesis",
-                        ls.rank, report.residual
+                        "least squares: the {} system has no solution (rank {} of {n}, residual {:.3e}); the gradient ignores the hypothesis",
+                        system.stage(),
+                        ls.rank,
+                        report.residual
                     )
                 }),
                 report,
@@ -122,7 +164,7 @@ pub(crate) fn solve_adjoint<S: Scalar>(
             };
             let (w, report) = neumann(&jt, g, None, &opts)?;
             if report.status == SolveStatus::NonFinite || report.status == SolveStatus::Diverged {
-                return Err(report.failure(name, "adjoint"));
+                return Err(report.failure(name, system.stage()));
             }
             Ok(Adjoint {
                 w,
@@ -142,9 +184,9 @@ pub(crate) fn solve_adjoint<S: Scalar>(
                 });
             }
             match options.on_adjoint_failure {
-                OnAdjointFailure::Error => Err(report.failure(name, "adjoint")),
+                OnAdjointFailure::Error => Err(report.failure(name, system.stage())),
                 OnAdjointFailure::Dense => {
-                    let (w, dense_report) = dense_solve(name, &dense_block(dense)?, g)?;
+                    let (w, dense_report) = dense_solve(name, &dense_block(dense)?, g, system)?;
                     Ok(Adjoint {
                         w,
                         report: dense_report,
@@ -164,45 +206,64 @@ pub(crate) fn solve_adjoint<S: Scalar>(
                     report,
                     approximate: true,
                 }),
-                OnAdjointFailure::AcceptApproximate => Err(report.failure(name, "adjoint")),
+                OnAdjointFailure::AcceptApproximate => Err(report.failure(name, system.stage())),
             }
         }
         GradientMode::Unrolled { .. } | GradientMode::OneStep => Err(Error::invalid(
             "implicit layer",
-            format!("{name}: the {} mode solves no adjoint system", options.mode.name()),
+            format!(
+                "{name}: the {} mode solves no {} system",
+                options.mode.name(),
+                system.stage()
+            ),
         )),
     }
 }
 
-/// `A^T w = g` by LU; a singular `A` is refused.
-fn dense_solve<S: Scalar>(name: &str, a: &Array2<S>, g: ArrayView1<'_, S>) -> Result<(Array1<S>, SolveReport)> {
+/// `A^T w = g` (or `A w = g`) by LU; a singular `A` is refused.
+fn dense_solve<S: Scalar>(
+    name: &str,
+    a: &Array2<S>,
+    g: ArrayView1<'_, S>,
+    system: System,
+) -> Result<(Array1<S>, SolveReport)> {
     let lu = DenseLu::new(a.view()).map_err(|e| Error::InImplicit {
         node: name.to_string(),
-        context: "dense adjoint solve refused",
+        context: match system {
+            System::Adjoint => "dense adjoint solve refused",
+            System::Tangent => "dense tangent solve refused",
+        },
         source: Box::new(e),
     })?;
-    let w = lu.solve_transpose(g)?;
-    let report = dense_report("dense_lu", a, &w, g, a.nrows());
+    let w = match system {
+        System::Adjoint => lu.solve_transpose(g)?,
+        System::Tangent => lu.solve(g)?,
+    };
+    let report = dense_report("dense_lu", a, &w, g, system);
     Ok((w, report))
 }
 
-/// A report for a direct solve: the true relative residual of `A^T w = g` (the tolerance
-/// field is 0: a direct solve has none).
+/// A report for a direct solve: the true relative residual of `A^T w = g` (or `A w = g`;
+/// the tolerance field is 0: a direct solve has none).
 fn dense_report<S: Scalar>(
     solver: &'static str,
     a: &Array2<S>,
     w: &Array1<S>,
     g: ArrayView1<'_, S>,
-    n: usize,
+    system: System,
 ) -> SolveReport {
-    let r = &a.t().dot(w) - &g;
+    let product = match system {
+        System::Adjoint => a.t().dot(w),
+        System::Tangent => a.dot(w),
+    };
+    let r = &product - &g;
     let norm = |v: ArrayView1<'_, S>| v.iter().map(|x| x.to_f64_exact().powi(2)).sum::<f64>().sqrt();
     let gn = norm(g);
     let rn = norm(r.view());
     SolveReport {
         solver,
         iterations: 0,
-        matvecs: n,
+        matvecs: a.nrows(),
         residual: if gn > 0.0 { rn / gn } else { rn },
         tolerance: 0.0,
         status: SolveStatus::Converged,

@@ -31,24 +31,37 @@
 //! or `sigma_min <= singular_floor`, where `scale = max(sigma_max, unit)`: `unit` is 1 for a
 //! fixed point (the identity in `I - J_z` sets the scale) and the largest row norm of
 //! `J_theta` for a root (the derivative scale of the map itself), so that a 1 x 1 block is
-//! not judged against itself. For `z`
-//! larger than [`CheckOptions::dense_limit`] the check estimates the spectral radius of
-//! `J_z` by power iteration (the selected element is invertible when it is below one) and
-//! relies on a declared [`CheckOptions::contraction_bound`] for a certificate.
+//! not judged against itself.
+//!
+//! **Above the dense limit.** For `z` larger than [`CheckOptions::dense_limit`] the layers'
+//! check is matrix-free when the map has forward-mode products (every core op does; a
+//! custom op needs a forward-mode rule): the block is an operator (products by JVP,
+//! transposed products by VJP, with each element's selections), and the same walk measures
+//! every element it visits by estimates, `sigma_min` by Golub-Kahan-Lanczos and `sigma_max`
+//! by power iteration ([`CheckOptions::spectral_tol`], [`CheckOptions::norm_tol`],
+//! [`CheckOptions::spectral_iterations`]), with the same thresholds. An estimate has no
+//! determinant sign, so with kinks a certificate needs `||J_z|| < 1` (estimated) at every
+//! vertex of an exhaustive walk; an unconverged estimate draws no conclusion (a warning),
+//! except that a `sigma_min` estimate never lies below the true value, so a singular
+//! estimate is a violation. Without forward-mode products the check estimates the spectral
+//! radius of `J_z` by power iteration (the selected element is invertible when it is below
+//! one) and relies on a declared [`CheckOptions::contraction_bound`] for a certificate.
 //!
 //! The check also turns the forward residual into an error bound on `z*`:
 //! `||z - z*|| <~ ||T(z) - z|| / sigma_min(A)`.
 
 use clarke_core::{ElementSelection, Error, Result, Scalar};
 use clarke_solve::dense::singular_values;
-use clarke_solve::{FnOperator, SpectralOptions, spectral_radius};
 use ndarray::{Array2, ArrayView2};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 use crate::inner::Linearization;
 use crate::options::CheckOptions;
 use crate::report::{CheckOutcome, HypothesisCheck};
+
+mod matrix_free;
+mod walk;
+
+use walk::Measured;
 
 /// The largest number of kink elements whose `2^k` vertices are ever walked one by one;
 /// above it the walk samples, whatever [`CheckOptions::exhaustive_limit`] says.
@@ -258,47 +271,37 @@ fn largest_singular_value<S: Scalar>(a: ArrayView2<'_, S>) -> Result<f64> {
 /// needed, so under- or overflow of the determinant's magnitude does not matter.
 fn determinant_sign<S: Scalar>(a: ArrayView2<'_, S>) -> i8 {
     let n = a.nrows();
-    let mut m = a.mapv(|v| v.to_f64_exact());
+    // Row-major rows of one flat buffer: the elimination works on row slices.
+    let mut m: Vec<f64> = a.iter().map(|v| v.to_f64_exact()).collect();
     let mut sign = 1i8;
     for k in 0..n {
         let (p, pivot) = (k..n)
-            .map(|i| (i, m[[i, k]].abs()))
+            .map(|i| (i, m[i * n + k].abs()))
             .fold((k, -1.0), |best, c| if c.1 > best.1 { c } else { best });
         if pivot == 0.0 {
             return 0;
         }
         if p != k {
-            for j in 0..n {
-                m.swap([k, j], [p, j]);
-            }
+            let (upper, lower) = m.split_at_mut(p * n);
+            upper[k * n..(k + 1) * n].swap_with_slice(&mut lower[..n]);
             sign = -sign;
         }
-        let d = m[[k, k]];
+        let (upper, lower) = m.split_at_mut((k + 1) * n);
+        let row_k = &upper[k * n..];
+        let d = row_k[k];
         if d < 0.0 {
             sign = -sign;
         }
-        for i in k + 1..n {
-            let f = m[[i, k]] / d;
+        for row_i in lower.chunks_exact_mut(n) {
+            let f = row_i[k] / d;
             if f != 0.0 {
-                for j in k + 1..n {
-                    m[[i, j]] -= f * m[[k, j]];
+                for (x, y) in row_i[k + 1..].iter_mut().zip(&row_k[k + 1..]) {
+                    *x -= f * y;
                 }
             }
         }
     }
     sign
-}
-
-/// The singularity test of one element: `sigma_min` against `max(sigma_max, unit)` and the
-/// absolute floor.
-fn is_singular(spec: &Spectrum, unit: f64, opts: &CheckOptions) -> bool {
-    spec.sigma_min <= opts.singular_tol * spec.sigma_max.max(unit) || spec.sigma_min <= opts.singular_floor
-}
-
-/// `sigma_min / max(sigma_max, unit)`: how far from singular, on the scale that decides.
-fn relative(spec: &Spectrum, unit: f64) -> f64 {
-    let scale = spec.sigma_max.max(unit);
-    if scale > 0.0 { spec.sigma_min / scale } else { 0.0 }
 }
 
 /// The vertex walk: the one place where the theorem's hypothesis is judged.
@@ -320,189 +323,52 @@ pub fn walk_vertices<S: Scalar>(
     opts.validate()?;
     input.validate()?;
     let mut size = None;
-    let mut jacobian = move |selections: &[ElementSelection]| -> Result<Array2<S>> {
+    let mut selected = None;
+    let check = walk::walk(input, opts, |selections| {
         let j = jacobian(selections)?;
         checked_jacobian(&j, selections, size)?;
         size = Some(j.nrows());
-        Ok(j)
-    };
-    let k = input.flippable.len();
-    let mut check = HypothesisCheck {
-        outcome: CheckOutcome::Warning,
-        kink_elements: input.kink_elements,
-        flippable: k,
-        contraction_bound: opts.contraction_bound,
-        reasons: Vec::new(),
-        ..HypothesisCheck::not_checked("")
-    };
-    if input.within_solver_error > 0 {
-        check.reasons.push(format!(
-            "{} element(s) within the forward solver's error bound of a kink are treated as at it and walked",
-            input.within_solver_error
-        ));
-    }
-    if input.frozen > 0 {
-        check.reasons.push(format!(
-            "{} tie(s) of max/min reductions follow the tie rule and were not explored",
-            input.frozen
-        ));
-    }
-    if let Some(bound) = opts.contraction_bound {
-        if input.form == Form::FixedPoint && bound < 1.0 {
-            check.outcome = CheckOutcome::Certified;
-            check.sigma_min = Some(1.0 - bound);
-            check.error_bound = Some(input.forward_residual / (1.0 - bound));
-            check.reasons.push(format!(
-                "declared contraction bound ||J_z|| <= {bound} < 1 for every selection"
-            ));
-            return Ok(Checked { check, block: None });
-        }
-        check.reasons.push(format!(
-            "the declared contraction bound {bound} certifies nothing (needs < 1 on a fixed point)"
-        ));
-    }
+        dense_measure(input.form, j, selections.is_empty().then_some(&mut selected))
+    })?;
+    Ok(Checked { check, block: selected })
+}
 
-    let j_selected = jacobian(&[])?;
-    if j_selected.is_empty() {
-        check.outcome = CheckOutcome::Certified;
-        check.error_bound = Some(0.0);
-        check
-            .reasons
-            .push("the block is empty (z has no elements): nothing to invert".to_string());
-        return Ok(Checked {
-            check,
-            block: Some(j_selected),
+/// One element measured densely: the SVD and the determinant sign of its block, and for a
+/// fixed point `||J_z||`. The block of the selected element goes to `keep` when given (an
+/// empty Jacobian is kept as it is).
+fn dense_measure<S: Scalar>(form: Form, j: Array2<S>, keep: Option<&mut Option<Array2<S>>>) -> Result<Measured> {
+    if j.is_empty() {
+        if let Some(keep) = keep {
+            *keep = Some(j);
+        }
+        return Ok(Measured {
+            dim: 0,
+            sigma_min: 0.0,
+            sigma_max: 0.0,
+            det_sign: None,
+            jacobian_norm: None,
+            converged: true,
+            products: 0,
         });
     }
-    let mut max_norm: Option<f64> = match input.form {
-        Form::FixedPoint => Some(largest_singular_value(j_selected.view())?),
+    let jacobian_norm = match form {
+        Form::FixedPoint => Some(largest_singular_value(j.view())?),
         Form::Root => None,
     };
-    let selected = block(input.form, j_selected)?;
-    let sel = Spectrum::of(selected.view())?;
-    check.sigma_min = Some(sel.sigma_min);
-    check.sigma_max = Some(sel.sigma_max);
-    check.error_bound = Some(if sel.sigma_min > 0.0 {
-        input.forward_residual / sel.sigma_min
-    } else {
-        f64::INFINITY
-    });
-    let mut violated = Vec::new();
-    if is_singular(&sel, input.unit, opts) {
-        violated.push(format!(
-            "the selected element is singular: sigma_min = {:.3e}, sigma_max = {:.3e}, scale {:.3e}",
-            sel.sigma_min,
-            sel.sigma_max,
-            sel.sigma_max.max(input.unit)
-        ));
+    let a = block(form, j)?;
+    let spec = Spectrum::of(a.view())?;
+    let dim = a.nrows();
+    if let Some(keep) = keep {
+        *keep = Some(a);
     }
-
-    // Walk the vertices of the selection box: all of them when there are few enough.
-    let cap = opts.exhaustive_limit.min(MAX_EXHAUSTIVE);
-    let exhaustive = k <= cap;
-    let count = if exhaustive { 1usize << k } else { opts.samples };
-    let mut signs = vec![sel.det_sign];
-    // (smallest relative sigma, smallest sigma_min) over the vertices.
-    let mut min_vertex: Option<(f64, f64)> = None;
-    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
-    let mut singular_vertices = 0usize;
-    if k > 0 {
-        for v in 0..count {
-            let selections: Vec<ElementSelection> = input
-                .flippable
-                .iter()
-                .enumerate()
-                .map(|(i, e)| {
-                    let upper = if exhaustive {
-                        (v >> i) & 1 == 1
-                    } else {
-                        rng.random::<bool>()
-                    };
-                    ElementSelection {
-                        node: e.node,
-                        element: e.element,
-                        value: if upper { e.high } else { e.low },
-                    }
-                })
-                .collect();
-            let j = jacobian(&selections)?;
-            if let Some(m) = max_norm.as_mut() {
-                *m = m.max(largest_singular_value(j.view())?);
-            }
-            let spec = Spectrum::of(block(input.form, j)?.view())?;
-            signs.push(spec.det_sign);
-            let rel = relative(&spec, input.unit);
-            min_vertex = Some(match min_vertex {
-                None => (rel, spec.sigma_min),
-                Some((r, s)) => (r.min(rel), s.min(spec.sigma_min)),
-            });
-            if is_singular(&spec, input.unit, opts) {
-                singular_vertices += 1;
-                if singular_vertices <= MAX_LISTED {
-                    let at: Vec<String> = selections
-                        .iter()
-                        .map(|s| format!("{}[{}]={}", s.node, s.element, s.value))
-                        .collect();
-                    violated.push(format!(
-                        "the element with selections {} is singular: sigma_min = {:.3e}",
-                        at.join(", "),
-                        spec.sigma_min
-                    ));
-                }
-            }
-        }
-    }
-    if singular_vertices > MAX_LISTED {
-        violated.push(format!(
-            "{} more singular vertices not listed",
-            singular_vertices - MAX_LISTED
-        ));
-    }
-    check.vertices = if k > 0 { count } else { 0 };
-    check.exhaustive = exhaustive;
-    check.min_vertex_sigma = min_vertex.map(|(_, s)| s);
-    check.max_vertex_norm = max_norm;
-    let nonzero: Vec<i8> = signs.iter().copied().filter(|&s| s != 0).collect();
-    check.determinant_sign_change = nonzero.windows(2).any(|w| w[0] != w[1]);
-    if check.determinant_sign_change {
-        violated.push(
-            "det(A) changes sign over the selection box, so an element of the conservative Jacobian in between is singular"
-                .to_string(),
-        );
-    }
-
-    let min_relative = min_vertex.map_or(relative(&sel, input.unit), |(r, _)| r.min(relative(&sel, input.unit)));
-    if !violated.is_empty() {
-        check.outcome = CheckOutcome::Violated;
-        check.reasons.splice(0..0, violated);
-    } else if exhaustive && input.frozen == 0 {
-        if max_norm.is_some_and(|m| m < 1.0) {
-            check.outcome = CheckOutcome::Certified;
-            check.reasons.push(format!(
-                "||J_z|| < 1 at every vertex{}: a contraction for every selection",
-                if k == 0 { " (no kinks)" } else { "" }
-            ));
-        } else if min_relative > opts.warn_tol {
-            check.outcome = CheckOutcome::Certified;
-            check.reasons.push(if k == 0 {
-                "no kinks at z*: the Jacobian is unique and invertible".to_string()
-            } else {
-                format!("det(A) keeps one sign at all {count} vertices: every element is invertible")
-            });
-        } else {
-            check.reasons.push(format!(
-                "every element is invertible but the worst is nearly singular (sigma_min / max(sigma_max, {:.3e}) = {min_relative:.3e})",
-                input.unit
-            ));
-        }
-    } else if !exhaustive {
-        check.reasons.push(format!(
-            "{k} kink elements: {count} random vertices of 2^{k} checked (exhaustive up to {cap}), none singular"
-        ));
-    }
-    Ok(Checked {
-        check,
-        block: Some(selected),
+    Ok(Measured {
+        dim,
+        sigma_min: spec.sigma_min,
+        sigma_max: spec.sigma_max,
+        det_sign: Some(spec.det_sign),
+        jacobian_norm,
+        converged: true,
+        products: 0,
     })
 }
 
@@ -569,19 +435,13 @@ pub(crate) fn run_check<S: Scalar>(
     let ledger = lin.ledger()?;
     let mut input = WalkInput::from_ledger(form, &ledger, forward_residual);
     let n = lin.len();
-    if n > opts.dense_limit && !(opts.contraction_bound.is_some_and(|b| b < 1.0) && form == Form::FixedPoint) {
-        let mut check = HypothesisCheck {
-            kink_elements: input.kink_elements,
-            flippable: input.flippable.len(),
-            reasons: Vec::new(),
-            ..HypothesisCheck::not_checked("")
-        };
-        check.outcome = CheckOutcome::Warning;
-        matrix_free(lin, form, opts, &mut check)?;
-        return Ok(Checked { check, block: None });
-    }
     if form == Form::Root && n > 0 {
         input.unit = lin.theta_scale()?;
+    }
+    if n > opts.dense_limit && !(opts.contraction_bound.is_some_and(|b| b < 1.0) && form == Form::FixedPoint) {
+        input.validate()?;
+        let check = matrix_free::check(lin, &input, opts)?;
+        return Ok(Checked { check, block: None });
     }
     // The selected element's Jacobian may have been built already (for the solver band).
     let mut selected = selected;
@@ -589,65 +449,6 @@ pub(crate) fn run_check<S: Scalar>(
         Some(j) if selections.is_empty() => Ok(j),
         _ => lin.jacobian(selections),
     })
-}
-
-/// The check for a `z` too large to densify: a power-iteration estimate of the spectral
-/// radius of `J_z` (fixed-point layers).
-fn matrix_free<S: Scalar>(
-    lin: &Linearization<'_, S>,
-    form: Form,
-    opts: &CheckOptions,
-    check: &mut HypothesisCheck,
-) -> Result<()> {
-    let n = lin.len();
-    check.reasons.push(format!(
-        "z has {n} elements > dense limit {}: other selections not explored",
-        opts.dense_limit
-    ));
-    if form == Form::Root {
-        check
-            .reasons
-            .push("no matrix-free estimate for root layers".to_string());
-        return Ok(());
-    }
-    let op = FnOperator::new(
-        n,
-        n,
-        |x: ndarray::ArrayView1<'_, S>, y: ndarray::ArrayViewMut1<'_, S>| lin.vjp_into(x, y),
-    );
-    let spectral = SpectralOptions::default()
-        .with_max_iter(opts.radius_iterations)
-        .with_tol(1e-3)
-        .with_seed(opts.seed);
-    let est = spectral_radius(&op, &spectral)?;
-    if !est.value.is_finite() {
-        return Err(Error::invalid(
-            "hypothesis check",
-            format!(
-                "the power iteration on J_z met a non-finite value {} after {} products",
-                est.value, est.matvecs
-            ),
-        ));
-    }
-    check.spectral_radius = Some(est.value);
-    if !est.is_converged() {
-        // An estimate that has not settled may lie on either side of the radius.
-        check.reasons.push(format!(
-            "spectral radius of J_z ~ {:.3e}, not converged after {} power iterations (relative change {:.3e}): no conclusion",
-            est.value, est.iterations, est.change
-        ));
-    } else if est.value < 1.0 {
-        check.reasons.push(format!(
-            "spectral radius of J_z ~ {:.3e} < 1: the selected element is invertible (estimate)",
-            est.value
-        ));
-    } else {
-        check.reasons.push(format!(
-            "spectral radius of J_z ~ {:.3e} >= 1: the selected element may be singular",
-            est.value
-        ));
-    }
-    Ok(())
 }
 
 /// The check of a batch from the checks of its samples (a fused layer checks one block per
@@ -692,6 +493,8 @@ pub fn merge_samples(checks: Vec<HypothesisCheck>) -> HypothesisCheck {
         exhaustive: checks.iter().all(|c| c.exhaustive || c.flippable == 0),
         min_vertex_sigma: min(|c| c.min_vertex_sigma),
         determinant_sign_change: checks.iter().any(|c| c.determinant_sign_change),
+        matrix_free: checks.iter().any(|c| c.matrix_free),
+        products: checks.iter().map(|c| c.products).sum(),
         reasons: Vec::new(),
     };
     merged.reasons.push(format!(

@@ -253,15 +253,52 @@ impl<'s, S: Scalar> Linearization<'s, S> {
         }
     }
 
+    /// `J_z v`, with the policy, band and `selections` of [`Linearization::vjp`], so that
+    /// `<J_z v, w> = <v, J_z^T w>` for the same selections: one forward-mode replay of the
+    /// recording.
+    ///
+    /// A map containing a custom op without a forward-mode rule gives the core's
+    /// [`Error::CustomOp`] unchanged: such a map has no matrix-free products with `J_z`.
+    pub fn jvp(&self, v: ArrayView1<'_, S>, selections: &[ElementSelection]) -> Result<Array1<S>> {
+        let tangent = shaped(&self.inner.name, v, &self.shape)?;
+        let options = BackwardOptions {
+            seed: None,
+            policy: Some(self.policy.clone()),
+            element_selections: selections.to_vec(),
+            solver_band: self.band,
+        };
+        let product = self.out.jvp(&[(self.z, tangent)], &options)?;
+        into_flat(product.into_tangent())
+    }
+
+    /// Whether the map has forward-mode products: `Ok(None)` when it does, `Ok(Some(e))`
+    /// with the core's [`Error::CustomOp`] naming the custom op without a forward-mode rule,
+    /// and any other error of the replay as an error.
+    pub fn forward_mode_refusal(&self) -> Result<Option<Error>> {
+        match self.jvp(Array1::zeros(self.len()).view(), &[]) {
+            Ok(_) => Ok(None),
+            Err(e @ Error::CustomOp { .. }) => Ok(Some(e)),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `y = J_z^T x` into `y`, for a linear operator; `y` must have `z`'s length.
-    pub fn vjp_into(&self, x: ArrayView1<'_, S>, mut y: ArrayViewMut1<'_, S>) -> Result<()> {
-        let product = self.vjp(x, &[])?;
+    pub fn vjp_into(&self, x: ArrayView1<'_, S>, y: ArrayViewMut1<'_, S>) -> Result<()> {
+        self.assign_product("J_z^T x", self.vjp(x, &[])?, y)
+    }
+
+    /// `y = J_z x` into `y`, for a linear operator; `y` must have `z`'s length.
+    pub fn jvp_into(&self, x: ArrayView1<'_, S>, y: ArrayViewMut1<'_, S>) -> Result<()> {
+        self.assign_product("J_z x", self.jvp(x, &[])?, y)
+    }
+
+    fn assign_product(&self, what: &str, product: Array1<S>, mut y: ArrayViewMut1<'_, S>) -> Result<()> {
         if product.len() != y.len() {
             return Err(Error::shapes(
                 "implicit layer",
                 &[product.len()],
                 &[y.len()],
-                format!("{}: J_z^T x has the wrong length for the operator", self.inner.name),
+                format!("{}: {what} has the wrong length for the operator", self.inner.name),
             ));
         }
         y.assign(&product);
@@ -315,6 +352,31 @@ impl<'s, S: Scalar> Linearization<'s, S> {
         self.inner.theta_vjp(z.view(), &views, w, &self.policy, self.band)
     }
 
+    /// `J_theta dtheta` (all `theta` together; `None` is a zero tangent), under the same
+    /// policy and band: one forward-mode pass through the map recorded with `theta` as
+    /// parameters.
+    pub fn theta_jvp(&self, tangents: &[Option<ArrayViewD<'_, S>>]) -> Result<Array1<S>> {
+        let tape = Tape::new();
+        let z = tape.constant(self.z.value());
+        let th: Vec<Var<'_, S>> = self.theta.iter().map(|t| tape.param(t.clone())).collect();
+        let out = self.inner.record(z, &th)?;
+        let pairs: Vec<(Var<'_, S>, ArrayD<S>)> = th
+            .iter()
+            .zip(tangents)
+            .filter_map(|(t, d)| d.as_ref().map(|d| (*t, d.to_owned())))
+            .collect();
+        if pairs.is_empty() {
+            return Ok(Array1::zeros(self.len()));
+        }
+        let options = BackwardOptions {
+            seed: None,
+            policy: Some(self.policy.clone()),
+            element_selections: Vec::new(),
+            solver_band: self.band,
+        };
+        into_flat(out.jvp(&pairs, &options)?.into_tangent())
+    }
+
     /// The derivative scale of the map in `theta`: the largest row norm of `J_theta` (all
     /// `theta` together), one replay per element of `z`. A root layer's check judges the
     /// singularity of `J_F` against it.
@@ -341,5 +403,80 @@ impl<'s, S: Scalar> Linearization<'s, S> {
             e[i] = S::zero();
         }
         Ok(worst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::arr1;
+
+    fn inner(map: Rc<MapFn<f64>>, n: usize) -> InnerMap<f64> {
+        InnerMap {
+            name: "test".to_string(),
+            map,
+            shape: vec![n],
+        }
+    }
+
+    fn dot(a: &Array1<f64>, b: &Array1<f64>) -> f64 {
+        a.dot(b)
+    }
+
+    #[test]
+    fn jvp_is_the_transpose_of_vjp_at_kinks_with_selections() {
+        // relu(W z + theta) with kinks planted at elements 0 and 2; abs at element 1.
+        let map: Rc<MapFn<f64>> = Rc::new(|z, th| Ok((th[1].matmul(z) + th[0]).relu() + z.abs() * 0.25));
+        let m = inner(map, 3);
+        let w = Array2::from_shape_vec((3, 3), vec![0.2, -0.1, 0.3, 0.05, 0.4, -0.2, -0.3, 0.1, 0.25]).unwrap();
+        let z = arr1(&[0.5, 0.0, -1.0]);
+        // W z + theta = 0 at elements 0 and 2.
+        let theta = -w.dot(&z);
+        let theta = ArrayD::from(theta.into_dyn());
+        let w = w.into_dyn();
+        let tape = Tape::new();
+        let policy = KinkPolicy::pytorch();
+        let lin = m
+            .linearize(&tape, z.view().into_dyn(), &[theta.view(), w.view()], policy)
+            .unwrap();
+        let v = arr1(&[0.3, -1.2, 0.7]);
+        let u = arr1(&[-0.4, 0.9, 1.1]);
+        let ledger = lin.ledger().unwrap();
+        assert!(ledger.kink_elements() >= 3, "{ledger:?}");
+        for selections in [
+            Vec::new(),
+            vec![ElementSelection {
+                node: ledger.records()[0].node,
+                element: ledger.records()[0].kink_indices[0],
+                value: 1.0,
+            }],
+        ] {
+            let jv = lin.jvp(v.view(), &selections).unwrap();
+            let jtu = lin.vjp(u.view(), &selections).unwrap();
+            let (lhs, rhs) = (dot(&jv, &u), dot(&v, &jtu));
+            assert!((lhs - rhs).abs() <= 1e-14 * lhs.abs().max(1.0), "{lhs} vs {rhs}");
+        }
+        assert!(lin.forward_mode_refusal().unwrap().is_none());
+    }
+
+    #[test]
+    fn a_custom_op_without_a_forward_rule_is_a_custom_op_error() {
+        let map: Rc<MapFn<f64>> = Rc::new(|z, _| {
+            let value = z.value().mapv(|v| 0.5 * v);
+            z.tape()
+                .try_custom_fn("half", &[z], value, |_, _, g| Ok(vec![Some(g.mapv(|v| 0.5 * v))]))
+        });
+        let m = inner(map, 2);
+        let tape = Tape::new();
+        let lin = m
+            .linearize(&tape, arr1(&[1.0, 2.0]).view().into_dyn(), &[], KinkPolicy::pytorch())
+            .unwrap();
+        let err = lin.jvp(arr1(&[1.0, 0.0]).view(), &[]).unwrap_err();
+        assert!(matches!(&err, Error::CustomOp { op, .. } if op == "half"), "{err}");
+        assert!(matches!(
+            lin.forward_mode_refusal().unwrap(),
+            Some(Error::CustomOp { .. })
+        ));
+        assert_eq!(lin.vjp(arr1(&[1.0, 0.0]).view(), &[]).unwrap(), arr1(&[0.5, 0.0]));
     }
 }

@@ -3,16 +3,16 @@
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use clarke_core::{Error, KinkLedger, Result, Scalar, Tape, Var, VjpContext};
+use clarke_core::{Error, JvpContext, KinkLedger, Result, Scalar, Tape, Var, VjpContext};
 use clarke_solve::{FixedPointReport, SolveStatus};
 use ndarray::{Array1, Array2, ArrayD, ArrayViewD, IxDyn};
 
-use crate::adjoint::solve_adjoint;
+use crate::adjoint::{System, solve_adjoint};
 use crate::check::{Form, Spectrum, block, run_check};
 use crate::forward::{default_solver, solve_forward};
 use crate::inner::{InnerMap, Linearization, MapFn, flat, into_flat};
 use crate::options::{AdjointSolver, ForwardSolver, GradientMode, ImplicitOptions, KinkBand};
-use crate::report::{BackwardReport, CheckOutcome, HypothesisCheck, ReportLog};
+use crate::report::{BackwardReport, CheckOutcome, HypothesisCheck, Pass, ReportLog};
 
 /// A reusable implicit layer: a map, its options, the adjoint warm start shared by every
 /// call, and the reports of every backward pass.
@@ -152,16 +152,20 @@ impl<S: Scalar> ImplicitLayer<S> {
         theta: &[Var<'t, S>],
     ) -> Result<Solution<'t, S>> {
         let (z_star, forward) = self.forward_solve(inner, z0, theta)?;
-        let node = AdjointNode {
+        let node = Rc::new(AdjointNode {
             inner: inner.clone(),
             form: self.form,
             options: self.options.clone(),
             forward: forward.clone(),
             warm: self.warm_adjoint.clone(),
             reports: self.reports.clone(),
-        };
+        });
+        let backward = node.clone();
         let z = tape.try_custom_fn_ctx(&inner.name, theta, z_star, move |ctx, inputs, output, grad| {
-            node.backward(ctx, inputs, output, grad)
+            backward.backward(ctx, inputs, output, grad)
+        })?;
+        tape.set_custom_jvp(z, move |ctx, inputs, output, tangents| {
+            node.jvp(ctx, inputs, output, tangents)
         })?;
         Ok(Solution { z, forward })
     }
@@ -241,11 +245,20 @@ impl<S: Scalar> ImplicitLayer<S> {
             check: HypothesisCheck::not_checked(reason),
             kinks: KinkLedger::default(),
         };
-        let reports = self.reports.clone();
-        tape.try_custom_fn_ctx(&inner.name, &[z], z.value(), move |_, _, _, grad| {
+        let (reports, forward_report) = (self.reports.clone(), report.clone());
+        let logged = tape.try_custom_fn_ctx(&inner.name, &[z], z.value(), move |_, _, _, grad| {
             reports.push(report.clone());
             Ok(vec![Some(grad.to_owned())])
-        })
+        })?;
+        let reports = self.reports.clone();
+        tape.set_custom_jvp(logged, move |_, _, output, tangents| {
+            reports.push_pass(Pass::ForwardMode, forward_report.clone());
+            Ok(match tangents.first() {
+                Some(Some(t)) => t.to_owned(),
+                _ => ArrayD::zeros(output.raw_dim()),
+            })
+        })?;
+        Ok(logged)
     }
 }
 
@@ -381,31 +394,46 @@ struct AdjointNode<S: Scalar> {
     reports: ReportLog,
 }
 
+/// The linearization at `z*` with its kinks reported and its check passed: what both
+/// products of an implicit node start from, and the report they complete.
+struct Prepared<'s, S: Scalar> {
+    lin: Linearization<'s, S>,
+    /// The block `A` of the selected element, when the check built it.
+    block: Option<Array2<S>>,
+    report: BackwardReport,
+}
+
 impl<S: Scalar> AdjointNode<S> {
-    fn backward(
-        &self,
+    /// Wraps an error of `context` in [`Error::InImplicit`] naming the layer, except the
+    /// errors that already say which layer and stage they come from.
+    fn within(&self, context: &'static str) -> impl Fn(Error) -> Error + '_ {
+        move |e: Error| match e {
+            e @ (Error::InImplicit { .. } | Error::SolveFailed { .. } | Error::HypothesisViolated { .. }) => e,
+            e => Error::InImplicit {
+                node: self.inner.name.clone(),
+                context,
+                source: Box::new(e),
+            },
+        }
+    }
+
+    /// Linearizes at `(z*, theta)` under the call's policy, widens the kinks to the solver
+    /// band, runs the check, reports the kinks of the map to the call's ledger, and refuses
+    /// a violated check (logging the report of `pass`) unless the options say otherwise.
+    fn prepare<'s>(
+        &'s self,
+        tape: &'s Tape<S>,
         ctx: &VjpContext<'_>,
         theta: &[ArrayViewD<'_, S>],
         z_star: ArrayViewD<'_, S>,
-        grad: ArrayViewD<'_, S>,
-    ) -> Result<Vec<Option<ArrayD<S>>>> {
+        pass: Pass,
+    ) -> Result<Prepared<'s, S>> {
         let name = &self.inner.name;
         let options = &*self.options;
-        let within = |context: &'static str| {
-            move |e: Error| match e {
-                e @ (Error::InImplicit { .. } | Error::SolveFailed { .. } | Error::HypothesisViolated { .. }) => e,
-                e => Error::InImplicit {
-                    node: name.clone(),
-                    context,
-                    source: Box::new(e),
-                },
-            }
-        };
-        let tape = Tape::new();
         let mut lin = self
             .inner
-            .linearize(&tape, z_star.view(), theta, ctx.policy.clone())
-            .map_err(within("recording the map at z*"))?;
+            .linearize(tape, z_star.view(), theta, ctx.policy.clone())
+            .map_err(self.within("recording the map at z*"))?;
         let t_value = lin.value();
         let z = lin.z();
         let forward_residual = match self.form {
@@ -414,12 +442,12 @@ impl<S: Scalar> AdjointNode<S> {
         };
         let selected = self
             .apply_solver_band(&mut lin, forward_residual)
-            .map_err(within("kinks within the solver's error"))?;
+            .map_err(self.within("kinks within the solver's error"))?;
         let checked = run_check(&lin, self.form, forward_residual, &options.check, selected)
-            .map_err(within("hypothesis check"))?;
-        let kinks = lin.ledger().map_err(within("kink ledger"))?;
+            .map_err(self.within("hypothesis check"))?;
+        let kinks = lin.ledger().map_err(self.within("kink ledger"))?;
         ctx.report_kinks(kinks.records().iter().map(|r| r.clone().in_layer(name, ctx.node)));
-        let mut report = BackwardReport {
+        let report = BackwardReport {
             node: name.clone(),
             mode: options.mode,
             forward: self.forward.clone(),
@@ -433,29 +461,46 @@ impl<S: Scalar> AdjointNode<S> {
         let least_squares = options.mode == GradientMode::LeastSquaresNoHypothesis;
         if report.check.outcome == CheckOutcome::Violated && options.check.refuse_violated && !least_squares {
             let detail = report.check.to_string();
-            self.reports.push(report);
+            self.reports.push_pass(pass, report);
             return Err(Error::HypothesisViolated {
                 node: name.clone(),
                 detail,
             });
         }
+        Ok(Prepared {
+            lin,
+            block: checked.block,
+            report,
+        })
+    }
 
-        let g = into_flat(grad.to_owned()).map_err(within("adjoint solve"))?;
+    fn backward(
+        &self,
+        ctx: &VjpContext<'_>,
+        theta: &[ArrayViewD<'_, S>],
+        z_star: ArrayViewD<'_, S>,
+        grad: ArrayViewD<'_, S>,
+    ) -> Result<Vec<Option<ArrayD<S>>>> {
+        let options = &*self.options;
+        let tape = Tape::new();
+        let Prepared { lin, block, mut report } = self.prepare(&tape, ctx, theta, z_star, Pass::Backward)?;
+        let g = into_flat(grad.to_owned()).map_err(self.within("adjoint solve"))?;
         let warm = if options.warm_start {
             self.warm.borrow().as_ref().filter(|w| w.len() == g.len()).cloned()
         } else {
             None
         };
         let adjoint = solve_adjoint(
-            name,
+            &self.inner.name,
             &lin,
             self.form,
+            System::Adjoint,
             g.view(),
             warm.as_ref().map(|w| w.view()),
-            checked.block,
+            block,
             options,
         )
-        .map_err(within("adjoint solve"))?;
+        .map_err(self.within("adjoint solve"))?;
         if options.warm_start {
             *self.warm.borrow_mut() = Some(adjoint.w.clone());
         }
@@ -466,12 +511,54 @@ impl<S: Scalar> AdjointNode<S> {
         };
         let grads = lin
             .theta_vjp(w.view())
-            .map_err(within("parameter vector-Jacobian product"))?;
+            .map_err(self.within("parameter vector-Jacobian product"))?;
         report.adjoint = Some(adjoint.report);
         report.fallback = adjoint.fallback;
         report.approximate |= adjoint.approximate;
         self.reports.push(report);
         Ok(grads.into_iter().map(Some).collect())
+    }
+
+    /// The forward-mode rule: `dz = A^{-1} J_theta dtheta` for a fixed point (`A = I - J_z`),
+    /// `dz = -J_F^{-1} J_theta dtheta` for a root, solved as the mode says (the adjoint's
+    /// solver, options and failure policy, without a warm start), after the same check and
+    /// refusal as backward. The report goes to the log as [`Pass::ForwardMode`].
+    fn jvp(
+        &self,
+        ctx: &JvpContext<'_>,
+        theta: &[ArrayViewD<'_, S>],
+        z_star: ArrayViewD<'_, S>,
+        tangents: &[Option<ArrayViewD<'_, S>>],
+    ) -> Result<ArrayD<S>> {
+        let shape = z_star.shape().to_vec();
+        let tape = Tape::new();
+        let Prepared { lin, block, mut report } = self.prepare(&tape, ctx, theta, z_star, Pass::ForwardMode)?;
+        let rhs = lin
+            .theta_jvp(tangents)
+            .map_err(self.within("parameter Jacobian-vector product"))?;
+        let rhs = match self.form {
+            Form::FixedPoint => rhs,
+            Form::Root => rhs.mapv(|v| -v),
+        };
+        let tangent = solve_adjoint(
+            &self.inner.name,
+            &lin,
+            self.form,
+            System::Tangent,
+            rhs.view(),
+            None,
+            block,
+            &self.options,
+        )
+        .map_err(self.within("tangent solve"))?;
+        report.adjoint = Some(tangent.report);
+        report.fallback = tangent.fallback;
+        report.approximate |= tangent.approximate;
+        self.reports.push_pass(Pass::ForwardMode, report);
+        tangent
+            .w
+            .into_shape_with_order(IxDyn(&shape))
+            .map_err(|e| self.within("tangent solve")(Error::invalid("implicit layer", e.to_string())))
     }
 
     /// Widens the kinks of the linearization to the forward solver's error band (see

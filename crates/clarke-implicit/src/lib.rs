@@ -11,6 +11,11 @@
 //!   adjoint `(I - J_z)^T w = g` (or `J_F^T w = g`) with products `J_z^T v` that replay that
 //!   recording, and returns `J_theta^T w` (or `-J_theta^T w`). The kink policy of the outer
 //!   backward call applies inside, so one policy governs the whole gradient.
+//! - **Forward mode** ([`clarke_core::Tape::jvp`] through a layer) solves the tangent system
+//!   `(I - J_z) dz = J_theta dtheta` (or `J_F dz = -J_theta dtheta`) with the adjoint's
+//!   solver, after the same kink band, check and refusal as backward; products with `J_z`
+//!   and `J_theta` are forward-mode replays of the map. Its reports are logged as
+//!   [`Pass::ForwardMode`].
 //! - **Modes** ([`GradientMode`]): implicit with a dense, Neumann, GMRES or BiCGSTAB adjoint;
 //!   truncated Neumann; unrolled; one-step; and an opt-in least-squares mode that ignores the
 //!   hypothesis, to reproduce the pathologies of the paper.
@@ -52,4 +57,4 @@ pub use layer::{ImplicitLayer, Solution, fixed_point, root};
 pub use options::{
     AdjointSolver, CheckOptions, ForwardSolver, GradientMode, ImplicitOptions, KinkBand, OnAdjointFailure,
 };
-pub use report::{BackwardReport, CheckOutcome, HypothesisCheck, ReportLog};
+pub use report::{BackwardReport, CheckOutcome, HypothesisCheck, Pass, ReportLog};

@@ -124,8 +124,10 @@ pub struct CheckOptions {
     pub refuse_violated: bool,
     /// Largest `z` (in elements) for which the dense check runs: it costs one
     /// vector-Jacobian product per element of `z` per selection explored. Above it the check
-    /// uses a power-iteration estimate of the spectral radius of `J_z` and any declared
-    /// contraction bound. Default 512.
+    /// walks the same elements with matrix-free estimates of their singular values (see
+    /// [`crate::check`]), or, for a map without forward-mode products, a power-iteration
+    /// estimate of the spectral radius of `J_z`; a declared contraction bound certifies in
+    /// either case. Default 512.
     pub dense_limit: usize,
     /// Up to this many kink elements, every vertex of the selection box (`2^k`
     /// combinations) is checked; above it, `samples` random vertices. Default 12; values
@@ -153,9 +155,24 @@ pub struct CheckOptions {
     /// activations). `L < 1` certifies the hypothesis without computing anything. Default
     /// `None`.
     pub contraction_bound: Option<f64>,
-    /// Power iterations for the matrix-free spectral-radius estimate (at least 1); an
-    /// estimate that has not settled within them gives no conclusion. Default 50.
+    /// Power iterations for the spectral-radius estimate of a map without forward-mode
+    /// products (at least 1); an estimate that has not settled within them gives no
+    /// conclusion. Default 50.
     pub radius_iterations: usize,
+    /// Tolerance of the matrix-free `sigma_min` estimate (Golub-Kahan-Lanczos): it stops when
+    /// its residual bound is at most this times the norm estimate, so the value is within
+    /// about `spectral_tol * sigma_max` of a singular value. Finite, in `[0, 1)`. Default
+    /// `1e-10` (`1e-5` for `f32`).
+    pub spectral_tol: f64,
+    /// Tolerance on the relative change of the power iterations that estimate `sigma_max`
+    /// and `||J_z||` in the matrix-free check. `sigma_max` only sets the scale of the
+    /// singularity test, so a loose tolerance serves; a clustered top of the spectrum (a
+    /// large `z` has many singular values near the largest) makes the change per iteration
+    /// small long before it is tiny. Finite, in `[0, 1)`. Default `1e-3`.
+    pub norm_tol: f64,
+    /// Iteration budget of each matrix-free estimate (at least 1); an estimate that does not
+    /// meet its tolerance within it draws no conclusion. Default 500.
+    pub spectral_iterations: usize,
 }
 
 impl Default for CheckOptions {
@@ -180,6 +197,9 @@ impl CheckOptions {
             warn_tol: if eps > 1e-10 { 1e-3 } else { 1e-6 },
             contraction_bound: None,
             radius_iterations: 50,
+            spectral_tol: if eps > 1e-10 { 1e-5 } else { 1e-10 },
+            norm_tol: 1e-3,
+            spectral_iterations: 500,
         }
     }
 
@@ -216,7 +236,8 @@ impl CheckOptions {
     /// Refuses options that cannot mean anything: a threshold that is negative or not finite,
     /// a relative threshold (`singular_tol`, `warn_tol`) of 1 or more (`sigma_min / scale`
     /// never exceeds 1, so every element would be singular, or none certified), no samples,
-    /// no power iterations. Every layer validates its options when it is built, and
+    /// no power iterations, a spectral tolerance outside `[0, 1)`, no spectral iterations.
+    /// Every layer validates its options when it is built, and
     /// [`walk_vertices`](crate::check::walk_vertices) validates them again on each walk.
     pub fn validate(&self) -> clarke_core::Result<()> {
         let refuse = |detail: String| Err(clarke_core::Error::invalid("CheckOptions", detail));
@@ -244,6 +265,19 @@ impl CheckOptions {
         if self.samples == 0 {
             return refuse(
                 "samples must be at least 1 (the walk samples vertices above the exhaustive limit), got 0".into(),
+            );
+        }
+        for (what, v) in [("spectral_tol", self.spectral_tol), ("norm_tol", self.norm_tol)] {
+            if !(v.is_finite() && (0.0..1.0).contains(&v)) {
+                return refuse(format!(
+                    "{what} is a relative tolerance of a spectral estimate and must be finite, >= 0 and below 1, got {v}"
+                ));
+            }
+        }
+        if self.spectral_iterations == 0 {
+            return refuse(
+                "spectral_iterations must be at least 1 (each matrix-free estimate runs up to that many iterations), got 0"
+                    .into(),
             );
         }
         if self.radius_iterations == 0 {

@@ -44,19 +44,22 @@ impl fmt::Display for CheckOutcome {
 pub struct HypothesisCheck {
     /// The verdict.
     pub outcome: CheckOutcome,
-    /// Smallest singular value of `A` for the selected element (dense check), or the lower
-    /// bound `1 - L` from a contraction bound `L`.
+    /// Smallest singular value of `A` for the selected element (dense check, or its
+    /// matrix-free estimate, see [`matrix_free`](Self::matrix_free)), or the lower bound
+    /// `1 - L` from a contraction bound `L`.
     pub sigma_min: Option<f64>,
-    /// Largest singular value of `A` for the selected element (dense check).
+    /// Largest singular value of `A` for the selected element (dense check or matrix-free
+    /// estimate).
     pub sigma_max: Option<f64>,
     /// `forward residual / sigma_min`: a bound on the distance from the returned `z` to the
     /// exact solution, to first order.
     pub error_bound: Option<f64>,
-    /// Power-iteration estimate of the spectral radius of `J_z` (matrix-free check of
-    /// fixed-point layers).
+    /// Power-iteration estimate of the spectral radius of `J_z` (fixed-point layers above the
+    /// dense limit whose map has no forward-mode products).
     pub spectral_radius: Option<f64>,
-    /// Largest `||J_z||_2` over the vertices checked (fixed-point layers, dense check); below
-    /// one on an exhaustive walk it certifies contraction for every selection.
+    /// Largest `||J_z||_2` over the vertices checked (fixed-point layers; in the matrix-free
+    /// check, estimated and only when there are kinks); below one on an exhaustive walk it
+    /// certifies contraction for every selection.
     pub max_vertex_norm: Option<f64>,
     /// The declared contraction bound, when one was given.
     pub contraction_bound: Option<f64>,
@@ -73,6 +76,14 @@ pub struct HypothesisCheck {
     /// Whether `det A` changed sign between two examined elements: then some element in
     /// between is singular.
     pub determinant_sign_change: bool,
+    /// Whether the singular values are matrix-free estimates (`z` above the dense limit):
+    /// `sigma_min` by Golub-Kahan-Lanczos, which never lies below the true value, and
+    /// `sigma_max` and `||J_z||` by power iteration, which never lie above it. Such a walk has
+    /// no determinant signs.
+    pub matrix_free: bool,
+    /// Products with the block, the Jacobian or their transposes that the matrix-free
+    /// estimates used (0 for the dense check).
+    pub products: usize,
     /// Why the verdict is what it is, in words.
     pub reasons: Vec<String>,
 }
@@ -94,6 +105,8 @@ impl HypothesisCheck {
             exhaustive: false,
             min_vertex_sigma: None,
             determinant_sign_change: false,
+            matrix_free: false,
+            products: 0,
             reasons: vec![reason.to_string()],
         }
     }
@@ -125,6 +138,9 @@ impl fmt::Display for HypothesisCheck {
         }
         if self.determinant_sign_change {
             f.write_str(", det changes sign")?;
+        }
+        if self.matrix_free {
+            write!(f, ", matrix-free ({} products)", self.products)?;
         }
         for r in &self.reasons {
             write!(f, "; {r}")?;
@@ -189,38 +205,77 @@ impl fmt::Display for BackwardReport {
     }
 }
 
-/// The reports of every backward pass through one layer, oldest first.
+/// Which product through a layer a report is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Pass {
+    /// A backward pass (vector-Jacobian product): the report's `adjoint` is the solve of
+    /// `A^T w = g`.
+    #[default]
+    Backward,
+    /// A forward-mode product through the layer ([`clarke_core::Tape::jvp`]): the report's
+    /// `adjoint` is the solve of the tangent system `A dz = J_theta dtheta` (`A dz =
+    /// -J_theta dtheta` for a root), with the same check, kinks and failure policy as a
+    /// backward pass.
+    ForwardMode,
+}
+
+impl fmt::Display for Pass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Pass::Backward => "backward",
+            Pass::ForwardMode => "forward mode",
+        })
+    }
+}
+
+/// The reports of every backward pass (and forward-mode product) through one layer, oldest
+/// first.
 ///
 /// A cheap handle: clones share the same log.
 #[derive(Debug, Clone, Default)]
 pub struct ReportLog {
-    reports: Rc<RefCell<Vec<BackwardReport>>>,
+    reports: Rc<RefCell<Vec<(Pass, BackwardReport)>>>,
 }
 
 impl ReportLog {
-    /// Appends a report, as given: the log records what the layers did and judges nothing.
-    /// Layers built outside this crate on the same theorem (the fused DEQ cell of
-    /// `clarke-nn`) log their backward passes here too.
+    /// Appends the report of a backward pass, as given: the log records what the layers did
+    /// and judges nothing. Layers built outside this crate on the same theorem (the fused DEQ
+    /// cell of `clarke-nn`) log their backward passes here too.
     pub fn push(&self, report: BackwardReport) {
-        self.reports.borrow_mut().push(report);
+        self.push_pass(Pass::Backward, report);
+    }
+
+    /// Appends the report of a product of the given kind (see [`Pass`]).
+    pub fn push_pass(&self, pass: Pass, report: BackwardReport) {
+        self.reports.borrow_mut().push((pass, report));
     }
 
     /// The most recent report.
     pub fn last(&self) -> Option<BackwardReport> {
-        self.reports.borrow().last().cloned()
+        self.reports.borrow().last().map(|(_, r)| r.clone())
+    }
+
+    /// Which product the most recent report is about.
+    pub fn last_pass(&self) -> Option<Pass> {
+        self.reports.borrow().last().map(|(p, _)| *p)
     }
 
     /// All reports so far.
     pub fn all(&self) -> Vec<BackwardReport> {
-        self.reports.borrow().clone()
+        self.reports.borrow().iter().map(|(_, r)| r.clone()).collect()
     }
 
-    /// Number of backward passes so far.
+    /// Which product each report is about, in the order of [`ReportLog::all`].
+    pub fn passes(&self) -> Vec<Pass> {
+        self.reports.borrow().iter().map(|(p, _)| *p).collect()
+    }
+
+    /// Number of reports so far.
     pub fn len(&self) -> usize {
         self.reports.borrow().len()
     }
 
-    /// Whether no backward pass ran yet.
+    /// Whether no report was logged yet.
     pub fn is_empty(&self) -> bool {
         self.reports.borrow().is_empty()
     }

@@ -102,10 +102,19 @@ fn a_declared_contraction_bound_certifies_without_computing() {
     assert!((c.sigma_min.unwrap() - 0.1).abs() < 1e-15 && c.vertices == 0);
 }
 
+/// `tanh(W z + x)` through a custom op that has no forward-mode rule.
+fn opaque_tanh<'s>(z: Var<'s, f64>, th: &[Var<'s, f64>]) -> Result<Var<'s, f64>> {
+    let pre = th[0].matmul(z) + th[1];
+    let value = pre.value().mapv(f64::tanh);
+    pre.tape().try_custom_fn("opaque_tanh", &[pre], value, |_, out, g| {
+        Ok(vec![Some(&g * &out.mapv(|t| 1.0 - t * t))])
+    })
+}
+
 #[test]
-fn large_layers_get_a_matrix_free_spectral_radius_estimate() {
+fn large_layers_without_forward_mode_get_a_spectral_radius_estimate() {
     let options = ImplicitOptions::default().with_check(CheckOptions::default().with_dense_limit(4));
-    let layer = ImplicitLayer::fixed_point(|z, th| Ok((th[0].matmul(z) + th[1]).tanh()), options).unwrap();
+    let layer = ImplicitLayer::fixed_point(opaque_tanh, options).unwrap();
     let tape = Tape::<f64>::new();
     let w = tape.constant(scaled_identity_like(10, 1.0));
     let x = tape.param(Array1::linspace(-1.0, 1.0, 10).into_dyn());
@@ -117,6 +126,13 @@ fn large_layers_get_a_matrix_free_spectral_radius_estimate() {
     let rho = c.spectral_radius.unwrap();
     assert!(rho > 0.0 && rho < 0.9, "{c}");
     assert!(c.reasons.iter().any(|r| r.contains("dense limit")), "{c}");
+    assert!(
+        c.reasons
+            .iter()
+            .any(|r| r.contains("no forward-mode rule") && r.contains("opaque_tanh")),
+        "{c}"
+    );
+    assert!(!c.matrix_free && c.sigma_min.is_none(), "{c}");
 }
 
 #[test]

@@ -443,6 +443,27 @@ fn check_options_refuse_thresholds_and_budgets_that_cannot_mean_anything() {
             },
             "radius_iterations",
         ),
+        (
+            CheckOptions {
+                spectral_iterations: 0,
+                ..CheckOptions::default()
+            },
+            "spectral_iterations",
+        ),
+        (
+            CheckOptions {
+                spectral_tol: f64::NAN,
+                ..CheckOptions::default()
+            },
+            "spectral_tol",
+        ),
+        (
+            CheckOptions {
+                norm_tol: 1.0,
+                ..CheckOptions::default()
+            },
+            "norm_tol",
+        ),
     ];
     for (check, field) in cases {
         let err = check.validate().unwrap_err();
@@ -551,12 +572,12 @@ fn a_non_finite_parameter_is_named() {
 }
 
 #[test]
-fn an_unsettled_spectral_radius_estimate_draws_no_conclusion() {
-    // z larger than the dense limit: the check estimates rho(J_z) by power iteration. One
-    // iteration cannot settle, and the check used to call the element invertible anyway.
+fn an_unsettled_spectral_estimate_draws_no_conclusion() {
+    // z larger than the dense limit: the check estimates sigma_min of I - J_z matrix-free.
+    // One iteration cannot settle, and an unsettled estimate must not certify anything.
     let check = CheckOptions {
         dense_limit: 2,
-        radius_iterations: 1,
+        spectral_iterations: 1,
         ..CheckOptions::default()
     };
     let layer = ImplicitLayer::fixed_point(
@@ -564,6 +585,34 @@ fn an_unsettled_spectral_radius_estimate_draws_no_conclusion() {
         ImplicitOptions::default().with_check(check),
     )
     .unwrap();
+    let tape = Tape::<f64>::new();
+    let theta = tape.param(vec(&[0.3, -0.2, 0.1, 0.7]));
+    let z = layer.apply(&vec(&[0.0; 4]), &[theta]).unwrap().z;
+    z.sum().backward().unwrap();
+    let c = layer.reports().last().unwrap().check;
+    assert_eq!(c.outcome, clarke_implicit::CheckOutcome::Warning, "{c}");
+    assert!(c.matrix_free, "{c}");
+    assert!(c.reasons.iter().any(|r| r.contains("not converged")), "{c}");
+    assert!(!c.reasons.iter().any(|r| r.contains("invertible")), "{c}");
+}
+
+#[test]
+fn an_unsettled_spectral_radius_estimate_draws_no_conclusion() {
+    // A map without forward-mode products: the check estimates rho(J_z) by power iteration.
+    // One iteration cannot settle, and the check used to call the element invertible anyway.
+    let check = CheckOptions {
+        dense_limit: 2,
+        radius_iterations: 1,
+        ..CheckOptions::default()
+    };
+    fn opaque_half_tanh<'s>(z: Var<'s, f64>, th: &[Var<'s, f64>]) -> Result<Var<'s, f64>> {
+        let value = z.value().mapv(|v| (0.5 * v).tanh());
+        let t = z.tape().try_custom_fn("opaque", &[z], value, |_, out, g| {
+            Ok(vec![Some(&g * &out.mapv(|t| 0.5 * (1.0 - t * t)))])
+        })?;
+        Ok(t + th[0])
+    }
+    let layer = ImplicitLayer::fixed_point(opaque_half_tanh, ImplicitOptions::default().with_check(check)).unwrap();
     let tape = Tape::<f64>::new();
     let theta = tape.param(vec(&[0.3, -0.2, 0.1, 0.7]));
     let z = layer.apply(&vec(&[0.0; 4]), &[theta]).unwrap().z;

@@ -4,6 +4,8 @@
 
 mod check;
 mod errors;
+mod forward_mode;
 mod gradients;
+mod matrix_free_check;
 mod paper_cases;
 mod solver_error;

@@ -162,8 +162,8 @@ pub(crate) fn curvature_at(model: &LassoModel, fit: &Fit) -> Option<Vec<f64>> {
     }
 }
 
-/// `sign(c_j)`.
-fn sign(c: f64) -> f64 {
+/// `sign(c_j)` (0 at 0).
+pub(crate) fn sign(c: f64) -> f64 {
     if c > 0.0 {
         1.0
     } else if c < 0.0 {
