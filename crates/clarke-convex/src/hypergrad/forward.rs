@@ -26,7 +26,7 @@ use clarke_core::{Error, Result};
 use clarke_implicit::CheckOutcome;
 use ndarray::Array1;
 
-use super::support::{curvature_at, sets, sign};
+use super::support::{active_set, curvature_at, sets, sign};
 use super::{Criterion, HypergradOptions, Hypergradient, Method, check_criterion, prepare};
 use crate::cd::Fit;
 use crate::model::{LassoModel, Penalty, dot};
@@ -56,12 +56,7 @@ pub fn hypergradient(
             detail: check.to_string(),
         });
     }
-    let q = check.selection;
-    let mut active: Vec<(usize, f64)> = check.support.iter().map(|&j| (j, 1.0)).collect();
-    if q > 0.0 {
-        active.extend(check.kinks.iter().map(|&j| (j, q)));
-        active.sort_by_key(|a| a.0);
-    }
+    let active = active_set(&check);
     let pen = &fit.penalty;
     let mut gradient = Array1::zeros(pen.len());
     let mut sweeps = 0;

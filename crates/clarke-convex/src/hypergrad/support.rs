@@ -162,6 +162,19 @@ pub(crate) fn curvature_at(model: &LassoModel, fit: &Fit) -> Option<Vec<f64>> {
     }
 }
 
+/// `A`, the coordinates where the tangent can be non-zero, with their selection `q_a`: the
+/// support (`q = 1`) and, when the policy's `q` is positive, the kinks `E \ S` (`q`), in
+/// increasing order.
+pub(crate) fn active_set(check: &SupportCheck) -> Vec<(usize, f64)> {
+    let q = check.selection;
+    let mut active: Vec<(usize, f64)> = check.support.iter().map(|&j| (j, 1.0)).collect();
+    if q > 0.0 {
+        active.extend(check.kinks.iter().map(|&j| (j, q)));
+        active.sort_by_key(|a| a.0);
+    }
+    active
+}
+
 /// `sign(c_j)` (0 at 0).
 pub(crate) fn sign(c: f64) -> f64 {
     if c > 0.0 {
@@ -189,13 +202,7 @@ pub fn hypergradient(
     let (check, kinks) = sets(model, fit, options)?;
     let g = criterion.gradient(fit.beta.view())?;
     check_criterion(model, &g)?;
-    let q = check.selection;
-    // A = S plus the kinks when q > 0.
-    let mut active: Vec<(usize, f64)> = check.support.iter().map(|&j| (j, 1.0)).collect();
-    if q > 0.0 {
-        active.extend(check.kinks.iter().map(|&j| (j, q)));
-        active.sort_by_key(|a| a.0);
-    }
+    let active = active_set(&check);
     let idx: Vec<usize> = active.iter().map(|a| a.0).collect();
     let qa: Vec<f64> = active.iter().map(|a| a.1).collect();
     let fractional = qa.iter().any(|&v| v < 1.0);
