@@ -98,14 +98,14 @@ impl<S: Scalar> BackwardOptions<S> {
 /// of reusable slots; each node has a 4-byte slot index (0: no gradient yet). A dense
 /// `Vec<Option<ArrayD>>` over all nodes would cost over 100 bytes per node and page faults
 /// on long tapes.
-struct GradBuffer<S: Scalar> {
+pub(crate) struct GradBuffer<S: Scalar> {
     slot_of: Vec<u32>,
     slots: Vec<Option<ArrayD<S>>>,
     free: Vec<u32>,
 }
 
 impl<S: Scalar> GradBuffer<S> {
-    fn new(nodes: usize) -> Self {
+    pub(crate) fn new(nodes: usize) -> Self {
         GradBuffer {
             slot_of: vec![0; nodes],
             slots: Vec::new(),
@@ -115,7 +115,7 @@ impl<S: Scalar> GradBuffer<S> {
 
     /// Adds `g` to the gradient of `node`, moving it in when there is none yet.
     #[inline]
-    fn add(&mut self, node: usize, g: ArrayD<S>) {
+    pub(crate) fn add(&mut self, node: usize, g: ArrayD<S>) {
         match self.slot_of[node] {
             0 => {
                 let slot = match self.free.pop() {
@@ -136,7 +136,7 @@ impl<S: Scalar> GradBuffer<S> {
 
     /// Moves the gradient of `node` out.
     #[inline]
-    fn take(&mut self, node: usize) -> Option<ArrayD<S>> {
+    pub(crate) fn take(&mut self, node: usize) -> Option<ArrayD<S>> {
         match std::mem::replace(&mut self.slot_of[node], 0) {
             0 => None,
             s => {

@@ -165,6 +165,17 @@ impl<S: Scalar> CustomNode<S> {
         Ok(grads.into_iter().collect())
     }
 
+    /// The refusal of a second-order call ([`Tape::hvp`]) that meets this node: a custom op
+    /// supplies a VJP (and maybe a JVP), but not the tangent of its VJP.
+    pub fn no_second_order_rule(&self, node: usize) -> Error {
+        Error::CustomOp {
+            op: self.name.clone(),
+            detail: format!(
+                "node {node} has no second-order rule (Hessian-vector products need the tangent of its VJP, which custom ops do not supply)"
+            ),
+        }
+    }
+
     /// The tangent of the output from the JVP closure, checked for shape; refused when the
     /// op has no forward-mode rule.
     pub fn jvp(&self, ctx: &Ctx<'_, S>, tangents: &InputTangents<'_, S>) -> Result<ArrayD<S>> {

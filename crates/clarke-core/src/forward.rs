@@ -15,7 +15,7 @@ use smallvec::SmallVec;
 
 use crate::backward::BackwardOptions;
 use crate::ledger::KinkLedger;
-use crate::op::{Ctx, InputValues, Op};
+use crate::op::{CallOptions, Op};
 use crate::tape::{Node, Tape};
 use crate::var::Var;
 use crate::{Error, Result, Scalar};
@@ -91,13 +91,38 @@ impl<S: Scalar> Tape<S> {
         let policy = options.policy.as_ref().unwrap_or(&own_policy);
         let solver_band = options.solver_band;
         let selections = self.check_call("jvp", output, policy, &options.element_selections, solver_band)?;
+        let call = CallOptions {
+            op: "jvp",
+            policy,
+            selections: &selections,
+            solver_band,
+        };
         let nodes = self.nodes();
         let out_id = output.id();
-        let mut tangent: Vec<Option<ArrayD<S>>> = vec![None; out_id + 1];
-        let first = seed_tangents(&nodes, tangents, &mut tangent, self)?;
-        let needed = ancestors(&nodes, out_id);
-
         let mut ledger = KinkLedger::new(policy.label());
+        let mut tangent = self.push_tangents(&nodes, out_id, tangents, &call, Some(&mut ledger))?;
+        ledger.sort();
+        let tangent = tangent[out_id]
+            .take()
+            .unwrap_or_else(|| ArrayD::zeros(nodes[out_id].value.raw_dim()));
+        Ok(Jvp { tangent, ledger })
+    }
+
+    /// Pushes the tangents of the listed parameters forward to node `out_id`, in node order:
+    /// returns the tangent of every node up to it (`None` where it is zero or the node does
+    /// not lie between a listed parameter and the output). With a `ledger`, adds the records
+    /// of the nonsmooth nodes crossed and what custom nodes report.
+    pub(crate) fn push_tangents(
+        &self,
+        nodes: &[Node<S>],
+        out_id: usize,
+        tangents: &[(Var<'_, S>, ArrayD<S>)],
+        call: &CallOptions<'_>,
+        mut ledger: Option<&mut KinkLedger>,
+    ) -> Result<Vec<Option<ArrayD<S>>>> {
+        let mut tangent: Vec<Option<ArrayD<S>>> = vec![None; out_id + 1];
+        let first = seed_tangents(call.op, nodes, tangents, &mut tangent, self)?;
+        let needed = ancestors(nodes, out_id);
         let custom_kinks = RefCell::new(Vec::new());
         for id in first.unwrap_or(out_id + 1)..=out_id {
             let node = &nodes[id];
@@ -108,40 +133,28 @@ impl<S: Scalar> Tape<S> {
             if ts.iter().all(Option::is_none) {
                 continue;
             }
-            let inputs = InputValues::new(&nodes, &node.inputs);
-            if let Op::Kink(k) = &node.op {
-                ledger.push(k.ledger_record(id, inputs, &node.value, policy, solver_band));
+            let ctx = call.ctx(nodes, id, &custom_kinks);
+            if let (Some(ledger), Op::Kink(k)) = (ledger.as_deref_mut(), &node.op) {
+                ledger.push(k.ledger_record(id, ctx.inputs, &node.value, call.policy, call.solver_band));
             }
-            let lo = selections.partition_point(|e| e.node < id);
-            let hi = selections.partition_point(|e| e.node <= id);
-            let ctx = Ctx {
-                inputs,
-                output: &node.value,
-                policy,
-                element_selections: &selections[lo..hi],
-                node: id,
-                solver_band,
-                kinks: &custom_kinks,
-            };
             let t = node.op.jvp(&ctx, &ts)?;
             drop(ts);
             tangent[id] = Some(t);
         }
-
-        for record in custom_kinks.into_inner() {
-            ledger.push(record);
+        if let Some(ledger) = ledger {
+            for record in custom_kinks.into_inner() {
+                ledger.push(record);
+            }
         }
-        ledger.sort();
-        let tangent = tangent[out_id]
-            .take()
-            .unwrap_or_else(|| ArrayD::zeros(nodes[out_id].value.raw_dim()));
-        Ok(Jvp { tangent, ledger })
+        Ok(tangent)
     }
 }
 
 /// Checks the `(parameter, tangent)` pairs and moves their tangents into `slots` (indexed by
 /// node, up to the output); returns the smallest listed node id up to the output, if any.
+/// `op` names the call in errors.
 fn seed_tangents<S: Scalar>(
+    op: &'static str,
     nodes: &[Node<S>],
     tangents: &[(Var<'_, S>, ArrayD<S>)],
     slots: &mut [Option<ArrayD<S>>],
@@ -152,43 +165,43 @@ fn seed_tangents<S: Scalar>(
     for (k, (var, t)) in tangents.iter().enumerate() {
         let id = var.id();
         if !std::ptr::eq(var.tape(), tape) {
-            return Err(Error::ForeignVar { op: "jvp", node: id });
+            return Err(Error::ForeignVar { op, node: id });
         }
         let node = &nodes[id];
         match (&node.op, node.needs_grad) {
             (Op::Leaf, true) => {}
             (Op::Leaf, false) => {
                 return Err(Error::invalid(
-                    "jvp",
+                    op,
                     format!(
                         "tangent {k}: node {id} is a constant (or was recorded without gradient); forward mode differentiates with respect to parameters (Tape::param), as backward does"
                     ),
                 ));
             }
-            (op, _) => {
+            (recorded, _) => {
                 return Err(Error::invalid(
-                    "jvp",
+                    op,
                     format!(
                         "tangent {k}: node {id} is not a leaf but the result of a {} op; tangents are given for parameters (Tape::param) and follow from them",
-                        op.name()
+                        recorded.name()
                     ),
                 ));
             }
         }
         if t.shape() != node.value.shape() {
             return Err(Error::shapes(
-                "jvp",
+                op,
                 t.shape(),
                 node.value.shape(),
                 format!("tangent {k}: the tangent of node {id} must have the shape of its value"),
             ));
         }
         if std::mem::replace(&mut listed[id], true) {
-            return Err(Error::invalid("jvp", format!("tangent {k}: node {id} is listed twice")));
+            return Err(Error::invalid(op, format!("tangent {k}: node {id} is listed twice")));
         }
         if let Some(i) = t.iter().position(|v| v.is_nan()) {
             return Err(Error::invalid(
-                "jvp",
+                op,
                 format!("tangent {k} (node {id}) has a NaN at flat index {i}"),
             ));
         }
@@ -201,7 +214,7 @@ fn seed_tangents<S: Scalar>(
 }
 
 /// Which nodes up to `out` the output depends on (itself included).
-fn ancestors<S: Scalar>(nodes: &[Node<S>], out: usize) -> Vec<bool> {
+pub(crate) fn ancestors<S: Scalar>(nodes: &[Node<S>], out: usize) -> Vec<bool> {
     let mut needed = vec![false; out + 1];
     needed[out] = true;
     for id in (0..=out).rev() {

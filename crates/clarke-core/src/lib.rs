@@ -34,6 +34,7 @@ pub mod forward;
 pub mod gemm;
 pub mod gradcheck;
 pub mod grads;
+pub mod hvp;
 pub mod kernels;
 pub mod ledger;
 pub mod nonsmooth;
@@ -50,6 +51,7 @@ pub use error::{Error, Result, Stage};
 pub use forward::Jvp;
 pub use gradcheck::{GradcheckOptions, GradcheckReport, gradcheck, gradcheck_direction};
 pub use grads::Grads;
+pub use hvp::Hvp;
 pub use ledger::{KinkLedger, KinkRecord, KinkScan, Selection};
 pub use policy::{KinkPolicy, TieRule};
 pub use scalar::Scalar;
@@ -58,5 +60,7 @@ pub use var::Var;
 
 /// The names most programs need.
 pub mod prelude {
-    pub use crate::{BackwardOptions, Error, Grads, Jvp, KinkLedger, KinkPolicy, Result, Scalar, Tape, TieRule, Var};
+    pub use crate::{
+        BackwardOptions, Error, Grads, Hvp, Jvp, KinkLedger, KinkPolicy, Result, Scalar, Tape, TieRule, Var,
+    };
 }

@@ -1,5 +1,5 @@
-//! The recorded op of a node, and the dispatch of backward and forward-mode (JVP) rules to
-//! the op families.
+//! The recorded op of a node, and the dispatch of backward, forward-mode (JVP) and
+//! second-order (tangent of backward) rules to the op families.
 
 use ndarray::ArrayD;
 use smallvec::SmallVec;
@@ -8,6 +8,7 @@ use std::cell::RefCell;
 
 use crate::backward::ElementSelection;
 use crate::custom::CustomNode;
+use crate::kernels::add_into;
 use crate::ledger::KinkRecord;
 use crate::ops::arith::ArithOp;
 use crate::ops::kink::KinkOp;
@@ -25,6 +26,14 @@ pub(crate) type InputGrads<S> = SmallVec<[Option<ArrayD<S>>; 2]>;
 
 /// Tangents of an op's inputs in a forward-mode sweep (`None`: the tangent is zero).
 pub(crate) type InputTangents<'a, S> = [Option<&'a ArrayD<S>>];
+
+/// Adds `term` to the entry `i` of `grads` where that input gets a gradient: how a rule
+/// adds its curvature term to the tangent of its backward rule.
+pub(crate) fn add_term<S: Scalar>(grads: &mut InputGrads<S>, i: usize, term: Option<ArrayD<S>>) {
+    if let (Some(Some(g)), Some(t)) = (grads.get_mut(i), term) {
+        add_into(g, &t);
+    }
+}
 
 /// The input values of a node, read in place from the arena (no per-node collection).
 #[derive(Clone, Copy)]
@@ -90,6 +99,41 @@ impl<S: Scalar> Ctx<'_, S> {
     #[inline]
     pub fn needs(&self, i: usize) -> bool {
         self.inputs.needs_grad(i)
+    }
+}
+
+/// The options of one call (backward, forward mode, second order) as its sweeps apply them
+/// at each node.
+pub(crate) struct CallOptions<'a> {
+    /// The call's name, for errors.
+    pub op: &'static str,
+    /// The kink policy in force.
+    pub policy: &'a KinkPolicy,
+    /// The checked element selections, sorted by node.
+    pub selections: &'a [ElementSelection],
+    /// The solver error band.
+    pub solver_band: f64,
+}
+
+impl CallOptions<'_> {
+    /// What the rules of node `id` see of it under these options.
+    pub fn ctx<'b, S: Scalar>(
+        &'b self,
+        nodes: &'b [Node<S>],
+        id: usize,
+        kinks: &'b RefCell<Vec<KinkRecord>>,
+    ) -> Ctx<'b, S> {
+        let lo = self.selections.partition_point(|e| e.node < id);
+        let hi = self.selections.partition_point(|e| e.node <= id);
+        Ctx {
+            inputs: InputValues::new(nodes, &nodes[id].inputs),
+            output: &nodes[id].value,
+            policy: self.policy,
+            element_selections: &self.selections[lo..hi],
+            node: id,
+            solver_band: self.solver_band,
+            kinks,
+        }
     }
 }
 
@@ -164,6 +208,34 @@ impl<S: Scalar> Op<S> {
             Op::Reduce(o) => Ok(o.jvp(ctx, tangents)),
             Op::Loss(o) => Ok(o.jvp(ctx, tangents)),
             Op::Custom(o) => o.jvp(ctx, tangents),
+        }
+    }
+
+    /// The tangent of [`backward`](Self::backward) along a direction: given the incoming
+    /// gradient `g`, its tangent `g_dot`, the tangents `t` of the inputs and `y_dot` of the
+    /// output (`None`: zero), the tangents of the input gradients,
+    /// `d/de VJP(x + e x_dot, g + e g_dot)`. Backward is linear in `g`, so this is
+    /// `backward(g_dot)` plus each family's curvature term in `g` and the tangents (none for
+    /// linear and piecewise-linear ops, whose selections at kinks are those of backward).
+    /// Custom ops have no such rule and are refused.
+    pub fn backward_tangent(
+        &self,
+        ctx: &Ctx<'_, S>,
+        g: &ArrayD<S>,
+        g_dot: ArrayD<S>,
+        t: &InputTangents<'_, S>,
+        y_dot: Option<&ArrayD<S>>,
+    ) -> Result<InputGrads<S>> {
+        match self {
+            Op::Leaf => Ok(InputGrads::new()),
+            Op::Arith(o) => Ok(o.backward_tangent(ctx, g, g_dot, t, y_dot)),
+            Op::Unary(o) => Ok(o.backward_tangent(ctx, g, g_dot, t)),
+            Op::Kink(o) => Ok(o.backward_tangent(ctx, g_dot)),
+            Op::Linalg(o) => Ok(o.backward_tangent(ctx, g, g_dot, t)),
+            Op::Shape(o) => Ok(o.backward_tangent(ctx, g_dot)),
+            Op::Reduce(o) => Ok(o.backward_tangent(ctx, g_dot)),
+            Op::Loss(o) => Ok(o.backward_tangent(ctx, g, g_dot, t, y_dot)),
+            Op::Custom(o) => Err(o.no_second_order_rule(ctx.node)),
         }
     }
 }

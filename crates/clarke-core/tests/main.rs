@@ -6,6 +6,7 @@ mod bad_input;
 mod engine;
 mod forward_mode;
 mod fuzz;
+mod hvp;
 mod kink_selection;
 mod mlp;
 mod op_cases;

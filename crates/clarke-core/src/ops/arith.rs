@@ -5,7 +5,7 @@ use ndarray::{ArrayD, IxDyn, Zip};
 use crate::kernels::{
     broadcast_shape, broadcast_view, map, map_inplace, reduce_to_shape, tangent_view, update_with, zip_map,
 };
-use crate::op::{Ctx, InputGrads, InputTangents, Op};
+use crate::op::{Ctx, InputGrads, InputTangents, Op, add_term};
 use crate::tape::Inputs;
 use crate::var::Var;
 use crate::{Result, Scalar};
@@ -106,6 +106,61 @@ impl<S: Scalar> ArithOp<S> {
                 out.push(ga);
                 out.push(gb);
             }
+        }
+        out
+    }
+
+    /// The tangent of [`backward`](Self::backward) (see `Op::backward_tangent`): backward
+    /// applied to `g_dot`, plus the product rule's terms where the backward factors move:
+    /// `g tb` to `a` and `g ta` to `b` for a product, `-g tb / b^2` to `a` and
+    /// `-g (y_dot - y tb / b) / b` to `b` for a quotient `y = a / b` (each summed back to its
+    /// operand's shape). Sums and affine maps are linear: no such terms.
+    pub fn backward_tangent(
+        &self,
+        ctx: &Ctx<'_, S>,
+        g: &ArrayD<S>,
+        g_dot: ArrayD<S>,
+        t: &InputTangents<'_, S>,
+        y_dot: Option<&ArrayD<S>>,
+    ) -> InputGrads<S> {
+        let mut out = self.backward(ctx, g_dot);
+        let shape = g.shape();
+        let zero = ArrayD::zeros(IxDyn(&[]));
+        match self {
+            ArithOp::Mul => {
+                let term = |tangent: Option<&ArrayD<S>>, operand: &ArrayD<S>| {
+                    tangent.map(|tn| {
+                        let gt = Zip::from(g).and(&broadcast_view(tn, shape)).map_collect(|&g, &t| g * t);
+                        reduce_to_shape(gt, operand.shape())
+                    })
+                };
+                add_term(&mut out, 0, term(t[1], &ctx.inputs[0]));
+                add_term(&mut out, 1, term(t[0], &ctx.inputs[1]));
+            }
+            ArithOp::Div => {
+                let (a, b, y) = (&ctx.inputs[0], &ctx.inputs[1], ctx.output);
+                let bv = broadcast_view(b, shape);
+                let tb = tangent_view(t[1], shape, &zero);
+                let ga = t[1].map(|_| {
+                    let d = Zip::from(g)
+                        .and(&bv)
+                        .and(&tb)
+                        .map_collect(|&g, &b, &tb| -g * tb / (b * b));
+                    reduce_to_shape(d, a.shape())
+                });
+                let gb = y_dot.map(|yd| {
+                    let d = Zip::from(g)
+                        .and(&bv)
+                        .and(&tb)
+                        .and(yd)
+                        .and(y)
+                        .map_collect(|&g, &b, &tb, &yd, &y| -g * (yd - y * tb / b) / b);
+                    reduce_to_shape(d, b.shape())
+                });
+                add_term(&mut out, 0, ga);
+                add_term(&mut out, 1, gb);
+            }
+            ArithOp::Add | ArithOp::Sub | ArithOp::Affine { .. } => {}
         }
         out
     }

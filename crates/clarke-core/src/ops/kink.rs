@@ -173,6 +173,15 @@ impl<S: Scalar> KinkOp<S> {
         }
     }
 
+    /// The tangent of [`backward`](Self::backward) (see `Op::backward_tangent`): every op
+    /// here is piecewise linear, so its selected derivative is piecewise constant and the
+    /// tangent is backward applied to `g_dot`, with the same selection at every element
+    /// (policy, per-op override, band, element selections, tie rule). At a kink this is the
+    /// derivative of the selected branch, whose curvature is zero.
+    pub fn backward_tangent(&self, ctx: &Ctx<'_, S>, g_dot: ArrayD<S>) -> InputGrads<S> {
+        self.backward(ctx, g_dot)
+    }
+
     /// `g[i] * f'(x[i])` for the elementwise ops (relu, leaky relu, abs, sign, clamp), with
     /// the selection `sel` within `band` of a kink and the call's element selections where
     /// they apply. The Jacobian is diagonal, so this one map serves backward (on the

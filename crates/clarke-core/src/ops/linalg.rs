@@ -7,7 +7,7 @@ use ndarray::{Array2, ArrayD, ArrayView2, Axis, Ix1, Ix2, Ix3, IxDyn};
 
 use crate::gemm::gemm;
 use crate::kernels::{add_into, checked_len};
-use crate::op::{Ctx, InputGrads, InputTangents, Op};
+use crate::op::{Ctx, InputGrads, InputTangents, Op, add_term};
 use crate::tape::Inputs;
 use crate::var::Var;
 use crate::{Error, Result, Scalar};
@@ -143,6 +143,30 @@ impl LinalgOp {
                 let (ga, gb) = matmul_backward(*p, a, b, &g, ctx.needs(0), ctx.needs(1));
                 out.push(ga);
                 out.push(gb);
+            }
+        }
+        out
+    }
+
+    /// The tangent of [`backward`](Self::backward) (see `Op::backward_tangent`): backward
+    /// applied to `g_dot`, plus for a product the terms where the backward factors move:
+    /// `A_bar = G B^T` gains `G tb^T` and `B_bar = A^T G` gains `ta^T G` (each by the same
+    /// product rule as backward, for every rank pair). A permutation is linear.
+    pub fn backward_tangent<S: Scalar>(
+        &self,
+        ctx: &Ctx<'_, S>,
+        g: &ArrayD<S>,
+        g_dot: ArrayD<S>,
+        t: &InputTangents<'_, S>,
+    ) -> InputGrads<S> {
+        let mut out = self.backward(ctx, g_dot);
+        if let LinalgOp::MatMul(p) = self {
+            let (a, b) = (&ctx.inputs[0], &ctx.inputs[1]);
+            if let Some(tb) = t[1] {
+                add_term(&mut out, 0, matmul_backward(*p, a, tb, g, ctx.needs(0), false).0);
+            }
+            if let Some(ta) = t[0] {
+                add_term(&mut out, 1, matmul_backward(*p, ta, b, g, false, ctx.needs(1)).1);
             }
         }
         out

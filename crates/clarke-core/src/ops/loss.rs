@@ -3,7 +3,7 @@
 use ndarray::{ArrayD, Axis, Ix2, IxDyn, Zip};
 
 use crate::kernels::check_axis;
-use crate::op::{Ctx, InputGrads, InputTangents, Op};
+use crate::op::{Ctx, InputGrads, InputTangents, Op, add_term};
 use crate::tape::Inputs;
 use crate::var::Var;
 use crate::{Error, Result, Scalar};
@@ -31,6 +31,18 @@ fn log_softmax<S: Scalar>(x: &ArrayD<S>, axis: usize) -> ArrayD<S> {
         lane.mapv_inplace(|v| v - lse);
     }
     out
+}
+
+/// `t - sum(p t)` along `axis`, in place, with the probabilities `p = prob(q)` read from
+/// `q` (the log-softmax, or the softmax itself): the tangent of a log-softmax, and over `p`
+/// the relative tangent of a softmax (`p_dot = p (t - sum(p t))`).
+fn center_by_softmax<S: Scalar>(t: &mut ArrayD<S>, q: &ArrayD<S>, axis: usize, prob: impl Fn(S) -> S) {
+    Zip::from(t.lanes_mut(Axis(axis)))
+        .and(q.lanes(Axis(axis)))
+        .for_each(|mut tl, ql| {
+            let mean = Zip::from(&tl).and(&ql).fold(S::zero(), |acc, &t, &q| acc + prob(q) * t);
+            tl.mapv_inplace(|t| t - mean);
+        });
 }
 
 impl<S: Scalar> LossOp<S> {
@@ -84,6 +96,60 @@ impl<S: Scalar> LossOp<S> {
         out
     }
 
+    /// The tangent of [`backward`](Self::backward) (see `Op::backward_tangent`): backward
+    /// applied to `g_dot`, plus the exact second-order terms: `-p y_dot sum(g)` along the
+    /// axis for log-softmax (`p = exp(y)`), `p_dot g / n` for the cross-entropy
+    /// (`p_dot = p (t - sum(p t))` per row), `k g (ta - tb)` and its negative for the squared
+    /// error (`k = 2 / len`).
+    pub fn backward_tangent(
+        &self,
+        ctx: &Ctx<'_, S>,
+        g: &ArrayD<S>,
+        g_dot: ArrayD<S>,
+        t: &InputTangents<'_, S>,
+        y_dot: Option<&ArrayD<S>>,
+    ) -> InputGrads<S> {
+        let mut out = self.backward(ctx, g_dot);
+        let gv = || *g.iter().next().expect("0-d loss");
+        match self {
+            LossOp::LogSoftmax { axis } => {
+                if let Some(yd) = y_dot {
+                    let mut term = yd.clone();
+                    Zip::from(term.lanes_mut(Axis(*axis)))
+                        .and(g.lanes(Axis(*axis)))
+                        .and(ctx.output.lanes(Axis(*axis)))
+                        .for_each(|mut tl, gl, yl| {
+                            let total = gl.sum();
+                            Zip::from(&mut tl).and(&yl).for_each(|t, &y| *t = -y.exp() * *t * total);
+                        });
+                    add_term(&mut out, 0, Some(term));
+                }
+            }
+            LossOp::SoftmaxCrossEntropy { labels, probs } => {
+                if let Some(tx) = t[0] {
+                    let scale = gv() / S::from_usize(labels.len()).expect("count fits");
+                    let mut term = tx.clone();
+                    center_by_softmax(&mut term, probs, 1, |p| p);
+                    Zip::from(&mut term).and(probs).for_each(|t, &p| *t = scale * p * *t);
+                    add_term(&mut out, 0, Some(term));
+                }
+            }
+            LossOp::Mse => {
+                let a = &ctx.inputs[0];
+                let k = (S::one() + S::one()) * gv() / S::from_usize(a.len().max(1)).expect("count fits");
+                let term = match (t[0], t[1]) {
+                    (Some(ta), Some(tb)) => Some(Zip::from(ta).and(tb).map_collect(|&ta, &tb| k * (ta - tb))),
+                    (Some(ta), None) => Some(ta.mapv(|v| k * v)),
+                    (None, Some(tb)) => Some(tb.mapv(|v| -k * v)),
+                    (None, None) => None,
+                };
+                add_term(&mut out, 1, term.as_ref().map(|d| d.mapv(|v| -v)));
+                add_term(&mut out, 0, term);
+            }
+        }
+        out
+    }
+
     /// The tangent of the output: `t - sum(softmax * t)` along the axis for log-softmax,
     /// `mean over rows of (softmax . t - t[label])` for the cross-entropy,
     /// `2 mean((a - b)(ta - tb))` for the squared error.
@@ -92,12 +158,7 @@ impl<S: Scalar> LossOp<S> {
         match self {
             LossOp::LogSoftmax { axis } => {
                 let mut dy = t[0].expect("a tangent reaches the node").clone();
-                Zip::from(dy.lanes_mut(Axis(*axis)))
-                    .and(ctx.output.lanes(Axis(*axis)))
-                    .for_each(|mut tl, yl| {
-                        let mean = Zip::from(&tl).and(&yl).fold(S::zero(), |acc, &t, &y| acc + y.exp() * t);
-                        tl.mapv_inplace(|t| t - mean);
-                    });
+                center_by_softmax(&mut dy, ctx.output, *axis, S::exp);
                 dy
             }
             LossOp::SoftmaxCrossEntropy { labels, probs } => {

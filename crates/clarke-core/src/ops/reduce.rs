@@ -45,6 +45,12 @@ impl ReduceOp {
         out
     }
 
+    /// The tangent of [`backward`](Self::backward): sums are linear, so it is backward
+    /// applied to `g_dot`.
+    pub fn backward_tangent<S: Scalar>(&self, ctx: &Ctx<'_, S>, g_dot: ArrayD<S>) -> InputGrads<S> {
+        self.backward(ctx, g_dot)
+    }
+
     /// The tangent of the output: the same sum (or mean) of the tangent.
     pub fn jvp<S: Scalar>(&self, _ctx: &Ctx<'_, S>, t: &InputTangents<'_, S>) -> ArrayD<S> {
         let ReduceOp::Sum { axes, keep_dims, mean } = self;

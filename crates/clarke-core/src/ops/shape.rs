@@ -83,6 +83,12 @@ impl ShapeOp {
         out
     }
 
+    /// The tangent of [`backward`](Self::backward): these ops are linear, so it is backward
+    /// applied to `g_dot`.
+    pub fn backward_tangent<S: Scalar>(&self, ctx: &Ctx<'_, S>, g_dot: ArrayD<S>) -> InputGrads<S> {
+        self.backward(ctx, g_dot)
+    }
+
     /// The tangent of the output: the same rearrangement applied to the tangents (zeros
     /// for the parts of a concat or stack whose tangent is absent).
     pub fn jvp<S: Scalar>(&self, ctx: &Ctx<'_, S>, t: &InputTangents<'_, S>) -> ArrayD<S> {

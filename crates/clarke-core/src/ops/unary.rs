@@ -12,8 +12,8 @@
 use ndarray::ArrayD;
 
 use crate::Scalar;
-use crate::kernels::{map, update_with};
-use crate::op::{Ctx, InputGrads, InputTangents, Op};
+use crate::kernels::{map, update_with, zip_map};
+use crate::op::{Ctx, InputGrads, InputTangents, Op, add_term};
 use crate::tape::Inputs;
 use crate::var::Var;
 
@@ -91,6 +91,24 @@ impl<S: Scalar> UnaryOp<S> {
         t
     }
 
+    /// The tangent of [`backward`](Self::backward) (see `Op::backward_tangent`): from
+    /// `x_bar = g f'(x)`, `x_bar_dot = g_dot f'(x) + g f''(x) x_dot`.
+    pub fn backward_tangent(
+        &self,
+        ctx: &Ctx<'_, S>,
+        g: &ArrayD<S>,
+        g_dot: ArrayD<S>,
+        t: &InputTangents<'_, S>,
+    ) -> InputGrads<S> {
+        let mut out = self.backward(ctx, g_dot);
+        if let Some(tx) = t[0] {
+            let mut curvature = zip_map(g, tx, |g, t| g * t);
+            self.scale_by_second_derivative(&mut curvature, &ctx.inputs[0], ctx.output);
+            add_term(&mut out, 0, Some(curvature));
+        }
+        out
+    }
+
     /// `g[i] *= f'(x[i])` in place, from the input `x` or the output `y`, whichever gives
     /// the derivative cheaply. The Jacobian is diagonal, so this one map serves backward
     /// (on the gradient) and forward mode (on the tangent).
@@ -117,6 +135,37 @@ impl<S: Scalar> UnaryOp<S> {
             UnaryOp::Tanh => update_with(g, y, |g, y| g * (S::one() - y * y)),
             UnaryOp::Sigmoid => update_with(g, y, |g, y| g * y * (S::one() - y)),
             UnaryOp::Softplus => update_with(g, x, |g, x| g * sigmoid(x)),
+        }
+    }
+
+    /// `g[i] *= f''(x[i])` in place, from `x` or `y` as `scale_by_derivative` does. Constant and linear powers (`x^0`, `x^1`) have
+    /// second derivative 0 everywhere, also where the general formula overflows.
+    fn scale_by_second_derivative(&self, g: &mut ArrayD<S>, x: &ArrayD<S>, y: &ArrayD<S>) {
+        let one = S::one();
+        let two = one + one;
+        match *self {
+            UnaryOp::Exp => update_with(g, y, |g, y| g * y),
+            UnaryOp::Log => update_with(g, x, |g, x| -g / (x * x)),
+            UnaryOp::Sqrt => update_with(g, y, move |g, y| -g / (two * two * y * y * y)),
+            UnaryOp::Recip => update_with(g, y, move |g, y| g * two * y * y * y),
+            UnaryOp::Powi(0 | 1) => update_with(g, x, |_, _| S::zero()),
+            UnaryOp::Powi(n) => {
+                let nf = S::from_i32(n).expect("i32 fits");
+                let k = nf * (nf - one);
+                match n.checked_sub(2) {
+                    Some(m) => update_with(g, x, move |g, x| g * k * x.powi(m)),
+                    // `n - 2` overflows i32 near `i32::MIN`: `x^(n-2) = x^n / x^2`.
+                    None => update_with(g, x, move |g, x| g * k * (x.powi(n) / (x * x))),
+                }
+            }
+            UnaryOp::Powf(p) if p == S::zero() || p == one => update_with(g, x, |_, _| S::zero()),
+            UnaryOp::Powf(p) => update_with(g, x, move |g, x| g * p * (p - one) * x.powf(p - two)),
+            UnaryOp::Tanh => update_with(g, y, move |g, y| -g * two * y * (one - y * y)),
+            UnaryOp::Sigmoid => update_with(g, y, move |g, y| g * y * (one - y) * (one - two * y)),
+            UnaryOp::Softplus => update_with(g, x, move |g, x| {
+                let s = sigmoid(x);
+                g * s * (one - s)
+            }),
         }
     }
 }
