@@ -4,11 +4,11 @@
 //! soft-thresholding, the boundary of a group, the active-set boundary of a simplex
 //! projection) inside one fused node. Every one of them is a `max(gap, 0)`-type kink: the
 //! derivative is 1 where the gap is positive, 0 where it is negative, and the policy's
-//! selection where it is zero. `resolve` (crate-internal) is that rule, shared by all of them: it applies
-//! the backward call's policy inside the call's band (so kinks within a solver's error are
-//! selected), honours per-element selections, and reports the record to the backward
-//! ledger. `declare` tells the tape which side of its kinks each element sits on, so that
-//! gradcheck refuses to difference across them.
+//! selection where it is zero. `resolve` (crate-internal) is that rule, shared by all of them
+//! and by both modes (VJP and JVP): it applies the call's policy inside the call's band (so
+//! kinks within a solver's error are selected), honours per-element selections, and reports
+//! the record to the call's ledger. `declare` tells the tape which side of its kinks each
+//! element sits on, so that gradcheck refuses to difference across them.
 //!
 //! Each op also returns a [`Prox`]: the output [`Var`] and a [`KinkSite`], what the op saw
 //! when it was recorded (exact kinks and near ones under the recording tape's tolerance).
@@ -66,8 +66,8 @@ impl KinkSite {
 pub struct Prox<'t, S: Scalar> {
     /// The op's output.
     pub out: Var<'t, S>,
-    /// The kinks it hit when it was recorded. The ledger of every backward call through the
-    /// op lists them too, under that call's policy and band.
+    /// The kinks it hit when it was recorded. The ledger of every backward or forward-mode
+    /// call through the op lists them too, under that call's policy and band.
     pub site: KinkSite,
 }
 
@@ -83,7 +83,8 @@ impl<'t, S: Scalar> Prox<'t, S> {
     }
 }
 
-/// The derivative of each element's `max(gap, 0)`-type kink in one backward call: 1 above
+/// The derivative of each element's `max(gap, 0)`-type kink in one backward or forward-mode
+/// call (the VJP and the JVP of an op both call it, so they select alike): 1 above
 /// the call's band, 0 below it, and inside it the policy's selection (or the element's own
 /// selection, when the call gives one). Reports the ledger record of the node.
 pub(crate) fn resolve(

@@ -9,8 +9,13 @@
 //! signs. This is what backpropagation through `relu(u - tau(u))` computes when `tau` is
 //! differentiated implicitly, hence an element of a conservative Jacobian for every
 //! selection in `[0, 1]`.
+//!
+//! `J` is symmetric, so the fused nodes' JVP (forward mode, [`clarke_core::Tape::jvp`]) is
+//! the same product as their VJP, with the same selections and the same ledger record.
 
-use clarke_core::{Error, Result, Scalar, Var};
+use std::rc::Rc;
+
+use clarke_core::{Error, Result, Scalar, Var, VjpContext};
 use ndarray::{ArrayD, IxDyn};
 
 use crate::kinks::{KinkSite, Prox, SiteKind, declare, resolve};
@@ -208,26 +213,25 @@ fn threshold_projection<S: Scalar>(u: Var<'_, S>, radius: f64, l1: bool) -> Resu
     let gaps: Vec<f64> = a.iter().map(|&ai| ai - tau).collect();
     let value = ArrayD::from_shape_vec(IxDyn(&[p]), out).map_err(|e| Error::invalid(op, e.to_string()))?;
     let kind = if l1 { SiteKind::SoftThreshold } else { SiteKind::Relu };
-    let sign: Vec<f64> = x.iter().map(|v| if l1 { sign_f64(*v) } else { 1.0 }).collect();
+    let jacobian = Rc::new(ThresholdJacobian {
+        op,
+        kind,
+        inside,
+        gaps: gaps.clone(),
+        sign: x.iter().map(|v| if l1 { sign_f64(*v) } else { 1.0 }).collect(),
+    });
+    let vjp_jacobian = jacobian.clone();
     let out = u
         .tape()
         .try_custom_fn_ctx(op, &[u], value, move |ctx, _inputs, _o, grad| {
-            let g: Vec<f64> = grad.iter().map(|v| v.to_f64_exact()).collect();
-            if inside {
-                return Ok(vec![Some(grad.to_owned())]);
-            }
-            let d = resolve(ctx, op, kind, &[a.len()], a.iter().map(|&ai| ai - tau))?;
-            let total: f64 = d.iter().sum();
-            let dsg: f64 = d.iter().zip(&sign).zip(&g).map(|((d, s), g)| d * s * g).sum();
-            let coef = if total > 0.0 { dsg / total } else { 0.0 };
-            let gu: Vec<S> = d
-                .iter()
-                .zip(&sign)
-                .zip(&g)
-                .map(|((&di, &si), &gi)| S::from_f64_lossy(di * gi - di * si * coef))
-                .collect();
-            let gu = ArrayD::from_shape_vec(IxDyn(&[gu.len()]), gu).map_err(|e| Error::invalid(op, e.to_string()))?;
+            let gu = vjp_jacobian.apply(ctx, grad.iter().map(|v| v.to_f64_exact()))?;
             Ok(vec![Some(gu)])
+        })?;
+    // `J` is symmetric: the tangent is the same product as the VJP's.
+    u.tape()
+        .set_custom_jvp(out, move |ctx, _inputs, _o, tangents| match &tangents[0] {
+            Some(t) => jacobian.apply(ctx, t.iter().map(|v| v.to_f64_exact())),
+            None => jacobian.apply(ctx, std::iter::repeat_n(0.0, jacobian.gaps.len())),
         })?;
     if !inside {
         declare(out, op, gaps)?;
@@ -243,6 +247,44 @@ fn threshold_projection<S: Scalar>(u: Var<'_, S>, radius: f64, l1: bool) -> Resu
             kind,
         },
     })
+}
+
+/// The Jacobian `J = D - (d s)(d s)^T / sum(d)` of a threshold projection at its recorded
+/// point (the identity inside the l1 ball), with `d` resolved per call.
+struct ThresholdJacobian {
+    op: &'static str,
+    kind: SiteKind,
+    /// The point was inside the l1 ball: `J = I`, no kinks.
+    inside: bool,
+    /// `a_i - tau` per coordinate (`a = |u|` for the l1 ball, `u` for the simplex).
+    gaps: Vec<f64>,
+    /// `sign(u_i)` for the l1 ball, 1 for the simplex.
+    sign: Vec<f64>,
+}
+
+impl ThresholdJacobian {
+    /// `J v` (`J` is symmetric, so this is also `J^T v`) under the call's selections: the
+    /// slopes `d` come from the kink rule of [`resolve`], which reports the node's ledger
+    /// record. The VJP and the JVP both go through here, so the two modes select the same
+    /// element of the conservative Jacobian and report the same kinks.
+    fn apply<S: Scalar>(&self, ctx: &VjpContext<'_>, v: impl Iterator<Item = f64>) -> Result<ArrayD<S>> {
+        let v: Vec<f64> = v.collect();
+        let out: Vec<f64> = if self.inside {
+            v
+        } else {
+            let d = resolve(ctx, self.op, self.kind, &[self.gaps.len()], self.gaps.iter().copied())?;
+            let total: f64 = d.iter().sum();
+            let dsv: f64 = d.iter().zip(&self.sign).zip(&v).map(|((d, s), v)| d * s * v).sum();
+            let coef = if total > 0.0 { dsv / total } else { 0.0 };
+            d.iter()
+                .zip(&self.sign)
+                .zip(&v)
+                .map(|((&di, &si), &vi)| di * vi - di * si * coef)
+                .collect()
+        };
+        let out: Vec<S> = out.into_iter().map(S::from_f64_lossy).collect();
+        ArrayD::from_shape_vec(IxDyn(&[out.len()]), out).map_err(|e| Error::invalid(self.op, e.to_string()))
+    }
 }
 
 fn sign_f64(v: f64) -> f64 {

@@ -10,17 +10,27 @@
 //! the policy of the outer backward. The kinks hit at recording time are returned in a
 //! [`Prox`] (see [`crate::kinks`]).
 //!
+//! **Forward mode.** Both ops have a JVP ([`clarke_core::Tape::jvp`]) that takes its slopes
+//! from the same per-element resolution as the VJP (the same policy, band and element
+//! selections) and reports the same ledger record, so the JVP and the VJP of one set of
+//! options are the two products of one element of the conservative Jacobian, at kinks too.
+//!
 //! Thresholds are tape values too, so gradients reach `lambda` (the hyperparameter of a
 //! Lasso-type model): `d S_lambda(u)_i / d lambda_i = -sign(u_i)` on the active side.
 //!
 //! [`KinkPolicy::soft_threshold`]: clarke_core::KinkPolicy::soft_threshold
 
 use std::ops::Range;
+use std::rc::Rc;
 
-use clarke_core::{Error, Result, Scalar, Var};
-use ndarray::{ArrayD, IxDyn};
+use clarke_core::{Error, Result, Scalar, Var, VjpContext};
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
 use crate::kinks::{KinkSite, Prox, SiteKind, declare, resolve};
+
+/// The name of the soft-thresholding node (errors, ledger records, kink sites).
+const SOFT_THRESHOLD: &str = "soft_threshold";
+const GROUP_SOFT_THRESHOLD: &str = "group_soft_threshold";
 
 /// `S_lambda(u) = sign(u) max(|u| - lambda, 0)` on one value, in f64 (for solvers' inner
 /// loops, which validate their thresholds once).
@@ -107,7 +117,7 @@ pub(crate) fn check_finite<S: Scalar>(op: &'static str, what: &str, a: &ArrayD<S
 /// assert_eq!(g.wrt(lambda).unwrap()[[]], -1.5);
 /// ```
 pub fn soft_threshold<'t, S: Scalar>(u: Var<'t, S>, lambda: Var<'t, S>) -> Result<Prox<'t, S>> {
-    const OP: &str = "soft_threshold";
+    const OP: &str = SOFT_THRESHOLD;
     if !u.same_tape(&lambda) {
         return Err(Error::ForeignVar {
             op: OP,
@@ -142,26 +152,32 @@ pub fn soft_threshold<'t, S: Scalar>(u: Var<'t, S>, lambda: Var<'t, S>) -> Resul
         .try_custom_fn_ctx(OP, &[u, lambda], value, move |ctx, inputs, _out, grad| {
             let (x, lam) = (&inputs[0], &inputs[1]);
             let lam_flat: Vec<S> = lam.iter().copied().collect();
-            let at = |i: usize| {
-                if lam_flat.len() == 1 {
-                    (lam_flat[0], 0)
-                } else {
-                    (lam_flat[i], i)
-                }
-            };
-            let gaps = x.iter().enumerate().map(|(i, &xi)| (xi.abs() - at(i).0).to_f64_exact());
-            let d = resolve(ctx, OP, SiteKind::SoftThreshold, x.shape(), gaps)?;
+            let d = soft_threshold_slopes(ctx, x, &lam_flat)?;
             let mut gu = Vec::with_capacity(x.len());
             let mut gl = vec![S::zero(); lam_flat.len()];
             for (i, ((&xi, &gi), &di)) in x.iter().zip(grad.iter()).zip(&d).enumerate() {
-                let d = S::from_f64_lossy(di);
-                gu.push(gi * d);
-                gl[at(i).1] -= gi * d * sign(xi);
+                gu.push(gi * di);
+                gl[threshold_index(lam_flat.len(), i)] -= gi * di * sign(xi);
             }
             let gu = ArrayD::from_shape_vec(x.raw_dim(), gu).map_err(|e| Error::invalid(OP, e.to_string()))?;
             let gl = ArrayD::from_shape_vec(lam.raw_dim(), gl).map_err(|e| Error::invalid(OP, e.to_string()))?;
             Ok(vec![Some(gu), Some(gl)])
         })?;
+    // The tangent `d_i (du_i - sign(u_i) dlambda_i)`, with the VJP's slopes `d`.
+    u.tape().set_custom_jvp(out, move |ctx, inputs, _out, tangents| {
+        let (x, lam) = (&inputs[0], &inputs[1]);
+        let lam_flat: Vec<S> = lam.iter().copied().collect();
+        let d = soft_threshold_slopes(ctx, x, &lam_flat)?;
+        let tu = flat_tangent(&tangents[0], x.len());
+        let tl = flat_tangent(&tangents[1], lam_flat.len());
+        let t: Vec<S> = x
+            .iter()
+            .zip(&d)
+            .enumerate()
+            .map(|(i, (&xi, &di))| di * (tu[i] - sign(xi) * tl[threshold_index(lam_flat.len(), i)]))
+            .collect();
+        ArrayD::from_shape_vec(x.raw_dim(), t).map_err(|e| Error::invalid(OP, e.to_string()))
+    })?;
     declare(
         out,
         OP,
@@ -189,6 +205,32 @@ fn sign<S: Scalar>(x: S) -> S {
     } else {
         S::zero()
     }
+}
+
+/// The threshold that element `i` uses: the shared one, or its own.
+#[inline]
+fn threshold_index(thresholds: usize, i: usize) -> usize {
+    if thresholds == 1 { 0 } else { i }
+}
+
+/// The slope of `max(|u_i| - lambda_i, 0)` at every element in one backward or forward-mode
+/// call: the kink rule of [`resolve`] on the gaps `|u_i| - lambda_i`, which also reports the
+/// node's ledger record. The VJP and the JVP both take their slopes from here, so the two
+/// modes select the same element of the conservative Jacobian and report the same kinks.
+fn soft_threshold_slopes<S: Scalar>(ctx: &VjpContext<'_>, x: &ArrayViewD<'_, S>, lam: &[S]) -> Result<Vec<S>> {
+    let gaps = x
+        .iter()
+        .enumerate()
+        .map(|(i, &xi)| (xi.abs() - lam[threshold_index(lam.len(), i)]).to_f64_exact());
+    let d = resolve(ctx, SOFT_THRESHOLD, SiteKind::SoftThreshold, x.shape(), gaps)?;
+    Ok(d.into_iter().map(S::from_f64_lossy).collect())
+}
+
+/// An input's tangent in row-major order, zeros when the input has none (`None`).
+fn flat_tangent<S: Scalar>(tangent: &Option<ArrayViewD<'_, S>>, len: usize) -> Vec<S> {
+    tangent
+        .as_ref()
+        .map_or_else(|| vec![S::zero(); len], |t| t.iter().copied().collect())
 }
 
 /// Checks that `groups` partition `0..p` into contiguous, non-empty, ordered ranges.
@@ -228,7 +270,7 @@ pub fn group_soft_threshold<'t, S: Scalar>(
     lambda: Var<'t, S>,
     groups: &[Range<usize>],
 ) -> Result<Prox<'t, S>> {
-    const OP: &str = "group_soft_threshold";
+    const OP: &str = GROUP_SOFT_THRESHOLD;
     if !u.same_tape(&lambda) {
         return Err(Error::ForeignVar {
             op: OP,
@@ -273,7 +315,8 @@ pub fn group_soft_threshold<'t, S: Scalar>(
             }
         }
     }
-    let groups_owned: Vec<Range<usize>> = groups.to_vec();
+    let groups_owned: Rc<[Range<usize>]> = groups.into();
+    let jvp_groups = groups_owned.clone();
     let value = ArrayD::from_shape_vec(IxDyn(&[p]), out).map_err(|e| Error::invalid(OP, e.to_string()))?;
     let out = u
         .tape()
@@ -281,54 +324,40 @@ pub fn group_soft_threshold<'t, S: Scalar>(
             let x: Vec<S> = inputs[0].iter().copied().collect();
             let lam: Vec<S> = inputs[1].iter().copied().collect();
             let g: Vec<S> = grad.iter().copied().collect();
-            let lam_of = |k: usize| if lam.len() == 1 { lam[0] } else { lam[k] };
-            // A group with a zero threshold has no kink (the prox is the identity there).
-            let gaps = groups_owned.iter().enumerate().map(|(k, r)| {
-                let l = lam_of(k);
-                if l == S::zero() {
-                    f64::INFINITY
-                } else {
-                    (norm(&x[r.clone()]) - l).to_f64_exact()
-                }
-            });
-            let d = resolve(ctx, OP, SiteKind::SoftThreshold, &[groups_owned.len()], gaps)?;
+            let jacobians = group_jacobians(ctx, &x, &lam, &groups_owned)?;
             let mut gu = vec![S::zero(); x.len()];
             let mut gl = vec![S::zero(); lam.len()];
-            for (k, r) in groups_owned.iter().enumerate() {
-                let l = lam_of(k);
+            for (k, (r, jac)) in groups_owned.iter().zip(&jacobians).enumerate() {
                 let xs = &x[r.clone()];
                 let gs = &g[r.clone()];
-                let n = norm(xs);
-                let ug: S = xs.iter().zip(gs).map(|(&a, &b)| a * b).sum();
-                // The outer branch `x (1 - l / n)`, weighted by the group's derivative: 1 off
-                // the kink on the outside, the selection at (or within the band of) it, 0
-                // inside. At the kink its limit is `q l ug x / l^3`, the selected element.
-                let (gx, glam): (Vec<S>, S) = if l == S::zero() {
-                    (gs.to_vec(), if n > S::zero() { -ug / n } else { S::zero() })
-                } else if d[k] == 0.0 || n == S::zero() {
-                    (vec![S::zero(); xs.len()], S::zero())
-                } else {
-                    let q = S::from_f64_lossy(d[k]);
-                    let a = (S::one() - l / n).max(S::zero());
-                    let b = l * ug / (n * n * n);
-                    (
-                        xs.iter().zip(gs).map(|(&xi, &gi)| q * (a * gi + b * xi)).collect(),
-                        -q * ug / n,
-                    )
-                };
-                for (i, v) in r.clone().zip(gx) {
-                    gu[i] = v;
+                let ug = dot(xs, gs);
+                for ((gi, &xi), &g) in gu[r.clone()].iter_mut().zip(xs).zip(gs) {
+                    *gi = jac.identity * g + jac.outer * ug * xi;
                 }
-                if lam.len() == 1 {
-                    gl[0] += glam;
-                } else {
-                    gl[k] += glam;
-                }
+                gl[threshold_index(lam.len(), k)] += jac.lambda * ug;
             }
             let gu = ArrayD::from_shape_vec(inputs[0].raw_dim(), gu).map_err(|e| Error::invalid(OP, e.to_string()))?;
             let gl = ArrayD::from_shape_vec(inputs[1].raw_dim(), gl).map_err(|e| Error::invalid(OP, e.to_string()))?;
             Ok(vec![Some(gu), Some(gl)])
         })?;
+    // The tangent `J_u du + J_lambda dlambda` per group, from the VJP's group Jacobians.
+    u.tape().set_custom_jvp(out, move |ctx, inputs, _o, tangents| {
+        let x: Vec<S> = inputs[0].iter().copied().collect();
+        let lam: Vec<S> = inputs[1].iter().copied().collect();
+        let jacobians = group_jacobians(ctx, &x, &lam, &jvp_groups)?;
+        let tu = flat_tangent(&tangents[0], x.len());
+        let tl = flat_tangent(&tangents[1], lam.len());
+        let mut t = vec![S::zero(); x.len()];
+        for (k, (r, jac)) in jvp_groups.iter().zip(&jacobians).enumerate() {
+            let xs = &x[r.clone()];
+            let ts = &tu[r.clone()];
+            let along = jac.outer * dot(xs, ts) + jac.lambda * tl[threshold_index(lam.len(), k)];
+            for ((ti, &xi), &dui) in t[r.clone()].iter_mut().zip(xs).zip(ts) {
+                *ti = jac.identity * dui + along * xi;
+            }
+        }
+        ArrayD::from_shape_vec(inputs[0].raw_dim(), t).map_err(|e| Error::invalid(OP, e.to_string()))
+    })?;
     let xs: Vec<S> = uv.iter().copied().collect();
     declare(
         out,
@@ -353,6 +382,79 @@ pub fn group_soft_threshold<'t, S: Scalar>(
             kind: SiteKind::SoftThreshold,
         },
     })
+}
+
+/// The Jacobian of one group of the group soft-threshold in one backward or forward-mode
+/// call: `d/du_g = identity I + outer u_g u_g^T` and `d/dlambda_g = lambda u_g`.
+#[derive(Debug, Clone, Copy)]
+struct GroupJacobian<S> {
+    identity: S,
+    outer: S,
+    lambda: S,
+}
+
+/// Every group's Jacobian under the call's selections: the kink rule of [`resolve`] on the
+/// gaps `||u_g|| - lambda_g` (which also reports the node's ledger record), then the outer
+/// branch `u_g (1 - lambda_g / ||u_g||)` weighted by the group's slope: 1 outside, the
+/// selection `q` at (or within the band of) the kink, 0 inside. At the kink this is `q`
+/// times the active-side limit. The VJP and the JVP both take their Jacobians from here, so
+/// the two modes select the same element and report the same kinks.
+fn group_jacobians<S: Scalar>(
+    ctx: &VjpContext<'_>,
+    x: &[S],
+    lam: &[S],
+    groups: &[Range<usize>],
+) -> Result<Vec<GroupJacobian<S>>> {
+    let lam_of = |k: usize| lam[threshold_index(lam.len(), k)];
+    // A group with a zero threshold has no kink (the prox is the identity there).
+    let gaps = groups.iter().enumerate().map(|(k, r)| {
+        let l = lam_of(k);
+        if l == S::zero() {
+            f64::INFINITY
+        } else {
+            (norm(&x[r.clone()]) - l).to_f64_exact()
+        }
+    });
+    let d = resolve(
+        ctx,
+        GROUP_SOFT_THRESHOLD,
+        SiteKind::SoftThreshold,
+        &[groups.len()],
+        gaps,
+    )?;
+    Ok(groups
+        .iter()
+        .zip(d)
+        .enumerate()
+        .map(|(k, (r, dk))| {
+            let l = lam_of(k);
+            let n = norm(&x[r.clone()]);
+            if l == S::zero() {
+                GroupJacobian {
+                    identity: S::one(),
+                    outer: S::zero(),
+                    lambda: if n > S::zero() { -S::one() / n } else { S::zero() },
+                }
+            } else if dk == 0.0 || n == S::zero() {
+                GroupJacobian {
+                    identity: S::zero(),
+                    outer: S::zero(),
+                    lambda: S::zero(),
+                }
+            } else {
+                let q = S::from_f64_lossy(dk);
+                GroupJacobian {
+                    identity: q * (S::one() - l / n).max(S::zero()),
+                    outer: q * l / (n * n * n),
+                    lambda: -q / n,
+                }
+            }
+        })
+        .collect())
+}
+
+fn dot<S: Scalar>(a: &[S], b: &[S]) -> S {
+    a.iter().zip(b).map(|(&x, &y)| x * y).sum()
 }
 
 fn norm<S: Scalar>(x: &[S]) -> S {

@@ -23,21 +23,21 @@ fn max_abs_diff(a: &Array1<f64>, b: &Array1<f64>) -> f64 {
     (a - b).iter().fold(0.0f64, |m, d| m.max(d.abs()))
 }
 
-fn tight() -> SolverOptions {
+pub(crate) fn tight() -> SolverOptions {
     SolverOptions::default().with_tolerance(1e-9)
 }
 
 /// A strictly convex QP with a planted solution: `x0`, with constraints `0..active` tight
 /// (`s = 0`, `y > 0`) and the others slack (`s > 0`, `y = 0`), so strict complementarity
 /// holds and `(x0, y0, s0)` is the exact solution.
-struct Planted {
-    prog: ConeProgram,
+pub(crate) struct Planted {
+    pub(crate) prog: ConeProgram,
     x: Array1<f64>,
     y: Array1<f64>,
     s: Array1<f64>,
 }
 
-fn planted_qp(seed: u64, n: usize, m: usize, active: usize) -> Planted {
+pub(crate) fn planted_qp(seed: u64, n: usize, m: usize, active: usize) -> Planted {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let l = normal(&mut rng, (n, n));
     let p = l.t().dot(&l) / n as f64 + Array2::<f64>::eye(n) * 0.5;

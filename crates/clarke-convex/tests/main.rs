@@ -4,5 +4,6 @@
 
 mod bad_input;
 mod cone;
+mod forward_mode;
 mod lasso;
 mod prox_ops;

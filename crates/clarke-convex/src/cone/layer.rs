@@ -3,7 +3,9 @@
 //! [`cone_program`] (and [`quadratic_cone_program`]) take the data as [`Var`]s, solve the
 //! program (one per sample of a batch, in parallel), and return `x`, `y`, `s` as `Var`s.
 //! Backward runs the checked derivative of [`super::derivative`] per sample under the
-//! backward call's kink policy and reports what it did in a [`ConicLog`].
+//! backward call's kink policy and reports what it did in a [`ConicLog`]. Forward mode
+//! ([`clarke_core::Tape::jvp`]) runs the same checked derivative's forward map, with the
+//! same check, refusal, kink records and report.
 //!
 //! The policy's `relu'(0)` is the selection `q` at the kinks of `Pi_{K*}(v)`, `v = y - s`
 //! (see [`super::cones`]): on a non-negative row it is literally the derivative of
@@ -22,14 +24,14 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use clarke_core::{Error, KinkScan, Result, Scalar, Selection, Var};
+use clarke_core::{Error, KinkScan, Result, Scalar, Selection, Var, VjpContext};
 use clarke_implicit::CheckOutcome;
 use ndarray::{Array2, ArrayD, ArrayViewD, Axis, s};
 use rayon::prelude::*;
 
 use super::check::{ConeMargin, ConicCheck};
 use super::cones::{BoundaryKind, Cones};
-use super::derivative::{ConeDerivative, DataGradient, DerivativeOptions, SolutionDirection};
+use super::derivative::{ConeDerivative, DataDirection, DataGradient, DerivativeOptions, SolutionDirection};
 use super::problem::ConeProgram;
 use super::solver::{ConeSolution, SolverOptions, solve};
 
@@ -68,7 +70,7 @@ impl ConicLayerOptions {
     }
 }
 
-/// What one backward pass through a conic layer did.
+/// What one backward pass (or one forward-mode product) through a conic layer did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConicBackwardReport {
     /// The layer.
@@ -76,7 +78,8 @@ pub struct ConicBackwardReport {
     /// Samples differentiated.
     pub samples: usize,
     /// How many samples' checks were certified, gave a warning, were violated, or did not
-    /// run (a violated sample refuses the backward pass unless the check is told not to).
+    /// run (a violated sample refuses the backward pass or the forward-mode product unless
+    /// the check is told not to).
     pub certified: usize,
     /// See `certified`.
     pub warnings: usize,
@@ -121,7 +124,8 @@ impl ConicBackwardReport {
     }
 }
 
-/// Reports of every backward pass through a layer, shared with the tape node.
+/// Reports of every backward pass and forward-mode product through a layer, shared with the
+/// tape node.
 #[derive(Debug, Clone, Default)]
 pub struct ConicLog(Rc<RefCell<Vec<ConicBackwardReport>>>);
 
@@ -147,7 +151,7 @@ pub struct ConicLayer<'t, S: Scalar> {
     pub s: Var<'t, S>,
     /// The solver's result per sample (status, iterations, residuals, refinement).
     pub solutions: Arc<Vec<ConeSolution>>,
-    /// Backward reports.
+    /// Reports of the backward passes and forward-mode products.
     pub log: ConicLog,
 }
 
@@ -382,49 +386,162 @@ fn layer<'t, S: Scalar>(
         out.row(0).mapv(S::from_f64_lossy).into_dyn()
     };
 
-    let programs = Arc::new(programs);
     let solutions = Arc::new(solutions);
     let log = ConicLog::default();
-    let (vjp_programs, vjp_solutions, vjp_log) = (programs.clone(), solutions.clone(), log.clone());
-    let derivative = opts.derivative.clone();
-    let vjp_name = name.clone();
+    let shared = Rc::new(Differentiation {
+        name: name.clone(),
+        programs,
+        solutions: solutions.clone(),
+        derivative: opts.derivative.clone(),
+        log: log.clone(),
+        samples,
+        m,
+    });
     let has_p = p.is_some();
     let mut inputs = Vec::with_capacity(4);
     inputs.extend(p);
     inputs.extend([a, b, c]);
     let tape = a.tape();
+    let vjp = shared.clone();
+    let jvp_name = name.clone();
     let node = tape.try_custom_fn_ctx(&name, &inputs, value, move |ctx, _inputs, _out, grad| {
-        let q = ctx.policy.relu;
         let g = grad.mapv(|v| v.to_f64_exact());
-        let g = g.into_shape_with_order((samples, width)).map_err(|e| Error::CustomOp {
-            op: vjp_name.clone(),
-            detail: e.to_string(),
-        })?;
-        // The check never refuses inside: a refused sample keeps its check for the report.
-        let mut inspect = derivative.clone();
-        inspect.check.refuse_violated = false;
-        let refuse = derivative.check.refuse_violated;
-        let per_sample = |i: usize| -> Result<(Option<DataGradient>, ConicCheck)> {
+        let g = g
+            .into_shape_with_order((samples, width))
+            .map_err(|e| reshape_error(&vjp.name, e))?;
+        let grads = vjp.run(ctx, |i, d| {
             let row = g.row(i);
-            let dir = SolutionDirection {
+            d.adjoint(&SolutionDirection {
                 x: row.slice(s![..n]).to_owned(),
                 y: row.slice(s![n..n + m]).to_owned(),
                 s: row.slice(s![n + m..]).to_owned(),
-            };
-            let d = ConeDerivative::new(&vjp_programs[i], &vjp_solutions[i], q, &inspect)?;
+            })
+        })?;
+        let mut out = Vec::with_capacity(4);
+        if has_p {
+            out.push(Some(gather::<S, _>(&grads, batch.p, |g| {
+                g.p.clone().expect("quadratic program")
+            })));
+        }
+        out.push(Some(gather::<S, _>(&grads, batch.a, |g| g.a.clone())));
+        out.push(Some(gather::<S, _>(&grads, batch.b, |g| g.b.clone())));
+        out.push(Some(gather::<S, _>(&grads, batch.c, |g| g.c.clone())));
+        Ok(out)
+    })?;
+    // The tangent of `(x, y, s)` per sample by the derivative's forward map, with the
+    // backward's check, refusal, kink records and report.
+    tape.set_custom_jvp(node, move |ctx, inputs, _out, tangents| {
+        // Tangents as f64, zeros for inputs without one: `[P], A, b, c`.
+        let dirs: Vec<ArrayD<f64>> = inputs
+            .iter()
+            .zip(tangents)
+            .map(|(x, t)| t.as_ref().map_or_else(|| ArrayD::zeros(x.raw_dim()), to_f64))
+            .collect();
+        let (dp, rest) = if has_p {
+            (Some(&dirs[0]), &dirs[1..])
+        } else {
+            (None, &dirs[..])
+        };
+        let view2 = |arr: &ArrayD<f64>, batched: bool, i: usize| -> Result<ndarray::Array2<f64>> {
+            sample(arr, batched, i)
+                .into_dimensionality::<ndarray::Ix2>()
+                .map_err(|e| reshape_error(&jvp_name, e))
+        };
+        let view1 = |arr: &ArrayD<f64>, batched: bool, i: usize| -> Result<ndarray::Array1<f64>> {
+            sample(arr, batched, i)
+                .into_dimensionality::<ndarray::Ix1>()
+                .map_err(|e| reshape_error(&jvp_name, e))
+        };
+        let rows = shared.run(ctx, |i, d| {
+            // `P` gets a symmetric gradient, the derivative of `P -> z(sym(P))`: its tangent
+            // enters through its symmetric part, so that the two modes are transposes.
+            let p = dp
+                .map(|dp| view2(dp, batch.p, i).map(|dp| (&dp + &dp.t()) * 0.5))
+                .transpose()?;
+            let (a, b, c) = (
+                view2(&rest[0], batch.a, i)?,
+                view1(&rest[1], batch.b, i)?,
+                view1(&rest[2], batch.c, i)?,
+            );
+            d.forward(&DataDirection {
+                p: p.as_ref().map(|p| p.view()),
+                a: a.view(),
+                b: b.view(),
+                c: c.view(),
+            })
+        })?;
+        let mut out = Array2::<f64>::zeros((samples, width));
+        for (mut row, dz) in out.rows_mut().into_iter().zip(&rows) {
+            row.slice_mut(s![..n]).assign(&dz.x);
+            row.slice_mut(s![n..n + m]).assign(&dz.y);
+            row.slice_mut(s![n + m..]).assign(&dz.s);
+        }
+        let out = out.mapv(S::from_f64_lossy);
+        Ok(if batch.size.is_some() {
+            out.into_dyn()
+        } else {
+            out.row(0).to_owned().into_dyn()
+        })
+    })?;
+    let axis = if batch.size.is_some() { 1 } else { 0 };
+    let x = node.try_slice_axis(axis, 0..n)?;
+    let y = node.try_slice_axis(axis, n..n + m)?;
+    let s_var = node.try_slice_axis(axis, n + m..width)?;
+    Ok(ConicLayer {
+        x,
+        y,
+        s: s_var,
+        solutions,
+        log,
+    })
+}
+
+/// What the conic node's VJP and JVP share: the solved programs, the derivative options,
+/// the report log, and the per-sample differentiation with its check, its refusal and its
+/// kink records ([`run`](Self::run)), so that both modes select, check and report alike.
+struct Differentiation {
+    name: String,
+    programs: Vec<ConeProgram>,
+    solutions: Arc<Vec<ConeSolution>>,
+    derivative: DerivativeOptions,
+    log: ConicLog,
+    samples: usize,
+    m: usize,
+}
+
+impl Differentiation {
+    /// Applies `product` (the adjoint or the forward map) to every sample's checked
+    /// derivative under the call's `relu'(0)` selection, in parallel over a batch. Reports
+    /// the kinks of `Pi_{K*}` of every sample to the ledger of the call and a
+    /// [`ConicBackwardReport`] to the log; a violated check refuses the call (unless the check
+    /// is told not to), naming the sample.
+    fn run<T: Send>(
+        &self,
+        ctx: &VjpContext<'_>,
+        product: impl Fn(usize, &ConeDerivative<'_>) -> Result<T> + Sync,
+    ) -> Result<Vec<T>> {
+        let (name, samples, m) = (&self.name, self.samples, self.m);
+        let (programs, solutions) = (&self.programs, &self.solutions);
+        let q = ctx.policy.relu;
+        // The check never refuses inside: a refused sample keeps its check for the report.
+        let mut inspect = self.derivative.clone();
+        inspect.check.refuse_violated = false;
+        let refuse = self.derivative.check.refuse_violated;
+        let per_sample = |i: usize| -> Result<(Option<T>, ConicCheck)> {
+            let d = ConeDerivative::new(&programs[i], &solutions[i], q, &inspect)?;
             let check = d.check().clone();
             if refuse && check.outcome() == CheckOutcome::Violated {
                 return Ok((None, check));
             }
-            Ok((Some(d.adjoint(&dir)?), check))
+            Ok((Some(product(i, &d)?), check))
         };
-        let results: Vec<Result<(Option<DataGradient>, ConicCheck)>> = if samples == 1 {
+        let results: Vec<Result<(Option<T>, ConicCheck)>> = if samples == 1 {
             vec![per_sample(0)]
         } else {
             (0..samples).into_par_iter().map(per_sample).collect()
         };
         let mut report = ConicBackwardReport {
-            node: vjp_name.clone(),
+            node: name.clone(),
             samples,
             certified: 0,
             warnings: 0,
@@ -434,10 +551,10 @@ fn layer<'t, S: Scalar>(
             min_sigma: None,
             checks: vec![None; samples],
         };
-        let mut grads = Vec::with_capacity(samples);
+        let mut products = Vec::with_capacity(samples);
         let mut first_error = None;
-        // The kinks of Pi_{K*} at every sample, for the ledger of the backward call: an entry
-        // (or the first row of a second-order / PSD block) per boundary, at its margin; the
+        // The kinks of Pi_{K*} at every sample, for the ledger of the call: an entry (or the
+        // first row of a second-order / PSD block) per boundary, at its margin; the
         // detection tolerance is the solver's accuracy, so non-exact ones are within solver
         // error.
         let mut scan = KinkScan::new(ctx.policy.tolerance, 0.0);
@@ -472,17 +589,17 @@ fn layer<'t, S: Scalar>(
                 Selection::Slope(q),
                 Some((0.0, 1.0)),
             )
-            .in_layer(&vjp_name, ctx.node)]);
+            .in_layer(name, ctx.node)]);
         for (i, r) in results.into_iter().enumerate() {
             match r {
-                Ok((gr, check)) => {
-                    if gr.is_none() && first_error.is_none() {
+                Ok((product, check)) => {
+                    if product.is_none() && first_error.is_none() {
                         first_error = Some(in_sample(
-                            &vjp_name,
+                            name,
                             i,
                             samples,
                             Error::HypothesisViolated {
-                                node: vjp_name.clone(),
+                                node: name.clone(),
                                 detail: check.to_string(),
                             },
                         ));
@@ -498,41 +615,21 @@ fn layer<'t, S: Scalar>(
                         report.min_sigma = Some(report.min_sigma.map_or(sm, |a: f64| a.min(sm)));
                     }
                     report.checks[i] = Some(check);
-                    grads.extend(gr);
+                    products.extend(product);
                 }
                 Err(e) => {
                     if first_error.is_none() {
-                        first_error = Some(in_sample(&vjp_name, i, samples, e));
+                        first_error = Some(in_sample(name, i, samples, e));
                     }
                 }
             }
         }
-        vjp_log.0.borrow_mut().push(report);
-        if let Some(e) = first_error {
-            return Err(e);
+        self.log.0.borrow_mut().push(report);
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(products),
         }
-        let mut out = Vec::with_capacity(4);
-        if has_p {
-            out.push(Some(gather::<S, _>(&grads, batch.p, |g| {
-                g.p.clone().expect("quadratic program")
-            })));
-        }
-        out.push(Some(gather::<S, _>(&grads, batch.a, |g| g.a.clone())));
-        out.push(Some(gather::<S, _>(&grads, batch.b, |g| g.b.clone())));
-        out.push(Some(gather::<S, _>(&grads, batch.c, |g| g.c.clone())));
-        Ok(out)
-    })?;
-    let axis = if batch.size.is_some() { 1 } else { 0 };
-    let x = node.try_slice_axis(axis, 0..n)?;
-    let y = node.try_slice_axis(axis, n..n + m)?;
-    let s_var = node.try_slice_axis(axis, n + m..width)?;
-    Ok(ConicLayer {
-        x,
-        y,
-        s: s_var,
-        solutions,
-        log,
-    })
+    }
 }
 
 /// The gradient of one input from the per-sample gradients: stacked along a new batch axis
@@ -556,6 +653,15 @@ fn gather<S: Scalar, D: ndarray::Dimension>(
             acc += &p;
         }
         acc.mapv(S::from_f64_lossy).into_dyn()
+    }
+}
+
+/// A reshaping of the layer's own arrays that failed (not expected: their shapes are checked
+/// when the layer is recorded), as an error naming the layer.
+fn reshape_error(name: &str, e: ndarray::ShapeError) -> Error {
+    Error::CustomOp {
+        op: name.to_string(),
+        detail: e.to_string(),
     }
 }
 
