@@ -47,6 +47,9 @@
 //! radius of `J_z` by power iteration (the selected element is invertible when it is below
 //! one) and relies on a declared [`CheckOptions::contraction_bound`] for a certificate.
 //!
+//! A layer with its own products (a fused cell whose Jacobian has a closed form) walks its
+//! elements matrix-free with [`walk_vertices_matrix_free`], the same walk and estimates.
+//!
 //! The check also turns the forward residual into an error bound on `z*`:
 //! `||z - z*|| <~ ||T(z) - z|| / sigma_min(A)`.
 
@@ -60,6 +63,8 @@ use crate::report::{CheckOutcome, HypothesisCheck};
 
 mod matrix_free;
 mod walk;
+
+pub use matrix_free::walk_vertices_matrix_free;
 
 use walk::Measured;
 
@@ -341,15 +346,7 @@ fn dense_measure<S: Scalar>(form: Form, j: Array2<S>, keep: Option<&mut Option<A
         if let Some(keep) = keep {
             *keep = Some(j);
         }
-        return Ok(Measured {
-            dim: 0,
-            sigma_min: 0.0,
-            sigma_max: 0.0,
-            det_sign: None,
-            jacobian_norm: None,
-            converged: true,
-            products: 0,
-        });
+        return Ok(Measured::EMPTY);
     }
     let jacobian_norm = match form {
         Form::FixedPoint => Some(largest_singular_value(j.view())?),

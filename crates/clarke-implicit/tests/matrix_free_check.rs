@@ -319,3 +319,121 @@ fn five_thousand_elements_are_certified_with_the_closed_form_sigma_min() {
         c.products
     );
 }
+
+/// A seeded `n x n` matrix of uniform entries in `[-1, 1]` scaled to spectral norm `norm`.
+fn scaled_matrix(n: usize, norm: f64, seed: u64) -> ndarray::Array2<f64> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let w = ndarray::Array2::from_shape_fn((n, n), |_| rng.random_range(-1.0..1.0));
+    let top = clarke_solve::dense::singular_values(w.view()).unwrap()[0];
+    w * (norm / top)
+}
+
+/// `J = diag(d) W` with the selections overriding `d` at their elements.
+fn selected_d(d: &Array1<f64>, selections: &[clarke_core::ElementSelection]) -> Array1<f64> {
+    let mut d = d.clone();
+    for s in selections {
+        d[s.element] = s.value;
+    }
+    d
+}
+
+/// The dense walk and the matrix-free walk of `J = diag(d) W` (`plus` added on the diagonal)
+/// with relu kinks at `kinks`.
+fn both_walks(
+    form: clarke_implicit::check::Form,
+    w: &ndarray::Array2<f64>,
+    d: &Array1<f64>,
+    plus: f64,
+    kinks: &[usize],
+) -> (HypothesisCheck, HypothesisCheck) {
+    use clarke_implicit::check::{Flippable, WalkInput, walk_vertices, walk_vertices_matrix_free};
+    let n = w.nrows();
+    let input = WalkInput {
+        form,
+        flippable: kinks
+            .iter()
+            .map(|&element| Flippable {
+                node: 0,
+                element,
+                low: 0.0,
+                high: 1.0,
+            })
+            .collect(),
+        kink_elements: kinks.len(),
+        frozen: 0,
+        within_solver_error: 0,
+        forward_residual: 1e-12,
+        unit: 1.0,
+    };
+    let options = CheckOptions::default();
+    let dense = walk_vertices(&input, &options, |selections| {
+        let ds = selected_d(d, selections);
+        let mut j = w * &ds.view().insert_axis(ndarray::Axis(1));
+        j.diag_mut().mapv_inplace(|v| v + plus);
+        Ok(j)
+    })
+    .unwrap()
+    .check;
+    let free = walk_vertices_matrix_free(&input, &options, n, |selections, transpose, x, mut y| {
+        let ds = selected_d(d, selections);
+        let jx = if transpose {
+            w.t().dot(&(&ds * &x))
+        } else {
+            &ds * &w.dot(&x)
+        };
+        y.assign(&(jx + &x * plus));
+        Ok(())
+    })
+    .unwrap();
+    (dense, free)
+}
+
+/// Asserts one verdict and `sigma_min` (selected and over the vertices) within 1e-8
+/// relative; returns the largest relative difference.
+fn agree_closely(dense: &HypothesisCheck, free: &HypothesisCheck) -> f64 {
+    assert_eq!(dense.outcome, free.outcome, "dense: {dense}\nmatrix-free: {free}");
+    assert!(free.matrix_free && free.products > 0, "{free}");
+    let mut worst = relative_difference(dense.sigma_min.unwrap(), free.sigma_min.unwrap());
+    if let (Some(a), Some(b)) = (dense.min_vertex_sigma, free.min_vertex_sigma) {
+        worst = worst.max(relative_difference(a, b));
+    }
+    assert!(
+        worst <= 1e-8,
+        "relative difference {worst:e}\ndense: {dense}\nmatrix-free: {free}"
+    );
+    worst
+}
+
+#[test]
+fn caller_products_walk_like_the_dense_jacobian() {
+    use clarke_implicit::check::Form;
+    let n = 40;
+    let d = Array1::from_shape_fn(n, |i| if i % 3 == 0 { 0.0 } else { 1.0 });
+    let kinks = [0, 3, 6];
+    // A contraction at every vertex: certified both ways.
+    let w = scaled_matrix(n, 0.8, 1);
+    let (dense, free) = both_walks(Form::FixedPoint, &w, &d, 0.0, &kinks);
+    assert_eq!(dense.outcome, CheckOutcome::Certified, "{dense}");
+    assert_eq!(free.vertices, 8, "{free}");
+    let contraction = agree_closely(&dense, &free);
+    // A root block without kinks: sigma_min of diag(d) W + 3 I.
+    let w = scaled_matrix(n, 1.5, 2);
+    let (dense, free) = both_walks(Form::Root, &w, &d, 3.0, &[]);
+    assert_eq!(dense.outcome, CheckOutcome::Certified, "{dense}");
+    let root = agree_closely(&dense, &free);
+    // J[5][5] = 1 alone in its row: I - J is singular when the kink at 5 selects 1.
+    let mut w = scaled_matrix(n, 0.5, 3);
+    w.row_mut(5).fill(0.0);
+    w[[5, 5]] = 1.0;
+    let mut d0 = d.clone();
+    d0[5] = 0.0;
+    let (dense, free) = both_walks(Form::FixedPoint, &w, &d0, 0.0, &[5]);
+    assert_eq!(dense.outcome, CheckOutcome::Violated, "{dense}");
+    assert_eq!(free.outcome, CheckOutcome::Violated, "{free}");
+    let violated = relative_difference(dense.sigma_min.unwrap(), free.sigma_min.unwrap());
+    assert!(violated <= 1e-8, "{violated:e}");
+    println!(
+        "caller products against dense: contraction {contraction:.1e}, root {root:.1e}, violated {violated:.1e} (relative sigma_min)"
+    );
+}

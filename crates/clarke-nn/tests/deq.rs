@@ -708,3 +708,175 @@ fn a_parameter_replaced_by_another_shape_is_an_error_not_a_panic() {
         }
     }
 }
+
+/// A relu cell of width `n` (input dimension `n`, `U = I`, no bias) whose fixed point for
+/// each of `batch` samples is planted: units `i % 4 == 3` inactive (`p* = -1/2`), units 0,
+/// `4b + 20` and `4b + 60` of sample `b` on the kink (`p* = 0`), the others active. `W` is
+/// seeded with norm 0.7 and its inactive rows scaled by 4, so `||W|| > 1` while
+/// `||diag(d) W|| < 1` for every selection. With `singular`, row 0 of `W` is `e_0`, so
+/// `I - diag(d) W` is singular when the kink at unit 0 selects 1. Returns the weights, the
+/// inputs and `z*`.
+fn planted_cell(n: usize, batch: usize, singular: bool) -> (DeqWeights<f64>, Array2<f64>, Array2<f64>) {
+    use rand::Rng;
+    let mut r = rng(41);
+    let base = Array2::from_shape_fn((n, n), |_| r.random_range(-1.0..1.0));
+    let mut w = &base * (0.7 / clarke_solve::spectral_norm_dense(base.view()).unwrap());
+    for (i, mut row) in w.outer_iter_mut().enumerate() {
+        if i % 4 == 3 {
+            row *= 4.0;
+        }
+    }
+    if singular {
+        w.row_mut(0).fill(0.0);
+        w[[0, 0]] = 1.0;
+    }
+    let mut z = Array2::zeros((batch, n));
+    let mut p = Array2::zeros((batch, n));
+    for b in 0..batch {
+        for i in 0..n {
+            let kink = i == 0 || i == 4 * b + 4 * (n / 20) || i == 4 * b + 4 * (3 * n / 20);
+            (z[[b, i]], p[[b, i]]) = match (kink, i % 4 == 3) {
+                (true, _) => (0.0, 0.0),
+                (false, true) => (0.0, -0.5),
+                (false, false) => {
+                    let v = r.random_range(0.1..1.0);
+                    (v, v)
+                }
+            };
+        }
+    }
+    let x = &p - &z.dot(&w.t());
+    let weights = DeqWeights {
+        w,
+        u: Array2::eye(n),
+        bias: ndarray::Array1::zeros(n),
+    };
+    (weights, x, z)
+}
+
+/// The check of one backward of `sum(z*)` started at `z_start`, with `dense_limit`.
+fn check_at(
+    config: DeqConfig,
+    weights: &DeqWeights<f64>,
+    x: &Array2<f64>,
+    z_start: &Array2<f64>,
+    options: CheckOptions,
+) -> clarke_implicit::HypothesisCheck {
+    let config = config.with_check_options(options.with_refuse_violated(false));
+    let mut params = ParamSet::new();
+    let deq = DeqLayer::with_weights(&mut params, "deq", config, weights).unwrap();
+    let tape = Tape::new();
+    let bound = params.bind(&tape);
+    let z = deq
+        .forward_from(&bound, tape.constant(x.clone().into_dyn()), z_start.view())
+        .unwrap();
+    z.sum().backward().unwrap();
+    deq.reports().last().unwrap().check
+}
+
+/// Asserts one verdict, a dense and a matrix-free check, and `sigma_min` (selected, and over
+/// the vertices when `vertices`) within 1e-6 relative; returns the largest relative
+/// difference.
+fn same_check(
+    dense: &clarke_implicit::HypothesisCheck,
+    free: &clarke_implicit::HypothesisCheck,
+    vertices: bool,
+) -> f64 {
+    assert_eq!(dense.outcome, free.outcome, "dense: {dense}\nmatrix-free: {free}");
+    assert!(
+        !dense.matrix_free && free.matrix_free,
+        "dense: {dense}\nmatrix-free: {free}"
+    );
+    let rel = |a: f64, b: f64| (a - b).abs() / a.abs().max(b.abs());
+    let mut worst = rel(dense.sigma_min.unwrap(), free.sigma_min.unwrap());
+    if let (true, Some(a), Some(b)) = (vertices, dense.min_vertex_sigma, free.min_vertex_sigma) {
+        worst = worst.max(rel(a, b));
+    }
+    assert!(
+        worst <= 1e-6,
+        "relative difference {worst:e}\ndense: {dense}\nmatrix-free: {free}"
+    );
+    worst
+}
+
+#[test]
+fn above_the_dense_limit_the_walk_is_matrix_free_with_the_same_verdicts() {
+    let (n, batch) = (48, 2);
+    let config = DeqConfig::default()
+        .with_parametrization(Parametrization::Unconstrained)
+        .with_forward_tolerance(1e-12, 100);
+    let run = |singular: bool, limit: usize| {
+        let (weights, x, z) = planted_cell(n, batch, singular);
+        assert!(clarke_solve::spectral_norm_dense(weights.w.view()).unwrap() > 1.0);
+        check_at(
+            config.clone(),
+            &weights,
+            &x,
+            &z,
+            CheckOptions::default().with_dense_limit(limit),
+        )
+    };
+    // Every selection a contraction: certified both ways, three kinks walked per sample.
+    let (dense, free) = (run(false, n + 1), run(false, n / 2));
+    assert_eq!(dense.outcome, CheckOutcome::Certified, "{dense}");
+    assert_eq!((free.kink_elements, free.vertices), (3 * batch, 8 * batch), "{free}");
+    let certified = same_check(&dense, &free, true);
+    // A singular vertex in every sample: violated both ways (the singular vertices' sigma_min
+    // are rounding errors; the selected element's agree).
+    let (dense, free) = (run(true, n + 1), run(true, n / 2));
+    assert_eq!(dense.outcome, CheckOutcome::Violated, "{dense}");
+    let violated = same_check(&dense, &free, false);
+    println!("dense against matrix-free sigma_min: certified {certified:.1e}, violated {violated:.1e} (relative)");
+}
+
+#[test]
+fn above_the_dense_limit_the_spectral_certificate_rests_on_an_estimate_with_a_margin() {
+    use rand::Rng;
+    let n = 40;
+    let mut r = rng(43);
+    let base = Array2::from_shape_fn((n, n), |_| r.random_range(-1.0..1.0));
+    let weights = DeqWeights {
+        w: &base * (0.9 / clarke_solve::spectral_norm_dense(base.view()).unwrap()),
+        u: Array2::from_shape_fn((n, 3), |_| r.random_range(-1.0..1.0)),
+        bias: ndarray::Array1::zeros(n),
+    };
+    let x = inputs(5, 3, 44);
+    let config = DeqConfig::default()
+        .with_parametrization(Parametrization::SpectralNorm { gamma: 0.9 })
+        .with_power_iterations(5000, 1e-15)
+        .with_forward_tolerance(1e-12, 5000);
+    let z0 = Array2::zeros((5, n));
+    let run = |options: CheckOptions| check_at(config.clone(), &weights, &x, &z0, options);
+    let dense = run(CheckOptions::default());
+    let tight = run(CheckOptions {
+        norm_tol: 1e-10,
+        spectral_iterations: 5000,
+        ..CheckOptions::default().with_dense_limit(n / 2)
+    });
+    let loose = run(CheckOptions::default().with_dense_limit(n / 2));
+    for c in [&dense, &tight, &loose] {
+        assert_eq!(c.outcome, CheckOutcome::Certified, "{c}");
+    }
+    assert!(!dense.matrix_free && tight.matrix_free && tight.products > 0, "{tight}");
+    let rel = |a: f64, b: f64| (a - b).abs() / a.abs().max(b.abs());
+    let norm = rel(dense.max_vertex_norm.unwrap(), tight.max_vertex_norm.unwrap());
+    let bound = rel(dense.contraction_bound.unwrap(), tight.contraction_bound.unwrap());
+    assert!(
+        norm <= 1e-6 && bound <= 1e-6,
+        "norm {norm:e}, bound {bound:e}\n{dense}\n{tight}"
+    );
+    // The default options estimate ||W|| to 1e-9 whatever their norm_tol (1e-3 fell 5.6%
+    // short at this width) and certify with a margin of 50 times that: never below the
+    // exact bound, and within 1e-6 of it.
+    let margin = loose.contraction_bound.unwrap() / loose.max_vertex_norm.unwrap() - 1.0;
+    assert!((margin - 5e-8).abs() < 1e-12, "margin {margin:e}\n{loose}");
+    let (estimated, exact) = (loose.contraction_bound.unwrap(), dense.contraction_bound.unwrap());
+    assert!(
+        estimated >= exact && estimated <= exact * (1.0 + 1e-6),
+        "{loose}\n{dense}"
+    );
+    println!(
+        "spectral certificate: ||W|| {norm:.1e}, bound {bound:.1e} relative; loose bound {:.6}",
+        loose.contraction_bound.unwrap()
+    );
+}

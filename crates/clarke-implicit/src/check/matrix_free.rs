@@ -51,17 +51,14 @@ pub(crate) fn check<S: Scalar>(
         spectral_radius_estimate(lin, input.form, opts, &mut check)?;
         return Ok(check);
     }
-    let spectral = SpectralOptions::default()
-        .with_tol(opts.spectral_tol)
-        .with_max_iter(opts.spectral_iterations)
-        .with_seed(opts.seed);
-    let norms = SpectralOptions {
-        tol: opts.norm_tol,
-        ..spectral.clone()
-    };
-    let want_norm = input.form == Form::FixedPoint && !input.flippable.is_empty();
-    let mut check = walk(input, opts, |selections| {
-        measure(lin, input.form, selections, &spectral, &norms, want_norm)
+    let mut check = walk_vertices_matrix_free(input, opts, n, |selections, transpose, x, mut y| {
+        let jx = if transpose {
+            lin.vjp(x, selections)?
+        } else {
+            lin.jvp(x, selections)?
+        };
+        y.assign(&jx);
+        Ok(())
     })?;
     check
         .reasons
@@ -69,54 +66,132 @@ pub(crate) fn check<S: Scalar>(
     Ok(check)
 }
 
-/// One element measured by estimates: `sigma_min` and `sigma_max` of its block, and
-/// `||J_z||` when asked.
-fn measure<S: Scalar>(
-    lin: &Linearization<'_, S>,
-    form: Form,
-    selections: &[ElementSelection],
-    spectral: &SpectralOptions,
-    norms: &SpectralOptions,
+/// The vertex walk of [`super::walk_vertices`] for a caller that has its own products with
+/// the Jacobian of its map instead of the Jacobian itself: the check of a block too large to
+/// densify.
+///
+/// `products(selections, transpose, x, y)` writes `J x` into `y` (`J^T x` when `transpose`),
+/// where `J` is the map's Jacobian in `z` (`J_z` of `T`, or `J_F`) of size `dim x dim` with
+/// the given selections at single kink elements (an empty slice: the policy's). The
+/// function builds the inverted block `A` from the form (`I - J` or `J`) and measures every
+/// element the walk visits by estimates: `sigma_min(A)` by Golub-Kahan-Lanczos (tolerance
+/// [`CheckOptions::spectral_tol`]), `sigma_max(A)` and, for a fixed point with kinks,
+/// `||J||` by power iteration ([`CheckOptions::norm_tol`]), each within
+/// [`CheckOptions::spectral_iterations`]. The thresholds and verdicts are those of the dense
+/// walk, except that an estimate has no determinant sign: with kinks, an exhaustive walk
+/// certifies only when `||J|| < 1` at every vertex, and an unconverged estimate is a
+/// warning (a `sigma_min` estimate never lies below the true value, so a singular estimate
+/// is still a violation).
+///
+/// Refused, before any verdict: options that fail [`CheckOptions::validate`] and an input
+/// that fails [`WalkInput::validate`]; during the walk, an estimate that meets a non-finite
+/// value and any error of `products`. `dim = 0` is certified: there is nothing to invert.
+pub fn walk_vertices_matrix_free<S: Scalar>(
+    input: &WalkInput,
+    options: &CheckOptions,
+    dim: usize,
+    products: impl Fn(&[ElementSelection], bool, ArrayView1<'_, S>, ArrayViewMut1<'_, S>) -> Result<()>,
+) -> Result<HypothesisCheck> {
+    options.validate()?;
+    input.validate()?;
+    let estimates = Estimates::new(input, options);
+    walk(input, options, |selections| {
+        if dim == 0 {
+            return Ok(Measured::EMPTY);
+        }
+        measure(dim, input.form, &estimates, |transpose, x, y| {
+            products(selections, transpose, x, y)
+        })?
+        .finite(selections)
+    })
+}
+
+/// The options of the estimates of one walk.
+struct Estimates {
+    /// For `sigma_min` (Golub-Kahan-Lanczos).
+    spectral: SpectralOptions,
+    /// For `sigma_max` and `||J||` (power iteration).
+    norms: SpectralOptions,
+    /// Whether `||J||` is wanted: a fixed point with kinks, where it is the only route to a
+    /// certificate.
     want_norm: bool,
-) -> Result<Measured> {
-    let n = lin.len();
-    let product = |transpose: bool, x: ArrayView1<'_, S>, mut y: ArrayViewMut1<'_, S>| -> Result<()> {
-        let jx = if transpose {
-            lin.vjp(x, selections)?
-        } else {
-            lin.jvp(x, selections)?
+}
+
+impl Estimates {
+    fn new(input: &WalkInput, opts: &CheckOptions) -> Self {
+        let spectral = SpectralOptions::default()
+            .with_tol(opts.spectral_tol)
+            .with_max_iter(opts.spectral_iterations)
+            .with_seed(opts.seed);
+        let norms = SpectralOptions {
+            tol: opts.norm_tol,
+            ..spectral.clone()
         };
-        match form {
-            Form::Root => y.assign(&jx),
-            Form::FixedPoint => y.assign(&(&x - &jx)),
+        Estimates {
+            spectral,
+            norms,
+            want_norm: input.form == Form::FixedPoint && !input.flippable.is_empty(),
+        }
+    }
+}
+
+/// The estimates of one element, before they are checked finite.
+struct Raw {
+    dim: usize,
+    low: SpectralEstimate,
+    high: SpectralEstimate,
+    norm: Option<SpectralEstimate>,
+}
+
+impl Raw {
+    /// The element as the walk sees it, or an error naming the selections when an estimate
+    /// met a non-finite value.
+    fn finite(self, selections: &[ElementSelection]) -> Result<Measured> {
+        let low = finite(self.low, selections)?;
+        let high = finite(self.high, selections)?;
+        let norm = self.norm.map(|e| finite(e, selections)).transpose()?;
+        Ok(Measured {
+            dim: self.dim,
+            sigma_min: low.value,
+            // Both are estimates; the largest singular value is at least the smallest.
+            sigma_max: high.value.max(low.value),
+            det_sign: None,
+            jacobian_norm: norm.as_ref().map(|e| e.value),
+            converged: low.is_converged() && high.is_converged() && norm.as_ref().is_none_or(|e| e.is_converged()),
+            products: low.matvecs + high.matvecs + norm.as_ref().map_or(0, |e| e.matvecs),
+        })
+    }
+}
+
+/// One element measured by estimates from `jacobian(transpose, x, y)` (`y = J x` or
+/// `J^T x`): `sigma_min` and `sigma_max` of its block, and `||J||` when asked.
+fn measure<S: Scalar>(
+    n: usize,
+    form: Form,
+    estimates: &Estimates,
+    jacobian: impl Fn(bool, ArrayView1<'_, S>, ArrayViewMut1<'_, S>) -> Result<()>,
+) -> Result<Raw> {
+    let block = |transpose: bool, x: ArrayView1<'_, S>, mut y: ArrayViewMut1<'_, S>| -> Result<()> {
+        jacobian(transpose, x, y.view_mut())?;
+        if form == Form::FixedPoint {
+            y.zip_mut_with(&x, |yi, &xi| *yi = xi - *yi);
         }
         Ok(())
     };
-    let a = FnOperator::new(n, n, |x, y| product(false, x, y)).with_transpose(|x, y| product(true, x, y));
-    let low = finite(smallest_singular_value(&a, spectral)?, selections)?;
-    let high = finite(spectral_norm(&a, norms)?, selections)?;
-    let norm = if want_norm {
-        let j = FnOperator::new(n, n, |x: ArrayView1<'_, S>, mut y: ArrayViewMut1<'_, S>| {
-            y.assign(&lin.jvp(x, selections)?);
-            Ok(())
-        })
-        .with_transpose(|x: ArrayView1<'_, S>, mut y: ArrayViewMut1<'_, S>| {
-            y.assign(&lin.vjp(x, selections)?);
-            Ok(())
-        });
-        Some(finite(spectral_norm(&j, norms)?, selections)?)
+    let a = FnOperator::new(n, n, |x, y| block(false, x, y)).with_transpose(|x, y| block(true, x, y));
+    let low = smallest_singular_value(&a, &estimates.spectral)?;
+    let high = spectral_norm(&a, &estimates.norms)?;
+    let norm = if estimates.want_norm {
+        let j = FnOperator::new(n, n, |x, y| jacobian(false, x, y)).with_transpose(|x, y| jacobian(true, x, y));
+        Some(spectral_norm(&j, &estimates.norms)?)
     } else {
         None
     };
-    Ok(Measured {
+    Ok(Raw {
         dim: n,
-        sigma_min: low.value,
-        // Both are estimates; the largest singular value is at least the smallest.
-        sigma_max: high.value.max(low.value),
-        det_sign: None,
-        jacobian_norm: norm.as_ref().map(|e| e.value),
-        converged: low.is_converged() && high.is_converged() && norm.as_ref().is_none_or(|e| e.is_converged()),
-        products: low.matvecs + high.matvecs + norm.as_ref().map_or(0, |e| e.matvecs),
+        low,
+        high,
+        norm,
     })
 }
 

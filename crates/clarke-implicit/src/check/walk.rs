@@ -32,6 +32,17 @@ pub(crate) struct Measured {
 }
 
 impl Measured {
+    /// The element of an empty `z`: nothing to invert.
+    pub const EMPTY: Measured = Measured {
+        dim: 0,
+        sigma_min: 0.0,
+        sigma_max: 0.0,
+        det_sign: None,
+        jacobian_norm: None,
+        converged: true,
+        products: 0,
+    };
+
     /// The singularity test: `sigma_min` against `max(sigma_max, unit)` and the absolute
     /// floor.
     fn is_singular(&self, unit: f64, opts: &CheckOptions) -> bool {

@@ -81,8 +81,10 @@ pub struct DeqConfig {
     /// Run the hypothesis check on every backward pass.
     pub check: bool,
     /// Thresholds, vertex limits and the refusal rule of the check (the same options as the
-    /// generic implicit layer's; the DEQ cell uses the per-sample walk, so `dense_limit` and
-    /// `contraction_bound` do not apply: the parametrisation supplies the certificates).
+    /// generic implicit layer's; the parametrisation supplies the certificates, so
+    /// `contraction_bound` does not apply). Above `dense_limit` units the norm of `W` is
+    /// estimated and each sample is walked matrix-free (`norm_tol`, `spectral_tol`,
+    /// `spectral_iterations`).
     pub check_options: CheckOptions,
     /// How pre-activations within the forward solver's error of the kink are treated
     /// (default: as at the kink, see [`KinkBand`]).

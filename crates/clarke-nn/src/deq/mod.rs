@@ -50,6 +50,7 @@ use rand::Rng;
 use rayon::prelude::*;
 
 pub use activation::Activation;
+pub use check::cell_jacobian_product;
 pub use config::{DeqConfig, ForwardMethod, Parametrization};
 pub use weights::DeqWeights;
 
