@@ -7,7 +7,7 @@ use clarke_core::nonsmooth;
 use clarke_core::{BackwardOptions, Error, KinkPolicy, KinkScan, Result, Selection, Tape, TieRule, Var};
 use ndarray::{ArrayD, ArrayViewD, IxDyn, arr1, arr2};
 
-use crate::op_cases::{self, Case, F, random};
+use crate::op_cases::{Case, F, random};
 
 /// Tolerance of the dot tests: `|<J v, w> - <v, J^T w>| <= TOL max(|<J v, w>|, |<v, J^T w>|)`.
 const TOL: f64 = 1e-12;
@@ -75,39 +75,12 @@ fn dot_all(cases: Vec<Case>) -> f64 {
     worst
 }
 
-#[test]
-fn dot_test_arithmetic_with_broadcasting() {
-    dot_all(op_cases::arithmetic());
-}
+/// Dot tests of every op off its kinks, one test per table (`dot_all` over it).
+mod every_op {
+    use super::dot_all;
+    use crate::op_cases;
 
-#[test]
-fn dot_test_every_unary_function() {
-    dot_all(op_cases::unary());
-}
-
-#[test]
-fn dot_test_every_kink_op_off_its_kinks() {
-    dot_all(op_cases::kink_ops_off_kinks());
-}
-
-#[test]
-fn dot_test_matmul_of_every_rank_and_permutations() {
-    dot_all(op_cases::products_and_permutations());
-}
-
-#[test]
-fn dot_test_shape_ops() {
-    dot_all(op_cases::shape_ops());
-}
-
-#[test]
-fn dot_test_sums_and_means() {
-    dot_all(op_cases::sums_and_means());
-}
-
-#[test]
-fn dot_test_losses() {
-    dot_all(op_cases::losses());
+    op_cases::test_every_table!(dot_all);
 }
 
 /// The three selection regimes of the kink tests: two presets and an element selection.

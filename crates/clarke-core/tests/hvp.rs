@@ -80,40 +80,7 @@ fn check_all(cases: Vec<Case>) -> f64 {
     worst
 }
 
-#[test]
-fn arithmetic_with_broadcasting() {
-    check_all(op_cases::arithmetic());
-}
-
-#[test]
-fn smooth_unary_functions() {
-    check_all(op_cases::unary());
-}
-
-#[test]
-fn nonsmooth_ops_away_from_kinks() {
-    check_all(op_cases::kink_ops_off_kinks());
-}
-
-#[test]
-fn matrix_products_of_every_rank_pair_and_permutations() {
-    check_all(op_cases::products_and_permutations());
-}
-
-#[test]
-fn shape_ops() {
-    check_all(op_cases::shape_ops());
-}
-
-#[test]
-fn sums_and_means() {
-    check_all(op_cases::sums_and_means());
-}
-
-#[test]
-fn losses() {
-    check_all(op_cases::losses());
-}
+op_cases::test_every_table!(check_all);
 
 /// A smooth two-layer network with a cross-entropy loss; the parameters are `w1, b1, w2, b2`.
 fn mlp_loss<'t>(tape: &'t Tape<f64>, params: &[Var<'t, f64>]) -> Var<'t, f64> {

@@ -369,3 +369,47 @@ pub fn losses() -> Vec<Case> {
         ),
     ]
 }
+
+/// One `#[test]` per table of this module, each running `$check` on the table's cases
+/// (`$check: fn(Vec<Case>)`, returning anything): the properties every op must have are
+/// tested over the same tables under the same names.
+macro_rules! test_every_table {
+    ($check:path) => {
+        #[test]
+        fn arithmetic_with_broadcasting() {
+            $check($crate::op_cases::arithmetic());
+        }
+
+        #[test]
+        fn smooth_unary_functions() {
+            $check($crate::op_cases::unary());
+        }
+
+        #[test]
+        fn nonsmooth_ops_away_from_kinks() {
+            $check($crate::op_cases::kink_ops_off_kinks());
+        }
+
+        #[test]
+        fn matrix_products_of_every_rank_pair_and_permutations() {
+            $check($crate::op_cases::products_and_permutations());
+        }
+
+        #[test]
+        fn shape_ops() {
+            $check($crate::op_cases::shape_ops());
+        }
+
+        #[test]
+        fn sums_and_means() {
+            $check($crate::op_cases::sums_and_means());
+        }
+
+        #[test]
+        fn losses() {
+            $check($crate::op_cases::losses());
+        }
+    };
+}
+
+pub(crate) use test_every_table;

@@ -17,40 +17,7 @@ fn check_all(cases: Vec<Case>) {
     }
 }
 
-#[test]
-fn arithmetic_with_broadcasting() {
-    check_all(op_cases::arithmetic());
-}
-
-#[test]
-fn smooth_unary_functions() {
-    check_all(op_cases::unary());
-}
-
-#[test]
-fn nonsmooth_ops_away_from_kinks() {
-    check_all(op_cases::kink_ops_off_kinks());
-}
-
-#[test]
-fn matrix_products_of_every_rank_pair_and_permutations() {
-    check_all(op_cases::products_and_permutations());
-}
-
-#[test]
-fn shape_ops() {
-    check_all(op_cases::shape_ops());
-}
-
-#[test]
-fn sums_and_means() {
-    check_all(op_cases::sums_and_means());
-}
-
-#[test]
-fn losses() {
-    check_all(op_cases::losses());
-}
+op_cases::test_every_table!(check_all);
 
 #[test]
 fn sigmoid_and_softplus_are_stable_far_out() {

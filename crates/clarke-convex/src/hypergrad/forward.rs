@@ -20,14 +20,12 @@
 //! per-feature penalty the adjoint methods ([`super::support`], [`super::implicit`]) do the
 //! same work in one solve.
 
-use std::time::Instant;
-
 use clarke_core::{Error, Result};
 use clarke_implicit::CheckOutcome;
 use ndarray::Array1;
 
-use super::support::{active_set, curvature_at, sets, sign};
-use super::{Criterion, HypergradOptions, Hypergradient, Method, check_criterion, prepare};
+use super::support::{active_set, curvature_at, sign};
+use super::{Criterion, HypergradOptions, Hypergradient, Method, Start};
 use crate::cd::Fit;
 use crate::model::{LassoModel, Penalty, dot};
 
@@ -45,11 +43,12 @@ pub fn hypergradient(
     criterion: &dyn Criterion,
     options: &HypergradOptions,
 ) -> Result<Hypergradient> {
-    let start = Instant::now();
-    prepare(model, fit, options)?;
-    let (check, kinks) = sets(model, fit, options)?;
-    let g = criterion.gradient(fit.beta.view())?;
-    check_criterion(model, &g)?;
+    let Start {
+        clock: start,
+        check,
+        kinks,
+        grad: g,
+    } = Start::at(model, fit, criterion, options)?;
     if check.outcome == CheckOutcome::Violated {
         return Err(Error::HypothesisViolated {
             node: "lasso hypergradient (forward)".to_string(),

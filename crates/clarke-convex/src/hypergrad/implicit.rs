@@ -8,15 +8,12 @@
 //! GMRES (dense LU for small `p`), checks `I - J_beta`, and returns `J_theta^T v`. The kink
 //! policy of the backward call reaches the prox's VJP inside the layer.
 
-use std::time::Instant;
-
 use clarke_core::{BackwardOptions, Error, Result, Tape};
 use clarke_implicit::{AdjointSolver, CheckOptions, ForwardSolver, GradientMode, ImplicitLayer, ImplicitOptions};
 use clarke_solve::{FixedPointOptions, SolveOptions};
 use ndarray::{Array1, ArrayD, IxDyn};
 
-use super::support::sets;
-use super::{Criterion, HypergradOptions, Hypergradient, Method, check_criterion, prepare};
+use super::{Criterion, HypergradOptions, Hypergradient, Method, Start};
 use crate::cd::Fit;
 use crate::model::{LassoModel, Loss, Penalty};
 use crate::prox::soft_threshold;
@@ -35,11 +32,12 @@ pub fn hypergradient(
     criterion: &dyn Criterion,
     options: &HypergradOptions,
 ) -> Result<Hypergradient> {
-    let start = Instant::now();
-    prepare(model, fit, options)?;
-    let (check, kinks) = sets(model, fit, options)?;
-    let g = criterion.gradient(fit.beta.view())?;
-    check_criterion(model, &g)?;
+    let Start {
+        clock: start,
+        check,
+        kinks,
+        grad: g,
+    } = Start::at(model, fit, criterion, options)?;
     let gamma = options.step_for(model)?;
     let (w, l2, p) = (model.weight(), model.l2(), model.p());
     let logistic = model.loss() == Loss::Logistic;

@@ -29,6 +29,7 @@ pub mod support;
 pub mod unrolled;
 
 use std::fmt;
+use std::time::Instant;
 
 use clarke_core::{Error, KinkLedger, KinkPolicy, Result};
 use clarke_implicit::{CheckOutcome, HypothesisCheck};
@@ -469,6 +470,41 @@ impl HypergradOptions {
             ));
         }
         Ok(())
+    }
+}
+
+/// Where the methods that differentiate at the fit's solution start: the checked
+/// arguments, the Prop. 5 sets and kink ledger at the fit, and `grad C(beta_hat)`.
+pub(crate) struct Start {
+    /// When the method started (its reported time excludes the inner solve).
+    pub clock: Instant,
+    /// The Prop. 5 sets and rank check.
+    pub check: SupportCheck,
+    /// The soft-thresholding kinks at the solution.
+    pub kinks: KinkLedger,
+    /// `grad C` at the fit's coefficients, checked.
+    pub grad: Array1<f64>,
+}
+
+impl Start {
+    /// [`prepare`], the sets of [`support::sets`], and the criterion's gradient.
+    pub(crate) fn at(
+        model: &LassoModel,
+        fit: &Fit,
+        criterion: &dyn Criterion,
+        options: &HypergradOptions,
+    ) -> Result<Self> {
+        let clock = Instant::now();
+        prepare(model, fit, options)?;
+        let (check, kinks) = support::sets(model, fit, options)?;
+        let grad = criterion.gradient(fit.beta.view())?;
+        check_criterion(model, &grad)?;
+        Ok(Start {
+            clock,
+            check,
+            kinks,
+            grad,
+        })
     }
 }
 

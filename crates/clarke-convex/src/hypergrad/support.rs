@@ -21,15 +21,13 @@
 //! well conditioned, with the violation in its check; otherwise the call refuses with
 //! [`Error::HypothesisViolated`].
 
-use std::time::Instant;
-
 use clarke_core::{Error, KinkLedger, KinkScan, Result, Selection};
 use clarke_implicit::CheckOutcome;
 use clarke_solve::dense::singular_values;
 use clarke_solve::{cholesky_solve, lu_solve_transpose};
 use ndarray::{Array1, Array2};
 
-use super::{Criterion, HypergradOptions, Hypergradient, Method, SupportCheck, check_criterion, check_fit, prepare};
+use super::{Criterion, HypergradOptions, Hypergradient, Method, Start, SupportCheck, check_fit};
 use crate::cd::Fit;
 use crate::model::{LassoModel, Loss, Penalty, dot};
 
@@ -197,11 +195,12 @@ pub fn hypergradient(
     criterion: &dyn Criterion,
     options: &HypergradOptions,
 ) -> Result<Hypergradient> {
-    let start = Instant::now();
-    prepare(model, fit, options)?;
-    let (check, kinks) = sets(model, fit, options)?;
-    let g = criterion.gradient(fit.beta.view())?;
-    check_criterion(model, &g)?;
+    let Start {
+        clock: start,
+        check,
+        kinks,
+        grad: g,
+    } = Start::at(model, fit, criterion, options)?;
     let active = active_set(&check);
     let idx: Vec<usize> = active.iter().map(|a| a.0).collect();
     let qa: Vec<f64> = active.iter().map(|a| a.1).collect();
