@@ -69,7 +69,7 @@ struct Args {
 
 fn load(args: &Args) -> Result<(String, Split), clarke::core::Error> {
     if args.synthetic {
-        let p = if args.quick { 300 } else { 10_000 };
+        let p = if args.quick { 120 } else { 10_000 };
         let data = try_synthetic(400, p, 20, 1.0, args.seed)?;
         Ok((
             format!("synthetic (p = {p}, seed {})", args.seed),

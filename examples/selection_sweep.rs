@@ -44,7 +44,7 @@ struct Args {
     /// Save gradient size, accuracy and live units against the selection as a PNG.
     #[arg(long)]
     plot: Option<String>,
-    /// A short run for CI (1 epoch on 256 training rows, 4 probe rows, 3 selections).
+    /// A short run for CI (1 epoch on 256 training rows, 2 probe rows, 3 selections).
     #[arg(long)]
     quick: bool,
     /// Path of the data file.
@@ -162,7 +162,7 @@ fn run(args: &Args) -> std::result::Result<(), Box<dyn std::error::Error>> {
     };
     let scaler = Scaler::constant(train.features(), 16.0)?;
     let (x_train, x_test) = (scaler.apply(&train.x)?, scaler.apply(&test.x)?);
-    let probe: Vec<usize> = (0..if args.quick { 4 } else { 128 }).collect();
+    let probe: Vec<usize> = (0..if args.quick { 2 } else { 128 }).collect();
     let (x_probe, y_probe) = (
         x_train.select(Axis(0), &probe),
         probe.iter().map(|&i| train.y[i]).collect::<Vec<_>>(),
