@@ -60,6 +60,6 @@ pub use krylov::{bicgstab, cg, gmres, neumann};
 pub use linop::{DenseOperator, FnOperator, IdentityMinus, LinearOperator, NormalOperator, Transposed};
 pub use report::{SolveOptions, SolveReport, SolveStatus};
 pub use spectral::{
-    SpectralEstimate, SpectralOptions, smallest_singular_value, smallest_singular_value_dense, spectral_norm,
-    spectral_norm_dense, spectral_radius,
+    SpectralEstimate, SpectralOptions, largest_singular_value, smallest_singular_value, smallest_singular_value_dense,
+    spectral_norm, spectral_norm_dense, spectral_radius,
 };

@@ -11,6 +11,8 @@
 //! - [`spectral_norm`] returns `||A v||` for a unit `v`: never above the true norm.
 //! - [`smallest_singular_value`] returns `||A x|| / ||x||` for a Ritz vector `x`: never below
 //!   the true smallest singular value.
+//! - [`largest_singular_value`] (Lanczos, far fewer products than [`spectral_norm`] when the
+//!   top singular values crowd together) returns `||A x|| / ||x||` too: never above the norm.
 //!
 //! So a contraction certificate from [`spectral_norm`] should keep a margin, while a
 //! "far from singular" certificate from [`smallest_singular_value`] is only as good as its
@@ -363,26 +365,77 @@ pub fn smallest_singular_value<S: Scalar>(
     op: &impl LinearOperator<S>,
     opts: &SpectralOptions,
 ) -> Result<SpectralEstimate> {
-    const NAME: &str = "smallest_singular_value";
-    opts.validate(NAME)?;
-    require_transpose(NAME, op)?;
+    golub_kahan(op, opts, Extreme::Smallest)
+}
+
+/// Estimates the largest singular value `||A||_2` of an operator with at least as many rows
+/// as columns by the same Golub-Kahan-Lanczos bidiagonalisation as
+/// [`smallest_singular_value`]: the largest singular value of `B_k` is `max ||A x|| / ||x||`
+/// over the span of `V_k`, so it never lies above the true norm and rises towards it, and the
+/// returned value is the quotient recomputed with `A` for the final Ritz vector (never above
+/// the norm either). It stops when the Ritz residual bound is at most `opts.tol` times the
+/// estimate.
+///
+/// Where the top singular values crowd together (a random square matrix), Lanczos needs far
+/// fewer products than the power iteration of [`spectral_norm`], whose error shrinks by only
+/// `(sigma_2 / sigma_1)^2` per iteration: a 48 x 48 matrix with `sigma_2 / sigma_1 = 0.99`
+/// takes about a thousand power iterations to 1e-10 and some forty Lanczos steps.
+///
+/// ```
+/// use clarke_solve::spectral::{largest_singular_value, SpectralOptions};
+/// use ndarray::array;
+///
+/// let a = array![[3.0f64, 0.0], [0.0, -1.0], [0.0, 0.0]];
+/// let est = largest_singular_value(&a, &SpectralOptions::default()).unwrap();
+/// assert!((est.value - 3.0).abs() < 1e-8);
+/// ```
+pub fn largest_singular_value<S: Scalar>(
+    op: &impl LinearOperator<S>,
+    opts: &SpectralOptions,
+) -> Result<SpectralEstimate> {
+    golub_kahan(op, opts, Extreme::Largest)
+}
+
+/// Which end of the spectrum a Golub-Kahan-Lanczos run estimates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Extreme {
+    Smallest,
+    Largest,
+}
+
+/// Golub-Kahan-Lanczos bidiagonalisation with full reorthogonalisation and restarts from the
+/// Ritz vector, for the smallest or the largest singular value.
+fn golub_kahan<S: Scalar>(
+    op: &impl LinearOperator<S>,
+    opts: &SpectralOptions,
+    which: Extreme,
+) -> Result<SpectralEstimate> {
+    let name = match which {
+        Extreme::Smallest => "smallest_singular_value",
+        Extreme::Largest => "largest_singular_value",
+    };
+    opts.validate(name)?;
+    require_transpose(name, op)?;
     let (m, n) = (op.nrows(), op.ncols());
     if m < n {
         return Err(Error::shapes(
-            NAME,
+            name,
             &[m, n],
             &[n, n],
             "needs at least as many rows as columns (a wide matrix has a null space: its n-th singular value is 0)",
         ));
     }
-    let mut est = Est::new(NAME, opts.tol);
+    let mut est = Est::new(name, opts.tol);
     if n == 0 {
         return Ok(est.done(0.0, SolveStatus::Converged));
     }
     let kmax = opts.krylov_dim.min(n);
     let eps = S::epsilon();
     let mut start = seeded_unit_vector::<S>(n, opts.seed);
-    let mut best = f64::INFINITY;
+    let mut best = match which {
+        Extreme::Smallest => f64::INFINITY,
+        Extreme::Largest => 0.0,
+    };
     loop {
         let mut vs: Vec<Array1<S>> = vec![start.clone()];
         let mut us: Vec<Array1<S>> = Vec::with_capacity(kmax);
@@ -438,10 +491,15 @@ pub fn smallest_singular_value<S: Scalar>(
                 }
             }
             let (pu, sv, qv) = dense::faer_svd(b.view())?;
-            let smin = f(sv[kk - 1]);
+            // The Ritz pair sought: the last column (smallest) or the first (largest).
+            let col = match which {
+                Extreme::Smallest => kk - 1,
+                Extreme::Largest => 0,
+            };
+            let ritz = f(sv[col]);
             let smax = f(sv[0]);
-            let bound = f(beta) * f(pu[[kk - 1, kk - 1]].abs());
-            est.history.push(smin);
+            let bound = f(beta) * f(pu[[kk - 1, col]].abs());
+            est.history.push(ritz);
             est.change = if smax > 0.0 { bound / smax } else { 0.0 };
             let converged = null_found || invariant || est.change <= opts.tol;
             if !(converged || end_of_cycle) {
@@ -450,7 +508,7 @@ pub fn smallest_singular_value<S: Scalar>(
             // Ritz vector x = V q_min and its quotient ||A x|| / ||x||, computed with A.
             let mut x = Array1::<S>::zeros(n);
             for (i, v) in vs.iter().enumerate().take(kk) {
-                x.scaled_add(qv[[i, kk - 1]], v);
+                x.scaled_add(qv[[i, col]], v);
             }
             let xn = norm2(x.view());
             let ax = apply_new(op, x.view())?;
@@ -458,11 +516,17 @@ pub fn smallest_singular_value<S: Scalar>(
             let sigma = if xn > S::zero() {
                 f(norm2(ax.view())) / f(xn)
             } else {
-                smin
+                ritz
             };
-            best = best.min(sigma);
+            best = match which {
+                Extreme::Smallest => best.min(sigma),
+                Extreme::Largest => best.max(sigma),
+            };
             if converged {
-                let value = if null_found { best.min(smin) } else { best };
+                let value = match which {
+                    Extreme::Smallest if null_found => best.min(ritz),
+                    _ => best,
+                };
                 return Ok(est.done(value, SolveStatus::Converged));
             }
             if est.iterations >= opts.max_iter {

@@ -4,8 +4,8 @@ use crate::common;
 
 use clarke_core::Error;
 use clarke_solve::spectral::{
-    SpectralOptions, smallest_singular_value, smallest_singular_value_dense, spectral_norm, spectral_norm_dense,
-    spectral_radius,
+    SpectralOptions, largest_singular_value, smallest_singular_value, smallest_singular_value_dense, spectral_norm,
+    spectral_norm_dense, spectral_radius,
 };
 use clarke_solve::{FnOperator, IdentityMinus, SolveStatus};
 use common::*;
@@ -52,6 +52,38 @@ fn norm_of_random_matrices_matches_the_svd() {
         );
         assert!((spectral_norm_dense(a.view()).unwrap() - exact).abs() < 1e-12);
     }
+}
+
+#[test]
+fn lanczos_norm_matches_the_svd_from_below_with_fewer_products_than_power_iteration() {
+    // A random square matrix: the top singular values crowd together.
+    for (n, seed) in [(48usize, 11u64), (120, 12)] {
+        let a = random_matrix(n, n, seed);
+        let sv = faer_singular_values(&a);
+        let opts = SpectralOptions::default().with_tol(1e-12).with_max_iter(20_000);
+        let lanczos = largest_singular_value(&a, &opts).unwrap();
+        let power = spectral_norm(&a, &opts).unwrap();
+        assert!(lanczos.is_converged(), "{lanczos:?}");
+        assert!(
+            lanczos.value <= sv[0] * (1.0 + 1e-14) && lanczos.value >= sv[0] * (1.0 - 1e-10),
+            "n = {n}: Lanczos {} vs SVD {}",
+            lanczos.value,
+            sv[0]
+        );
+        assert!(
+            lanczos.matvecs * 4 < power.matvecs,
+            "n = {n}, sigma_2 / sigma_1 = {:.4}: Lanczos {} products, power iteration {}",
+            sv[1] / sv[0],
+            lanczos.matvecs,
+            power.matvecs
+        );
+    }
+    // A tall matrix and a diagonal one with a negative entry.
+    let tall = random_matrix(50, 20, 13);
+    let est = largest_singular_value(&tall, &SpectralOptions::default()).unwrap();
+    assert!((est.value - faer_singular_values(&tall)[0]).abs() < 1e-8);
+    let d = Array2::from_diag(&array![0.5, -3.0, 2.0, 1.0, -2.5]);
+    assert!((largest_singular_value(&d, &SpectralOptions::default()).unwrap().value - 3.0).abs() < 1e-12);
 }
 
 #[test]
