@@ -5,12 +5,13 @@
 //! above one (so no certificate from the parametrisation applies and every sample is
 //! walked), then `logits = V z* + c`; softmax cross-entropy on random inputs and labels of a
 //! fixed seed, Adam. The training steps run without the check; then one backward with the
-//! check on measures it, and a dot test `<J v, w> = <v, J^T w>` checks the per-sample products
-//! the check used.
+//! check on measures it, and two dot tests `<J v, w> = <v, J^T w>` check the per-sample
+//! products the check used and the whole layer's forward mode (`Tape::jvp`, the tangent solve
+//! `(I - J_z) v = D t`) against its backward (the adjoint solve).
 //!
 //! ```text
 //! cargo run --release --example large_check -- [--units N] [--batch B] [--steps K]
-//!     [--norm S] [--dense-limit L] [--seed S] [--quick]
+//!     [--norm S] [--lr R] [--dense-limit L] [--seed S] [--quick]
 //! ```
 //!
 //! Progress goes to stderr; the last line on stdout is one JSON object with the results.
@@ -18,7 +19,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use clarke::core::{ElementSelection, Tape};
+use clarke::core::{BackwardOptions, ElementSelection, Tape};
 use clarke::implicit::{CheckOptions, HypothesisCheck, KinkBand};
 use clarke::nn::deq::{DeqConfig, DeqLayer, DeqWeights, ForwardMethod, Parametrization, cell_jacobian_product};
 use clarke::nn::optim::{Adam, Optimizer, Schedule};
@@ -59,6 +60,12 @@ struct Args {
     /// Units above which the check is matrix-free (default: the check options' default).
     #[arg(long)]
     dense_limit: Option<usize>,
+    /// Adam's learning rate (default `0.02 / units`). Adam's first steps move every entry
+    /// of `W` by about the rate, and its gradient `delta^T z*` is of low rank, so one step
+    /// can move `||W||` by up to `rate * units`: a fixed rate that suits 128 units (1e-3)
+    /// grows the norm of a 4,096-unit `W` by up to 4 and the forward solve diverges.
+    #[arg(long)]
+    lr: Option<f64>,
     /// Seed of the weights, inputs and labels.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -125,7 +132,8 @@ fn run(args: &Args) -> BoxResult<()> {
     let mut params = ParamSet::<f64>::new();
     let deq = DeqLayer::with_weights(&mut params, "deq", config.clone().with_check(false), &weights)?;
     let head = Linear::new(&mut params, "head", n, CLASSES, &mut rng)?;
-    let mut adam = Adam::new(Schedule::Constant(1e-3))?;
+    let lr = args.lr.unwrap_or(0.02 / n as f64);
+    let mut adam = Adam::new(Schedule::Constant(lr))?;
     let mut step_times = Vec::new();
     let mut loss = f64::NAN;
     for step in 0..sizes.steps {
@@ -143,10 +151,12 @@ fn run(args: &Args) -> BoxResult<()> {
     }
     let trained = trained_weights(&params, &deq)?;
     let checked = timed_check(&config, &trained, &x)?;
-    let unchecked = timed_check(&config.with_check(false), &trained, &x)?;
+    let unchecked = timed_check(&config.clone().with_check(false), &trained, &x)?;
     let check_seconds = checked.backward.saturating_sub(unchecked.backward).as_secs_f64();
     eprintln!("check: {} ({check_seconds:.2} s)", checked.check);
-    let dot = dot_test(&trained, &x, &checked.z, &mut rng)?;
+    let products_dot = dot_test(&trained, &x, &checked.z, &mut rng)?;
+    let layer_dot = layer_dot_test(&config, &trained, &x, &mut rng)?;
+    let dot = products_dot.max(layer_dot);
     let step_seconds = step_times.iter().map(Duration::as_secs_f64).sum::<f64>() / step_times.len().max(1) as f64;
     let c = &checked.check;
     println!(
@@ -158,6 +168,7 @@ fn run(args: &Args) -> BoxResult<()> {
             "steps": sizes.steps,
             "dense_limit": sizes.dense_limit,
             "initial_w_norm": args.norm,
+            "learning_rate": lr,
             "final_loss": loss,
             "check": c.outcome.to_string(),
             "sigma_min": c.sigma_min,
@@ -169,6 +180,8 @@ fn run(args: &Args) -> BoxResult<()> {
             "check_seconds": check_seconds,
             "step_seconds": step_seconds,
             "jvp_dot_test_max_rel": dot,
+            "products_dot_test_rel": products_dot,
+            "layer_dot_test_rel": layer_dot,
         })
     );
     Ok(())
@@ -259,4 +272,45 @@ fn dot_test(weights: &DeqWeights<f64>, x: &Array2<f64>, z: &Array2<f64>, rng: &m
         eprintln!("dot test, sample {sample}: worst relative gap so far {worst:.2e}");
     }
     Ok(worst)
+}
+
+/// The relative gap of `<J v, w> = <v, J^T w>` for the whole layer `z*(x, W, U, b)`: one
+/// forward-mode call (`Tape::jvp`) with random tangents on `x` and every parameter against one
+/// backward seeded with a random `w`, both solved to 1e-12 so that the gap measures the
+/// transposition and not the solver tolerance.
+fn layer_dot_test(
+    config: &DeqConfig,
+    weights: &DeqWeights<f64>,
+    x: &Array2<f64>,
+    rng: &mut ChaCha8Rng,
+) -> BoxResult<f64> {
+    let config = config.clone().with_check(false).with_adjoint_tolerance(1e-12, 2000);
+    let mut params = ParamSet::new();
+    let deq = DeqLayer::with_weights(&mut params, "deq", config, weights)?;
+    let tape = Tape::new();
+    let bound = params.bind(&tape);
+    let xv = tape.param(x.clone().into_dyn());
+    let z = deq.forward(&bound, xv)?;
+    let random = |shape: &[usize], rng: &mut ChaCha8Rng| {
+        ndarray::ArrayD::from_shape_fn(shape.to_vec(), |_| rng.random_range(-1.0..1.0))
+    };
+    let mut pairs: Vec<_> = params
+        .ids()
+        .map(|id| (bound.var(id), random(params.get(id).shape(), rng)))
+        .collect();
+    pairs.push((xv, random(x.shape(), rng)));
+    let start = Instant::now();
+    let jvp = tape.jvp(z, &pairs, &BackwardOptions::default())?;
+    let jvp_time = start.elapsed();
+    let w = random(jvp.tangent().shape(), rng);
+    let grads = z.backward_with(&BackwardOptions::seed(w.clone()))?;
+    let dot = |a: &ndarray::ArrayD<f64>, b: &ndarray::ArrayD<f64>| a.iter().zip(b).map(|(p, q)| p * q).sum::<f64>();
+    let forward = dot(jvp.tangent(), &w);
+    let mut reverse = 0.0;
+    for (v, t) in &pairs {
+        reverse += dot(t, grads.wrt(*v)?);
+    }
+    let rel = (forward - reverse).abs() / forward.abs().max(reverse.abs()).max(f64::MIN_POSITIVE);
+    eprintln!("dot test, whole layer (forward mode {jvp_time:.2?}): relative gap {rel:.2e}");
+    Ok(rel)
 }

@@ -4,5 +4,6 @@
 
 mod bad_input;
 mod deq;
+mod deq_forward_mode;
 mod threads;
 mod training;

@@ -8,7 +8,7 @@
 use clarke_core::{Error, Result, Scalar};
 use faer::{Accum, Par};
 use faer_ext::IntoFaer;
-use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis, s};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis, Zip, s};
 use rayon::prelude::*;
 
 use super::Activation;
@@ -266,6 +266,54 @@ pub(crate) fn neumann_block<S: Scalar>(
                 row(&dv, i),
             );
             change = worst(change, d2.to_f64_exact().sqrt() / g_norms[i]);
+        }
+        if run.record(change, budget) {
+            break;
+        }
+    }
+    run
+}
+
+/// The tangent Neumann iteration of one row block, the transpose of [`neumann_block`]:
+/// `v <- r + (v W^T) o d`, which sums `sum_k J_z^k r` for the forward-mode system
+/// `(I - J_z) v = r`. `v` holds the start. The change per iteration is measured relative to
+/// each sample's `||r||`, as in the adjoint.
+pub(crate) fn tangent_neumann_block<S: Scalar>(
+    w_mat: ArrayView2<'_, S>,
+    d: ArrayView2<'_, S>,
+    r: ArrayView2<'_, S>,
+    mut v: ArrayViewMut2<'_, S>,
+    budget: Budget,
+) -> BlockRun {
+    let r_norms: Vec<f64> = r
+        .outer_iter()
+        .map(|row| {
+            row.iter()
+                .map(|x| x.to_f64_exact().powi(2))
+                .sum::<f64>()
+                .sqrt()
+                .max(f64::MIN_POSITIVE)
+        })
+        .collect();
+    let mut q = Array2::<S>::zeros(r.raw_dim());
+    let mut run = BlockRun::default();
+    while run.iterations < budget.max_iter {
+        gemm_seq(v.view(), w_mat.t(), false, q.view_mut());
+        let mut change = 0.0f64;
+        for (i, (((mut vr, qr), rr), dr)) in v
+            .outer_iter_mut()
+            .zip(q.outer_iter())
+            .zip(r.outer_iter())
+            .zip(d.outer_iter())
+            .enumerate()
+        {
+            let mut d2 = 0.0f64;
+            Zip::from(&mut vr).and(qr).and(rr).and(dr).for_each(|v, &q, &r, &d| {
+                let new = r + q * d;
+                d2 += (new - *v).to_f64_exact().powi(2);
+                *v = new;
+            });
+            change = worst(change, d2.sqrt() / r_norms[i]);
         }
         if run.record(change, budget) {
             break;

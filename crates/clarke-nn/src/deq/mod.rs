@@ -37,15 +37,16 @@ mod activation;
 mod check;
 mod config;
 mod kernel;
+mod node;
 pub mod weights;
 
 use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 
-use clarke_core::gemm::gemm;
-use clarke_core::{Error, KinkLedger, Result, Scalar, Var, VjpContext};
-use clarke_implicit::{AdjointSolver, BackwardReport, CheckOutcome, GradientMode, HypothesisCheck, ReportLog};
-use clarke_solve::{FixedPointOptions, FixedPointReport, FnOperator, SolveOptions, SolveReport, SolveStatus};
-use ndarray::{Array1, Array2, Array3, ArrayD, ArrayView2, Axis, Ix1, Ix2, Zip, s};
+use clarke_core::{Error, KinkLedger, Result, Scalar, Var};
+use clarke_implicit::{BackwardReport, GradientMode, HypothesisCheck, Pass, ReportLog};
+use clarke_solve::{FixedPointOptions, FixedPointReport, SolveStatus};
+use ndarray::{Array1, Array2, ArrayD, ArrayView2, Axis, Ix1, Ix2, s};
 use rand::Rng;
 use rayon::prelude::*;
 
@@ -56,7 +57,8 @@ pub use weights::DeqWeights;
 
 use crate::init::{glorot_uniform, normal};
 use crate::params::{Bound, ParamId, ParamSet};
-use kernel::{BlockRun, Budget, merge, neumann_block, picard_block, row_blocks, split_rows};
+use kernel::{BlockRun, Budget, merge, picard_block, row_blocks, split_rows};
+use node::ImplicitNode;
 
 /// The parameters behind `W`.
 #[derive(Debug, Clone, Copy)]
@@ -87,6 +89,8 @@ pub struct DeqLayer<S: Scalar> {
     b: ParamId,
     /// Right singular vector estimate of `V` (spectral form), warm-started across steps.
     power_vector: RefCell<Array1<S>>,
+    /// The hypothesis check's norm estimate, warm-started across backward passes.
+    norm_warm_start: Rc<check::NormWarmStart>,
     reports: ReportLog,
     last_forward: Cell<Option<ForwardStats>>,
 }
@@ -223,6 +227,7 @@ impl<S: Scalar> DeqLayer<S> {
             u,
             b,
             power_vector: RefCell::new(power_vector),
+            norm_warm_start: Rc::default(),
             reports: ReportLog::default(),
             last_forward: Cell::new(None),
         })
@@ -518,12 +523,21 @@ impl<S: Scalar> DeqLayer<S> {
             check: HypothesisCheck::not_checked(reason),
             kinks: KinkLedger::default(),
         };
-        let reports = self.reports.clone();
-        z.tape()
-            .try_custom_fn_ctx(&self.name, &[z], z.value(), move |_, _, _, grad| {
-                reports.push(report.clone());
-                Ok(vec![Some(grad.to_owned())])
-            })
+        let tape = z.tape();
+        let (reports, forward_reports) = (self.reports.clone(), self.reports.clone());
+        let forward_report = report.clone();
+        let out = tape.try_custom_fn_ctx(&self.name, &[z], z.value(), move |_, _, _, grad| {
+            reports.push(report.clone());
+            Ok(vec![Some(grad.to_owned())])
+        })?;
+        tape.set_custom_jvp(out, move |_, _, _, tangents| {
+            forward_reports.push_pass(Pass::ForwardMode, forward_report.clone());
+            let tangent = tangents.first().and_then(Option::as_ref);
+            tangent
+                .map(|t| t.to_owned())
+                .ok_or_else(|| Error::invalid("deq", "the logging node received no tangent"))
+        })?;
+        Ok(out)
     }
 
     /// The forward solve on raw arrays.
@@ -679,7 +693,7 @@ impl<S: Scalar> DeqLayer<S> {
         b: Var<'t, S>,
         solved: Solved<S>,
     ) -> Result<Var<'t, S>> {
-        let backward = AdjointContext {
+        let node = Rc::new(ImplicitNode {
             name: self.name.clone(),
             config: self.config.clone(),
             z: solved.z,
@@ -687,13 +701,20 @@ impl<S: Scalar> DeqLayer<S> {
             forward: solved.report,
             forward_residual: solved.residual,
             reports: self.reports.clone(),
-        };
-        x.tape().try_custom_fn_ctx(
+            norm_warm_start: Rc::clone(&self.norm_warm_start),
+        });
+        let tape = x.tape();
+        let backward = Rc::clone(&node);
+        let out = tape.try_custom_fn_ctx(
             &self.name,
             &[x, w, u, b],
             solved.out.into_dyn(),
             move |ctx, inputs, _output, grad| backward.vjp(ctx, inputs, grad),
-        )
+        )?;
+        tape.set_custom_jvp(out, move |ctx, inputs, _output, tangents| {
+            node.jvp(ctx, inputs, tangents)
+        })?;
+        Ok(out)
     }
 }
 
@@ -779,342 +800,5 @@ fn anderson_block<S: Scalar>(
         residual: report.residual,
         non_finite: report.status == SolveStatus::NonFinite,
         trace: report.trace,
-    })
-}
-
-/// Everything the backward pass needs, captured by the node's VJP.
-struct AdjointContext<S: Scalar> {
-    name: String,
-    config: DeqConfig,
-    z: Array2<S>,
-    pre: Array2<S>,
-    forward: FixedPointReport,
-    forward_residual: f64,
-    reports: ReportLog,
-}
-
-impl<S: Scalar> AdjointContext<S> {
-    fn vjp(
-        &self,
-        ctx: &VjpContext<'_>,
-        inputs: &[ndarray::ArrayViewD<'_, S>],
-        grad: ndarray::ArrayViewD<'_, S>,
-    ) -> Result<Vec<Option<ArrayD<S>>>> {
-        let policy = ctx.policy;
-        let (x, w, u) = (as_matrix(&inputs[0]), as_matrix(&inputs[1]), as_matrix(&inputs[2]));
-        let g = grad.into_dimensionality::<Ix2>().expect("the output is 2-D");
-        if let Some(v) = g.iter().find(|v| !v.is_finite()) {
-            return Err(Error::invalid(
-                "deq",
-                format!("{}: the incoming gradient has a non-finite entry {v}", self.name),
-            ));
-        }
-        let residuals = self.sample_residuals();
-        let bands = self.solver_bands(w, &residuals);
-        let derivative = self.config.activation.derivative(self.pre.view(), policy, &bands);
-        let d = derivative.d;
-        let record = derivative.record.map(|r| r.in_layer(&self.name, ctx.node));
-        ctx.report_kinks(record.iter().cloned());
-        let kinks = check::SampleKinks {
-            units: derivative.units,
-            hull: record.as_ref().and_then(|r| r.hull).unwrap_or((1.0, 1.0)),
-            within_solver_error: record.as_ref().map_or(0, |r| r.within_solver_error),
-        };
-        let check = if self.config.check {
-            check::run(
-                self.config.parametrization,
-                self.config.activation.lipschitz(),
-                w,
-                d.view(),
-                &kinks,
-                &residuals,
-                &self.config.check_options,
-            )?
-        } else {
-            HypothesisCheck::not_checked("the check is off for this layer")
-        };
-        let ledger = KinkLedger::from_records(policy.label(), record.into_iter().collect());
-        if check.outcome == CheckOutcome::Violated && self.config.check_options.refuse_violated {
-            let detail = check.to_string();
-            self.reports.push(BackwardReport {
-                node: self.name.clone(),
-                mode: self.config.gradient,
-                forward: self.forward.clone(),
-                forward_residual: self.forward_residual,
-                adjoint: None,
-                fallback: None,
-                approximate: false,
-                check,
-                kinks: ledger,
-            });
-            return Err(Error::HypothesisViolated {
-                node: self.name.clone(),
-                detail,
-            });
-        }
-        let (adj, adjoint) = self.adjoint(w, d.view(), g)?;
-        let mut delta = adj;
-        delta *= &d;
-        let mut w_bar = Array2::<S>::zeros(w.raw_dim());
-        gemm(S::one(), delta.t(), self.z.view(), false, w_bar.view_mut());
-        let mut u_bar = Array2::<S>::zeros(u.raw_dim());
-        gemm(S::one(), delta.t(), x, false, u_bar.view_mut());
-        let b_bar = delta.sum_axis(Axis(0));
-        let mut x_bar = Array2::<S>::zeros(x.raw_dim());
-        gemm(S::one(), delta.view(), u, false, x_bar.view_mut());
-        let approximate = matches!(self.config.gradient, GradientMode::TruncatedNeumann { .. });
-        self.reports.push(BackwardReport {
-            node: self.name.clone(),
-            mode: self.config.gradient,
-            forward: self.forward.clone(),
-            forward_residual: self.forward_residual,
-            adjoint: Some(adjoint),
-            fallback: None,
-            approximate,
-            check,
-            kinks: ledger,
-        });
-        Ok(vec![
-            Some(x_bar.into_dyn()),
-            Some(w_bar.into_dyn()),
-            Some(u_bar.into_dyn()),
-            Some(b_bar.into_dyn()),
-        ])
-    }
-
-    /// `||sigma(p_b) - z_b||` for every sample `b`: the absolute forward residual.
-    fn sample_residuals(&self) -> Vec<f64> {
-        let act = self.config.activation;
-        self.pre
-            .outer_iter()
-            .zip(self.z.outer_iter())
-            .map(|(p, z)| {
-                p.iter()
-                    .zip(z.iter())
-                    .map(|(&p, &z)| (act.value(p) - z).to_f64_exact().powi(2))
-                    .sum::<f64>()
-                    .sqrt()
-            })
-            .collect()
-    }
-
-    /// The band around the kink, per sample, inside which a pre-activation is within the
-    /// forward solver's error: `factor * ||z_b - z_b*|| * max_i ||W_i||`, with
-    /// `||z_b - z_b*|| <= r_b / (1 - gamma)` under a spectral bound `gamma < 1` and `r_b`
-    /// otherwise (see [`clarke_implicit::KinkBand`]).
-    fn solver_bands(&self, w: ArrayView2<'_, S>, residuals: &[f64]) -> Vec<f64> {
-        let sigma = match self.config.parametrization {
-            Parametrization::SpectralNorm { gamma } if gamma < 1.0 => 1.0 - gamma,
-            _ => 1.0,
-        };
-        let row_norm = w
-            .outer_iter()
-            .map(|r| r.iter().map(|v| v.to_f64_exact().powi(2)).sum::<f64>().sqrt())
-            .fold(0.0, f64::max);
-        residuals
-            .iter()
-            .map(|&r| self.config.kink_band.width(r, sigma) * row_norm)
-            .collect()
-    }
-
-    /// Solves `(I - J_z)^T w = g` row by row; `J_z^T v = (v o d) W`.
-    fn adjoint(
-        &self,
-        w: ArrayView2<'_, S>,
-        d: ArrayView2<'_, S>,
-        g: ArrayView2<'_, S>,
-    ) -> Result<(Array2<S>, SolveReport)> {
-        let (batch, n) = g.dim();
-        let blocks = row_blocks(batch, n);
-        let tol = self.config.adjoint_tol;
-        let max_iter = self.config.adjoint_max_iter;
-        let mut sol = g.to_owned();
-        let (run, solver, fixed): (BlockRun, &'static str, bool) = match self.config.gradient {
-            GradientMode::TruncatedNeumann { terms } => {
-                let budget = Budget {
-                    tol: 0.0,
-                    max_iter: terms - 1,
-                    fixed: true,
-                };
-                (
-                    self.neumann(w, d, g, &mut sol, &blocks, budget),
-                    "truncated_neumann",
-                    true,
-                )
-            }
-            GradientMode::Implicit(AdjointSolver::Neumann) => {
-                let budget = Budget {
-                    tol,
-                    max_iter,
-                    fixed: false,
-                };
-                (self.neumann(w, d, g, &mut sol, &blocks, budget), "neumann", false)
-            }
-            GradientMode::Implicit(AdjointSolver::Dense) => {
-                let mut a = Array3::<S>::zeros((batch, n, n));
-                Zip::from(a.outer_iter_mut())
-                    .and(d.outer_iter())
-                    .par_for_each(|ai, di| kernel::identity_minus_scaled(di, w, ai));
-                sol = clarke_solve::batched_solve(a.view(), g, true).map_err(|e| Error::InImplicit {
-                    node: self.name.clone(),
-                    context: "the dense per-sample adjoint solve failed",
-                    source: Box::new(e),
-                })?;
-                let residual = adjoint_residual(w, d, g, sol.view());
-                let run = BlockRun {
-                    iterations: 1,
-                    residual,
-                    trace: vec![residual],
-                    non_finite: !residual.is_finite(),
-                };
-                (run, "dense_lu", false)
-            }
-            GradientMode::Implicit(method) => {
-                let parts = split_rows(sol.view_mut(), &blocks);
-                let runs: Vec<Result<BlockRun>> = parts
-                    .into_par_iter()
-                    .zip(blocks.par_iter())
-                    .map(|(sb, &(r0, r1))| {
-                        krylov_block(
-                            method,
-                            w,
-                            d.slice(s![r0..r1, ..]),
-                            g.slice(s![r0..r1, ..]),
-                            sb,
-                            tol,
-                            max_iter,
-                        )
-                    })
-                    .collect();
-                let name = if method == AdjointSolver::Gmres {
-                    "gmres"
-                } else {
-                    "bicgstab"
-                };
-                (merge(runs.into_iter().collect::<Result<Vec<_>>>()?), name, false)
-            }
-            GradientMode::Unrolled { .. } | GradientMode::OneStep | GradientMode::LeastSquaresNoHypothesis => {
-                unreachable!("these modes record no implicit node")
-            }
-        };
-        let residual = adjoint_residual(w, d, g, sol.view());
-        let status = if run.non_finite || !residual.is_finite() {
-            SolveStatus::NonFinite
-        } else if fixed || residual <= tol {
-            SolveStatus::Converged
-        } else {
-            SolveStatus::MaxIterations
-        };
-        if status != SolveStatus::Converged {
-            return Err(solve_failed(
-                &self.name,
-                "adjoint",
-                solver,
-                status,
-                run.iterations,
-                residual,
-                tol,
-                &run.trace,
-            ));
-        }
-        let report = SolveReport {
-            solver,
-            iterations: run.iterations,
-            matvecs: run.iterations,
-            residual,
-            tolerance: tol,
-            status,
-            residual_history: run.trace,
-        };
-        Ok((sol, report))
-    }
-
-    fn neumann(
-        &self,
-        w: ArrayView2<'_, S>,
-        d: ArrayView2<'_, S>,
-        g: ArrayView2<'_, S>,
-        sol: &mut Array2<S>,
-        blocks: &[(usize, usize)],
-        budget: Budget,
-    ) -> BlockRun {
-        let parts = split_rows(sol.view_mut(), blocks);
-        let runs: Vec<BlockRun> = parts
-            .into_par_iter()
-            .zip(blocks.par_iter())
-            .map(|(sb, &(r0, r1))| neumann_block(w, d.slice(s![r0..r1, ..]), g.slice(s![r0..r1, ..]), sb, budget))
-            .collect();
-        merge(runs)
-    }
-}
-
-/// A 2-D view of an input the layer recorded as a matrix.
-fn as_matrix<'a, S: Scalar>(a: &ndarray::ArrayViewD<'a, S>) -> ArrayView2<'a, S> {
-    a.clone()
-        .into_dimensionality::<Ix2>()
-        .expect("the layer records 2-D inputs")
-}
-
-/// Relative residual `||g - (w - (w o d) W)|| / ||g||` of an adjoint solution.
-fn adjoint_residual<S: Scalar>(
-    w: ArrayView2<'_, S>,
-    d: ArrayView2<'_, S>,
-    g: ArrayView2<'_, S>,
-    sol: ArrayView2<'_, S>,
-) -> f64 {
-    let t = &sol * &d;
-    let mut r = Array2::<S>::zeros(g.raw_dim());
-    gemm(S::one(), t.view(), w, false, r.view_mut());
-    // r <- g - sol + (sol o d) W
-    Zip::from(&mut r).and(g).and(sol).for_each(|r, &g, &s| *r = g - s + *r);
-    let num = r.iter().map(|v| v.to_f64_exact().powi(2)).sum::<f64>().sqrt();
-    let den = g.iter().map(|v| v.to_f64_exact().powi(2)).sum::<f64>().sqrt();
-    if den > 0.0 { num / den } else { num }
-}
-
-/// GMRES or BiCGSTAB on one row block (flattened), through `clarke-solve`.
-fn krylov_block<S: Scalar>(
-    method: AdjointSolver,
-    w: ArrayView2<'_, S>,
-    d: ArrayView2<'_, S>,
-    g: ArrayView2<'_, S>,
-    mut sol: ndarray::ArrayViewMut2<'_, S>,
-    tol: f64,
-    max_iter: usize,
-) -> Result<BlockRun> {
-    let (rows, n) = g.dim();
-    let op = FnOperator::new(
-        rows * n,
-        rows * n,
-        |v: ndarray::ArrayView1<'_, S>, mut y: ndarray::ArrayViewMut1<'_, S>| {
-            let v2 = v
-                .into_shape_with_order((rows, n))
-                .map_err(|e| Error::invalid("deq", e.to_string()))?;
-            let t = &v2 * &d;
-            let mut y2 = y
-                .view_mut()
-                .into_shape_with_order((rows, n))
-                .map_err(|e| Error::invalid("deq", e.to_string()))?;
-            kernel::gemm_seq(t.view(), w, false, y2.view_mut());
-            Zip::from(&mut y2).and(v2).for_each(|y, &v| *y = v - *y);
-            Ok(())
-        },
-    );
-    let rhs: Array1<S> = g.iter().copied().collect();
-    let opts = SolveOptions {
-        tol,
-        max_iter,
-        ..SolveOptions::for_precision::<S>()
-    };
-    let (x, report) = match method {
-        AdjointSolver::Gmres => clarke_solve::gmres(&op, rhs.view(), None, &opts)?,
-        _ => clarke_solve::bicgstab(&op, rhs.view(), None, &opts)?,
-    };
-    sol.assign(&x.into_shape_with_order((rows, n)).expect("same length"));
-    Ok(BlockRun {
-        iterations: report.iterations,
-        residual: report.residual,
-        non_finite: report.status == SolveStatus::NonFinite,
-        trace: report.residual_history,
     })
 }

@@ -1,0 +1,467 @@
+//! The implicit node of a DEQ cell on the tape: its backward (the adjoint solve
+//! `(I - J_z)^T y = g`) and its forward-mode rule (the tangent solve `(I - J_z) v = D t`),
+//! which share one selection of `sigma'` at the solution, one kink record and one
+//! hypothesis check, so that the two maps are transposes of one conservative-Jacobian
+//! element.
+//!
+//! Rows are samples and `J_z` is block diagonal: `J_z v = (v W^T) o d` and
+//! `J_z^T y = (y o d) W` row by row, with `d = sigma'(p*)` under the call's kink policy.
+
+use std::rc::Rc;
+
+use clarke_core::gemm::gemm;
+use clarke_core::{Error, JvpContext, KinkLedger, Result, Scalar, VjpContext};
+use clarke_implicit::{AdjointSolver, BackwardReport, CheckOutcome, GradientMode, HypothesisCheck, Pass, ReportLog};
+use clarke_solve::{FixedPointReport, FnOperator, SolveOptions, SolveReport, SolveStatus};
+use ndarray::{Array1, Array2, Array3, ArrayD, ArrayView2, ArrayViewD, Axis, Ix2, Zip, s};
+use rayon::prelude::*;
+
+use super::config::{DeqConfig, Parametrization};
+use super::kernel::{self, BlockRun, Budget, merge, neumann_block, row_blocks, split_rows, tangent_neumann_block};
+use super::{check, solve_failed};
+
+/// Which linear system of `I - J_z` a solve is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// `(I - J_z)^T y = g`: the backward pass.
+    Adjoint,
+    /// `(I - J_z) v = r`: forward mode.
+    Tangent,
+}
+
+impl Direction {
+    /// The stage named in a solver failure.
+    fn stage(self) -> &'static str {
+        match self {
+            Direction::Adjoint => "adjoint",
+            Direction::Tangent => "tangent",
+        }
+    }
+}
+
+/// Everything the node's products need, captured when the forward solve is recorded.
+pub(super) struct ImplicitNode<S: Scalar> {
+    pub name: String,
+    pub config: DeqConfig,
+    /// The last forward iterate `z*`.
+    pub z: Array2<S>,
+    /// `p* = z* W^T + c`.
+    pub pre: Array2<S>,
+    pub forward: FixedPointReport,
+    pub forward_residual: f64,
+    pub reports: ReportLog,
+    /// The layer's warm start of the check's norm estimate.
+    pub norm_warm_start: Rc<check::NormWarmStart>,
+}
+
+/// The selected derivative at the solution, with what it was checked and recorded as.
+struct Selection<S> {
+    /// `sigma'(p*)` per element under the call's policy.
+    d: Array2<S>,
+    check: HypothesisCheck,
+    ledger: KinkLedger,
+}
+
+impl<S: Scalar> ImplicitNode<S> {
+    /// The VJP: `y = (I - J_z)^{-T} g`, then `delta = y o d` gives
+    /// `W_bar = delta^T z*`, `U_bar = delta^T x`, `b_bar = sum(delta)`, `x_bar = delta U`.
+    pub fn vjp(
+        &self,
+        ctx: &VjpContext<'_>,
+        inputs: &[ArrayViewD<'_, S>],
+        grad: ArrayViewD<'_, S>,
+    ) -> Result<Vec<Option<ArrayD<S>>>> {
+        let (x, w, u) = (as_matrix(&inputs[0]), as_matrix(&inputs[1]), as_matrix(&inputs[2]));
+        let g = grad.into_dimensionality::<Ix2>().expect("the output is 2-D");
+        self.ensure_finite("the incoming gradient", g.iter())?;
+        let Selection { d, check, ledger } = self.select(ctx, w, Pass::Backward)?;
+        let (adj, adjoint) = self.linear_solve(Direction::Adjoint, w, d.view(), g)?;
+        let mut delta = adj;
+        delta *= &d;
+        let mut w_bar = Array2::<S>::zeros(w.raw_dim());
+        gemm(S::one(), delta.t(), self.z.view(), false, w_bar.view_mut());
+        let mut u_bar = Array2::<S>::zeros(u.raw_dim());
+        gemm(S::one(), delta.t(), x, false, u_bar.view_mut());
+        let b_bar = delta.sum_axis(Axis(0));
+        let mut x_bar = Array2::<S>::zeros(x.raw_dim());
+        gemm(S::one(), delta.view(), u, false, x_bar.view_mut());
+        self.push_report(Pass::Backward, Some(adjoint), check, ledger);
+        Ok(vec![
+            Some(x_bar.into_dyn()),
+            Some(w_bar.into_dyn()),
+            Some(u_bar.into_dyn()),
+            Some(b_bar.into_dyn()),
+        ])
+    }
+
+    /// The JVP: with `t = dx U^T + x dU^T + z* dW^T + db` (the tangent of the pre-activation
+    /// at fixed `z`), the output tangent solves `(I - J_z) v = t o d` row by row. The same
+    /// selection, check, refusal and solver as [`vjp`](Self::vjp); the report goes to the log
+    /// as [`Pass::ForwardMode`].
+    pub fn jvp(
+        &self,
+        ctx: &JvpContext<'_>,
+        inputs: &[ArrayViewD<'_, S>],
+        tangents: &[Option<ArrayViewD<'_, S>>],
+    ) -> Result<ArrayD<S>> {
+        let (x, w, u) = (as_matrix(&inputs[0]), as_matrix(&inputs[1]), as_matrix(&inputs[2]));
+        for (name, t) in ["x", "W", "U", "b"].iter().zip(tangents) {
+            if let Some(t) = t {
+                self.ensure_finite(&format!("the tangent of {name}"), t.iter())?;
+            }
+        }
+        let Selection { d, check, ledger } = self.select(ctx, w, Pass::ForwardMode)?;
+        let mut t = Array2::<S>::zeros(self.z.raw_dim());
+        if let Some(dx) = &tangents[0] {
+            gemm(S::one(), as_matrix(dx), u.t(), true, t.view_mut());
+        }
+        if let Some(dw) = &tangents[1] {
+            gemm(S::one(), self.z.view(), as_matrix(dw).t(), true, t.view_mut());
+        }
+        if let Some(du) = &tangents[2] {
+            gemm(S::one(), x, as_matrix(du).t(), true, t.view_mut());
+        }
+        if let Some(db) = &tangents[3] {
+            t += db;
+        }
+        t *= &d;
+        let (v, solve) = self.linear_solve(Direction::Tangent, w, d.view(), t.view())?;
+        self.push_report(Pass::ForwardMode, Some(solve), check, ledger);
+        Ok(v.into_dyn())
+    }
+
+    /// Refuses a non-finite entry of what a product receives.
+    fn ensure_finite<'a>(&self, what: &str, mut values: impl Iterator<Item = &'a S>) -> Result<()>
+    where
+        S: 'a,
+    {
+        match values.find(|v| !v.is_finite()) {
+            None => Ok(()),
+            Some(v) => Err(Error::invalid(
+                "deq",
+                format!("{}: {what} has a non-finite entry {v}", self.name),
+            )),
+        }
+    }
+
+    /// Selects `sigma'(p*)` under the call's policy (inside the solver's error band), records
+    /// the kinks in the call's ledger, and runs the hypothesis check; a violated check that
+    /// the options refuse leaves its report (of `pass`) and becomes an error.
+    fn select(&self, ctx: &VjpContext<'_>, w: ArrayView2<'_, S>, pass: Pass) -> Result<Selection<S>> {
+        let policy = ctx.policy;
+        let residuals = self.sample_residuals();
+        let bands = self.solver_bands(w, &residuals);
+        let derivative = self.config.activation.derivative(self.pre.view(), policy, &bands);
+        let record = derivative.record.map(|r| r.in_layer(&self.name, ctx.node));
+        ctx.report_kinks(record.iter().cloned());
+        let kinks = check::SampleKinks {
+            units: derivative.units,
+            hull: record.as_ref().and_then(|r| r.hull).unwrap_or((1.0, 1.0)),
+            within_solver_error: record.as_ref().map_or(0, |r| r.within_solver_error),
+        };
+        let check = if self.config.check {
+            check::run(
+                self.config.parametrization,
+                self.config.activation.lipschitz(),
+                w,
+                derivative.d.view(),
+                &kinks,
+                &residuals,
+                &self.config.check_options,
+                &self.norm_warm_start,
+            )?
+        } else {
+            HypothesisCheck::not_checked("the check is off for this layer")
+        };
+        let ledger = KinkLedger::from_records(policy.label(), record.into_iter().collect());
+        if check.outcome == CheckOutcome::Violated && self.config.check_options.refuse_violated {
+            let detail = check.to_string();
+            self.push_report(pass, None, check, ledger);
+            return Err(Error::HypothesisViolated {
+                node: self.name.clone(),
+                detail,
+            });
+        }
+        Ok(Selection {
+            d: derivative.d,
+            check,
+            ledger,
+        })
+    }
+
+    fn push_report(&self, pass: Pass, solve: Option<SolveReport>, check: HypothesisCheck, kinks: KinkLedger) {
+        let approximate = solve.is_some() && matches!(self.config.gradient, GradientMode::TruncatedNeumann { .. });
+        self.reports.push_pass(
+            pass,
+            BackwardReport {
+                node: self.name.clone(),
+                mode: self.config.gradient,
+                forward: self.forward.clone(),
+                forward_residual: self.forward_residual,
+                adjoint: solve,
+                fallback: None,
+                approximate,
+                check,
+                kinks,
+            },
+        );
+    }
+
+    /// `||sigma(p_b) - z_b||` for every sample `b`: the absolute forward residual.
+    fn sample_residuals(&self) -> Vec<f64> {
+        let act = self.config.activation;
+        self.pre
+            .outer_iter()
+            .zip(self.z.outer_iter())
+            .map(|(p, z)| {
+                p.iter()
+                    .zip(z.iter())
+                    .map(|(&p, &z)| (act.value(p) - z).to_f64_exact().powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+            })
+            .collect()
+    }
+
+    /// The band around the kink, per sample, inside which a pre-activation is within the
+    /// forward solver's error: `factor * ||z_b - z_b*|| * max_i ||W_i||`, with
+    /// `||z_b - z_b*|| <= r_b / (1 - gamma)` under a spectral bound `gamma < 1` and `r_b`
+    /// otherwise (see [`clarke_implicit::KinkBand`]).
+    fn solver_bands(&self, w: ArrayView2<'_, S>, residuals: &[f64]) -> Vec<f64> {
+        let sigma = match self.config.parametrization {
+            Parametrization::SpectralNorm { gamma } if gamma < 1.0 => 1.0 - gamma,
+            _ => 1.0,
+        };
+        let row_norm = w
+            .outer_iter()
+            .map(|r| r.iter().map(|v| v.to_f64_exact().powi(2)).sum::<f64>().sqrt())
+            .fold(0.0, f64::max);
+        residuals
+            .iter()
+            .map(|&r| self.config.kink_band.width(r, sigma) * row_norm)
+            .collect()
+    }
+
+    /// Solves the adjoint or tangent system of `I - J_z` row by row with the layer's
+    /// gradient mode (dense LU per sample, Neumann, truncated Neumann, GMRES, BiCGSTAB).
+    fn linear_solve(
+        &self,
+        direction: Direction,
+        w: ArrayView2<'_, S>,
+        d: ArrayView2<'_, S>,
+        rhs: ArrayView2<'_, S>,
+    ) -> Result<(Array2<S>, SolveReport)> {
+        let (batch, n) = rhs.dim();
+        let blocks = row_blocks(batch, n);
+        let tol = self.config.adjoint_tol;
+        let max_iter = self.config.adjoint_max_iter;
+        let mut sol = rhs.to_owned();
+        let neumann = |sol: &mut Array2<S>, budget: Budget| {
+            let parts = split_rows(sol.view_mut(), &blocks);
+            let runs: Vec<BlockRun> = parts
+                .into_par_iter()
+                .zip(blocks.par_iter())
+                .map(|(sb, &(r0, r1))| {
+                    let (db, rb) = (d.slice(s![r0..r1, ..]), rhs.slice(s![r0..r1, ..]));
+                    match direction {
+                        Direction::Adjoint => neumann_block(w, db, rb, sb, budget),
+                        Direction::Tangent => tangent_neumann_block(w, db, rb, sb, budget),
+                    }
+                })
+                .collect();
+            merge(runs)
+        };
+        let (run, solver, fixed): (BlockRun, &'static str, bool) = match self.config.gradient {
+            GradientMode::TruncatedNeumann { terms } => {
+                let budget = Budget {
+                    tol: 0.0,
+                    max_iter: terms - 1,
+                    fixed: true,
+                };
+                (neumann(&mut sol, budget), "truncated_neumann", true)
+            }
+            GradientMode::Implicit(AdjointSolver::Neumann) => {
+                let budget = Budget {
+                    tol,
+                    max_iter,
+                    fixed: false,
+                };
+                (neumann(&mut sol, budget), "neumann", false)
+            }
+            GradientMode::Implicit(AdjointSolver::Dense) => {
+                let mut a = Array3::<S>::zeros((batch, n, n));
+                Zip::from(a.outer_iter_mut())
+                    .and(d.outer_iter())
+                    .par_for_each(|ai, di| kernel::identity_minus_scaled(di, w, ai));
+                sol = clarke_solve::batched_solve(a.view(), rhs, direction == Direction::Adjoint).map_err(|e| {
+                    Error::InImplicit {
+                        node: self.name.clone(),
+                        context: match direction {
+                            Direction::Adjoint => "the dense per-sample adjoint solve failed",
+                            Direction::Tangent => "the dense per-sample tangent solve failed",
+                        },
+                        source: Box::new(e),
+                    }
+                })?;
+                let residual = system_residual(direction, w, d, rhs, sol.view());
+                let run = BlockRun {
+                    iterations: 1,
+                    residual,
+                    trace: vec![residual],
+                    non_finite: !residual.is_finite(),
+                };
+                (run, "dense_lu", false)
+            }
+            GradientMode::Implicit(method) => {
+                let parts = split_rows(sol.view_mut(), &blocks);
+                let runs: Vec<Result<BlockRun>> = parts
+                    .into_par_iter()
+                    .zip(blocks.par_iter())
+                    .map(|(sb, &(r0, r1))| {
+                        krylov_block(
+                            method,
+                            direction,
+                            w,
+                            d.slice(s![r0..r1, ..]),
+                            rhs.slice(s![r0..r1, ..]),
+                            sb,
+                            tol,
+                            max_iter,
+                        )
+                    })
+                    .collect();
+                let name = if method == AdjointSolver::Gmres {
+                    "gmres"
+                } else {
+                    "bicgstab"
+                };
+                (merge(runs.into_iter().collect::<Result<Vec<_>>>()?), name, false)
+            }
+            GradientMode::Unrolled { .. } | GradientMode::OneStep | GradientMode::LeastSquaresNoHypothesis => {
+                unreachable!("these modes record no implicit node")
+            }
+        };
+        let residual = system_residual(direction, w, d, rhs, sol.view());
+        let status = if run.non_finite || !residual.is_finite() {
+            SolveStatus::NonFinite
+        } else if fixed || residual <= tol {
+            SolveStatus::Converged
+        } else {
+            SolveStatus::MaxIterations
+        };
+        if status != SolveStatus::Converged {
+            return Err(solve_failed(
+                &self.name,
+                direction.stage(),
+                solver,
+                status,
+                run.iterations,
+                residual,
+                tol,
+                &run.trace,
+            ));
+        }
+        let report = SolveReport {
+            solver,
+            iterations: run.iterations,
+            matvecs: run.iterations,
+            residual,
+            tolerance: tol,
+            status,
+            residual_history: run.trace,
+        };
+        Ok((sol, report))
+    }
+}
+
+/// A 2-D view of an input the layer recorded as a matrix.
+fn as_matrix<'a, S: Scalar>(a: &ArrayViewD<'a, S>) -> ArrayView2<'a, S> {
+    a.clone()
+        .into_dimensionality::<Ix2>()
+        .expect("the layer records 2-D inputs")
+}
+
+/// Writes `(I - J_z) v` (tangent) or `(I - J_z)^T v` (adjoint) of a row block into `y`.
+fn apply_system<S: Scalar>(
+    direction: Direction,
+    w: ArrayView2<'_, S>,
+    d: ArrayView2<'_, S>,
+    v: ArrayView2<'_, S>,
+    mut y: ndarray::ArrayViewMut2<'_, S>,
+) {
+    match direction {
+        Direction::Adjoint => {
+            let t = &v * &d;
+            kernel::gemm_seq(t.view(), w, false, y.view_mut());
+        }
+        Direction::Tangent => {
+            kernel::gemm_seq(v, w.t(), false, y.view_mut());
+            y *= &d;
+        }
+    }
+    Zip::from(&mut y).and(v).for_each(|y, &v| *y = v - *y);
+}
+
+/// Relative residual `||r - A v|| / ||r||` of a solution of the adjoint or tangent system.
+fn system_residual<S: Scalar>(
+    direction: Direction,
+    w: ArrayView2<'_, S>,
+    d: ArrayView2<'_, S>,
+    r: ArrayView2<'_, S>,
+    sol: ArrayView2<'_, S>,
+) -> f64 {
+    let mut av = Array2::<S>::zeros(r.raw_dim());
+    apply_system(direction, w, d, sol, av.view_mut());
+    let num = Zip::from(&av)
+        .and(r)
+        .fold(0.0f64, |acc, &a, &b| acc + (b - a).to_f64_exact().powi(2))
+        .sqrt();
+    let den = r.iter().map(|v| v.to_f64_exact().powi(2)).sum::<f64>().sqrt();
+    if den > 0.0 { num / den } else { num }
+}
+
+/// GMRES or BiCGSTAB on one row block (flattened), through `clarke-solve`.
+#[allow(clippy::too_many_arguments)]
+fn krylov_block<S: Scalar>(
+    method: AdjointSolver,
+    direction: Direction,
+    w: ArrayView2<'_, S>,
+    d: ArrayView2<'_, S>,
+    rhs: ArrayView2<'_, S>,
+    mut sol: ndarray::ArrayViewMut2<'_, S>,
+    tol: f64,
+    max_iter: usize,
+) -> Result<BlockRun> {
+    let (rows, n) = rhs.dim();
+    let op = FnOperator::new(
+        rows * n,
+        rows * n,
+        |v: ndarray::ArrayView1<'_, S>, y: ndarray::ArrayViewMut1<'_, S>| {
+            let v2 = v
+                .into_shape_with_order((rows, n))
+                .map_err(|e| Error::invalid("deq", e.to_string()))?;
+            let y2 = y
+                .into_shape_with_order((rows, n))
+                .map_err(|e| Error::invalid("deq", e.to_string()))?;
+            apply_system(direction, w, d, v2, y2);
+            Ok(())
+        },
+    );
+    let b: Array1<S> = rhs.iter().copied().collect();
+    let opts = SolveOptions {
+        tol,
+        max_iter,
+        ..SolveOptions::for_precision::<S>()
+    };
+    let (x, report) = match method {
+        AdjointSolver::Gmres => clarke_solve::gmres(&op, b.view(), None, &opts)?,
+        _ => clarke_solve::bicgstab(&op, b.view(), None, &opts)?,
+    };
+    sol.assign(&x.into_shape_with_order((rows, n)).expect("same length"));
+    Ok(BlockRun {
+        iterations: report.iterations,
+        residual: report.residual,
+        non_finite: report.status == SolveStatus::NonFinite,
+        trace: report.residual_history,
+    })
+}
