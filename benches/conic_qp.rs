@@ -25,6 +25,10 @@
 //! batch under 30 ms, at the same accuracy (the KKT residuals are printed before the
 //! timings).
 //!
+//! With `CLARKE_PEER_DATA=DIR`, the data (`P`, `G`, `h`, the batch of `q`, `w`) and the
+//! layer's batch solutions and gradients go to `DIR/conic_qp.json` before the timings, for
+//! `benches/peers/conic_qp.py`.
+//!
 //! The dense factorisations are pure Rust by default; with the `lapack` feature set
 //! `OPENBLAS_NUM_THREADS=1`, since rayon already runs one sample per core.
 
@@ -40,6 +44,8 @@ use criterion::{BenchmarkId, Criterion, criterion_group};
 use ndarray::{Array1, Array2};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+use crate::peer_data;
 
 const N: usize = 20;
 const M: usize = 15;
@@ -251,9 +257,40 @@ fn print_header(data: &Data) {
     );
 }
 
+/// The QP, and what the layer returns for the batch, for the peer scripts.
+fn peer_data(data: &Data) -> serde_json::Value {
+    let opts = SolverOptions::default();
+    let worst = |f: &dyn Fn(&ConeSolution) -> f64| {
+        (0..BATCH)
+            .map(|i| f(&solve(&data.program(i), &opts, None).expect("solve")))
+            .fold(0.0f64, f64::max)
+    };
+    serde_json::json!({
+        "n": N, "m": M, "batch": BATCH,
+        "P": peer_data::matrix(data.p.view()),
+        "G": peer_data::matrix(data.g.view()),
+        "h": peer_data::vector(data.h.view()),
+        "q": peer_data::matrix(data.q.view()),
+        "w": peer_data::vector(data.w.view()),
+        "clarke": {
+            "x": peer_data::array(&run(data, true, &checked(), false)),
+            "grad_q": peer_data::array(&run(data, true, &checked(), true)),
+            "kkt_worst": {
+                "primal": worst(&|s| s.residuals.primal),
+                "dual": worst(&|s| s.residuals.dual),
+                "gap": worst(&|s| s.residuals.gap),
+                "complementarity": worst(&|s| s.residuals.complementarity),
+            },
+        },
+    })
+}
+
 fn layer(c: &mut Criterion) {
     let data = Data::new();
     print_header(&data);
+    if let Some(dir) = peer_data::dir() {
+        peer_data::write(&dir, "conic_qp.json", &peer_data(&data));
+    }
     let checked = checked();
     let unchecked = unchecked();
     let mut group = c.benchmark_group("conic_qp");

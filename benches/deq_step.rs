@@ -12,6 +12,10 @@
 //! B x n by n x n (`60 * 2 B n^2` flops: 30 forward, 30 adjoint), so its "elem/s" figure
 //! reads as flop/s. The hypothesis check is off here (the reference step has none); the
 //! `check` variant at the smallest size measures what it costs.
+//!
+//! With `CLARKE_PEER_DATA=DIR`, each size's problem (W, U, b, V, c, X, the labels) and the
+//! loss and gradient norms of one implicit step go to `DIR/deq_step_B_d_n.json` before the
+//! timings, for `benches/peers/deq_step.py`.
 
 use std::hint::black_box;
 
@@ -24,6 +28,8 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use ndarray::{Array1, Array2, Axis};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+use crate::peer_data;
 
 const SIZES: [(usize, usize, usize); 3] = [(64, 64, 64), (128, 64, 256), (256, 256, 512)];
 const ITERATIONS: usize = 30;
@@ -85,6 +91,43 @@ impl Step {
         let grads = loss.backward().expect("backward");
         bound.gradients(&grads, &self.params).expect("finite gradients")
     }
+
+    /// The problem and the figures of one step, for the peer scripts.
+    fn peer_data(&self, (batch, d, n): (usize, usize, usize)) -> serde_json::Value {
+        let value = |name: &str| self.params.get(self.params.id(name).expect("a parameter of the step"));
+        let tape = Tape::<f64>::new();
+        let bound = self.params.bind(&tape);
+        let x = tape.constant(self.x.clone().into_dyn());
+        let z = self.deq.forward(&bound, x).expect("forward");
+        let loss = self
+            .head
+            .forward(&bound, z)
+            .expect("head")
+            .softmax_cross_entropy(&self.labels);
+        let grads = loss.backward().expect("backward");
+        let grads = bound.gradients(&grads, &self.params).expect("finite gradients");
+        let grad_norms: serde_json::Map<String, serde_json::Value> = self
+            .params
+            .ids()
+            .map(|id| {
+                (
+                    self.params.name(id).to_string(),
+                    peer_data::norm(&grads[id.index()]).into(),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "batch": batch, "d": d, "n": n, "iterations": ITERATIONS,
+            "W": peer_data::array(value("deq.w")),
+            "U": peer_data::array(value("deq.u")),
+            "b": peer_data::array(value("deq.bias")),
+            "V": peer_data::array(value("head.weight")),
+            "c": peer_data::array(value("head.bias")),
+            "X": peer_data::matrix(self.x.view()),
+            "y": self.labels,
+            "clarke_implicit": { "loss": loss.scalar(), "grad_norms": grad_norms },
+        })
+    }
 }
 
 fn deq_step(c: &mut Criterion) {
@@ -96,6 +139,10 @@ fn deq_step(c: &mut Criterion) {
         let label = format!("{size:?}");
         // 30 Neumann iterations g <- dL/dZ + J^T g are 31 terms of the series.
         let implicit = Step::new(size, GradientMode::TruncatedNeumann { terms: ITERATIONS + 1 }, false);
+        if let Some(dir) = peer_data::dir() {
+            let (b, d, n) = size;
+            peer_data::write(&dir, &format!("deq_step_{b}_{d}_{n}.json"), &implicit.peer_data(size));
+        }
         group.bench_with_input(BenchmarkId::new("implicit", &label), &implicit, |bch, s| {
             bch.iter(|| black_box(s.run()))
         });

@@ -4,11 +4,15 @@
 //!
 //! The groups: `tape_overhead`, `elementwise_*`, `matmul_fwd_bwd`, `tape_vs_unrolled`,
 //! `deq_step`, `conic_qp` and `conic_qp_raw` (see each module).
+//!
+//! With `CLARKE_PEER_DATA=DIR` set, `deq_step` and `conic_qp` also write their problems to
+//! `DIR` for the peer scripts of `benches/peers/` (see `peer_data`); nothing else changes.
 
 mod conic_qp;
 mod deq_step;
 mod elementwise;
 mod matmul;
+mod peer_data;
 mod tape_overhead;
 mod tape_vs_unrolled;
 

@@ -10,7 +10,11 @@
 //! ```text
 //! cargo run --release --example deq_digits -- [--mode implicit|unrolled|onestep] [--kink PRESET]
 //!     [--param spectral|monotone] [--f32] [--epochs N] [--seed S] [--plot PATH] [--quick]
+//!     [--no-check]
 //! ```
+//!
+//! `--no-check` trains without the hypothesis check (the same step otherwise), for timing
+//! against frameworks that have none (`benches/peers/deq_digits.py`).
 //!
 //! Progress goes to stderr; the last line on stdout is one JSON object with the results.
 
@@ -92,6 +96,9 @@ struct Args {
     /// Path of the data file.
     #[arg(long, default_value = "data/digits.csv")]
     data: String,
+    /// Skip the hypothesis check on the backward passes (it is on by default).
+    #[arg(long)]
+    no_check: bool,
 }
 
 fn main() {
@@ -134,7 +141,8 @@ fn run<S: Scalar>(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         .with_parametrization(parametrization)
         .with_gradient(gradient)
         .with_forward_tolerance(args.tol, 1000)
-        .with_adjoint_tolerance(args.tol, 1000);
+        .with_adjoint_tolerance(args.tol, 1000)
+        .with_check(!args.no_check);
 
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let mut params = ParamSet::<S>::new();
@@ -220,6 +228,7 @@ fn run<S: Scalar>(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         "epochs": epochs,
         "width": args.width,
         "batch": args.batch,
+        "hypothesis_check": !args.no_check,
         "test_accuracy": last.test_accuracy,
         "final_train_loss": last.train_loss,
         "train_seconds": history.train_seconds(),

@@ -8,6 +8,7 @@
 //! ```text
 //! cargo run --release --example lasso_hyperopt -- [--synthetic] [--weighted] [--plot PATH]
 //!                                                 [--kink PRESET] [--seed S] [--quick]
+//!                                                 [--save-data DIR]
 //! ```
 //!
 //! For `lambda = f lambda_max`, `f` in {0.5, 0.1, 0.02, 0.005, 0.001}, it prints the support
@@ -17,7 +18,11 @@
 //! the grid, and compares them. `--synthetic`: n = 200 training and 200 validation rows,
 //! p = 10,000 features, 20 informative (seeded). `--weighted`: one `lambda` per feature.
 //! Progress goes to stderr; the last line on stdout is one JSON object with the results.
+//! `--save-data DIR` also writes the centred split that is fitted (`lasso_x_train.npy`,
+//! `lasso_y_train.npy`, `lasso_x_val.npy`, `lasso_y_val.npy`: little-endian f64, exact) and
+//! `lasso.json` (sizes, `lambda_max`, the grid), for the peers in `benches/peers/lasso.py`.
 
+use std::path::Path;
 use std::time::Instant;
 
 use clap::Parser;
@@ -65,6 +70,70 @@ struct Args {
     /// Path of the data file.
     #[arg(long, default_value = "data/diabetes.csv")]
     data: String,
+    /// Also write the centred train/validation split (NumPy .npy) and the grid to this
+    /// directory, for the peer scripts.
+    #[arg(long)]
+    save_data: Option<String>,
+}
+
+/// Writes `a` (row-major, `shape`) as a NumPy `.npy` file of little-endian f64.
+fn write_npy(path: &Path, shape: &[usize], a: impl Iterator<Item = f64>) -> std::io::Result<()> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let dims = if dims.len() == 1 {
+        format!("{},", dims[0])
+    } else {
+        dims.join(", ")
+    };
+    let mut header = format!("{{'descr': '<f8', 'fortran_order': False, 'shape': ({dims}), }}");
+    // Magic (6) + version (2) + length (2) + header + newline: a multiple of 64.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    for v in a {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(path, bytes)
+}
+
+/// The split, `lambda_max` and the grid, for the peer scripts.
+fn save_data(dir: &str, split: &Split, lmax: f64, grid: &[f64], name: &str) -> Result<(), clarke::core::Error> {
+    let io = |e: std::io::Error| clarke::core::Error::Data(format!("--save-data {dir}: {e}"));
+    let dir = Path::new(dir);
+    std::fs::create_dir_all(dir).map_err(io)?;
+    // `iter` walks an ndarray in logical (row-major) order whatever its memory layout.
+    for (file, shape, values) in [
+        (
+            "lasso_x_train.npy",
+            split.x_train.shape(),
+            split.x_train.iter().copied().collect::<Vec<_>>(),
+        ),
+        ("lasso_y_train.npy", split.y_train.shape(), split.y_train.to_vec()),
+        (
+            "lasso_x_val.npy",
+            split.x_val.shape(),
+            split.x_val.iter().copied().collect(),
+        ),
+        ("lasso_y_val.npy", split.y_val.shape(), split.y_val.to_vec()),
+    ] {
+        write_npy(&dir.join(file), shape, values.into_iter()).map_err(io)?;
+    }
+    let meta = json!({
+        "data": name,
+        "n_train": split.x_train.nrows(),
+        "n_val": split.x_val.nrows(),
+        "p": split.x_train.ncols(),
+        "lambda_max": lmax,
+        "grid": grid,
+        "objective": "1/(2 n_train) ||y - X beta||^2 + lambda ||beta||_1, no intercept (centred data)",
+        "tol": "duality gap <= tol * ||y||^2 / n_train; 1e-8 for the grid and the timed fits",
+    });
+    std::fs::write(dir.join("lasso.json"), meta.to_string()).map_err(io)?;
+    eprintln!("split written to {}", dir.display());
+    Ok(())
 }
 
 fn load(args: &Args) -> Result<(String, Split), clarke::core::Error> {
@@ -229,7 +298,11 @@ fn run(args: &Args) -> Result<(), clarke::core::Error> {
     let cd = CdOptions::default().with_tol(1e-8);
     let grid_points = if args.quick { args.grid.min(10) } else { args.grid };
     let steps = if args.quick { args.steps.min(8) } else { args.steps };
-    let grid = grid_search(&model, &val, &try_geometric_grid(lmax, 0.01, grid_points)?, &cd)?;
+    let lambdas = try_geometric_grid(lmax, 0.01, grid_points)?;
+    if let Some(dir) = &args.save_data {
+        save_data(dir, &split, lmax, &lambdas, &name)?;
+    }
+    let grid = grid_search(&model, &val, &lambdas, &cd)?;
     eprintln!(
         "\ngrid ({grid_points} points, warm-started): best lambda {:.4e} (lambda_max/{:.1}), validation loss {:.6e}, {:.3} s",
         grid.best_lambda,

@@ -1,0 +1,162 @@
+"""The digits DEQ of examples/deq_digits.rs (default run) trained in PyTorch eager, f64, CPU.
+
+Same data (the project's data/digits.csv; test = rows whose index is a multiple of 5, pixels
+/ 16; --quick: the first 320 training rows and 2 epochs, as the example's --quick), same
+network and training:
+  W = 0.9 V / sigma_max(V), sigma = u^T V v with (u, v) from a warm-started power iteration
+      (at most 10 steps, stopping when v moves less than 1e-7 in l1), the gradient taking
+      u, v as fixed (spectral normalisation);
+  z* = relu(z* W^T + x U^T + b), width 128, Picard from z = 0 until every sample's
+      ||z_new - z|| / max(||z_new||, 1) <= 1e-5 (at most 1000); output relu(z* W^T + x U^T + b);
+  backward: Neumann y <- g + (y o d) W, d = relu'(pre) (relu'(0) = 0), until every sample's
+      change is <= 1e-5 ||g_i|| (at most 1000), then the gradients of W (through V), U, b;
+  logits = z V_h^T + c, mean softmax cross-entropy, Adam (lr 3e-3, betas 0.9/0.999, eps 1e-8),
+  batch 64, reshuffled every epoch, 20 epochs; initialisation as clarke's (Glorot uniform V
+  and U, He uniform head, zero biases), from torch's generator.
+No hypothesis check (clarke runs one on every backward pass by default; compare.py times
+clarke with and without it). Prints one JSON line: training wall time (evaluation excluded),
+test accuracy, mean iteration counts.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import emit, failed, setup  # noqa: E402
+
+
+def extra(p):
+    here = os.path.dirname(os.path.abspath(__file__))
+    p.add_argument("--csv", default=os.path.join(here, "..", "..", "data", "digits.csv"),
+                   help="the digits CSV (default: the project's data/digits.csv)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+
+
+args = setup(__doc__.splitlines()[0], extra)
+
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+WIDTH, BATCH, LR, TOL, MAX_ITER, GAMMA = 128, 64, 3e-3, 1e-5, 1000, 0.9
+POWER_ITER, POWER_TOL, QUICK_TRAIN_ROWS = 10, 1e-7, 320
+
+
+def run():
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    dt = torch.float64
+    D = np.loadtxt(args.csv, delimiter=",", skiprows=1)
+    X, y = D[:, :-1] / 16.0, D[:, -1].astype(np.int64)
+    test = np.arange(len(y)) % 5 == 0
+    Xtr, ytr, Xte, yte = X[~test], y[~test], X[test], y[test]
+    epochs = args.epochs
+    if args.quick:
+        Xtr, ytr, epochs = Xtr[:QUICK_TRAIN_ROWS], ytr[:QUICK_TRAIN_ROWS], 2
+    Xtr, ytr, Xte, yte = (torch.tensor(a) for a in (Xtr, ytr, Xte, yte))
+    n, d, classes = WIDTH, Xtr.shape[1], int(y.max()) + 1
+
+    def uniform(shape, a):
+        return ((torch.rand(shape, dtype=dt) * 2 - 1) * a).requires_grad_()
+
+    V = uniform((n, n), np.sqrt(6 / (2 * n)))
+    U = uniform((n, d), np.sqrt(6 / (n + d)))
+    b = torch.zeros(n, dtype=dt, requires_grad=True)
+    Vh = uniform((classes, n), np.sqrt(6 / n))
+    c = torch.zeros(classes, dtype=dt, requires_grad=True)
+    params = [V, U, b, Vh, c]
+    opt = torch.optim.Adam(params, lr=LR, betas=(0.9, 0.999), eps=1e-8)
+    right = torch.rand(n, dtype=dt) * 2 - 1
+    counts = {"forward": 0, "adjoint": 0, "steps": 0}
+
+    def weight():
+        nonlocal right
+        with torch.no_grad():
+            v = right / right.norm()
+            u = V @ v
+            u = u / u.norm()
+            for _ in range(1, POWER_ITER):
+                nxt = V.T @ u
+                nxt = nxt / nxt.norm()
+                change = (nxt - v).abs().sum().item()
+                v = nxt
+                u = V @ v
+                u = u / u.norm()
+                if change < POWER_TOL:
+                    break
+            right = v
+        sigma = u @ V @ v
+        return V * (GAMMA / sigma)
+
+    def row_change(new, old, scale):
+        return ((new - old).norm(dim=1) / scale).max().item()
+
+    def deq(x, train):
+        W = weight()
+        inj = x @ U.T + b
+        with torch.no_grad():
+            Wd, injd = W.detach(), inj.detach()
+            z = torch.zeros(x.shape[0], n, dtype=dt)
+            for it in range(1, MAX_ITER + 1):
+                z_new = torch.relu(z @ Wd.T + injd)
+                ch = row_change(z_new, z, z_new.norm(dim=1).clamp(min=1.0))
+                z = z_new
+                if ch <= TOL:
+                    break
+        pre = z @ W.T + inj
+        out = torch.relu(pre)
+        if train:
+            counts["forward"] += it
+            dm = (pre.detach() > 0).to(dt)
+
+            def neumann(g):
+                g_norm = g.norm(dim=1).clamp(min=np.finfo(np.float64).tiny)
+                yv = g
+                for k in range(1, MAX_ITER + 1):
+                    y_new = g + (yv * dm) @ Wd
+                    ch = row_change(y_new, yv, g_norm)
+                    yv = y_new
+                    if ch <= TOL:
+                        break
+                counts["adjoint"] += k
+                return yv
+
+            out.register_hook(neumann)
+        return out
+
+    def evaluate():
+        with torch.no_grad():
+            logits = deq(Xte, False) @ Vh.T + c
+        return (logits.argmax(1) == yte).double().mean().item()
+
+    train_s, per_epoch, last_loss = 0.0, [], float("nan")
+    for _ in range(epochs):
+        t = time.perf_counter()
+        perm = torch.randperm(len(ytr))
+        losses = []
+        for i in range(0, len(ytr), BATCH):
+            idx = perm[i:i + BATCH]
+            loss = F.cross_entropy(deq(Xtr[idx], True) @ Vh.T + c, ytr[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            counts["steps"] += 1
+        train_s += time.perf_counter() - t
+        last_loss = float(np.mean(losses))
+        per_epoch.append(evaluate())
+    steps = max(counts["steps"], 1)
+    emit("deq_digits", "torch", "train", f"{epochs} epochs", train_s, runs=1, threads=args.threads,
+         test_accuracy=per_epoch[-1], final_train_loss=last_loss, train_rows=len(ytr),
+         mean_forward_iters=counts["forward"] / steps, mean_adjoint_iters=counts["adjoint"] / steps,
+         test_accuracy_per_epoch=per_epoch, hypothesis_check=False)
+
+
+try:
+    run()
+except Exception as e:
+    failed("deq_digits", "torch", e)
