@@ -19,11 +19,9 @@
 //! shared `P`, `G`, `h`). The `raw` group runs the same single problem through `solve` and
 //! `ConeDerivative` without a tape, to show what the tape adds.
 //!
-//! Reference (cvxpylayers 1.2, PyTorch front end, diffcp backward, same QP): one problem
-//! 5.2 ms forward, 7.0 ms forward + backward; a batch of 128, 524 ms forward, 597 ms
-//! forward + backward. The goal is 20x: one problem forward + backward under 0.35 ms, the
-//! batch under 30 ms, at the same accuracy (the KKT residuals are printed before the
-//! timings).
+//! The peers (QPLayer, qpth, qpax, cvxpylayers) run the same QP in
+//! `benches/peers/conic_qp.py`; `benches/peers/compare.py` times both sides in one run. The
+//! KKT residuals are printed before the timings.
 //!
 //! With `CLARKE_PEER_DATA=DIR`, the data (`P`, `G`, `h`, the batch of `q`, `w`) and the
 //! layer's batch solutions and gradients go to `DIR/conic_qp.json` before the timings, for
@@ -50,11 +48,6 @@ use crate::peer_data;
 const N: usize = 20;
 const M: usize = 15;
 const BATCH: usize = 128;
-
-/// cvxpylayers 1.2 on the same QP, milliseconds: (one forward, one forward + backward,
-/// batch forward, batch forward + backward).
-const REFERENCE_MS: (f64, f64, f64, f64) = (5.2, 7.0, 524.0, 597.0);
-const SPEEDUP_GOAL: f64 = 20.0;
 
 /// A standard normal draw (Box-Muller).
 fn normal(rng: &mut ChaCha8Rng) -> f64 {
@@ -245,15 +238,8 @@ fn print_header(data: &Data) {
         .fold(0.0f64, |a, v| a.max(v.abs()));
     eprintln!("  tape vs raw adjoint, max |d loss / d q| difference: {diff:.1e}");
 
-    let (f1, fb1, fb, fbb) = REFERENCE_MS;
-    eprintln!("  cvxpylayers 1.2 (PyTorch, diffcp backward), same QP:");
-    eprintln!("    one problem:  forward {f1} ms, forward+backward {fb1} ms");
-    eprintln!("    batch of {BATCH}: forward {fb} ms, forward+backward {fbb} ms");
     eprintln!(
-        "  goal ({SPEEDUP_GOAL}x): one problem forward+backward < {:.2} ms; batch < {:.1} ms forward, < {:.1} ms forward+backward",
-        fb1 / SPEEDUP_GOAL,
-        fb / SPEEDUP_GOAL,
-        fbb / SPEEDUP_GOAL,
+        "  the peers (QPLayer, qpth, qpax, cvxpylayers) on the same QP: benches/peers/compare.py --only conic_qp"
     );
 }
 

@@ -1,5 +1,5 @@
-//! One DEQ training step, the same step as the PyTorch and JAX reference timings of the
-//! README: `Z = relu(Z W^T + X U^T + b)` (B x n, X is B x d), `W` with spectral norm 0.9,
+//! One DEQ training step, the same step as the PyTorch and JAX scripts of `benches/peers/`
+//! (`deq_step.py`): `Z = relu(Z W^T + X U^T + b)` (B x n, X is B x d), `W` with spectral norm 0.9,
 //! `logits = Z V^T + c` (10 classes), loss = mean cross-entropy; 30 Picard forward
 //! iterations without a tape, then 30 adjoint Neumann iterations `g <- dL/dZ + J_z^T g`, then
 //! the gradients of W, U, b, V, c. f64, both cores. Also the unrolled variant (30 iterations
