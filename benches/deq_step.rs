@@ -79,6 +79,11 @@ impl Step {
 
     /// Forward, loss, backward; returns the gradients of every parameter.
     fn run(&self) -> Vec<ndarray::ArrayD<f64>> {
+        self.loss_and_gradients().1
+    }
+
+    /// The loss and the gradients of every parameter, of one step.
+    fn loss_and_gradients(&self) -> (f64, Vec<ndarray::ArrayD<f64>>) {
         let tape = Tape::<f64>::new();
         let bound = self.params.bind(&tape);
         let x = tape.constant(self.x.clone().into_dyn());
@@ -89,23 +94,14 @@ impl Step {
             .expect("head")
             .softmax_cross_entropy(&self.labels);
         let grads = loss.backward().expect("backward");
-        bound.gradients(&grads, &self.params).expect("finite gradients")
+        let gradients = bound.gradients(&grads, &self.params).expect("finite gradients");
+        (loss.scalar(), gradients)
     }
 
     /// The problem and the figures of one step, for the peer scripts.
     fn peer_data(&self, (batch, d, n): (usize, usize, usize)) -> serde_json::Value {
         let value = |name: &str| self.params.get(self.params.id(name).expect("a parameter of the step"));
-        let tape = Tape::<f64>::new();
-        let bound = self.params.bind(&tape);
-        let x = tape.constant(self.x.clone().into_dyn());
-        let z = self.deq.forward(&bound, x).expect("forward");
-        let loss = self
-            .head
-            .forward(&bound, z)
-            .expect("head")
-            .softmax_cross_entropy(&self.labels);
-        let grads = loss.backward().expect("backward");
-        let grads = bound.gradients(&grads, &self.params).expect("finite gradients");
+        let (loss, grads) = self.loss_and_gradients();
         let grad_norms: serde_json::Map<String, serde_json::Value> = self
             .params
             .ids()
@@ -125,7 +121,7 @@ impl Step {
             "c": peer_data::array(value("head.bias")),
             "X": peer_data::matrix(self.x.view()),
             "y": self.labels,
-            "clarke_implicit": { "loss": loss.scalar(), "grad_norms": grad_norms },
+            "clarke_implicit": { "loss": loss, "grad_norms": grad_norms },
         })
     }
 }
