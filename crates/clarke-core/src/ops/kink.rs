@@ -489,13 +489,28 @@ fn slope_update<S: Scalar>(g: &mut ArrayD<S>, x: &ArrayD<S>, d: impl Fn(S) -> S 
     }
 }
 
+/// Whether `dist` is exactly zero at some element of `s`. Eight elements at a time without
+/// an early exit inside a block, so that the comparisons vectorise (a plain `any` stops at
+/// every element to test its exit and runs one comparison per cycle).
+#[inline]
+fn has_zero<S: Scalar>(s: &[S], dist: &impl Fn(S) -> S) -> bool {
+    let mut blocks = s.chunks_exact(8);
+    for block in &mut blocks {
+        let hit = block.iter().fold(false, |hit, &v| hit | (dist(v) == S::zero()));
+        if hit {
+            return true;
+        }
+    }
+    blocks.remainder().iter().any(|&v| dist(v) == S::zero())
+}
+
 /// Feeds the distance of every element of `x` to its kink into `scan`. With an empty band
 /// only exact zeros count, and a first pass over the slice skips the scan when there are none
 /// (the common case on a hot path).
 fn scan_distances<S: Scalar>(scan: &mut KinkScan, x: ArrayViewD<'_, S>, dist: impl Fn(S) -> S) {
     if scan.band() == 0.0 {
         let none = match x.as_slice() {
-            Some(s) => !s.iter().any(|&v| dist(v) == S::zero()),
+            Some(s) => !has_zero(s, &dist),
             None => !x.iter().any(|&v| dist(v) == S::zero()),
         };
         if none {
@@ -987,5 +1002,25 @@ fn sign_of<S: Scalar>(v: S) -> S {
         -S::one()
     } else {
         v // keeps 0 (and NaN)
+    }
+}
+
+#[cfg(test)]
+mod scan_tests {
+    use super::has_zero;
+
+    #[test]
+    fn has_zero_finds_a_zero_at_every_position_of_blocks_and_remainder() {
+        for len in [0usize, 1, 7, 8, 9, 19] {
+            let ones = vec![1.0f64; len];
+            assert!(!has_zero(&ones, &|v| v), "len {len}");
+            for at in 0..len {
+                let mut s = ones.clone();
+                s[at] = -0.0;
+                assert!(has_zero(&s, &|v| v), "len {len}, zero at {at}");
+                // The distance function is applied: a clamp-like shift.
+                assert!(has_zero(&ones, &|v| v - 1.0), "len {len}");
+            }
+        }
     }
 }
