@@ -41,14 +41,19 @@ fn tight() -> ImplicitOptions {
     ImplicitOptions::default().with_adjoint(SolveOptions::default().with_tol(1e-13))
 }
 
+/// A root layer (`F(z) = 0`) or a fixed-point layer (`z = T(z)`) of `map`.
+fn layer_of(map: Map, root: bool, options: ImplicitOptions) -> ImplicitLayer<f64> {
+    if root {
+        ImplicitLayer::root(map, options)
+    } else {
+        ImplicitLayer::fixed_point(map, options)
+    }
+    .unwrap()
+}
+
 /// `z*(W, x)` of a fresh layer, as a value.
 fn solve(map: Map, root: bool, w: &ArrayD<f64>, x: &ArrayD<f64>) -> ArrayD<f64> {
-    let layer = if root {
-        ImplicitLayer::root(map, tight())
-    } else {
-        ImplicitLayer::fixed_point(map, tight())
-    }
-    .unwrap();
+    let layer = layer_of(map, root, tight());
     let tape = Tape::<f64>::new();
     let th = [tape.constant(w.clone()), tape.constant(x.clone())];
     layer.apply(&ArrayD::zeros(x.raw_dim()), &th).unwrap().z.value()
@@ -60,12 +65,7 @@ fn the_jvp_of_a_layer_matches_central_differences() {
     let (w, x) = (weight(n, 0.9), vec(&[0.3, -0.7, 1.1, 0.2]));
     let (dw, dx) = (weight(n, 1.0).mapv(|v| v.sin()), vec(&[0.5, 0.1, -0.4, 0.9]));
     for (map, root) in [(deq as Map, false), (root_map as Map, true)] {
-        let layer = if root {
-            ImplicitLayer::root(map, tight())
-        } else {
-            ImplicitLayer::fixed_point(map, tight())
-        }
-        .unwrap();
+        let layer = layer_of(map, root, tight());
         let tape = Tape::<f64>::new();
         let (wv, xv) = (tape.param(w.clone()), tape.param(x.clone()));
         let z = layer.apply(&ArrayD::zeros(vec![n]), &[wv, xv]).unwrap().z;
@@ -213,12 +213,7 @@ fn dot_test(root: bool, mode: GradientMode) {
     let v_out = weight(n, 1.3).mapv(|v| v + 0.1);
     let map: Map = if root { root_map } else { deq };
     let options = tight().with_mode(mode);
-    let layer = if root {
-        ImplicitLayer::root(map, options)
-    } else {
-        ImplicitLayer::fixed_point(map, options)
-    }
-    .unwrap();
+    let layer = layer_of(map, root, options);
     let tape = Tape::<f64>::new();
     let (wv, xv, vv) = (tape.param(w.clone()), tape.param(x.clone()), tape.param(v_out.clone()));
     let z = layer.apply(&ArrayD::zeros(vec![n]), &[wv, xv]).unwrap().z;

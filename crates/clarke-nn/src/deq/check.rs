@@ -333,12 +333,7 @@ impl WeightNorm {
             if t * lipschitz >= 1.0 || t.is_nan() {
                 break;
             }
-            let mut shifted = gram.mapv(|g| -g);
-            let shift = t * t * (1.0 - CHOLESKY_ROUNDING_SLACK);
-            for i in 0..n {
-                shifted[[i, i]] += shift;
-            }
-            if is_positive_definite(shifted) {
+            if norm_below(gram.view(), t) {
                 return Ok(Some(WeightNorm {
                     value: t,
                     upper: t,
@@ -411,13 +406,20 @@ impl WeightNorm {
     }
 }
 
-/// Whether the symmetric `a` is positive definite: its Cholesky factorisation (faer, in
-/// place, lower triangle) meets no non-positive pivot.
-fn is_positive_definite(a: Array2<f64>) -> bool {
+/// Whether `||W|| < t`, given the Gram matrix `W^T W`: whether `t^2 I - W^T W` (with `t^2`
+/// lowered by [`CHOLESKY_ROUNDING_SLACK`]) is positive definite, which its Cholesky
+/// factorisation (faer, in place, lower triangle formed directly) decides by meeting no
+/// non-positive pivot.
+fn norm_below(gram: ArrayView2<'_, f64>, t: f64) -> bool {
     use faer::dyn_stack::{MemBuffer, MemStack};
     use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch};
-    let n = a.nrows();
-    let mut l = faer::Mat::<f64>::from_fn(n, n, |i, j| if i >= j { a[[i, j]] } else { 0.0 });
+    let n = gram.nrows();
+    let shift = t * t * (1.0 - CHOLESKY_ROUNDING_SLACK);
+    let mut l = faer::Mat::<f64>::from_fn(n, n, |i, j| match i.cmp(&j) {
+        std::cmp::Ordering::Less => 0.0,
+        std::cmp::Ordering::Equal => shift - gram[[i, i]],
+        std::cmp::Ordering::Greater => -gram[[i, j]],
+    });
     let par = faer::Par::Seq;
     let mut buf = MemBuffer::new(cholesky_in_place_scratch::<f64>(n, par, Default::default()));
     cholesky_in_place(
@@ -483,11 +485,7 @@ mod tests {
         assert!(WeightNorm::proven(w.view(), 1.0, &warm).unwrap().is_none());
         // Just below the norm, indefinite by 1e-9: the factorisation fails; just above, not.
         for (t, definite) in [(0.95 * (1.0 - 1e-9), false), (0.95 * (1.0 + 1e-9), true)] {
-            let mut shifted = w.t().dot(&w).mapv(|g| -g);
-            for i in 0..3 {
-                shifted[[i, i]] += t * t * (1.0 - CHOLESKY_ROUNDING_SLACK);
-            }
-            assert_eq!(is_positive_definite(shifted), definite, "t = {t}");
+            assert_eq!(norm_below(w.t().dot(&w).view(), t), definite, "t = {t}");
         }
     }
 

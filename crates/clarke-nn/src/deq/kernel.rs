@@ -236,16 +236,7 @@ pub(crate) fn neumann_block<S: Scalar>(
 ) -> BlockRun {
     let (d, g) = (d.as_standard_layout(), g.as_standard_layout());
     let (dv, gv) = (d.view(), g.view());
-    let g_norms: Vec<f64> = g
-        .outer_iter()
-        .map(|r| {
-            r.iter()
-                .map(|v| v.to_f64_exact().powi(2))
-                .sum::<f64>()
-                .sqrt()
-                .max(f64::MIN_POSITIVE)
-        })
-        .collect();
+    let g_norms = row_norms(g.view());
     let mut t = &w * &d;
     let mut q = Array2::<S>::zeros(g.raw_dim());
     let mut run = BlockRun::default();
@@ -285,16 +276,7 @@ pub(crate) fn tangent_neumann_block<S: Scalar>(
     mut v: ArrayViewMut2<'_, S>,
     budget: Budget,
 ) -> BlockRun {
-    let r_norms: Vec<f64> = r
-        .outer_iter()
-        .map(|row| {
-            row.iter()
-                .map(|x| x.to_f64_exact().powi(2))
-                .sum::<f64>()
-                .sqrt()
-                .max(f64::MIN_POSITIVE)
-        })
-        .collect();
+    let r_norms = row_norms(r);
     let mut q = Array2::<S>::zeros(r.raw_dim());
     let mut run = BlockRun::default();
     while run.iterations < budget.max_iter {
@@ -320,6 +302,20 @@ pub(crate) fn tangent_neumann_block<S: Scalar>(
         }
     }
     run
+}
+
+/// The Euclidean norm of each row (floored at the smallest positive `f64`): the scale of a
+/// Neumann iteration's change per sample.
+fn row_norms<S: Scalar>(a: ArrayView2<'_, S>) -> Vec<f64> {
+    a.outer_iter()
+        .map(|r| {
+            r.iter()
+                .map(|v| v.to_f64_exact().powi(2))
+                .sum::<f64>()
+                .sqrt()
+                .max(f64::MIN_POSITIVE)
+        })
+        .collect()
 }
 
 /// `c = x U^T + b`, computed by row blocks in parallel.

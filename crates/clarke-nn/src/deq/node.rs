@@ -271,7 +271,7 @@ impl<S: Scalar> ImplicitNode<S> {
                 .collect();
             merge(runs)
         };
-        let (run, solver, fixed): (BlockRun, &'static str, bool) = match self.config.gradient {
+        let (mut run, solver, fixed): (BlockRun, &'static str, bool) = match self.config.gradient {
             GradientMode::TruncatedNeumann { terms } => {
                 let budget = Budget {
                     tol: 0.0,
@@ -303,12 +303,10 @@ impl<S: Scalar> ImplicitNode<S> {
                         source: Box::new(e),
                     }
                 })?;
-                let residual = system_residual(direction, w, d, rhs, sol.view());
+                // The true residual, computed once after the match, is this run's residual.
                 let run = BlockRun {
                     iterations: 1,
-                    residual,
-                    trace: vec![residual],
-                    non_finite: !residual.is_finite(),
+                    ..BlockRun::default()
                 };
                 (run, "dense_lu", false)
             }
@@ -342,6 +340,10 @@ impl<S: Scalar> ImplicitNode<S> {
             }
         };
         let residual = system_residual(direction, w, d, rhs, sol.view());
+        if matches!(self.config.gradient, GradientMode::Implicit(AdjointSolver::Dense)) {
+            run.residual = residual;
+            run.trace = vec![residual];
+        }
         let status = if run.non_finite || !residual.is_finite() {
             SolveStatus::NonFinite
         } else if fixed || residual <= tol {
