@@ -18,7 +18,7 @@ use std::time::Instant;
 use clarke_core::{Error, Result};
 use ndarray::{Array1, ArrayView1};
 
-use crate::model::{LassoModel, Loss, Penalty, axpy, dot, sigmoid};
+use crate::model::{LassoModel, Loss, Penalty, dot, sigmoid};
 
 /// Options of [`solve`].
 #[derive(Debug, Clone, PartialEq)]
@@ -217,16 +217,6 @@ fn duality_gap(
     }
 }
 
-/// `sum_i x_i rho_i` with `rho_i = y_i - sigmoid(y_i - r_i)` computed on the fly.
-#[inline]
-fn dot_logistic(x: &[f64], y: &[f64], r: &[f64]) -> f64 {
-    x.iter()
-        .zip(y)
-        .zip(r)
-        .map(|((&xi, &yi), &ri)| xi * (yi - sigmoid(yi - ri)))
-        .sum()
-}
-
 /// Solves `min w sum_i l(y_i, x_i^T beta) + sum_j lambda_j |beta_j| + (l2/2)||beta||^2` by
 /// coordinate descent (exact coordinate minimisation for the squared loss, a step on the
 /// coordinate-wise quadratic bound `w ||x_j||^2 / 4` for the logistic loss), from `warm` (a previous solution, for paths and searches) or zero.
@@ -285,7 +275,7 @@ pub fn solve(
     let mut r: Vec<f64> = y_sl.to_vec();
     for (j, &b) in beta.iter().enumerate() {
         if b != 0.0 {
-            axpy(-b, model.col(j), &mut r);
+            model.col(j).axpy(-b, &mut r);
         }
     }
     let kappa = model.curvature_bound();
@@ -374,9 +364,9 @@ pub fn solve(
                 let xj = model.col(j);
                 let old = beta[j];
                 let c = if logistic {
-                    dot_logistic(xj, y_sl, &r)
+                    xj.dot_with(|i| y_sl[i] - sigmoid(y_sl[i] - r[i]))
                 } else {
-                    dot(xj, &r)
+                    xj.dot(&r)
                 };
                 let z = w * c + (lips[j] - l2) * old;
                 let lam = penalty.at(j);
@@ -388,7 +378,7 @@ pub fn solve(
                     0.0
                 };
                 if new != old {
-                    axpy(old - new, xj, &mut r);
+                    xj.axpy(old - new, &mut r);
                     beta[j] = new;
                 }
             }
@@ -406,7 +396,7 @@ pub fn solve(
                 }
                 let rho = model.generalized_residual(&r);
                 corr_ws.clear();
-                corr_ws.extend(ws.iter().map(|&j| w * dot(model.col(j), &rho)));
+                corr_ws.extend(ws.iter().map(|&j| w * model.col(j).dot(&rho)));
                 let gi = duality_gap(model, penalty, &beta, &r, &rho, &ws, &corr_ws, y_sq);
                 if gi.gap <= inner_tol {
                     break;
@@ -518,7 +508,7 @@ impl Anderson {
         for (t, &j) in ws.iter().enumerate() {
             let (old, new) = (beta[j], self.acc[t]);
             if old != new {
-                axpy(old - new, model.col(j), &mut self.r_acc);
+                model.col(j).axpy(old - new, &mut self.r_acc);
             }
             let l = penalty.at(j);
             pen_old += l * old.abs() + 0.5 * l2 * old * old;

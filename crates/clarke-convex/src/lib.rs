@@ -43,6 +43,7 @@
 pub mod cd;
 pub mod cone;
 pub mod data;
+pub mod design;
 pub mod hypergrad;
 pub mod kinks;
 pub mod model;
@@ -51,6 +52,7 @@ pub mod prox;
 pub mod search;
 
 pub use cd::{CdOptions, Fit, FitStatus, solve};
+pub use design::CscMatrix;
 pub use hypergrad::{Criterion, HypergradOptions, Hypergradient, Method, SupportCheck, ValidationMse, hypergradient};
 pub use kinks::{KinkSite, Prox};
 pub use model::{LassoModel, Loss, LossScale, Penalty};

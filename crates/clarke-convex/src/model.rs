@@ -21,7 +21,9 @@ use std::sync::OnceLock;
 
 use clarke_core::{Error, Result};
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2};
-use rayon::prelude::*;
+
+pub(crate) use crate::design::dot;
+use crate::design::{Column, CscMatrix, Design};
 
 /// Weight of the data-fit term.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -196,6 +198,58 @@ pub fn validate_data(op: &'static str, x: ArrayView2<'_, f64>, y: ArrayView1<'_,
     Ok(())
 }
 
+/// Checks labels of a logistic model: every label 0 or 1, both present.
+fn check_labels(op: &'static str, y: ArrayView1<'_, f64>) -> Result<()> {
+    if let Some((i, v)) = y.iter().enumerate().find(|(_, v)| **v != 0.0 && **v != 1.0) {
+        return Err(Error::invalid(op, format!("labels must be 0 or 1, got {v} at row {i}")));
+    }
+    if let Some(&first) = y.first()
+        && y.iter().all(|v| *v == first)
+    {
+        return Err(Error::invalid(
+            op,
+            format!("every label is {first}: logistic regression needs both classes"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a sparse design and a response: matching lengths, at least one row and column,
+/// finite `y`, no constant non-zero column (a column stored in full with one repeated value;
+/// an empty column is allowed, its coefficient stays at zero).
+fn validate_sparse(op: &'static str, x: &CscMatrix, y: ArrayView1<'_, f64>) -> Result<()> {
+    let (n, p) = (x.nrows(), x.ncols());
+    if n != y.len() {
+        return Err(Error::shapes(
+            op,
+            &[n, p],
+            &[y.len()],
+            format!("X has {n} rows but y has {} entries", y.len()),
+        ));
+    }
+    if n == 0 || p == 0 {
+        return Err(Error::invalid(op, format!("empty data: X is {n} x {p}")));
+    }
+    if let Some((i, v)) = y.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::invalid(op, format!("y has a non-finite value {v} at row {i}")));
+    }
+    if n >= 2 {
+        for j in 0..p {
+            let (rows, values) = x.column(j);
+            if rows.len() == n && values[0] != 0.0 && values.iter().all(|&v| v == values[0]) {
+                return Err(Error::invalid(
+                    op,
+                    format!(
+                        "column {j} of X is constant (every row is {}): it cannot be told apart from the intercept and makes the solution non-unique; drop it",
+                        values[0]
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_constant_columns(op: &'static str, x: ArrayView2<'_, f64>) -> Result<()> {
     if x.nrows() < 2 {
         return Ok(()); // one row: nothing to centre, every column is trivially constant
@@ -217,10 +271,8 @@ fn check_constant_columns(op: &'static str, x: ArrayView2<'_, f64>) -> Result<()
 /// Training data and the model's fixed settings.
 #[derive(Debug)]
 pub struct LassoModel {
-    n: usize,
-    p: usize,
-    /// Column-major copy of X: column `j` is `cols[j n .. (j + 1) n]`.
-    cols: Vec<f64>,
+    /// The design `X`, dense or sparse.
+    design: Design,
     y: Array1<f64>,
     col_sq: Vec<f64>,
     scale: LossScale,
@@ -232,9 +284,7 @@ pub struct LassoModel {
 impl Clone for LassoModel {
     fn clone(&self) -> Self {
         LassoModel {
-            n: self.n,
-            p: self.p,
-            cols: self.cols.clone(),
+            design: self.design.clone(),
             y: self.y.clone(),
             col_sq: self.col_sq.clone(),
             scale: self.scale,
@@ -252,23 +302,49 @@ impl LassoModel {
         const OP: &str = "LassoModel::new";
         validate_data(OP, x, y)?;
         check_constant_columns(OP, x)?;
-        let (n, p) = x.dim();
-        let mut cols = Vec::with_capacity(n * p);
-        for col in x.columns() {
-            cols.extend(col.iter().copied());
-        }
-        let col_sq = cols.chunks_exact(n).map(|c| dot(c, c)).collect();
-        Ok(LassoModel {
-            n,
-            p,
-            cols,
+        Ok(Self::from_design(Design::dense(x), y))
+    }
+
+    /// A Lasso on a sparse design `X` (compressed sparse columns) and `y`: the same model as
+    /// [`LassoModel::new`] on `X.to_dense()`, with every solver and hypergradient working
+    /// on the stored entries (memory in proportion to the non-zeros). Empty columns are
+    /// allowed: the penalty holds their coefficients at zero.
+    ///
+    /// # Errors
+    /// `X` with another number of rows than `y` has entries, empty data, a non-finite `y`,
+    /// a constant non-zero column (with two or more rows). The matrix itself was checked
+    /// by its constructor.
+    pub fn new_sparse(x: CscMatrix, y: ArrayView1<'_, f64>) -> Result<Self> {
+        const OP: &str = "LassoModel::new_sparse";
+        validate_sparse(OP, &x, y)?;
+        Ok(Self::from_design(Design::Sparse(x), y))
+    }
+
+    /// Sparse logistic regression on a sparse design: [`LassoModel::logistic`] on
+    /// compressed sparse columns (see [`LassoModel::new_sparse`]).
+    ///
+    /// # Errors
+    /// As [`LassoModel::new_sparse`], and on labels other than 0 and 1 or a single class.
+    pub fn logistic_sparse(x: CscMatrix, y: ArrayView1<'_, f64>) -> Result<Self> {
+        const OP: &str = "LassoModel::logistic_sparse";
+        check_labels(OP, y)?;
+        validate_sparse(OP, &x, y)?;
+        let mut model = Self::from_design(Design::Sparse(x), y);
+        model.loss = Loss::Logistic;
+        Ok(model)
+    }
+
+    fn from_design(design: Design, y: ArrayView1<'_, f64>) -> Self {
+        let col_sq = (0..design.p()).map(|j| design.col(j).weighted_square(None)).collect();
+        LassoModel {
+            design,
             y: y.to_owned(),
             col_sq,
             scale: LossScale::Mean,
             loss: Loss::Squared,
             l2: 0.0,
             lipschitz: OnceLock::new(),
-        })
+        }
     }
 
     /// Sparse logistic regression on `(X, y)` with labels `y` in `{0, 1}` (both present).
@@ -276,15 +352,7 @@ impl LassoModel {
     pub fn logistic(x: ArrayView2<'_, f64>, y: ArrayView1<'_, f64>) -> Result<Self> {
         const OP: &str = "LassoModel::logistic";
         validate_data(OP, x, y)?;
-        if let Some((i, v)) = y.iter().enumerate().find(|(_, v)| **v != 0.0 && **v != 1.0) {
-            return Err(Error::invalid(OP, format!("labels must be 0 or 1, got {v} at row {i}")));
-        }
-        if y.iter().all(|v| *v == y[0]) {
-            return Err(Error::invalid(
-                OP,
-                format!("every label is {}: logistic regression needs both classes", y[0]),
-            ));
-        }
+        check_labels(OP, y)?;
         let mut model = Self::new(x, y).map_err(|e| match e {
             Error::InvalidArgument { detail, .. } => Error::invalid(OP, detail),
             other => other,
@@ -373,11 +441,23 @@ impl LassoModel {
 
     /// Rows.
     pub fn n(&self) -> usize {
-        self.n
+        self.design.n()
     }
     /// Columns (features).
     pub fn p(&self) -> usize {
-        self.p
+        self.design.p()
+    }
+    /// Whether the design is stored as compressed sparse columns.
+    pub fn is_sparse(&self) -> bool {
+        self.design.as_sparse().is_some()
+    }
+    /// Stored entries of the design (`n p` for a dense one).
+    pub fn nnz(&self) -> usize {
+        self.design.nnz()
+    }
+    /// The design.
+    pub(crate) fn design(&self) -> &Design {
+        &self.design
     }
     /// The ridge weight.
     pub fn l2(&self) -> f64 {
@@ -390,23 +470,24 @@ impl LassoModel {
     /// The data-fit weight `w` (`1/n` or `1`).
     pub fn weight(&self) -> f64 {
         match self.scale {
-            LossScale::Mean => 1.0 / self.n as f64,
+            LossScale::Mean => 1.0 / self.n() as f64,
             LossScale::Sum => 1.0,
         }
     }
     /// Column `j` of `X`.
     #[inline]
-    pub(crate) fn col(&self, j: usize) -> &[f64] {
-        &self.cols[j * self.n..(j + 1) * self.n]
+    pub(crate) fn col(&self, j: usize) -> Column<'_> {
+        self.design.col(j)
     }
     /// `||x_j||^2`.
     #[inline]
     pub(crate) fn col_sq(&self, j: usize) -> f64 {
         self.col_sq[j]
     }
-    /// `X` as an owned row-major matrix (for tape-based methods).
+    /// `X` as an owned dense row-major matrix (for tape-based methods; `n p` values even
+    /// for a sparse design).
     pub fn x(&self) -> Array2<f64> {
-        Array2::from_shape_fn((self.n, self.p), |(i, j)| self.cols[j * self.n + i])
+        self.design.to_dense()
     }
 
     /// `X beta`.
@@ -414,11 +495,11 @@ impl LassoModel {
     /// # Errors
     /// A `beta` whose length is not the number of features.
     pub fn predict(&self, beta: ArrayView1<'_, f64>) -> Result<Array1<f64>> {
-        if beta.len() != self.p {
+        if beta.len() != self.p() {
             return Err(Error::shapes(
                 "LassoModel::predict",
                 &[beta.len()],
-                &[self.p],
+                &[self.p()],
                 "beta must have one entry per feature",
             ));
         }
@@ -427,33 +508,15 @@ impl LassoModel {
 
     /// `X beta` for a `beta` of length `p` (checked by the callers).
     fn predict_unchecked(&self, beta: ArrayView1<'_, f64>) -> Array1<f64> {
-        let mut out = Array1::zeros(self.n);
-        let o = out.as_slice_mut().expect("contiguous");
-        for (j, &b) in beta.iter().enumerate() {
-            if b != 0.0 {
-                axpy(b, self.col(j), o);
-            }
+        match beta.as_slice() {
+            Some(b) => Array1::from(self.design.predict(b)),
+            None => Array1::from(self.design.predict(&beta.to_vec())),
         }
-        out
     }
 
     /// `w X^T v` for every column (parallel over columns for large `X`).
     pub(crate) fn correlations(&self, v: &[f64]) -> Array1<f64> {
-        let w = self.weight();
-        let n = self.n;
-        let mut out = vec![0.0; self.p];
-        if n * self.p >= 1 << 20 {
-            out.par_chunks_mut(256).enumerate().for_each(|(k, chunk)| {
-                for (m, o) in chunk.iter_mut().enumerate() {
-                    *o = w * dot(self.col(k * 256 + m), v);
-                }
-            });
-        } else {
-            for (j, o) in out.iter_mut().enumerate() {
-                *o = w * dot(&self.cols[j * n..(j + 1) * n], v);
-            }
-        }
-        Array1::from(out)
+        self.design.correlations(self.weight(), v)
     }
 
     /// `lambda_max = ||w X^T rho(0)||_inf` (`rho(0) = y`, or `y - 1/2` for the logistic
@@ -467,7 +530,8 @@ impl LassoModel {
     /// first term for the logistic loss; power iteration, computed once).
     pub fn lipschitz(&self) -> f64 {
         *self.lipschitz.get_or_init(|| {
-            let mut v = vec![1.0 / (self.p as f64).sqrt(); self.p];
+            let p = self.p();
+            let mut v = vec![1.0 / (p as f64).sqrt(); p];
             let mut est = 0.0;
             for _ in 0..100 {
                 let xv = self.predict_unchecked(ArrayView1::from(&v[..]));
@@ -494,38 +558,11 @@ impl LassoModel {
     /// A `beta` or a penalty of another length than the features, or a penalty that is not
     /// finite and positive.
     pub fn objective(&self, beta: ArrayView1<'_, f64>, penalty: &Penalty) -> Result<f64> {
-        penalty.validate("LassoModel::objective", self.p)?;
+        penalty.validate("LassoModel::objective", self.p())?;
         let residual = &self.y - &self.predict(beta)?;
         let fit = self.datafit(residual.as_slice().expect("contiguous"));
         let l1: f64 = beta.iter().enumerate().map(|(j, b)| penalty.at(j) * b.abs()).sum();
         let l2 = 0.5 * self.l2 * beta.iter().map(|b| b * b).sum::<f64>();
         Ok(fit + l1 + l2)
-    }
-}
-
-/// `sum a_i b_i` with eight accumulators (vectorises; the rounding differs from a serial
-/// sum only in the last bits).
-#[inline]
-pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0.0f64; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for k in 0..8 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
-
-/// `y += a x`.
-#[inline]
-pub(crate) fn axpy(a: f64, x: &[f64], y: &mut [f64]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
     }
 }

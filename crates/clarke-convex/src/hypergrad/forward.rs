@@ -27,7 +27,7 @@ use ndarray::Array1;
 use super::support::{active_set, curvature_at, sign};
 use super::{Criterion, HypergradOptions, Hypergradient, Method, Start};
 use crate::cd::Fit;
-use crate::model::{LassoModel, Penalty, dot};
+use crate::model::{LassoModel, Penalty};
 
 /// The implicit forward hypergradient (see the module documentation).
 ///
@@ -118,11 +118,7 @@ impl<'m> TangentSystem<'m> {
             .iter()
             .zip(&shift)
             .map(|(&(j, _), &sh)| {
-                let col = model.col(j);
-                let weighted = match &curvature {
-                    Some(s) => col.iter().zip(s).map(|(x, c)| x * x * c).sum::<f64>(),
-                    None => dot(col, col),
-                };
+                let weighted = model.col(j).weighted_square(curvature.as_deref());
                 model.weight() * weighted + model.l2() + sh
             })
             .collect();
@@ -139,8 +135,8 @@ impl<'m> TangentSystem<'m> {
     fn curvature_product(&self, j: usize, u: &[f64]) -> f64 {
         let col = self.model.col(j);
         let product = match &self.curvature {
-            Some(s) => col.iter().zip(s).zip(u).map(|((x, c), v)| x * c * v).sum::<f64>(),
-            None => dot(col, u),
+            Some(s) => col.weighted_dot(s, u),
+            None => col.dot(u),
         };
         self.model.weight() * product
     }
@@ -166,9 +162,7 @@ impl<'m> TangentSystem<'m> {
                 let step = -residual / self.diagonal[a];
                 if step != 0.0 {
                     tangent[a] += step;
-                    for (ui, x) in u.iter_mut().zip(self.model.col(j)) {
-                        *ui += step * x;
-                    }
+                    self.model.col(j).axpy(step, &mut u);
                 }
             }
             if !worst.is_finite() {

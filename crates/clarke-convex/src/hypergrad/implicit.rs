@@ -7,6 +7,14 @@
 //! solution, so it converges at once), solves the adjoint `(I - J_beta)^T v = grad C` with
 //! GMRES (dense LU for small `p`), checks `I - J_beta`, and returns `J_theta^T v`. The kink
 //! policy of the backward call reaches the prox's VJP inside the layer.
+//!
+//! On a sparse design the layer runs on the equicorrelation set `E` only (its columns as a
+//! dense `n x |E|` block): off `E` the prox input lies strictly inside the threshold (by
+//! more than the kink band), so every selection of the prox's Jacobian is 0 there, `I -
+//! J_beta` is block triangular with the identity on the rest, and the restricted layer has
+//! the same solution, the same adjoint on `E`, and the same invertibility verdict, without
+//! an `n x p` dense copy of `X`. The dense design keeps the full map, so the two routes
+//! cross-check each other.
 
 use clarke_core::{BackwardOptions, Error, Result, Tape};
 use clarke_implicit::{AdjointSolver, CheckOptions, ForwardSolver, GradientMode, ImplicitLayer, ImplicitOptions};
@@ -39,7 +47,29 @@ pub fn hypergradient(
         grad: g,
     } = Start::at(model, fit, criterion, options)?;
     let gamma = options.step_for(model)?;
-    let (w, l2, p) = (model.weight(), model.l2(), model.p());
+    let (w, l2) = (model.weight(), model.l2());
+    // The coordinates the layer runs on: every feature, or `E` on a sparse design.
+    let coords: Option<Vec<usize>> = model.is_sparse().then(|| check.equicorrelation.clone());
+    let p = coords.as_ref().map_or(model.p(), Vec::len);
+    if p == 0 {
+        // Nothing is active or at a kink: beta = 0 on a neighbourhood of lambda.
+        return Ok(Hypergradient {
+            method: Method::Implicit,
+            value: criterion.value(fit.beta.view())?,
+            gradient: Array1::zeros(fit.penalty.len()),
+            check,
+            layer_check: None,
+            kinks,
+            iterations: 0,
+            seconds: start.elapsed().as_secs_f64(),
+        });
+    }
+    let restrict = |v: &Array1<f64>| -> Array1<f64> {
+        match &coords {
+            Some(idx) => Array1::from_iter(idx.iter().map(|&j| v[j])),
+            None => v.clone(),
+        }
+    };
     let logistic = model.loss() == Loss::Logistic;
     let solver = if p <= DENSE_ADJOINT_LIMIT {
         AdjointSolver::Dense
@@ -76,23 +106,45 @@ pub fn hypergradient(
     let tape = Tape::<f64>::with_policy(options.policy.clone())?;
     let theta = match &fit.penalty {
         Penalty::Uniform(l) => ArrayD::from_elem(IxDyn(&[]), l.ln()),
-        Penalty::PerFeature(l) => l.mapv(f64::ln).into_dyn(),
+        Penalty::PerFeature(l) => restrict(&l.mapv(f64::ln)).into_dyn(),
     };
     let log_lambda = tape.param(theta);
-    let x = tape.constant(model.x().into_dyn());
+    let x_block = match &coords {
+        Some(idx) => model.design().columns_dense(idx),
+        None => model.x(),
+    };
+    let x = tape.constant(x_block.into_dyn());
     let y = tape.constant(model.y().to_owned().into_dyn());
-    let solution = layer.apply(&fit.beta.clone().into_dyn(), &[log_lambda, x, y])?;
-    let beta = solution.z.value();
-    let seed = g.into_dyn();
+    let solution = layer.apply(&restrict(&fit.beta).into_dyn(), &[log_lambda, x, y])?;
+    let seed = restrict(&g).into_dyn();
     let grads = solution
         .z
         .backward_with(&BackwardOptions::seed(seed).with_policy(options.policy.clone()))?;
-    let gradient = Array1::from_iter(grads.wrt(log_lambda)?.iter().copied());
+    let layer_gradient = Array1::from_iter(grads.wrt(log_lambda)?.iter().copied());
+    let (beta, gradient) = match (&coords, &fit.penalty) {
+        (None, _) => (Array1::from_iter(solution.z.value().iter().copied()), layer_gradient),
+        (Some(idx), pen) => {
+            let mut beta = Array1::zeros(model.p());
+            for (&j, &b) in idx.iter().zip(solution.z.value().iter()) {
+                beta[j] = b;
+            }
+            let gradient = match pen {
+                Penalty::Uniform(_) => layer_gradient,
+                Penalty::PerFeature(_) => {
+                    let mut full = Array1::zeros(model.p());
+                    for (&j, &d) in idx.iter().zip(layer_gradient.iter()) {
+                        full[j] = d;
+                    }
+                    full
+                }
+            };
+            (beta, gradient)
+        }
+    };
     let report = layer
         .reports()
         .last()
         .ok_or_else(|| Error::invalid("implicit hypergradient", "the layer logged no backward report"))?;
-    let beta = Array1::from_iter(beta.iter().copied());
     let iterations = report.forward.iterations + report.adjoint.as_ref().map_or(0, |a| a.iterations);
     Ok(Hypergradient {
         method: Method::Implicit,

@@ -36,7 +36,8 @@ use clarke_implicit::{CheckOutcome, HypothesisCheck};
 use ndarray::{Array1, ArrayView1, ArrayView2};
 
 use crate::cd::Fit;
-use crate::model::{LassoModel, axpy, dot, sigmoid, softplus, validate_data};
+use crate::design::{CscMatrix, Design};
+use crate::model::{LassoModel, dot, sigmoid, softplus, validate_data};
 
 /// A differentiable criterion of the coefficients (the outer objective of the bilevel
 /// problem).
@@ -59,9 +60,7 @@ pub trait Criterion {
 /// Mean squared error on held-out rows: `C(beta) = ||y_val - X_val beta||^2 / n_val`.
 #[derive(Debug, Clone)]
 pub struct ValidationMse {
-    n: usize,
-    p: usize,
-    cols: Vec<f64>,
+    design: Design,
     y: Array1<f64>,
 }
 
@@ -82,22 +81,56 @@ impl ValidationMse {
             ));
         }
         validate_data(OP, x, y)?;
-        let (n, p) = x.dim();
-        let mut cols = Vec::with_capacity(n * p);
-        for c in x.columns() {
-            cols.extend(c.iter().copied());
+        Ok(ValidationMse {
+            design: Design::dense(x),
+            y: y.to_owned(),
+        })
+    }
+
+    /// Validation data with a sparse `X_val` (memory in proportion to its non-zeros).
+    /// Errors: no rows, mismatched lengths, a non-finite `y_val` (the matrix was checked by
+    /// its constructor).
+    pub fn new_sparse(x: CscMatrix, y: ArrayView1<'_, f64>) -> Result<Self> {
+        const OP: &str = "ValidationMse::new_sparse";
+        if x.nrows() == 0 || y.is_empty() {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "the validation set is empty (X_val is {} x {}, y_val has {} entries); hold out at least one row",
+                    x.nrows(),
+                    x.ncols(),
+                    y.len()
+                ),
+            ));
+        }
+        if x.nrows() != y.len() {
+            return Err(Error::shapes(
+                OP,
+                &[x.nrows(), x.ncols()],
+                &[y.len()],
+                format!("X_val has {} rows but y_val has {} entries", x.nrows(), y.len()),
+            ));
+        }
+        if let Some((i, v)) = y.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::invalid(
+                OP,
+                format!("y_val has a non-finite value {v} at row {i}"),
+            ));
         }
         Ok(ValidationMse {
-            n,
-            p,
-            cols,
+            design: Design::Sparse(x),
             y: y.to_owned(),
         })
     }
 
     /// Features.
     pub fn p(&self) -> usize {
-        self.p
+        self.design.p()
+    }
+
+    /// Validation rows.
+    fn n(&self) -> usize {
+        self.design.n()
     }
 
     /// `C(beta)`.
@@ -106,7 +139,7 @@ impl ValidationMse {
     /// A `beta` whose length is not the number of validation features.
     pub fn value(&self, beta: ArrayView1<'_, f64>) -> Result<f64> {
         let r = self.residual(beta)?;
-        Ok(dot(&r, &r) / self.n as f64)
+        Ok(dot(&r, &r) / self.n() as f64)
     }
 
     /// `grad C(beta)`.
@@ -115,25 +148,22 @@ impl ValidationMse {
     /// As [`ValidationMse::value`].
     pub fn gradient(&self, beta: ArrayView1<'_, f64>) -> Result<Array1<f64>> {
         let r = self.residual(beta)?;
-        let s = -2.0 / self.n as f64;
-        Ok(Array1::from_iter(
-            (0..self.p).map(|j| s * dot(&self.cols[j * self.n..(j + 1) * self.n], &r)),
-        ))
+        Ok(self.design.correlations(-2.0 / self.n() as f64, &r))
     }
 
     fn residual(&self, beta: ArrayView1<'_, f64>) -> Result<Vec<f64>> {
-        if beta.len() != self.p {
+        if beta.len() != self.p() {
             return Err(Error::shapes(
                 "validation criterion",
                 &[beta.len()],
-                &[self.p],
+                &[self.p()],
                 "beta must have one entry per validation feature (is the fit of a model with other features?)",
             ));
         }
         let mut r = self.y.to_vec();
         for (j, &b) in beta.iter().enumerate() {
             if b != 0.0 {
-                axpy(-b, &self.cols[j * self.n..(j + 1) * self.n], &mut r);
+                self.design.col(j).axpy(-b, &mut r);
             }
         }
         Ok(r)
@@ -176,6 +206,20 @@ impl ValidationLogLoss {
 }
 
 impl ValidationLogLoss {
+    /// Validation data with a sparse `X_val`. Errors as [`ValidationMse::new_sparse`], and
+    /// on labels other than 0 and 1.
+    pub fn new_sparse(x: CscMatrix, y: ArrayView1<'_, f64>) -> Result<Self> {
+        const OP: &str = "ValidationLogLoss::new_sparse";
+        let inner = ValidationMse::new_sparse(x, y).map_err(|e| match e {
+            Error::InvalidArgument { detail, .. } => Error::invalid(OP, detail),
+            other => other,
+        })?;
+        if let Some((i, v)) = y.iter().enumerate().find(|(_, v)| **v != 0.0 && **v != 1.0) {
+            return Err(Error::invalid(OP, format!("labels must be 0 or 1, got {v} at row {i}")));
+        }
+        Ok(ValidationLogLoss { inner })
+    }
+
     /// `C(beta)`.
     ///
     /// # Errors
@@ -183,7 +227,7 @@ impl ValidationLogLoss {
     pub fn value(&self, beta: ArrayView1<'_, f64>) -> Result<f64> {
         // residual r = y - m, so m = y - r.
         let r = self.inner.residual(beta)?;
-        let n = self.inner.n as f64;
+        let n = self.inner.n() as f64;
         let total: f64 = self
             .inner
             .y
@@ -203,7 +247,7 @@ impl ValidationLogLoss {
     /// As [`ValidationLogLoss::value`].
     pub fn gradient(&self, beta: ArrayView1<'_, f64>) -> Result<Array1<f64>> {
         let r = self.inner.residual(beta)?;
-        let n = self.inner.n;
+        let n = self.inner.n();
         let g: Vec<f64> = self
             .inner
             .y
@@ -211,9 +255,7 @@ impl ValidationLogLoss {
             .zip(&r)
             .map(|(&y, &ri)| sigmoid(y - ri) - y)
             .collect();
-        Ok(Array1::from_iter(
-            (0..self.inner.p).map(|j| dot(&self.inner.cols[j * n..(j + 1) * n], &g) / n as f64),
-        ))
+        Ok(self.inner.design.correlations(1.0 / n as f64, &g))
     }
 }
 
@@ -294,6 +336,11 @@ pub struct HypergradOptions {
     pub forward_tol: f64,
     /// Sweep budget of the forward method (per tangent). Default 100,000.
     pub forward_max_sweeps: usize,
+    /// Largest equicorrelation set (or solved block) for which the support method and the
+    /// check form the `|E| x |E|` matrix, factor it and take its SVD; above it they work
+    /// matrix-free on the columns (Lanczos for the singular values, conjugate gradients or
+    /// GMRES for the solve). Default [`support::DENSE_SUPPORT_LIMIT`].
+    pub dense_support_limit: usize,
 }
 
 impl Default for HypergradOptions {
@@ -309,6 +356,7 @@ impl Default for HypergradOptions {
             unrolled_warm: true,
             forward_tol: 1e-13,
             forward_max_sweeps: 100_000,
+            dense_support_limit: support::DENSE_SUPPORT_LIMIT,
         }
     }
 }

@@ -20,16 +20,24 @@
 //! comes back if the block actually solved (`A`, smaller than `E` when `q = 0` at kinks) is
 //! well conditioned, with the violation in its check; otherwise the call refuses with
 //! [`Error::HypothesisViolated`].
+//!
+//! Up to [`HypergradOptions::dense_support_limit`] features (default [`DENSE_SUPPORT_LIMIT`]) the `|E| x |E|` matrix is formed (one dense column
+//! scattered and dotted with the others, so a sparse design costs `O(|E| nnz_E)`) and
+//! factored, and its singular values come from an SVD. Above it nothing `|E| x |E|` is
+//! formed: the products `H v = w X_I^T diag(s) X_I v + l2 v` run on the columns, the
+//! extreme singular values come from Golub-Kahan-Lanczos, and the system is solved by
+//! conjugate gradients (GMRES for a fractional selection, whose matrix is not symmetric).
 
 use clarke_core::{Error, KinkLedger, KinkScan, Result, Selection};
 use clarke_implicit::CheckOutcome;
 use clarke_solve::dense::singular_values;
-use clarke_solve::{cholesky_solve, lu_solve_transpose};
-use ndarray::{Array1, Array2};
+use clarke_solve::spectral::{SpectralOptions, largest_singular_value, smallest_singular_value};
+use clarke_solve::{FnOperator, SolveOptions, SolveReport, cg, cholesky_solve, gmres, lu_solve_transpose};
+use ndarray::{Array1, Array2, ArrayView1, ArrayViewMut1};
 
 use super::{Criterion, HypergradOptions, Hypergradient, Method, Start, SupportCheck, check_fit};
 use crate::cd::Fit;
-use crate::model::{LassoModel, Loss, Penalty, dot};
+use crate::model::{LassoModel, Loss, Penalty};
 
 /// The sets of Prop. 5 at a fit, the rank check, and the kink ledger.
 ///
@@ -64,12 +72,10 @@ pub(crate) fn sets(model: &LassoModel, fit: &Fit, options: &HypergradOptions) ->
         }
     }
     let curvature = curvature_at(model, fit);
-    let h = gram(model, &equi, curvature.as_deref());
     let (sigma_min, sigma_max) = if equi.is_empty() {
         (f64::INFINITY, f64::INFINITY)
     } else {
-        let sv = singular_values(h.view())?;
-        (sv[sv.len() - 1], sv[0])
+        extreme_singular_values(model, &equi, curvature.as_deref(), options.dense_support_limit)?
     };
     let full_rank = equi.is_empty() || sigma_min > options.rank_tol * sigma_max;
     let (outcome, detail) = if full_rank {
@@ -129,27 +135,120 @@ pub(crate) fn gram(model: &LassoModel, idx: &[usize], s: Option<&[f64]>) -> Arra
     let m = idx.len();
     let w = model.weight();
     let mut h = Array2::zeros((m, m));
-    let weighted: Vec<Vec<f64>> = match s {
-        Some(s) => idx
-            .iter()
-            .map(|&j| model.col(j).iter().zip(s).map(|(x, c)| x * c).collect())
-            .collect(),
-        None => Vec::new(),
-    };
+    // Column `a` (times the curvature) scattered into a dense buffer, then dotted with every
+    // column `b >= a`: `O(n)` per column for a dense design, `O(nnz)` for a sparse one.
+    let mut left = vec![0.0; model.n()];
     for a in 0..m {
-        let left = if s.is_some() {
-            &weighted[a][..]
-        } else {
-            model.col(idx[a])
-        };
+        let column = model.col(idx[a]);
+        column.axpy(1.0, &mut left);
+        if let Some(s) = s {
+            column.scale_rows(s, &mut left);
+        }
         for b in a..m {
-            let v = w * dot(left, model.col(idx[b]));
+            let v = w * model.col(idx[b]).dot(&left);
             h[[a, b]] = v;
             h[[b, a]] = v;
         }
         h[[a, a]] += model.l2();
+        column.clear_rows(&mut left);
     }
     h
+}
+
+/// The default of [`HypergradOptions::dense_support_limit`]: above this many features the
+/// support method works matrix-free (see the module
+/// documentation): forming and factoring an `m x m` matrix costs `O(m^3)`, a product with
+/// it on the columns `O(nnz)`.
+pub const DENSE_SUPPORT_LIMIT: usize = 1_000;
+
+/// Relative residual of the matrix-free solves and singular value estimates.
+const MATRIX_FREE_TOL: f64 = 1e-12;
+
+/// `out = (w X_I^T diag(s) X_I + l2 I) v` on the columns `idx` (`u` a work buffer of `n`
+/// zeros, left zero).
+fn gram_product(
+    model: &LassoModel,
+    idx: &[usize],
+    s: Option<&[f64]>,
+    v: ArrayView1<'_, f64>,
+    mut out: ArrayViewMut1<'_, f64>,
+    u: &mut [f64],
+) {
+    for (a, &j) in idx.iter().enumerate() {
+        if v[a] != 0.0 {
+            model.col(j).axpy(v[a], u);
+        }
+    }
+    if let Some(s) = s {
+        u.iter_mut().zip(s).for_each(|(x, c)| *x *= c);
+    }
+    let (w, l2) = (model.weight(), model.l2());
+    for (a, &j) in idx.iter().enumerate() {
+        out[a] = w * model.col(j).dot(u) + l2 * v[a];
+    }
+    u.iter_mut().for_each(|x| *x = 0.0);
+}
+
+/// The symmetric operator `w X_I^T diag(s) X_I + l2 I` on the columns `idx`, applied
+/// without forming it (its own transpose).
+fn gram_operator<'a>(
+    model: &'a LassoModel,
+    idx: &'a [usize],
+    s: Option<&'a [f64]>,
+) -> impl clarke_solve::LinearOperator<f64> + 'a {
+    let m = idx.len();
+    let buffer = std::cell::RefCell::new(vec![0.0; model.n()]);
+    let buffer_t = std::cell::RefCell::new(vec![0.0; model.n()]);
+    FnOperator::new(m, m, move |v: ArrayView1<'_, f64>, out: ArrayViewMut1<'_, f64>| {
+        gram_product(model, idx, s, v, out, &mut buffer.borrow_mut());
+        Ok(())
+    })
+    .with_transpose(move |v: ArrayView1<'_, f64>, out: ArrayViewMut1<'_, f64>| {
+        gram_product(model, idx, s, v, out, &mut buffer_t.borrow_mut());
+        Ok(())
+    })
+}
+
+/// `(sigma_min, sigma_max)` of `w X_I^T diag(s) X_I + l2 I`: from an SVD up to `limit`
+/// columns, from Golub-Kahan-Lanczos on the columns above it (an estimate that did not
+/// converge is an error, not a verdict).
+pub(crate) fn extreme_singular_values(
+    model: &LassoModel,
+    idx: &[usize],
+    s: Option<&[f64]>,
+    limit: usize,
+) -> Result<(f64, f64)> {
+    if idx.len() <= limit {
+        let sv = singular_values(gram(model, idx, s).view())?;
+        return Ok((sv[sv.len() - 1], sv[0]));
+    }
+    let op = gram_operator(model, idx, s);
+    let opts = SpectralOptions::default().with_tol(MATRIX_FREE_TOL);
+    let (lo, hi) = (
+        smallest_singular_value(&op, &opts)?,
+        largest_singular_value(&op, &opts)?,
+    );
+    for est in [&lo, &hi] {
+        if !est.status.is_converged() {
+            return Err(Error::NotConverged {
+                solver: "lasso support check: Lanczos on w X_E^T X_E",
+                iterations: est.iterations,
+                residual: est.change,
+                tolerance: est.tolerance,
+            });
+        }
+    }
+    Ok((lo.value, hi.value))
+}
+
+/// A matrix-free solve that did not reach its tolerance, as an error.
+fn unconverged(what: &'static str, report: &SolveReport) -> Error {
+    Error::NotConverged {
+        solver: what,
+        iterations: report.iterations,
+        residual: report.residual,
+        tolerance: report.tolerance,
+    }
 }
 
 /// The loss curvature at the fit's rows (`None` for the squared loss, where it is 1).
@@ -209,7 +308,8 @@ pub fn hypergradient(
     let mut grad = Array1::zeros(pen.len());
     if !idx.is_empty() {
         let curvature = curvature_at(model, fit);
-        let h = gram(model, &idx, curvature.as_deref());
+        let matrix_free = idx.len() > options.dense_support_limit;
+        let h = (!matrix_free).then(|| gram(model, &idx, curvature.as_deref()));
         let ga = Array1::from_iter(idx.iter().map(|&j| g[j]));
         let refuse = |e: Error| Error::HypothesisViolated {
             node: "lasso hypergradient (support)".to_string(),
@@ -222,8 +322,7 @@ pub fn hypergradient(
         if check.outcome == CheckOutcome::Violated {
             // The solved system H_AA is a principal block of H_EE: when it is the whole of it
             // (or itself rank deficient) there is no derivative to return.
-            let sv = singular_values(h.view())?;
-            let (lo, hi) = (sv[sv.len() - 1], sv[0]);
+            let (lo, hi) = extreme_singular_values(model, &idx, curvature.as_deref(), options.dense_support_limit)?;
             if idx.len() == check.equicorrelation.len() || lo <= options.rank_tol * hi {
                 return Err(Error::HypothesisViolated {
                     node: "lasso hypergradient (support)".to_string(),
@@ -236,18 +335,55 @@ pub fn hypergradient(
                 });
             }
         }
-        let (v, scale) = if fractional {
-            let gamma = options.step_for(model)?;
-            let mut m = h.mapv(|x| gamma * x);
-            for (a, &qv) in qa.iter().enumerate() {
-                for b in 0..idx.len() {
-                    m[[a, b]] *= qv;
+        let (v, scale) = match (&h, fractional) {
+            (Some(h), true) => {
+                let gamma = options.step_for(model)?;
+                let mut m = h.mapv(|x| gamma * x);
+                for (a, &qv) in qa.iter().enumerate() {
+                    for b in 0..idx.len() {
+                        m[[a, b]] *= qv;
+                    }
+                    m[[a, a]] += 1.0 - qv;
                 }
-                m[[a, a]] += 1.0 - qv;
+                (lu_solve_transpose(m.view(), ga.view()).map_err(refuse)?, gamma)
             }
-            (lu_solve_transpose(m.view(), ga.view()).map_err(refuse)?, gamma)
-        } else {
-            (cholesky_solve(h.view(), ga.view()).map_err(refuse)?, 1.0)
+            (Some(h), false) => (cholesky_solve(h.view(), ga.view()).map_err(refuse)?, 1.0),
+            (None, false) => {
+                let op = gram_operator(model, &idx, curvature.as_deref());
+                let opts = SolveOptions::default()
+                    .with_tol(MATRIX_FREE_TOL)
+                    .with_max_iter(10 * idx.len());
+                let (v, report) = cg(&op, ga.view(), None, &opts)?;
+                if !report.is_converged() {
+                    return Err(unconverged(
+                        "lasso hypergradient (support): conjugate gradients",
+                        &report,
+                    ));
+                }
+                (v, 1.0)
+            }
+            (None, true) => {
+                // (I - D_A + gamma D_A H_AA)^T v = (I - D_A) v + gamma H_AA (D_A v).
+                let gamma = options.step_for(model)?;
+                let inner = gram_operator(model, &idx, curvature.as_deref());
+                let m = idx.len();
+                let apply = |v: ArrayView1<'_, f64>, mut out: ArrayViewMut1<'_, f64>| -> Result<()> {
+                    let dv = Array1::from_iter(v.iter().zip(&qa).map(|(x, q)| x * q));
+                    let mut hdv = Array1::zeros(m);
+                    clarke_solve::LinearOperator::apply(&inner, dv.view(), hdv.view_mut())?;
+                    for a in 0..m {
+                        out[a] = (1.0 - qa[a]) * v[a] + gamma * hdv[a];
+                    }
+                    Ok(())
+                };
+                let op = FnOperator::new(m, m, apply);
+                let opts = SolveOptions::default().with_tol(MATRIX_FREE_TOL).with_max_iter(10 * m);
+                let (v, report) = gmres(&op, ga.view(), None, &opts)?;
+                if !report.is_converged() {
+                    return Err(unconverged("lasso hypergradient (support): GMRES", &report));
+                }
+                (v, gamma)
+            }
         };
         for (a, &j) in idx.iter().enumerate() {
             let contrib = -scale * qa[a] * pen.at(j) * sign(fit.correlations[j]) * v[a];

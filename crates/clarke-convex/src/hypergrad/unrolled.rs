@@ -23,7 +23,7 @@ use ndarray::{Array1, ArrayView1};
 use super::support::sets;
 use super::{Criterion, HypergradOptions, Hypergradient, Method, check_criterion, prepare};
 use crate::cd::Fit;
-use crate::model::{LassoModel, Loss, Penalty, axpy, dot};
+use crate::model::{LassoModel, Loss, Penalty};
 use crate::prox::soft_threshold_scalar;
 
 /// The state after some ISTA steps with their forward-mode derivative.
@@ -133,7 +133,7 @@ pub fn ista_forward(
     let mut r: Vec<f64> = model.y().to_vec();
     for (j, &b) in beta.iter().enumerate() {
         if b != 0.0 {
-            axpy(-b, model.col(j), &mut r);
+            model.col(j).axpy(-b, &mut r);
         }
     }
     let per_feature = matches!(penalty, Penalty::PerFeature(_));
@@ -184,7 +184,7 @@ pub fn ista_forward(
             }
             let nb = soft_threshold_scalar(u, t);
             if nb != beta[i] {
-                axpy(beta[i] - nb, model.col(i), &mut r);
+                model.col(i).axpy(beta[i] - nb, &mut r);
                 beta_change = beta_change.max((nb - beta[i]).abs());
                 beta[i] = nb;
             }
@@ -196,7 +196,7 @@ pub fn ista_forward(
             xj.iter_mut().for_each(|v| *v = 0.0);
             for &i in &rows {
                 if col[i] != 0.0 {
-                    axpy(col[i], model.col(i), &mut xj);
+                    model.col(i).axpy(col[i], &mut xj);
                 }
             }
             if let Some(cv) = &curv {
@@ -204,7 +204,7 @@ pub fn ista_forward(
             }
             let mut next = vec![0.0; p];
             for &i in &new_rows {
-                next[i] = d[i] * (col[i] - gamma * (w * dot(model.col(i), &xj) + l2 * col[i]));
+                next[i] = d[i] * (col[i] - gamma * (w * model.col(i).dot(&xj) + l2 * col[i]));
             }
             std::mem::swap(col, &mut next);
             previous.push(next);

@@ -1,5 +1,13 @@
 //! Regression data: a numeric CSV reader, a train/validation split centred by the training
-//! means, and a seeded synthetic sparse regression problem.
+//! means, and a seeded synthetic sparse regression problem; for sparse designs, the
+//! svmlight format ([`svmlight`]), a split that keeps them sparse and a generator with the
+//! shape and density of rcv1 or news20 ([`sparse`]).
+
+pub mod sparse;
+pub mod svmlight;
+
+pub use sparse::{SparseRegression, SparseShape, SparseSplit, sparse_synthetic, split_sparse};
+pub use svmlight::{parse_svmlight, read_svmlight, write_svmlight};
 
 use std::path::Path;
 

@@ -1,0 +1,187 @@
+//! The svmlight / libsvm text format, in which rcv1, news20 and finance are distributed.
+//!
+//! One row per line: `target index:value index:value ... [# comment]`, indices increasing
+//! within a line. Indices are 1-based, as in the distributed files; a file whose smallest
+//! index is 0 is read as 0-based (scikit-learn's `zero_based="auto"`). A `qid:` field is
+//! skipped. [`write_svmlight`] writes 1-based indices and every value in the shortest form
+//! that reads back to the same `f64`, so a written file is read back exactly (by this
+//! module and by scikit-learn's `load_svmlight_file`).
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::Path;
+
+use clarke_core::{Error, Result};
+use ndarray::{Array1, ArrayView1};
+
+use super::SparseRegression;
+use crate::design::CscMatrix;
+
+/// Reads an svmlight file. `n_features` fixes the number of columns (it must be at least
+/// the largest index read); `None` takes the largest index read.
+///
+/// # Errors
+/// [`Error::Data`] naming the file and line: an unreadable or empty file, a target or value
+/// that is not a finite number, a field that is not `index:value`, an index that is not a
+/// non-negative integer, indices that do not increase within a line (unsorted or
+/// duplicate), an index beyond `n_features`.
+pub fn read_svmlight(path: impl AsRef<Path>, n_features: Option<usize>) -> Result<SparseRegression> {
+    let path = path.as_ref();
+    let text =
+        std::fs::read_to_string(path).map_err(|e| Error::Data(format!("cannot read {}: {e}", path.display())))?;
+    parse_svmlight(&text, n_features).map_err(|e| match e {
+        Error::Data(msg) => Error::Data(format!("{}: {msg}", path.display())),
+        other => other,
+    })
+}
+
+/// [`read_svmlight`] on the text of a file (errors name the line, not the file).
+///
+/// # Errors
+/// As [`read_svmlight`].
+pub fn parse_svmlight(text: &str, n_features: Option<usize>) -> Result<SparseRegression> {
+    // Rows first (compressed sparse rows), then one counting pass to columns.
+    let mut y = Vec::new();
+    let mut row_ptr = vec![0usize];
+    let mut cols: Vec<usize> = Vec::new();
+    let mut vals: Vec<f64> = Vec::new();
+    let mut min_index = usize::MAX;
+    for (k, raw) in text.lines().enumerate() {
+        let line_no = k + 1;
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let mut fields = line.split_ascii_whitespace();
+        let target = fields.next().expect("a non-empty line has a field");
+        let t: f64 = target
+            .parse()
+            .map_err(|_| Error::Data(format!("line {line_no}: the target {target:?} is not a number")))?;
+        if !t.is_finite() {
+            return Err(Error::Data(format!("line {line_no}: the target {t} is not finite")));
+        }
+        let start = cols.len();
+        for field in fields {
+            let (index, value) = field
+                .split_once(':')
+                .ok_or_else(|| Error::Data(format!("line {line_no}: the field {field:?} is not index:value")))?;
+            if index == "qid" {
+                continue;
+            }
+            let j: usize = index.parse().map_err(|_| {
+                Error::Data(format!(
+                    "line {line_no}: the index {index:?} is not a non-negative integer"
+                ))
+            })?;
+            let v: f64 = value.parse().map_err(|_| {
+                Error::Data(format!(
+                    "line {line_no}: the value {value:?} of index {j} is not a number"
+                ))
+            })?;
+            if !v.is_finite() {
+                return Err(Error::Data(format!("line {line_no}: the value of index {j} is {v}")));
+            }
+            if let Some(&prev) = cols[start..].last()
+                && j <= prev
+            {
+                let what = if j == prev { "repeated" } else { "not increasing" };
+                return Err(Error::Data(format!(
+                    "line {line_no}: index {j} follows index {prev}: indices are {what}; each line must list its indices once, in increasing order"
+                )));
+            }
+            min_index = min_index.min(j);
+            cols.push(j);
+            vals.push(v);
+        }
+        y.push(t);
+        row_ptr.push(cols.len());
+    }
+    if y.is_empty() {
+        return Err(Error::Data("no data line".to_string()));
+    }
+    let offset = usize::from(min_index != 0 && min_index != usize::MAX);
+    let needed = cols.iter().max().map_or(0, |&m| m + 1 - offset);
+    let p = match n_features {
+        Some(p) if p < needed => {
+            return Err(Error::Data(format!(
+                "index {} is beyond the {p} features asked for",
+                needed - 1 + offset
+            )));
+        }
+        Some(p) => p,
+        None => needed,
+    };
+    let n = y.len();
+    let mut col_ptr = vec![0usize; p + 1];
+    for &j in &cols {
+        col_ptr[j - offset + 1] += 1;
+    }
+    for j in 0..p {
+        col_ptr[j + 1] += col_ptr[j];
+    }
+    let mut next = col_ptr.clone();
+    let mut row_idx = vec![0usize; cols.len()];
+    let mut values = vec![0.0; cols.len()];
+    for i in 0..n {
+        for k in row_ptr[i]..row_ptr[i + 1] {
+            let j = cols[k] - offset;
+            row_idx[next[j]] = i;
+            values[next[j]] = vals[k];
+            next[j] += 1;
+        }
+    }
+    Ok(SparseRegression {
+        x: CscMatrix::try_new(n, p, col_ptr, row_idx, values)?,
+        y: Array1::from(y),
+    })
+}
+
+/// Writes `(X, y)` in the svmlight format with 1-based indices (values in their shortest
+/// exact form).
+///
+/// # Errors
+/// `y` with another length than the rows of `X`, or a failed write, naming the file.
+pub fn write_svmlight(path: impl AsRef<Path>, x: &CscMatrix, y: ArrayView1<'_, f64>) -> Result<()> {
+    let path = path.as_ref();
+    if y.len() != x.nrows() {
+        return Err(Error::shapes(
+            "write_svmlight",
+            &[x.nrows(), x.ncols()],
+            &[y.len()],
+            "y needs one entry per row of X",
+        ));
+    }
+    // Rows of X: a counting pass from the columns.
+    let n = x.nrows();
+    let mut row_ptr = vec![0usize; n + 1];
+    for j in 0..x.ncols() {
+        for &i in x.column(j).0 {
+            row_ptr[i + 1] += 1;
+        }
+    }
+    for i in 0..n {
+        row_ptr[i + 1] += row_ptr[i];
+    }
+    let mut next = row_ptr.clone();
+    let mut entries = vec![(0usize, 0.0f64); x.nnz()];
+    for j in 0..x.ncols() {
+        let (rows, vals) = x.column(j);
+        for (&i, &v) in rows.iter().zip(vals) {
+            entries[next[i]] = (j, v);
+            next[i] += 1;
+        }
+    }
+    let io = |e: std::io::Error| Error::Data(format!("cannot write {}: {e}", path.display()));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
+    let mut line = String::new();
+    for i in 0..n {
+        line.clear();
+        write!(line, "{:?}", y[i]).expect("writing to a String");
+        for &(j, v) in &entries[row_ptr[i]..row_ptr[i + 1]] {
+            write!(line, " {}:{v:?}", j + 1).expect("writing to a String");
+        }
+        line.push('\n');
+        out.write_all(line.as_bytes()).map_err(io)?;
+    }
+    out.flush().map_err(io)
+}
