@@ -8,7 +8,7 @@
 //! module and by scikit-learn's `load_svmlight_file`).
 
 use std::fmt::Write as _;
-use std::io::Write as _;
+use std::io::{BufRead, Write as _};
 use std::path::Path;
 
 use clarke_core::{Error, Result};
@@ -27,9 +27,8 @@ use crate::design::CscMatrix;
 /// duplicate), an index beyond `n_features`.
 pub fn read_svmlight(path: impl AsRef<Path>, n_features: Option<usize>) -> Result<SparseRegression> {
     let path = path.as_ref();
-    let text =
-        std::fs::read_to_string(path).map_err(|e| Error::Data(format!("cannot read {}: {e}", path.display())))?;
-    parse_svmlight(&text, n_features).map_err(|e| match e {
+    let file = std::fs::File::open(path).map_err(|e| Error::Data(format!("cannot read {}: {e}", path.display())))?;
+    parse_reader(std::io::BufReader::with_capacity(1 << 20, file), n_features).map_err(|e| match e {
         Error::Data(msg) => Error::Data(format!("{}: {msg}", path.display())),
         other => other,
     })
@@ -40,14 +39,28 @@ pub fn read_svmlight(path: impl AsRef<Path>, n_features: Option<usize>) -> Resul
 /// # Errors
 /// As [`read_svmlight`].
 pub fn parse_svmlight(text: &str, n_features: Option<usize>) -> Result<SparseRegression> {
-    // Rows first (compressed sparse rows), then one counting pass to columns.
+    parse_reader(text.as_bytes(), n_features)
+}
+
+/// The reader of [`read_svmlight`]: one line at a time, so the text is never held whole
+/// (the matrix is built as compressed rows, then one counting pass turns it to columns).
+fn parse_reader(mut reader: impl BufRead, n_features: Option<usize>) -> Result<SparseRegression> {
     let mut y = Vec::new();
     let mut row_ptr = vec![0usize];
     let mut cols: Vec<usize> = Vec::new();
     let mut vals: Vec<f64> = Vec::new();
     let mut min_index = usize::MAX;
-    for (k, raw) in text.lines().enumerate() {
-        let line_no = k + 1;
+    let mut raw = String::new();
+    let mut line_no = 0;
+    loop {
+        raw.clear();
+        let read = reader
+            .read_line(&mut raw)
+            .map_err(|e| Error::Data(format!("line {}: {e}", line_no + 1)))?;
+        if read == 0 {
+            break;
+        }
+        line_no += 1;
         let line = raw.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
             continue;

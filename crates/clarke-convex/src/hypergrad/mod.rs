@@ -24,6 +24,7 @@
 //! ([`SupportCheck`]), so a user learns when the derivative is not unique.
 
 pub mod forward;
+pub mod hessian;
 pub mod implicit;
 pub mod support;
 pub mod unrolled;
@@ -339,7 +340,7 @@ pub struct HypergradOptions {
     /// Largest equicorrelation set (or solved block) for which the support method and the
     /// check form the `|E| x |E|` matrix, factor it and take its SVD; above it they work
     /// matrix-free on the columns (Lanczos for the singular values, conjugate gradients or
-    /// GMRES for the solve). Default [`support::DENSE_SUPPORT_LIMIT`].
+    /// GMRES for the solve). Default [`hessian::DENSE_SUPPORT_LIMIT`].
     pub dense_support_limit: usize,
 }
 
@@ -356,7 +357,7 @@ impl Default for HypergradOptions {
             unrolled_warm: true,
             forward_tol: 1e-13,
             forward_max_sweeps: 100_000,
-            dense_support_limit: support::DENSE_SUPPORT_LIMIT,
+            dense_support_limit: hessian::DENSE_SUPPORT_LIMIT,
         }
     }
 }

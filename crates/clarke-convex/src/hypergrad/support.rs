@@ -21,19 +21,20 @@
 //! well conditioned, with the violation in its check; otherwise the call refuses with
 //! [`Error::HypothesisViolated`].
 //!
-//! Up to [`HypergradOptions::dense_support_limit`] features (default [`DENSE_SUPPORT_LIMIT`]) the `|E| x |E|` matrix is formed (one dense column
-//! scattered and dotted with the others, so a sparse design costs `O(|E| nnz_E)`) and
-//! factored, and its singular values come from an SVD. Above it nothing `|E| x |E|` is
-//! formed: the products `H v = w X_I^T diag(s) X_I v + l2 v` run on the columns, the
-//! extreme singular values come from Golub-Kahan-Lanczos, and the system is solved by
-//! conjugate gradients (GMRES for a fractional selection, whose matrix is not symmetric).
+//! Up to [`HypergradOptions::dense_support_limit`] features the `|E| x |E|` matrix is formed
+//! (one dense column scattered and dotted with the others, so a sparse design costs
+//! `O(|E| nnz_E)`) and factored; its spectrum and the certificate come from
+//! [`super::hessian`]. Above it nothing `|E| x |E|` is formed: the products `H v = w X_I^T
+//! diag(s) X_I v + l2 v` run on the columns, the check is a Lanczos estimate (a warning,
+//! not a certificate), and the system is solved by conjugate gradients (GMRES for a
+//! fractional selection, whose matrix is not symmetric).
 
 use clarke_core::{Error, KinkLedger, KinkScan, Result, Selection};
 use clarke_implicit::CheckOutcome;
-use clarke_solve::dense::singular_values;
-use clarke_solve::spectral::{SpectralOptions, largest_singular_value, smallest_singular_value};
-use clarke_solve::{FnOperator, SolveOptions, SolveReport, cg, cholesky_solve, gmres, lu_solve_transpose};
-use ndarray::{Array1, Array2, ArrayView1, ArrayViewMut1};
+use clarke_solve::{FnOperator, SolveOptions, cg, cholesky_solve, gmres, lu_solve_transpose};
+use ndarray::{Array1, ArrayView1, ArrayViewMut1};
+
+use super::hessian::{MATRIX_FREE_TOL, SpectrumMethod, gram, gram_operator, spectrum, unconverged};
 
 use super::{Criterion, HypergradOptions, Hypergradient, Method, Start, SupportCheck, check_fit};
 use crate::cd::Fit;
@@ -72,18 +73,45 @@ pub(crate) fn sets(model: &LassoModel, fit: &Fit, options: &HypergradOptions) ->
         }
     }
     let curvature = curvature_at(model, fit);
-    let (sigma_min, sigma_max) = if equi.is_empty() {
-        (f64::INFINITY, f64::INFINITY)
+    let found = if equi.is_empty() {
+        None
     } else {
-        extreme_singular_values(model, &equi, curvature.as_deref(), options.dense_support_limit)?
+        Some(spectrum(model, &equi, curvature.as_deref(), options)?)
     };
+    let (sigma_min, sigma_max) = found.map_or((f64::INFINITY, f64::INFINITY), |f| (f.sigma_min, f.sigma_max));
     let full_rank = equi.is_empty() || sigma_min > options.rank_tol * sigma_max;
-    let (outcome, detail) = if full_rank {
+    let how = match found.map(|f| f.method) {
+        Some(SpectrumMethod::Cholesky { lower }) => {
+            format!(" (proven: sigma_min > {lower:.3e} by a Cholesky factorisation; sigma_min by inverse iteration)")
+        }
+        _ => String::new(),
+    };
+    let estimated = matches!(found.map(|f| f.method), Some(SpectrumMethod::Lanczos { .. }));
+    let (outcome, detail) = if estimated {
+        let converged = matches!(
+            found.map(|f| f.method),
+            Some(SpectrumMethod::Lanczos { converged: true })
+        );
+        (
+            CheckOutcome::Warning,
+            format!(
+                "|E| = {} is above the dense limit {}: matrix-free Lanczos estimates sigma_min / sigma_max = {:.3e}{}; an estimate is not a certificate",
+                equi.len(),
+                options.dense_support_limit,
+                sigma_min / sigma_max,
+                if converged {
+                    ""
+                } else {
+                    " (the estimate did not converge)"
+                }
+            ),
+        )
+    } else if full_rank {
         let d = if kinks.is_empty() {
-            "X_E^T X_E has full rank and no feature sits at a kink: the derivative is unique".to_string()
+            format!("X_E^T X_E has full rank{how} and no feature sits at a kink: the derivative is unique")
         } else {
             format!(
-                "X_E^T X_E has full rank; {} feature(s) sit exactly at the kink (E \\ S = {:?}), so the derivative is a set and the selection q = {q} picks one element",
+                "X_E^T X_E has full rank{how}; {} feature(s) sit exactly at the kink (E \\ S = {:?}), so the derivative is a set and the selection q = {q} picks one element",
                 kinks.len(),
                 kinks
             )
@@ -127,128 +155,6 @@ pub(crate) fn sets(model: &LassoModel, fit: &Fit, options: &HypergradOptions) ->
         },
         ledger,
     ))
-}
-
-/// `w X_I^T diag(s) X_I + l2 I` for the columns `idx`, `s` the loss curvature at the fit
-/// (`None`: the squared loss, `s = 1`).
-pub(crate) fn gram(model: &LassoModel, idx: &[usize], s: Option<&[f64]>) -> Array2<f64> {
-    let m = idx.len();
-    let w = model.weight();
-    let mut h = Array2::zeros((m, m));
-    // Column `a` (times the curvature) scattered into a dense buffer, then dotted with every
-    // column `b >= a`: `O(n)` per column for a dense design, `O(nnz)` for a sparse one.
-    let mut left = vec![0.0; model.n()];
-    for a in 0..m {
-        let column = model.col(idx[a]);
-        column.axpy(1.0, &mut left);
-        if let Some(s) = s {
-            column.scale_rows(s, &mut left);
-        }
-        for b in a..m {
-            let v = w * model.col(idx[b]).dot(&left);
-            h[[a, b]] = v;
-            h[[b, a]] = v;
-        }
-        h[[a, a]] += model.l2();
-        column.clear_rows(&mut left);
-    }
-    h
-}
-
-/// The default of [`HypergradOptions::dense_support_limit`]: above this many features the
-/// support method works matrix-free (see the module
-/// documentation): forming and factoring an `m x m` matrix costs `O(m^3)`, a product with
-/// it on the columns `O(nnz)`.
-pub const DENSE_SUPPORT_LIMIT: usize = 1_000;
-
-/// Relative residual of the matrix-free solves and singular value estimates.
-const MATRIX_FREE_TOL: f64 = 1e-12;
-
-/// `out = (w X_I^T diag(s) X_I + l2 I) v` on the columns `idx` (`u` a work buffer of `n`
-/// zeros, left zero).
-fn gram_product(
-    model: &LassoModel,
-    idx: &[usize],
-    s: Option<&[f64]>,
-    v: ArrayView1<'_, f64>,
-    mut out: ArrayViewMut1<'_, f64>,
-    u: &mut [f64],
-) {
-    for (a, &j) in idx.iter().enumerate() {
-        if v[a] != 0.0 {
-            model.col(j).axpy(v[a], u);
-        }
-    }
-    if let Some(s) = s {
-        u.iter_mut().zip(s).for_each(|(x, c)| *x *= c);
-    }
-    let (w, l2) = (model.weight(), model.l2());
-    for (a, &j) in idx.iter().enumerate() {
-        out[a] = w * model.col(j).dot(u) + l2 * v[a];
-    }
-    u.iter_mut().for_each(|x| *x = 0.0);
-}
-
-/// The symmetric operator `w X_I^T diag(s) X_I + l2 I` on the columns `idx`, applied
-/// without forming it (its own transpose).
-fn gram_operator<'a>(
-    model: &'a LassoModel,
-    idx: &'a [usize],
-    s: Option<&'a [f64]>,
-) -> impl clarke_solve::LinearOperator<f64> + 'a {
-    let m = idx.len();
-    let buffer = std::cell::RefCell::new(vec![0.0; model.n()]);
-    let buffer_t = std::cell::RefCell::new(vec![0.0; model.n()]);
-    FnOperator::new(m, m, move |v: ArrayView1<'_, f64>, out: ArrayViewMut1<'_, f64>| {
-        gram_product(model, idx, s, v, out, &mut buffer.borrow_mut());
-        Ok(())
-    })
-    .with_transpose(move |v: ArrayView1<'_, f64>, out: ArrayViewMut1<'_, f64>| {
-        gram_product(model, idx, s, v, out, &mut buffer_t.borrow_mut());
-        Ok(())
-    })
-}
-
-/// `(sigma_min, sigma_max)` of `w X_I^T diag(s) X_I + l2 I`: from an SVD up to `limit`
-/// columns, from Golub-Kahan-Lanczos on the columns above it (an estimate that did not
-/// converge is an error, not a verdict).
-pub(crate) fn extreme_singular_values(
-    model: &LassoModel,
-    idx: &[usize],
-    s: Option<&[f64]>,
-    limit: usize,
-) -> Result<(f64, f64)> {
-    if idx.len() <= limit {
-        let sv = singular_values(gram(model, idx, s).view())?;
-        return Ok((sv[sv.len() - 1], sv[0]));
-    }
-    let op = gram_operator(model, idx, s);
-    let opts = SpectralOptions::default().with_tol(MATRIX_FREE_TOL);
-    let (lo, hi) = (
-        smallest_singular_value(&op, &opts)?,
-        largest_singular_value(&op, &opts)?,
-    );
-    for est in [&lo, &hi] {
-        if !est.status.is_converged() {
-            return Err(Error::NotConverged {
-                solver: "lasso support check: Lanczos on w X_E^T X_E",
-                iterations: est.iterations,
-                residual: est.change,
-                tolerance: est.tolerance,
-            });
-        }
-    }
-    Ok((lo.value, hi.value))
-}
-
-/// A matrix-free solve that did not reach its tolerance, as an error.
-fn unconverged(what: &'static str, report: &SolveReport) -> Error {
-    Error::NotConverged {
-        solver: what,
-        iterations: report.iterations,
-        residual: report.residual,
-        tolerance: report.tolerance,
-    }
 }
 
 /// The loss curvature at the fit's rows (`None` for the squared loss, where it is 1).
@@ -322,7 +228,8 @@ pub fn hypergradient(
         if check.outcome == CheckOutcome::Violated {
             // The solved system H_AA is a principal block of H_EE: when it is the whole of it
             // (or itself rank deficient) there is no derivative to return.
-            let (lo, hi) = extreme_singular_values(model, &idx, curvature.as_deref(), options.dense_support_limit)?;
+            let block = spectrum(model, &idx, curvature.as_deref(), options)?;
+            let (lo, hi) = (block.sigma_min, block.sigma_max);
             if idx.len() == check.equicorrelation.len() || lo <= options.rank_tol * hi {
                 return Err(Error::HypothesisViolated {
                     node: "lasso hypergradient (support)".to_string(),

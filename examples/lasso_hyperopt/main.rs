@@ -21,6 +21,30 @@
 //! `--save-data DIR` also writes the centred split that is fitted (`lasso_x_train.npy`,
 //! `lasso_y_train.npy`, `lasso_x_val.npy`, `lasso_y_val.npy`: little-endian f64, exact) and
 //! `lasso.json` (sizes, `lambda_max`, the grid), for the peers in `benches/peers/lasso.py`.
+//!
+//! **Sparse data** (compressed sparse columns, never densified):
+//!
+//! ```text
+//! cargo run --release --example lasso_hyperopt -- --sparse-synthetic rcv1|news20 [--quick]
+//!                                                 [--seed S] [--save-svmlight FILE]
+//! cargo run --release --example lasso_hyperopt -- --data FILE.svm [--val-fraction F]
+//!                                                 [--tol T] [--at-ratio R]
+//! ```
+//!
+//! `--sparse-synthetic` generates a seeded matrix with the shape and density of rcv1
+//! (20,242 x 19,960, 0.16%) or news20 (19,996 x 1,355,191, 0.03%), with planted features
+//! (`--quick`: 2,000 rows and a tenth of news20's columns); `--data` reads an svmlight /
+//! libsvm file (any name not ending in `.csv`). The last `floor(n F)` rows validate (`F =
+//! 0.2`), `y` is centred by its training mean, `X` is left sparse (no intercept). Without
+//! `--at-ratio` it tunes `lambda` (a warm-started grid, then hypergradient steps, with a
+//! progress bar); with `--at-ratio R` it fits once from zero at `lambda_max / R` to
+//! duality gap `T ||y||^2 / n` and computes one hypergradient (Prop. 5), the problem the
+//! peers of `benches/peers/lasso_sparse.py` solve. The last stdout line is one JSON
+//! object: `n`, `p`, `nnz`, `n_val`, `lambda`, `support`, `fit_seconds`,
+//! `hypergradient_seconds`, `peak_memory_bytes` (the process's peak resident memory),
+//! `objective`, `gap`, `val_mse`, `hypergradient`.
+
+mod sparse;
 
 use std::path::Path;
 use std::time::Instant;
@@ -67,9 +91,26 @@ struct Args {
     /// A short run for CI: fewer search steps and grid points, a smaller synthetic problem.
     #[arg(long)]
     quick: bool,
-    /// Path of the data file.
+    /// Path of the data file: CSV (header line, target last) when it ends in `.csv`,
+    /// svmlight / libsvm otherwise (read as a sparse design).
     #[arg(long, default_value = "data/diabetes.csv")]
     data: String,
+    /// A sparse synthetic matrix shaped like `rcv1` or `news20`.
+    #[arg(long)]
+    sparse_synthetic: Option<String>,
+    /// Write the sparse data (every row) to this svmlight file.
+    #[arg(long)]
+    save_svmlight: Option<String>,
+    /// Fraction of the rows (the last ones) held out for validation (sparse data).
+    #[arg(long, default_value_t = 0.2)]
+    val_fraction: f64,
+    /// Duality-gap tolerance of the fits (sparse data), relative to `||y||^2 / n`.
+    #[arg(long, default_value_t = 1e-8)]
+    tol: f64,
+    /// Sparse data: fit once at `lambda_max / R` and compute one hypergradient instead of
+    /// tuning.
+    #[arg(long)]
+    at_ratio: Option<f64>,
     /// Also write the centred train/validation split (NumPy .npy) and the grid to this
     /// directory, for the peer scripts.
     #[arg(long)]
@@ -165,6 +206,9 @@ fn main() {
 
 fn run(args: &Args) -> Result<(), clarke::core::Error> {
     let policy = KinkPolicy::preset(&args.kink)?;
+    if args.sparse_synthetic.is_some() || (!args.synthetic && !args.data.ends_with(".csv")) {
+        return sparse::run(args, policy);
+    }
     let (name, split) = load(args)?;
     let model = LassoModel::new(split.x_train.view(), split.y_train.view())?;
     let val = ValidationMse::new(split.x_val.view(), split.y_val.view())?;
