@@ -3,14 +3,15 @@
   python3 benches/peers/compare.py [--quick] [--only GROUP ...] [--threads N] [--python PY]
 
 Runs the clarke side (criterion benches `deq_step`, `tape_overhead`, `conic_qp` of
-`benches/main.rs`, the examples `deq_digits` and `lasso_hyperopt --synthetic`), which also write
-their problems to target/peers/data (CLARKE_PEER_DATA, --save-data), then every peer script of
-this directory on those files, and prints: work, clarke, each peer, the best peer and the ratio
-best peer / clarke (above 1: clarke is faster), then the accuracy figures and the machine line.
-Every measurement is also written as JSON lines to target/peers/results-DATE.jsonl.
+`benches/main.rs`, the examples `deq_digits`, `lasso_hyperopt --synthetic` and `lasso_hyperopt
+--sparse-synthetic` / `--data`), which also write their problems to target/peers/data
+(CLARKE_PEER_DATA, --save-data, --save-svmlight), then every peer script of this directory on
+those files, and prints: work, clarke, each peer, the best peer and the ratio best peer / clarke
+(above 1: clarke is faster), then the accuracy figures and the machine line. Every measurement
+is also written as JSON lines to target/peers/results-DATE.jsonl.
 
 The interpreter of the peer scripts is --python, else $PYTHON, else python3. GROUP is one of
-deq_step, tape_overhead, conic_qp, deq_digits, lasso (several may be given).
+deq_step, tape_overhead, conic_qp, deq_digits, lasso, lasso_sparse (several may be given).
 """
 
 import argparse
@@ -27,7 +28,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-GROUPS = ["deq_step", "tape_overhead", "conic_qp", "deq_digits", "lasso"]
+GROUPS = ["deq_step", "tape_overhead", "conic_qp", "deq_digits", "lasso", "lasso_sparse"]
 
 # Criterion filters (regexes on "group/function/parameter"), full and quick.
 FILTERS = {
@@ -42,13 +43,20 @@ SCRIPTS = {
     "conic_qp": "conic_qp.py",
     "deq_digits": "deq_digits.py",
     "lasso": "lasso.py",
+    "lasso_sparse": "lasso_sparse.py",
 }
 # clarke modes compared with another mode of the peers (which have no hypothesis check).
 PEER_MODE = {
     ("deq_step", "implicit+check"): "implicit",
     ("conic_qp", "forward+backward unchecked"): "forward+backward",
     ("deq_digits", "train (no check)"): "train",
+    ("lasso_sparse", "fit+hypergradient"): "fit",  # the peers have no hypergradient
 }
+# The sparse Lasso problems (`lasso_hyperopt --sparse-synthetic KIND`): svmlight files written
+# to the data directory, and the lambda_max / R each is fitted at.
+SPARSE_KINDS = ["rcv1", "news20"]
+SPARSE_RATIOS = [10, 100]
+SPARSE_TOL = 1e-8
 
 
 def log(msg):
@@ -66,6 +74,16 @@ def run(cmd, env=None, log_path=None, keep_stdout=True):
     if res.returncode != 0:
         log(f"  exit status {res.returncode}" + (f" (see {log_path})" if log_path else ""))
     return res.stdout or "", res.returncode
+
+
+def first_error(log_path):
+    """The first line of a log that reports an error (else its last line), for the summary."""
+    try:
+        lines = [line.strip() for line in open(log_path) if line.strip()]
+    except OSError:
+        return ""
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or [""])[0][:200]
 
 
 def json_lines(text):
@@ -118,6 +136,10 @@ def clarke_criterion(groups, quick, threads, target, data_dir, out_dir):
     return recs
 
 
+def sparse_label(kind):
+    return f"{kind}-like"
+
+
 def build_examples(threads, out_dir):
     _, rc = run(pin(["cargo", "build", "--release", "--example", "deq_digits", "--example", "lasso_hyperopt"],
                     threads), log_path=os.path.join(out_dir, "clarke-build.log"), keep_stdout=False)
@@ -167,6 +189,63 @@ def clarke_lasso(target, quick, threads, data_dir, out_dir):
     return recs
 
 
+def clarke_lasso_sparse(target, quick, threads, data_dir, out_dir):
+    """Writes the svmlight files, fits each at every ratio; returns (records, files written)."""
+    recs, written, known_p = [], 0, {}
+    for kind in SPARSE_KINDS:
+        name = f"{kind}_like.svm"
+        path = os.path.join(data_dir, name)
+        if os.path.exists(path):
+            os.remove(path)  # a failed run must not leave the peers an older file
+        args = ["--sparse-synthetic", kind, "--save-svmlight", path] + (["--quick"] if quick else [])
+        tag = f"lasso_sparse-{kind}"
+        j = example(target, "lasso_hyperopt", args, threads, out_dir, tag)
+        if j is None or not os.path.exists(path):
+            log_path = os.path.join(out_dir, f"clarke-{tag}.log")
+            msg = (f"`lasso_hyperopt --sparse-synthetic {kind} --save-svmlight FILE` did not write {name}: "
+                   f"{first_error(log_path) or 'no output'} (see {log_path})")
+            log("  " + msg)
+            recs.append({"problem": "lasso_sparse", "framework": "clarke", "error": msg})
+            continue
+        written += 1
+        if isinstance(j.get("p"), int):
+            known_p[name] = j["p"]  # the generator's p, trailing empty columns included
+        for ratio in SPARSE_RATIOS:
+            args = ["--data", path, "--tol", f"{SPARSE_TOL:g}", "--at-ratio", str(ratio)]
+            need = ("fit_seconds", "hypergradient_seconds", "support", "objective", "gap")
+            # As many runs as the peers' reps (each a fresh process, cold fit): the median
+            # run by fit + hypergradient time.
+            runs = [example(target, "lasso_hyperopt", args, threads, out_dir, f"{tag}-{ratio}")
+                    for _ in range(1 if quick else 3)]
+            runs = [x for x in runs if x is not None and all(k in x for k in need)]
+            runs.sort(key=lambda x: x["fit_seconds"] + x["hypergradient_seconds"])
+            r = runs[len(runs) // 2] if runs else None
+            if r is None or any(k not in r for k in need):
+                log_path = os.path.join(out_dir, f"clarke-{tag}-{ratio}.log")
+                msg = (f"`lasso_hyperopt --data {name} --at-ratio {ratio}` gave no last JSON line with "
+                       f"{', '.join(need)}: {first_error(log_path) or 'no error logged'} (see {log_path})")
+                log("  " + msg)
+                recs.append({"problem": "lasso_sparse", "framework": "clarke", "error": msg})
+                continue
+            if isinstance(r.get("p"), int):
+                known_p[name] = max(known_p.get(name, 0), r["p"])
+            size = f"{sparse_label(kind)} lambda_max/{ratio}"
+            extra = {k: r.get(k) for k in ("n", "p", "nnz", "n_val", "lambda", "lambda_ratio", "support", "objective",
+                                           "gap", "tol", "val_mse", "hypergradient", "fit_seconds",
+                                           "hypergradient_seconds", "peak_memory_bytes")}
+            extra.update({"file": name, "runs": len(runs), "threads": threads})
+            if "gap_relative" in r:
+                extra["gap_relative"] = r["gap_relative"]
+            recs.append({"problem": "lasso_sparse", "framework": "clarke", "mode": "fit+hypergradient", "size": size,
+                         "median_s": r["fit_seconds"] + r["hypergradient_seconds"], **extra})
+            recs.append({"problem": "lasso_sparse", "framework": "clarke", "mode": "fit", "size": size,
+                         "median_s": r["fit_seconds"], **extra})
+    if known_p:  # the peer script reads the files with this many features (trailing empty columns count)
+        with open(os.path.join(data_dir, "lasso_sparse.json"), "w") as f:
+            json.dump({"p": known_p}, f)
+    return recs, written
+
+
 # ---------------------------------------------------------------- the peers
 
 
@@ -190,6 +269,56 @@ def fmt_time(s):
     if s < 1:
         return f"{s * 1e3:.2f} ms"
     return f"{s:.2f} s"
+
+
+def sparse_key(size):
+    """"rcv1-like lambda_max/10" -> (0, 10.0): the kinds in SPARSE_KINDS order, then R."""
+    label, _, ratio = size.rpartition(" lambda_max/")
+    kinds = [sparse_label(k) for k in SPARSE_KINDS]
+    try:
+        r = float(ratio)
+    except ValueError:
+        r = 0.0
+    return (kinds.index(label) if label in kinds else len(kinds), label, r)
+
+
+def fmt_mb(b):
+    return f"{b / 2**20:.0f} MB" if isinstance(b, (int, float)) else "-"
+
+
+def sparse_accuracy(records):
+    """Per file and R: support, objective, gap and peak memory of every side (clarke first)."""
+    rows = [r for r in records if r.get("problem") == "lasso_sparse" and "error" not in r
+            and r.get("mode") == ("fit+hypergradient" if r.get("framework") == "clarke" else "fit")]
+    scale = {r["size"]: r["gap_scale"] for r in rows if r.get("gap_scale")}
+    rows.sort(key=lambda r: (sparse_key(r["size"]), r["framework"] != "clarke"))
+    out = []
+    for r in rows:
+        f, size = r["framework"], r["size"]
+        s = f"- lasso_sparse {size}, {f}: support {r.get('support')}"
+        if isinstance(r.get("objective"), (int, float)):
+            s += f", objective {r['objective']:.12g}"
+        if f == "clarke":
+            gap = r.get("gap")
+            rel = r.get("gap_relative")
+            if rel is None and isinstance(gap, (int, float)) and scale.get(size):
+                rel = gap / scale[size]
+        else:
+            gap, rel = r.get("gap_abs"), r.get("gap")
+        if isinstance(gap, (int, float)):
+            s += f", duality gap {gap:.1e}" + (f" ({rel:.1e} of ||y_c||^2 / n_train)" if rel is not None else "")
+        if isinstance(r.get("val_mse"), (int, float)):
+            s += f", validation MSE {r['val_mse']:.10g}"
+        if f == "clarke":
+            if isinstance(r.get("hypergradient"), (int, float)):
+                s += f", dC/dlog lambda {r['hypergradient']:.8g}"
+            s += f"; peak memory {fmt_mb(r.get('peak_memory_bytes'))} (the whole run: reading, fit, hypergradient)"
+        else:
+            s += (f"; peak memory {fmt_mb(r.get('peak_memory_bytes'))} during the fit "
+                  f"(+{fmt_mb(r.get('fit_memory_increase_bytes'))} over it; {fmt_mb(r.get('load_peak_memory_bytes'))} "
+                  f"reading the file; interpreter included)")
+        out.append(s)
+    return out
 
 
 def machine_line(threads):
@@ -229,6 +358,8 @@ def table(records):
         problem, mode, size, _ = row
         if problem == "lasso":
             return (order[problem], (lasso.index(size) if size in lasso else 99,), mode)
+        if problem == "lasso_sparse":
+            return (order[problem], sparse_key(size), mode != "fit+hypergradient")
         return (order.get(problem, 99), tuple(int(x) for x in re.findall(r"\d+", size)), mode)
 
     rows.sort(key=key)
@@ -280,6 +411,7 @@ def accuracy(records):
             if g(r, "hypergradient_tol1e-12") is not None:
                 s += f", dC/dlog lambda (fit to tol 1e-12) {r['hypergradient_tol1e-12']:.10g}"
             out.append(s)
+    out += sparse_accuracy(records)
     return "\n".join(out)
 
 
@@ -299,18 +431,32 @@ def main():
     data_dir = os.path.join(out_dir, "data")
     os.makedirs(data_dir, exist_ok=True)
     records = []
+    peer_groups = list(groups)
 
     if not args.skip_clarke:
         crit = [g for g in groups if g in FILTERS]
         if crit:
             records += clarke_criterion(crit, args.quick, args.threads, target, data_dir, out_dir)
-        if ("deq_digits" in groups or "lasso" in groups) and build_examples(args.threads, out_dir):
-            if "deq_digits" in groups:
-                records += clarke_deq_digits(target, args.quick, args.threads, out_dir)
-            if "lasso" in groups:
-                records += clarke_lasso(target, args.quick, args.threads, data_dir, out_dir)
+        examples = [g for g in ("deq_digits", "lasso", "lasso_sparse") if g in groups]
+        written = 0
+        built = bool(examples) and build_examples(args.threads, out_dir)
+        if examples and not built:
+            log(f"  the examples did not build; see {os.path.join(out_dir, 'clarke-build.log')}")
+        if built and "deq_digits" in groups:
+            records += clarke_deq_digits(target, args.quick, args.threads, out_dir)
+        if built and "lasso" in groups:
+            records += clarke_lasso(target, args.quick, args.threads, data_dir, out_dir)
+        if built and "lasso_sparse" in groups:
+            recs, written = clarke_lasso_sparse(target, args.quick, args.threads, data_dir, out_dir)
+            records += recs
+        if "lasso_sparse" in groups and (not built or not written):
+            # Without clarke's files the peers would fit a draw of their own: not a comparison.
+            msg = "no svmlight file from lasso_hyperopt --sparse-synthetic; the sparse Lasso peers are skipped"
+            log("  lasso_sparse: " + msg)
+            records.append({"problem": "lasso_sparse", "framework": "peers", "error": msg})
+            peer_groups.remove("lasso_sparse")
     if not args.skip_peers:
-        for g in groups:
+        for g in peer_groups:
             records += peers(g, args.python, args.quick, args.threads, data_dir, out_dir)
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -324,13 +470,20 @@ def main():
     print(f"## clarke and its peers{' (--quick: tiny sizes, short runs)' if args.quick else ''}\n")
     print(table(records))
     print("\nMedian wall time per call (criterion's median for clarke's benches; the examples and the "
-          "Lasso rows are single runs on clarke's side). Ratio above 1: clarke is faster.\n")
+          "Lasso rows are single runs on clarke's side). Ratio above 1: clarke is faster.")
+    if any(r.get("problem") == "lasso_sparse" for r in records):
+        print("The sparse Lasso rows set clarke's fit + hypergradient, and its fit alone, against the peers' "
+              "fit alone (they have no hypergradient).")
+    print()
     acc = accuracy(records)
     if acc:
         print("### Accuracy and agreement\n")
         print(acc + "\n")
     print(machine)
     print(f"raw measurements: {os.path.relpath(raw, ROOT)}")
+    if not any("median_s" in r for r in records):
+        log("nothing was measured; see the messages above")
+        sys.exit(1)
 
 
 if __name__ == "__main__":
