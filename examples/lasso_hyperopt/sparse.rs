@@ -62,7 +62,7 @@ pub fn run(args: &Args, policy: KinkPolicy) -> Result<(), Error> {
         write_svmlight(path, &data.x, data.y.view())?;
         eprintln!("wrote {path}");
     }
-    let split = split_sparse(&data, args.val_fraction)?;
+    let split = split_sparse(&data, args.val_fraction.unwrap_or(0.2))?;
     drop(data);
     let nnz = split.x_train.nnz();
     let n_val = split.x_val.nrows();
