@@ -174,7 +174,19 @@ impl Penalty {
 /// Checks a design and a response: matching lengths, at least one row and column, finite
 /// values, no constant column.
 pub fn validate_data(op: &'static str, x: ArrayView2<'_, f64>, y: ArrayView1<'_, f64>) -> Result<()> {
-    let (n, p) = x.dim();
+    check_response(op, x.dim(), y)?;
+    if let Some(((i, j), v)) = x.indexed_iter().find(|(_, v)| !v.is_finite()) {
+        return Err(Error::invalid(
+            op,
+            format!("X has a non-finite value {v} at row {i}, column {j}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a response against the shape `(n, p)` of its design: `n` entries, at least one row
+/// and column, finite values.
+pub(crate) fn check_response(op: &'static str, (n, p): (usize, usize), y: ArrayView1<'_, f64>) -> Result<()> {
     if n != y.len() {
         return Err(Error::shapes(
             op,
@@ -185,12 +197,6 @@ pub fn validate_data(op: &'static str, x: ArrayView2<'_, f64>, y: ArrayView1<'_,
     }
     if n == 0 || p == 0 {
         return Err(Error::invalid(op, format!("empty data: X is {n} x {p}")));
-    }
-    if let Some(((i, j), v)) = x.indexed_iter().find(|(_, v)| !v.is_finite()) {
-        return Err(Error::invalid(
-            op,
-            format!("X has a non-finite value {v} at row {i}, column {j}"),
-        ));
     }
     if let Some((i, v)) = y.iter().enumerate().find(|(_, v)| !v.is_finite()) {
         return Err(Error::invalid(op, format!("y has a non-finite value {v} at row {i}")));
@@ -219,20 +225,7 @@ fn check_labels(op: &'static str, y: ArrayView1<'_, f64>) -> Result<()> {
 /// an empty column is allowed, its coefficient stays at zero).
 fn validate_sparse(op: &'static str, x: &CscMatrix, y: ArrayView1<'_, f64>) -> Result<()> {
     let (n, p) = (x.nrows(), x.ncols());
-    if n != y.len() {
-        return Err(Error::shapes(
-            op,
-            &[n, p],
-            &[y.len()],
-            format!("X has {n} rows but y has {} entries", y.len()),
-        ));
-    }
-    if n == 0 || p == 0 {
-        return Err(Error::invalid(op, format!("empty data: X is {n} x {p}")));
-    }
-    if let Some((i, v)) = y.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-        return Err(Error::invalid(op, format!("y has a non-finite value {v} at row {i}")));
-    }
+    check_response(op, (n, p), y)?;
     if n >= 2 {
         for j in 0..p {
             let (rows, values) = x.column(j);

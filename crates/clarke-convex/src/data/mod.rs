@@ -147,25 +147,7 @@ pub fn split_centred(data: &Regression, train: std::ops::Range<usize>, val: std:
 /// `n == 0` or `p == 0` (no data), `informative > p`, or a `noise` that is not finite and
 /// `>= 0`, naming `synthetic` and the value.
 pub fn try_synthetic(n: usize, p: usize, informative: usize, noise: f64, seed: u64) -> Result<Regression> {
-    const OP: &str = "synthetic";
-    if n == 0 || p == 0 {
-        return Err(Error::invalid(
-            OP,
-            format!("empty data: asked for {n} rows and {p} columns"),
-        ));
-    }
-    if informative > p {
-        return Err(Error::invalid(
-            OP,
-            format!("{informative} informative features asked for, but there are only p = {p}"),
-        ));
-    }
-    if !(noise.is_finite() && noise >= 0.0) {
-        return Err(Error::invalid(
-            OP,
-            format!("noise is a standard deviation and must be finite and >= 0, got {noise}"),
-        ));
-    }
+    check_synthetic("synthetic", n, p, informative, noise)?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let x = Array2::from_shape_simple_fn((n, p), || StandardNormal.sample(&mut rng));
     let k = informative;
@@ -181,6 +163,30 @@ pub fn try_synthetic(n: usize, p: usize, informative: usize, noise: f64, seed: u
         x,
         y,
     })
+}
+
+/// Checks what every synthetic generator is asked for: a non-empty shape, at most `p`
+/// informative features, a finite noise level `>= 0`.
+pub(crate) fn check_synthetic(op: &'static str, n: usize, p: usize, informative: usize, noise: f64) -> Result<()> {
+    if n == 0 || p == 0 {
+        return Err(Error::invalid(
+            op,
+            format!("empty data: asked for {n} rows and {p} columns"),
+        ));
+    }
+    if informative > p {
+        return Err(Error::invalid(
+            op,
+            format!("{informative} informative features asked for, but there are only p = {p}"),
+        ));
+    }
+    if !(noise.is_finite() && noise >= 0.0) {
+        return Err(Error::invalid(
+            op,
+            format!("noise is a standard deviation and must be finite and >= 0, got {noise}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Panicking form of [`try_synthetic`], for examples and tests with fixed arguments.

@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
+use super::check_synthetic;
 use crate::design::CscMatrix;
 
 /// A regression data set with a sparse design.
@@ -146,25 +147,11 @@ impl SparseShape {
 pub fn sparse_synthetic(shape: SparseShape, informative: usize, noise: f64, seed: u64) -> Result<SparseRegression> {
     const OP: &str = "sparse_synthetic";
     let SparseShape { n, p, density } = shape;
-    if n == 0 || p == 0 {
-        return Err(Error::invalid(OP, format!("empty data: asked for {n} x {p}")));
-    }
+    check_synthetic(OP, n, p, informative, noise)?;
     if !(density > 0.0 && density <= 1.0) {
         return Err(Error::invalid(
             OP,
             format!("the density must lie in (0, 1], got {density}"),
-        ));
-    }
-    if informative > p {
-        return Err(Error::invalid(
-            OP,
-            format!("{informative} informative features asked for, but there are only p = {p}"),
-        ));
-    }
-    if !(noise.is_finite() && noise >= 0.0) {
-        return Err(Error::invalid(
-            OP,
-            format!("noise is a relative standard deviation and must be finite and >= 0, got {noise}"),
         ));
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);

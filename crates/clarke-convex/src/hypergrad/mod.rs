@@ -38,7 +38,7 @@ use ndarray::{Array1, ArrayView1, ArrayView2};
 
 use crate::cd::Fit;
 use crate::design::{CscMatrix, Design};
-use crate::model::{LassoModel, dot, sigmoid, softplus, validate_data};
+use crate::model::{LassoModel, check_response, dot, sigmoid, softplus, validate_data};
 
 /// A differentiable criterion of the coefficients (the outer objective of the bilevel
 /// problem).
@@ -70,17 +70,7 @@ impl ValidationMse {
     /// mismatched lengths, non-finite values.
     pub fn new(x: ArrayView2<'_, f64>, y: ArrayView1<'_, f64>) -> Result<Self> {
         const OP: &str = "ValidationMse::new";
-        if x.nrows() == 0 || y.is_empty() {
-            return Err(Error::invalid(
-                OP,
-                format!(
-                    "the validation set is empty (X_val is {} x {}, y_val has {} entries); hold out at least one row",
-                    x.nrows(),
-                    x.ncols(),
-                    y.len()
-                ),
-            ));
-        }
+        non_empty(OP, x.dim(), y)?;
         validate_data(OP, x, y)?;
         Ok(ValidationMse {
             design: Design::dense(x),
@@ -93,31 +83,9 @@ impl ValidationMse {
     /// its constructor).
     pub fn new_sparse(x: CscMatrix, y: ArrayView1<'_, f64>) -> Result<Self> {
         const OP: &str = "ValidationMse::new_sparse";
-        if x.nrows() == 0 || y.is_empty() {
-            return Err(Error::invalid(
-                OP,
-                format!(
-                    "the validation set is empty (X_val is {} x {}, y_val has {} entries); hold out at least one row",
-                    x.nrows(),
-                    x.ncols(),
-                    y.len()
-                ),
-            ));
-        }
-        if x.nrows() != y.len() {
-            return Err(Error::shapes(
-                OP,
-                &[x.nrows(), x.ncols()],
-                &[y.len()],
-                format!("X_val has {} rows but y_val has {} entries", x.nrows(), y.len()),
-            ));
-        }
-        if let Some((i, v)) = y.iter().enumerate().find(|(_, v)| !v.is_finite()) {
-            return Err(Error::invalid(
-                OP,
-                format!("y_val has a non-finite value {v} at row {i}"),
-            ));
-        }
+        let shape = (x.nrows(), x.ncols());
+        non_empty(OP, shape, y)?;
+        check_response(OP, shape, y)?;
         Ok(ValidationMse {
             design: Design::Sparse(x),
             y: y.to_owned(),
@@ -169,6 +137,20 @@ impl ValidationMse {
         }
         Ok(r)
     }
+}
+
+/// Refuses an empty validation set, naming its shape.
+fn non_empty(op: &'static str, (n, p): (usize, usize), y: ArrayView1<'_, f64>) -> Result<()> {
+    if n == 0 || y.is_empty() {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "the validation set is empty (X_val is {n} x {p}, y_val has {} entries); hold out at least one row",
+                y.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 impl Criterion for ValidationMse {
