@@ -48,6 +48,7 @@ pub fn hypergradient(
         check,
         kinks,
         grad: g,
+        ..
     } = Start::at(model, fit, criterion, options)?;
     if check.outcome == CheckOutcome::Violated {
         return Err(Error::HypothesisViolated {

@@ -15,6 +15,8 @@
 //! - above it, nothing `m x m` is formed: Lanczos on the products estimates both ends, and
 //!   the verdict is a warning, not a certificate.
 
+use std::sync::Arc;
+
 use clarke_core::{Error, Result};
 use clarke_solve::dense::singular_values;
 use clarke_solve::spectral::{SpectralOptions, largest_singular_value, smallest_singular_value};
@@ -28,10 +30,13 @@ use crate::model::LassoModel;
 /// Up to this many columns the spectrum comes from an SVD.
 pub const SVD_LIMIT: usize = 400;
 
-/// Budget and relative tolerance of the inverse iteration that estimates `sigma_min` once
-/// the Cholesky factorisation has proven its lower bound (the value is reported, the
-/// verdict does not depend on it).
-const INVERSE_ITERATIONS: usize = 30;
+/// Budget of the inverse iteration that estimates `sigma_min` once the Cholesky
+/// factorisation has proven its lower bound (the value is reported, the verdict does not
+/// depend on it): about `4e8` flops, between 12 and 200 iterations; and its relative
+/// tolerance.
+fn inverse_iterations(m: usize) -> usize {
+    ((4e8 / (m as f64 * m as f64)) as usize).clamp(12, 200)
+}
 const INVERSE_ITERATION_TOL: f64 = 1e-8;
 
 /// `w X_I^T diag(s) X_I + l2 I` for the columns `idx`, `s` the loss curvature at the fit
@@ -178,7 +183,7 @@ pub(crate) enum SpectrumMethod {
 }
 
 /// The extreme singular values of `H_I` and how they were found.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Spectrum {
     /// Smallest singular value (an estimate from above unless [`SpectrumMethod::Svd`]).
     pub sigma_min: f64,
@@ -186,6 +191,67 @@ pub(crate) struct Spectrum {
     pub sigma_max: f64,
     /// How.
     pub method: SpectrumMethod,
+    /// The Cholesky factor of the certificate, kept for the solve with `H_I`.
+    pub factor: Option<Arc<ShiftedFactor>>,
+}
+
+/// The Cholesky factor `L L^T = H - t I` of a certificate: with iterative refinement it
+/// solves `H v = g`, so the support method need not form and factor `H` a second time.
+#[derive(Debug)]
+pub(crate) struct ShiftedFactor {
+    l: faer::Mat<f64>,
+}
+
+impl ShiftedFactor {
+    /// `(H - t I)^{-1} v` in place.
+    fn apply_inverse(&self, v: &mut faer::Mat<f64>) {
+        use faer::dyn_stack::{MemBuffer, MemStack};
+        use faer::linalg::cholesky::llt::solve::{solve_in_place_scratch, solve_in_place_with_conj};
+        let par = faer::Par::Seq;
+        let mut buf = MemBuffer::new(solve_in_place_scratch::<f64>(self.l.nrows(), 1, par));
+        solve_in_place_with_conj(
+            self.l.as_ref(),
+            faer::Conj::No,
+            v.as_mut(),
+            par,
+            MemStack::new(&mut buf),
+        );
+    }
+
+    /// `H v = g` by iterative refinement on the shifted factor (`v <- v + (H - t I)^{-1} (g -
+    /// H v)`, which contracts by `t / sigma_min < 1`), `H` applied on the columns `idx`;
+    /// `None` when the relative residual has not fallen to `tol` after a few steps.
+    pub(crate) fn solve(
+        &self,
+        model: &LassoModel,
+        idx: &[usize],
+        s: Option<&[f64]>,
+        g: ArrayView1<'_, f64>,
+        tol: f64,
+    ) -> Option<Array1<f64>> {
+        let m = g.len();
+        let scale = g.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+        let mut v = Array1::zeros(m);
+        if scale == 0.0 {
+            return Some(v);
+        }
+        let mut residual = g.to_owned();
+        let mut hv = Array1::zeros(m);
+        let mut buffer = vec![0.0; model.n()];
+        for _ in 0..8 {
+            let mut step = faer::Mat::<f64>::from_fn(m, 1, |i, _| residual[i]);
+            self.apply_inverse(&mut step);
+            for i in 0..m {
+                v[i] += step[(i, 0)];
+            }
+            gram_product(model, idx, s, v.view(), hv.view_mut(), &mut buffer);
+            residual = &g - &hv;
+            if residual.iter().fold(0.0f64, |a, r| a.max(r.abs())) <= tol * scale {
+                return Some(v);
+            }
+        }
+        None
+    }
 }
 
 /// The extreme singular values of `H_I` on the columns `idx` (non-empty), by the size (see
@@ -211,19 +277,24 @@ pub(crate) fn spectrum(
             method: SpectrumMethod::Lanczos {
                 converged: lo.status.is_converged() && hi.status.is_converged(),
             },
+            factor: None,
         });
     }
     let h = gram(model, idx, s);
-    if m > SVD_LIMIT
-        && let Some(spectrum) = cholesky_certificate(h.view(), options.rank_tol)?
-    {
-        return Ok(spectrum);
+    if m > SVD_LIMIT {
+        // sigma_max from the products on the columns (O(nnz) each, not O(m^2)).
+        let op = gram_operator(model, idx, s);
+        let hi = largest_singular_value(&op, &SpectralOptions::default().with_tol(1e-10))?;
+        if let Some(spectrum) = cholesky_certificate(h.view(), hi.value, options.rank_tol)? {
+            return Ok(spectrum);
+        }
     }
     let sv = singular_values(h.view())?;
     Ok(Spectrum {
         sigma_min: sv[m - 1],
         sigma_max: sv[0],
         method: SpectrumMethod::Svd,
+        factor: None,
     })
 }
 
@@ -231,20 +302,19 @@ pub(crate) fn spectrum(
 /// by a Cholesky factorisation of `H - t I`, and estimates `sigma_min` by inverse iteration
 /// with that factor; `None` when the factorisation meets a non-positive pivot (then
 /// `sigma_min` may be at most `t`, and the caller decides by an SVD).
-fn cholesky_certificate(h: ArrayView2<'_, f64>, rank_tol: f64) -> Result<Option<Spectrum>> {
+fn cholesky_certificate(h: ArrayView2<'_, f64>, sigma_max: f64, rank_tol: f64) -> Result<Option<Spectrum>> {
     use faer::dyn_stack::{MemBuffer, MemStack};
     use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch};
     use faer::linalg::cholesky::llt::solve::{solve_in_place_scratch, solve_in_place_with_conj};
     let m = h.nrows();
-    let hi = largest_singular_value(&h.to_owned(), &SpectralOptions::default().with_tol(1e-10))?;
-    // The Lanczos value lies below sigma_max; a percent above it is safely above.
-    let t = rank_tol * hi.value * 1.01;
+    // A Lanczos value lies below sigma_max; a percent above it is safely above.
+    let t = rank_tol * sigma_max * 1.01;
     let mut l = faer::Mat::<f64>::from_fn(m, m, |i, j| match i.cmp(&j) {
         std::cmp::Ordering::Less => 0.0,
         std::cmp::Ordering::Equal => h[[i, i]] - t,
         std::cmp::Ordering::Greater => h[[i, j]],
     });
-    let par = faer::Par::Seq;
+    let par = if m >= 256 { faer::Par::rayon(0) } else { faer::Par::Seq };
     let mut buf = MemBuffer::new(cholesky_in_place_scratch::<f64>(m, par, Default::default()));
     if cholesky_in_place(
         l.as_mut(),
@@ -262,7 +332,7 @@ fn cholesky_certificate(h: ArrayView2<'_, f64>, rank_tol: f64) -> Result<Option<
     let mut x = faer::Mat::<f64>::from_fn(m, 1, |i, _| 1.0 + (i % 7) as f64 / 7.0);
     let mut solve_buf = MemBuffer::new(solve_in_place_scratch::<f64>(m, 1, par));
     let mut estimate = f64::INFINITY;
-    for _ in 0..INVERSE_ITERATIONS {
+    for _ in 0..inverse_iterations(m) {
         let norm = x.norm_l2();
         x /= faer::Scale(norm);
         let xv = Array1::from_iter((0..m).map(|i| x[(i, 0)]));
@@ -282,8 +352,9 @@ fn cholesky_certificate(h: ArrayView2<'_, f64>, rank_tol: f64) -> Result<Option<
     }
     Ok(Some(Spectrum {
         sigma_min: estimate.max(t),
-        sigma_max: hi.value,
+        sigma_max,
         method: SpectrumMethod::Cholesky { lower: t },
+        factor: Some(Arc::new(ShiftedFactor { l })),
     }))
 }
 
@@ -314,7 +385,8 @@ mod tests {
     fn cholesky_certificate_proves_full_rank_and_finds_sigma_min() {
         let h = gram_of(40, 25);
         let sv = singular_values(h.view()).unwrap();
-        let found = cholesky_certificate(h.view(), 1e-10)
+        let hi = largest_singular_value(&h, &SpectralOptions::default()).unwrap().value;
+        let found = cholesky_certificate(h.view(), hi, 1e-10)
             .unwrap()
             .expect("full rank is certified");
         let SpectrumMethod::Cholesky { lower } = found.method else {
@@ -350,6 +422,7 @@ mod tests {
     fn cholesky_certificate_refuses_a_rank_deficient_matrix() {
         // 25 columns of rank 10: the factorisation of H - t I meets a negative pivot.
         let h = gram_of(10, 25);
-        assert!(cholesky_certificate(h.view(), 1e-10).unwrap().is_none());
+        let hi = largest_singular_value(&h, &SpectralOptions::default()).unwrap().value;
+        assert!(cholesky_certificate(h.view(), hi, 1e-10).unwrap().is_none());
     }
 }

@@ -45,6 +45,7 @@ pub fn hypergradient(
         check,
         kinks,
         grad: g,
+        ..
     } = Start::at(model, fit, criterion, options)?;
     let gamma = options.step_for(model)?;
     let (w, l2) = (model.weight(), model.l2());

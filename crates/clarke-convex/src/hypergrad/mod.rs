@@ -515,6 +515,8 @@ pub(crate) struct Start {
     pub kinks: KinkLedger,
     /// `grad C` at the fit's coefficients, checked.
     pub grad: Array1<f64>,
+    /// The Cholesky factor of the certificate on `E`, when there is one.
+    pub factor: Option<std::sync::Arc<hessian::ShiftedFactor>>,
 }
 
 impl Start {
@@ -527,7 +529,7 @@ impl Start {
     ) -> Result<Self> {
         let clock = Instant::now();
         prepare(model, fit, options)?;
-        let (check, kinks) = support::sets(model, fit, options)?;
+        let (check, kinks, factor) = support::sets_with_factor(model, fit, options)?;
         let grad = criterion.gradient(fit.beta.view())?;
         check_criterion(model, &grad)?;
         Ok(Start {
@@ -535,6 +537,7 @@ impl Start {
             check,
             kinks,
             grad,
+            factor,
         })
     }
 }

@@ -29,12 +29,14 @@
 //! not a certificate), and the system is solved by conjugate gradients (GMRES for a
 //! fractional selection, whose matrix is not symmetric).
 
+use std::sync::Arc;
+
 use clarke_core::{Error, KinkLedger, KinkScan, Result, Selection};
 use clarke_implicit::CheckOutcome;
 use clarke_solve::{FnOperator, SolveOptions, cg, cholesky_solve, gmres, lu_solve_transpose};
 use ndarray::{Array1, ArrayView1, ArrayViewMut1};
 
-use super::hessian::{MATRIX_FREE_TOL, SpectrumMethod, gram, gram_operator, spectrum, unconverged};
+use super::hessian::{MATRIX_FREE_TOL, ShiftedFactor, SpectrumMethod, gram, gram_operator, spectrum, unconverged};
 
 use super::{Criterion, HypergradOptions, Hypergradient, Method, Start, SupportCheck, check_fit};
 use crate::cd::Fit;
@@ -56,6 +58,16 @@ pub fn analyze(model: &LassoModel, fit: &Fit, options: &HypergradOptions) -> Res
 
 /// [`analyze`] for checked arguments.
 pub(crate) fn sets(model: &LassoModel, fit: &Fit, options: &HypergradOptions) -> Result<(SupportCheck, KinkLedger)> {
+    sets_with_factor(model, fit, options).map(|(check, ledger, _)| (check, ledger))
+}
+
+/// [`sets`], with the Cholesky factor of the certificate on `E` when there is one (for the
+/// support method's solve).
+pub(crate) fn sets_with_factor(
+    model: &LassoModel,
+    fit: &Fit,
+    options: &HypergradOptions,
+) -> Result<(SupportCheck, KinkLedger, Option<Arc<ShiftedFactor>>)> {
     let q = options.policy.soft_threshold;
     let pen = &fit.penalty;
     let mut support = Vec::new();
@@ -78,20 +90,21 @@ pub(crate) fn sets(model: &LassoModel, fit: &Fit, options: &HypergradOptions) ->
     } else {
         Some(spectrum(model, &equi, curvature.as_deref(), options)?)
     };
-    let (sigma_min, sigma_max) = found.map_or((f64::INFINITY, f64::INFINITY), |f| (f.sigma_min, f.sigma_max));
+    let (sigma_min, sigma_max) = found
+        .as_ref()
+        .map_or((f64::INFINITY, f64::INFINITY), |f| (f.sigma_min, f.sigma_max));
+    let method = found.as_ref().map(|f| f.method);
+    let factor = found.and_then(|f| f.factor);
     let full_rank = equi.is_empty() || sigma_min > options.rank_tol * sigma_max;
-    let how = match found.map(|f| f.method) {
+    let how = match method {
         Some(SpectrumMethod::Cholesky { lower }) => {
             format!(" (proven: sigma_min > {lower:.3e} by a Cholesky factorisation; sigma_min by inverse iteration)")
         }
         _ => String::new(),
     };
-    let estimated = matches!(found.map(|f| f.method), Some(SpectrumMethod::Lanczos { .. }));
+    let estimated = matches!(method, Some(SpectrumMethod::Lanczos { .. }));
     let (outcome, detail) = if estimated {
-        let converged = matches!(
-            found.map(|f| f.method),
-            Some(SpectrumMethod::Lanczos { converged: true })
-        );
+        let converged = matches!(method, Some(SpectrumMethod::Lanczos { converged: true }));
         (
             CheckOutcome::Warning,
             format!(
@@ -154,6 +167,7 @@ pub(crate) fn sets(model: &LassoModel, fit: &Fit, options: &HypergradOptions) ->
             detail,
         },
         ledger,
+        factor,
     ))
 }
 
@@ -205,6 +219,7 @@ pub fn hypergradient(
         check,
         kinks,
         grad: g,
+        factor,
     } = Start::at(model, fit, criterion, options)?;
     let active = active_set(&check);
     let idx: Vec<usize> = active.iter().map(|a| a.0).collect();
@@ -214,9 +229,16 @@ pub fn hypergradient(
     let mut grad = Array1::zeros(pen.len());
     if !idx.is_empty() {
         let curvature = curvature_at(model, fit);
-        let matrix_free = idx.len() > options.dense_support_limit;
-        let h = (!matrix_free).then(|| gram(model, &idx, curvature.as_deref()));
         let ga = Array1::from_iter(idx.iter().map(|&j| g[j]));
+        // The certificate's factor of H_EE solves the system when it is the one on E.
+        let reused = match (&factor, fractional) {
+            (Some(f), false) if idx == check.equicorrelation => {
+                f.solve(model, &idx, curvature.as_deref(), ga.view(), MATRIX_FREE_TOL)
+            }
+            _ => None,
+        };
+        let matrix_free = idx.len() > options.dense_support_limit;
+        let h = (!matrix_free && reused.is_none()).then(|| gram(model, &idx, curvature.as_deref()));
         let refuse = |e: Error| Error::HypothesisViolated {
             node: "lasso hypergradient (support)".to_string(),
             detail: format!(
@@ -243,6 +265,7 @@ pub fn hypergradient(
             }
         }
         let (v, scale) = match (&h, fractional) {
+            _ if reused.is_some() => (reused.expect("checked"), 1.0),
             (Some(h), true) => {
                 let gamma = options.step_for(model)?;
                 let mut m = h.mapv(|x| gamma * x);
