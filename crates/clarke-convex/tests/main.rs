@@ -7,3 +7,4 @@ mod cone;
 mod forward_mode;
 mod lasso;
 mod prox_ops;
+mod qp_layer;
