@@ -724,3 +724,148 @@ fn bad_input_gets_clear_errors() {
     qp.u = None;
     assert!(err(&qp).contains("G is given without l or u"), "{}", err(&qp));
 }
+
+#[test]
+fn closest_feasible_samples_in_a_batch_are_named_in_the_report() {
+    // x = b, x <= 1/2 with b = 0.2 (feasible), 2 and 3 (infeasible): x = 0.2, 1.25, 1.75.
+    let mut qp = one_d(1.0, 0.0, 1.0, None, Some(0.5));
+    qp.b = Some(array![[0.2], [2.0], [3.0]].into_dyn());
+    let w = ArrayD::from_elem(vec![3, 1], 1.0);
+    let r = run(&qp, &w, &closest(), KinkPolicy::default()).unwrap();
+    assert!(
+        max_abs(&r.x, &array![[0.2], [1.25], [1.75]].into_dyn()) < 1e-8,
+        "{}",
+        r.x
+    );
+    let report = r.forward.closest_feasible();
+    assert_eq!(report.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![1, 2]);
+    assert!((report[0].1 - 0.75 * 2f64.sqrt()).abs() < 1e-8 && (report[1].1 - 1.25 * 2f64.sqrt()).abs() < 1e-8);
+    assert!(r.solutions[0].closest_feasible.is_none());
+    // dx/db per sample; u is shared, its gradient the sum 0 + 1/2 + 1/2.
+    assert!(max_abs(r.grads[3].as_ref().unwrap(), &array![[1.0], [0.5], [0.5]].into_dyn()) < 1e-8);
+    assert!((r.grads[6].as_ref().unwrap()[[0]] - 1.0).abs() < 1e-8);
+    assert_eq!((r.report.samples, r.report.certified), (3, 3));
+}
+
+/// Central differences of `sum(w * x)` in the entries of the arguments `which` (Q moved
+/// symmetrically), against the layer's gradients.
+fn check_differences(qp: &Qp, w: &ArrayD<f64>, opts: &QpLayerOptions, which: &[usize], tol: f64) {
+    let ours = run(qp, w, opts, KinkPolicy::default()).unwrap();
+    let loss = |qp: &Qp| (forward(qp, opts) * w).sum();
+    let h = 1e-6;
+    for &k in which {
+        let base = match k {
+            0 => Some(qp.q.clone()),
+            1 => Some(qp.p.clone()),
+            2 => qp.a.clone(),
+            3 => qp.b.clone(),
+            4 => qp.g.clone(),
+            5 => qp.l.clone(),
+            _ => qp.u.clone(),
+        }
+        .unwrap();
+        let grad = ours.grads[k].as_ref().unwrap();
+        for (idx, &v) in base.indexed_iter() {
+            if !v.is_finite() {
+                assert_eq!(grad[idx.slice()], 0.0, "argument {k} entry {idx:?}: infinite bound");
+                continue;
+            }
+            let idx: Vec<usize> = idx.slice().to_vec();
+            let mirror = (k == 0 && idx[0] != idx[1]).then(|| vec![idx[1], idx[0]]);
+            if mirror.as_ref().is_some_and(|m| m[0] > m[1]) {
+                continue;
+            }
+            let at = |t: f64| {
+                let mut arr = base.clone();
+                arr[idx.as_slice()] += t;
+                if let Some(m) = &mirror {
+                    arr[m.as_slice()] += t;
+                }
+                let mut other = qp.clone();
+                match k {
+                    0 => other.q = arr,
+                    1 => other.p = arr,
+                    2 => other.a = Some(arr),
+                    3 => other.b = Some(arr),
+                    4 => other.g = Some(arr),
+                    5 => other.l = Some(arr),
+                    _ => other.u = Some(arr),
+                }
+                loss(&other)
+            };
+            let fd = (at(h) - at(-h)) / (2.0 * h);
+            let an = grad[idx.as_slice()] + mirror.as_ref().map_or(0.0, |m| grad[m.as_slice()]);
+            assert!(
+                (fd - an).abs() < tol * (1.0 + an.abs()),
+                "argument {k} entry {idx:?}: finite difference {fd} vs {an}"
+            );
+        }
+    }
+}
+
+#[test]
+fn closest_feasible_qp_against_finite_differences() {
+    // Two equalities fix x in R^2; an inequality conflicts with them (stably: three rows in
+    // R^2), another is inactive. Every argument, the matrices included.
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let a = normal(&mut rng, (2, 2)) + Array2::<f64>::eye(2) * 2.0;
+    let b = normal_vec(&mut rng, 2);
+    let x0 = clarke_solve::lstsq(a.view(), b.view()).unwrap().solution;
+    let g = normal(&mut rng, (2, 2));
+    let gx = g.dot(&x0);
+    let l0 = normal(&mut rng, (2, 2));
+    let qp = Qp {
+        q: (l0.t().dot(&l0) + Array2::<f64>::eye(2)).into_dyn(),
+        p: normal_vec(&mut rng, 2).into_dyn(),
+        a: Some(a.into_dyn()),
+        b: Some(b.into_dyn()),
+        g: Some(g.into_dyn()),
+        l: Some(array![gx[0] - 3.0, gx[1] - 2.0].into_dyn()),
+        u: Some(array![gx[0] - 1.0, gx[1] + 2.0].into_dyn()),
+    };
+    let w = normal_vec(&mut rng, 2).into_dyn();
+    let r = run(&qp, &w, &closest(), KinkPolicy::default()).unwrap();
+    let cf = r.solutions[0].closest_feasible.as_ref().unwrap();
+    assert!(cf.shift_ineq[0] > 0.1 && cf.shift_ineq[1] == 0.0, "{:?}", cf.shift_ineq);
+    check_differences(&qp, &w, &closest(), &[0, 1, 2, 3, 4, 5, 6], 1e-6);
+
+    // The two-variable QP where only part is infeasible: every argument but the matrices,
+    // whose zero entries keep the conflict (moving them can make the QP feasible).
+    let inf = f64::INFINITY;
+    let qp = Qp {
+        q: array![[1.5, 0.2], [0.2, 1.0]].into_dyn(),
+        p: array![0.1, -1.0].into_dyn(),
+        a: Some(array![[1.0, 1.0]].into_dyn()),
+        b: Some(array![2.0].into_dyn()),
+        g: Some(array![[1.0, 1.0], [0.0, 1.0]].into_dyn()),
+        l: Some(array![-inf, 0.2].into_dyn()),
+        u: Some(array![0.0, inf].into_dyn()),
+    };
+    check_differences(&qp, &array![1.0, 3.0].into_dyn(), &closest(), &[0, 1, 3, 5, 6], 1e-6);
+}
+
+#[test]
+fn forward_mode_refuses_the_layer_by_name() {
+    let qp = planted(3);
+    let tape = Tape::<f64>::new();
+    let p = tape.param(qp.p.clone());
+    let c = |v: &Option<ArrayD<f64>>| v.as_ref().map(|v| tape.constant(v.clone()));
+    let data = QpData {
+        q: tape.constant(qp.q.clone()).into(),
+        p,
+        a: c(&qp.a),
+        b: c(&qp.b),
+        g: c(&qp.g),
+        l: c(&qp.l),
+        u: c(&qp.u),
+    };
+    let layer = qp_layer(data, &opts()).unwrap();
+    let e = layer
+        .x
+        .sum()
+        .jvp(&[(p, ArrayD::from_elem(vec![5], 1.0))], &BackwardOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("qp_layer"), "{e}");
+}

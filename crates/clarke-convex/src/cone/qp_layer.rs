@@ -1032,45 +1032,72 @@ fn least_squares_shift(d: &SampleData, solver: &SolverOptions) -> Result<Shift> 
             .chain(d.a.iter())
             .chain(d.g.iter())
             .fold(1.0f64, |m, v| m.max(v.abs()));
-    let tol = 1e-8 * scale;
-    let mut r = residual(&xbar);
-    let outside_of = |r: &Array1<f64>| -> Vec<bool> {
-        (0..me + mg)
-            .map(|j| j < me || d.pinned(j - me) || r[j].abs() > tol)
-            .collect()
-    };
-    let mut outside = outside_of(&r);
-    // Polish: the least-squares point of the rows outside their boxes, each at the bound
-    // it is projected to; kept when the rows inside stay inside and the others outside.
-    let target = |j: usize, r: &Array1<f64>| -> f64 {
-        if j < me {
-            d.b[j]
-        } else if d.pinned(j - me) || r[j] > 0.0 {
-            d.u[j - me]
-        } else {
-            d.l[j - me]
+    // Polish by an active-set loop on the rows outside their boxes (each at the bound it is
+    // projected to): the least-squares point of those rows is a minimiser of the whole
+    // objective when they stay strictly outside on their side and every other row stays in
+    // its box (the gradient is then `E_V^T (E_V x - beta_V) = 0`). Rows that come back inside
+    // leave the set, rows that go out join it; when this does not settle, the solver's point
+    // is kept with the rows beyond `1e-8` of the data's scale as the outside ones.
+    let row_of = |j: usize| if j < me { d.a.row(j) } else { d.g.row(j - me) };
+    let always = |j: usize| j < me || d.pinned(j - me);
+    let r0 = residual(&xbar);
+    // Per row: 0 inside, +1 above its upper bound, -1 below its lower one (the rows whose
+    // box is a point count as outside, +1).
+    let mut side: Vec<i8> = (0..me + mg)
+        .map(|j| {
+            if always(j) || r0[j] > 1e-8 * scale {
+                1
+            } else if r0[j] < -1e-8 * scale {
+                -1
+            } else {
+                0
+            }
+        })
+        .collect();
+    let mut settled = None;
+    for _ in 0..2 * (me + mg) + 2 {
+        let v: Vec<usize> = (0..me + mg).filter(|&j| side[j] != 0).collect();
+        let mut ev = Array2::<f64>::zeros((v.len(), n));
+        let mut bv = Array1::<f64>::zeros(v.len());
+        for (t, &j) in v.iter().enumerate() {
+            ev.row_mut(t).assign(&row_of(j));
+            bv[t] = if j < me {
+                d.b[j]
+            } else if side[j] > 0 {
+                d.u[j - me]
+            } else {
+                d.l[j - me]
+            };
+        }
+        let xp = lstsq(ev.view(), bv.view())?.solution;
+        let rp = residual(&xp);
+        let mut changed = false;
+        for j in (0..me + mg).filter(|&j| !always(j)) {
+            let now = if side[j] != 0 && rp[j] * f64::from(side[j]) <= 1e-12 * scale {
+                0
+            } else if side[j] == 0 && rp[j].abs() > 1e-9 * scale {
+                if rp[j] > 0.0 { 1 } else { -1 }
+            } else {
+                side[j]
+            };
+            changed |= now != side[j];
+            side[j] = now;
+        }
+        if !changed {
+            settled = Some((xp, rp));
+            break;
+        }
+    }
+    let (r, outside) = match settled {
+        Some((xp, rp)) => {
+            xbar = xp;
+            (rp, side.iter().map(|&v| v != 0).collect::<Vec<_>>())
+        }
+        None => {
+            let outside = (0..me + mg).map(|j| always(j) || r0[j].abs() > 1e-8 * scale).collect();
+            (r0, outside)
         }
     };
-    let row_of = |j: usize| if j < me { d.a.row(j) } else { d.g.row(j - me) };
-    let v: Vec<usize> = (0..me + mg).filter(|&j| outside[j]).collect();
-    let mut ev = Array2::<f64>::zeros((v.len(), n));
-    let mut bv = Array1::<f64>::zeros(v.len());
-    for (t, &j) in v.iter().enumerate() {
-        ev.row_mut(t).assign(&row_of(j));
-        bv[t] = target(j, &r);
-    }
-    let polished = lstsq(ev.view(), bv.view())?.solution;
-    let rp = residual(&polished);
-    let same_sides = (0..me + mg).all(|j| {
-        j < me
-            || d.pinned(j - me)
-            || (outside[j] == (rp[j].abs() > tol) && (!outside[j] || rp[j].signum() == r[j].signum()))
-    });
-    if same_sides {
-        xbar = polished;
-        r = rp;
-        outside = outside_of(&r);
-    }
     // A maximal independent subset of the violated rows, in the order the program takes them
     // (equalities, pinned, then the other inequalities): Gram-Schmidt with a relative cutoff.
     let mut left_out = vec![false; me + mg];
