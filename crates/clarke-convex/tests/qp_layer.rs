@@ -844,28 +844,99 @@ fn closest_feasible_qp_against_finite_differences() {
     check_differences(&qp, &array![1.0, 3.0].into_dyn(), &closest(), &[0, 1, 3, 5, 6], 1e-6);
 }
 
-#[test]
-fn forward_mode_refuses_the_layer_by_name() {
-    let qp = planted(3);
+/// `<J v, w>` by forward mode against `<v, J^T w>` by backward, with random `v` in every
+/// argument given and random `w`; the two calls' ledgers must agree.
+fn dot_test(qp: &Qp, opts: &QpLayerOptions, policy: KinkPolicy, seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let tape = Tape::<f64>::new();
-    let p = tape.param(qp.p.clone());
-    let c = |v: &Option<ArrayD<f64>>| v.as_ref().map(|v| tape.constant(v.clone()));
+    let args: Vec<Option<ArrayD<f64>>> = vec![
+        Some(qp.q.clone()),
+        Some(qp.p.clone()),
+        qp.a.clone(),
+        qp.b.clone(),
+        qp.g.clone(),
+        qp.l.clone(),
+        qp.u.clone(),
+    ];
+    let vars: Vec<Option<clarke_core::Var<'_, f64>>> =
+        args.iter().map(|a| a.as_ref().map(|a| tape.param(a.clone()))).collect();
     let data = QpData {
-        q: tape.constant(qp.q.clone()).into(),
-        p,
-        a: c(&qp.a),
-        b: c(&qp.b),
-        g: c(&qp.g),
-        l: c(&qp.l),
-        u: c(&qp.u),
+        q: vars[0].unwrap().into(),
+        p: vars[1].unwrap(),
+        a: vars[2],
+        b: vars[3],
+        g: vars[4],
+        l: vars[5],
+        u: vars[6],
     };
-    let layer = qp_layer(data, &opts()).unwrap();
-    let e = layer
+    let layer = qp_layer(data, opts).unwrap();
+    let dirs: Vec<(clarke_core::Var<'_, f64>, ArrayD<f64>)> = vars
+        .iter()
+        .zip(&args)
+        .filter_map(|(v, a)| {
+            let a = a.as_ref()?;
+            Some((v.unwrap(), a.mapv(|_| rng.sample::<f64, _>(StandardNormal))))
+        })
+        .collect();
+    let w = layer.x.value().mapv(|_| rng.sample::<f64, _>(StandardNormal));
+    let options = BackwardOptions::default().with_policy(policy.clone());
+    let jvp = layer.x.jvp(&dirs, &options).unwrap();
+    let lhs = (jvp.tangent() * &w).sum();
+    let grads = layer
         .x
-        .sum()
-        .jvp(&[(p, ArrayD::from_elem(vec![5], 1.0))], &BackwardOptions::default())
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("qp_layer"), "{e}");
+        .backward_with(&BackwardOptions::seed(w.clone()).with_policy(policy))
+        .unwrap();
+    let rhs: f64 = dirs.iter().map(|(v, d)| (grads.wrt(*v).unwrap() * d).sum()).sum();
+    assert!(
+        (lhs - rhs).abs() < 1e-9 * (1.0 + lhs.abs()),
+        "<J v, w> = {lhs} but <v, J^T w> = {rhs}"
+    );
+    assert_eq!(jvp.ledger(), grads.ledger());
+    let reports = layer.log.all();
+    assert_eq!(reports.len(), 2);
+    assert_eq!(reports[0], reports[1]);
+}
+
+#[test]
+fn forward_mode_is_the_transpose_of_backward() {
+    dot_test(&planted(3), &opts(), KinkPolicy::default(), 1);
+    // A batch with batched p and l, and infinite bounds.
+    let mut qp = planted(5);
+    let p0 = qp.p.clone();
+    qp.p = ndarray::stack![Axis(0), p0.view(), (&p0 * 0.3).view()].into_dyn();
+    let mut l = qp.l.clone().unwrap();
+    l[[3]] = f64::NEG_INFINITY;
+    qp.l = Some(ndarray::stack![Axis(0), l.view(), (&l - 0.2).view()].into_dyn());
+    dot_test(&qp, &opts(), KinkPolicy::default(), 2);
+    // A weakly active constraint under both selections.
+    let weak = Qp {
+        q: array![[1.0]].into_dyn(),
+        p: array![-1.0].into_dyn(),
+        a: None,
+        b: None,
+        g: Some(array![[1.0]].into_dyn()),
+        l: None,
+        u: Some(array![1.0].into_dyn()),
+    };
+    dot_test(&weak, &opts(), KinkPolicy::pytorch(), 3);
+    dot_test(&weak, &opts(), KinkPolicy::one(), 4);
+    // Closest feasible QPs: the shift's tangent against its adjoint, with `E` of full column
+    // rank and not.
+    dot_test(
+        &one_d(2.0, 1.0, 1.0, Some(1.0), None),
+        &closest(),
+        KinkPolicy::default(),
+        5,
+    );
+    let inf = f64::INFINITY;
+    let part = Qp {
+        q: array![[1.5, 0.2], [0.2, 1.0]].into_dyn(),
+        p: array![0.1, -1.0].into_dyn(),
+        a: Some(array![[1.0, 1.0]].into_dyn()),
+        b: Some(array![2.0].into_dyn()),
+        g: Some(array![[1.0, 1.0], [0.0, 1.0]].into_dyn()),
+        l: Some(array![-inf, 0.2].into_dyn()),
+        u: Some(array![0.0, inf].into_dyn()),
+    };
+    dot_test(&part, &closest(), KinkPolicy::default(), 6);
 }

@@ -54,7 +54,7 @@ use ndarray::{Array1, Array2, ArrayD, Axis, Dimension, Ix1, Ix2, s};
 use rayon::prelude::*;
 
 use super::cones::{Cone, Cones};
-use super::derivative::{DataGradient, DerivativeOptions, SolutionDirection};
+use super::derivative::{DataDirection, DataGradient, DerivativeOptions, SolutionDirection};
 use super::layer::{ConicLog, Differentiation, QuadraticTerm, gather, in_sample, reshape_error, to_f64};
 use super::problem::ConeProgram;
 use super::solver::{ConeSolution, ConeStatus, SolverOptions, solve};
@@ -362,7 +362,8 @@ struct Sample {
     shift: Option<Shift>,
 }
 
-/// One sample's gradient with respect to the QP's data.
+/// One sample's arrays in the shapes of the QP's data: a gradient, or a direction of the
+/// forward map.
 struct QpGradient {
     q: Array2<f64>,
     p: Array1<f64>,
@@ -384,7 +385,8 @@ struct QpGradient {
 /// semidefinite, an infeasible sample (naming it and the certificate) unless
 /// [`InfeasibleMode::ClosestFeasible`], an unbounded or unfinished solve.
 ///
-/// Forward mode ([`clarke_core::Tape::jvp`]) is not attached: it refuses the layer by name.
+/// Forward mode ([`clarke_core::Tape::jvp`]) runs the same checked derivative's forward map,
+/// with the same check, refusal, kink records and report.
 pub fn qp_layer<'t, S: Scalar>(data: QpData<'t, S>, opts: &QpLayerOptions) -> Result<QpLayer<'t, S>> {
     let name = opts.name.clone();
     let QpData { q, p, a, b, g, l, u } = data;
@@ -656,6 +658,7 @@ pub fn qp_layer<'t, S: Scalar>(data: QpData<'t, S>, opts: &QpLayerOptions) -> Re
     let inputs: Vec<Var<'t, S>> = [q_var, Some(p), a, b, g, l, u].into_iter().flatten().collect();
     let tape = p.tape();
     let vjp_states = states.clone();
+    let (jvp_diff, jvp_states) = (diff.clone(), states.clone());
     let node = tape.try_custom_fn_ctx(&name, &inputs, value, move |ctx, _inputs, _out, grad| {
         let gx = grad
             .mapv(|v| v.to_f64_exact())
@@ -688,6 +691,48 @@ pub fn qp_layer<'t, S: Scalar>(data: QpData<'t, S>, opts: &QpLayerOptions) -> Re
             }));
         }
         Ok(out)
+    })?;
+    // The tangent of `x` per sample by the cone derivative's forward map (the shift's tangent
+    // first, for a closest feasible QP), with the backward's check, refusal, kink records and
+    // report.
+    tape.set_custom_jvp(node, move |ctx, inputs, _out, tangents| {
+        let name = &jvp_diff.name;
+        // Tangents as f64 (zeros for inputs without one), by argument: Q, p, A, b, G, l, u.
+        let mut dirs: Vec<Option<ArrayD<f64>>> = vec![None; 7];
+        let mut given = inputs.iter().zip(tangents);
+        for (k, &has) in present.iter().enumerate() {
+            if has {
+                let (x, t) = given.next().ok_or_else(|| Error::CustomOp {
+                    op: name.clone(),
+                    detail: format!("{} inputs reached the forward-mode rule", inputs.len()),
+                })?;
+                dirs[k] = Some(t.as_ref().map_or_else(|| ArrayD::zeros(x.raw_dim()), to_f64));
+            }
+        }
+        let states = &*jvp_states;
+        let cone_solutions = &*jvp_diff.solutions;
+        let rows = jvp_diff.run(ctx, |i, d| {
+            let st = &states[i];
+            let dir = sample_direction(name, &dirs, &batched, &st.data, i)?;
+            let (dp, da, db) = cone_direction(st, &cone_solutions[i].y, &dir)?;
+            let dz = d.forward(&DataDirection {
+                p: Some(dp.view()),
+                a: da.view(),
+                b: db.view(),
+                c: dir.p.view(),
+            })?;
+            Ok(dz.x)
+        })?;
+        let mut out = Array2::<f64>::zeros((samples, n));
+        for (mut row, dx) in out.rows_mut().into_iter().zip(&rows) {
+            row.assign(dx);
+        }
+        let out = out.mapv(S::from_f64_lossy);
+        Ok(if batch.is_some() {
+            out.into_dyn()
+        } else {
+            out.row(0).to_owned().into_dyn()
+        })
     })?;
     Ok(QpLayer {
         x: node,
@@ -1220,4 +1265,112 @@ fn map_gradient(st: &Sample, y: &Array1<f64>, dg: &DataGradient) -> Result<QpGra
         }
     }
     Ok(out)
+}
+
+/// Sample `i` of the tangents of the QP's arguments (`dirs` by argument, `None` for an
+/// absent one, which gets zeros of its sample's shape).
+fn sample_direction(
+    name: &str,
+    dirs: &[Option<ArrayD<f64>>],
+    batched: &[bool; 7],
+    d: &SampleData,
+    i: usize,
+) -> Result<QpGradient> {
+    let two = |k: usize, shape: (usize, usize)| -> Result<Array2<f64>> {
+        match &dirs[k] {
+            Some(t) => pick(t, batched[k], i)
+                .into_dimensionality::<Ix2>()
+                .map_err(|e| reshape_error(name, e)),
+            None => Ok(Array2::zeros(shape)),
+        }
+    };
+    let one = |k: usize, len: usize| -> Result<Array1<f64>> {
+        match &dirs[k] {
+            Some(t) => pick(t, batched[k], i)
+                .into_dimensionality::<Ix1>()
+                .map_err(|e| reshape_error(name, e)),
+            None => Ok(Array1::zeros(len)),
+        }
+    };
+    let (me, mg, n) = (d.a.nrows(), d.g.nrows(), d.q.nrows());
+    Ok(QpGradient {
+        q: two(0, (n, n))?,
+        p: one(1, n)?,
+        a: two(2, (me, n))?,
+        b: one(3, me)?,
+        g: two(4, (mg, n))?,
+        l: one(5, mg)?,
+        u: one(6, mg)?,
+    })
+}
+
+/// The direction `(dP, dA_c, db_c)` of one sample's cone program for a direction `dir` of the
+/// QP's data (`dc = dp`): the transpose of [`map_gradient`], with the tangent of the shift
+/// `s*` for a closest feasible QP,
+/// `dr = e - E (E^T E)^+ (dC^T r + E^T e)`, `e = D (dC xbar - d beta)` (see the module docs).
+fn cone_direction(st: &Sample, y: &Array1<f64>, dir: &QpGradient) -> Result<(Array2<f64>, Array2<f64>, Array1<f64>)> {
+    let d = &st.data;
+    let (me, mg, n) = (d.a.nrows(), d.g.nrows(), d.q.nrows());
+    // `P` gets a symmetric gradient: its tangent enters through its symmetric part.
+    let dp = (&dir.q + &dir.q.t()) * 0.5;
+    let mut pinned_upper = vec![true; mg];
+    for (j, row) in st.rows.iter().enumerate() {
+        if let QpRow::Pinned(i) = *row {
+            pinned_upper[i] = y[j] >= 0.0;
+        }
+    }
+    let mut dr = Array1::<f64>::zeros(me + mg);
+    if let Some(shift) = &st.shift {
+        let v: Vec<usize> = (0..me + mg).filter(|&j| shift.outside[j]).collect();
+        if !v.is_empty() {
+            let mut e = Array2::<f64>::zeros((v.len(), n));
+            let mut ev = Array1::<f64>::zeros(v.len());
+            let mut dct_r = Array1::<f64>::zeros(n);
+            for (t, &j) in v.iter().enumerate() {
+                let (row, drow, dbeta) = if j < me {
+                    (d.a.row(j), dir.a.row(j), dir.b[j])
+                } else {
+                    let i = j - me;
+                    let upper = if d.pinned(i) { pinned_upper[i] } else { shift.r[j] > 0.0 };
+                    (d.g.row(i), dir.g.row(i), if upper { dir.u[i] } else { dir.l[i] })
+                };
+                e.row_mut(t).assign(&row);
+                ev[t] = drow.dot(&shift.xbar) - dbeta;
+                dct_r.scaled_add(shift.r[j], &drow);
+            }
+            // (E^T E)^+ v = E^+ (E^+)^T v, and (E^+)^T = (E^T)^+.
+            let rhs = dct_r + e.t().dot(&ev);
+            let half = lstsq(e.t(), rhs.view())?.solution;
+            let z = lstsq(e.view(), half.view())?.solution;
+            let drv = &ev - &e.dot(&z);
+            for (t, &j) in v.iter().enumerate() {
+                dr[j] = drv[t];
+            }
+        }
+    }
+    let m = st.rows.len();
+    let mut da = Array2::<f64>::zeros((m, n));
+    let mut db = Array1::<f64>::zeros(m);
+    for (j, row) in st.rows.iter().enumerate() {
+        match *row {
+            QpRow::Eq(k) => {
+                da.row_mut(j).assign(&dir.a.row(k));
+                db[j] = dir.b[k] + dr[k];
+            }
+            QpRow::Pinned(i) => {
+                da.row_mut(j).assign(&dir.g.row(i));
+                db[j] = if pinned_upper[i] { dir.u[i] } else { dir.l[i] } + dr[me + i];
+            }
+            QpRow::Upper(i) => {
+                da.row_mut(j).assign(&dir.g.row(i));
+                db[j] = dir.u[i] + dr[me + i];
+            }
+            QpRow::Lower(i) => {
+                da.row_mut(j).assign(&(-&dir.g.row(i)));
+                db[j] = -(dir.l[i] + dr[me + i]);
+            }
+            QpRow::Padding => {}
+        }
+    }
+    Ok((dp, da, db))
 }
