@@ -5,7 +5,10 @@
 //!   seeded data), written as a QP layer with `u = h` and no `l`;
 //! - `large`: 100 variables, 50 equalities and 100 two-sided inequalities, feasible by
 //!   construction (`b = A x0`, `l = G x0 - d_l`, `u = G x0 + d_u` with `d_l`, `d_u` uniform in
-//!   `[0.1, 1)`), `Q = L L^T / n + I`, standard normal `A`, `G`, `L` and `p`, seeded.
+//!   `[1, 10)`, about a tenth of the norm of a row of `G`), `Q = L L^T / n + I`, standard
+//!   normal `A`, `G`, `L` and `p`, seeded: about 30 of the 200 sides are active at the
+//!   solution (with tighter bounds, more than `n - m_eq = 50` are, and the solution is a
+//!   degenerate vertex whose derivative the check refuses).
 //!
 //! Sizes: one problem (`p` of shape `[n]`) and a batch of 128 (`p` of shape `[128, n]`, the
 //! rest shared). `forward` records the layer (the solve of every sample, in parallel);
@@ -78,9 +81,9 @@ impl Problem {
         let x0 = Array1::from_shape_simple_fn(n, || normal(&mut rng));
         let b = a.dot(&x0);
         let gx = g.dot(&x0);
-        let dl = Array1::from_shape_simple_fn(mg, || rng.random_range(0.1..1.0));
-        let du = Array1::from_shape_simple_fn(mg, || rng.random_range(0.1..1.0));
-        let p = Array2::from_shape_simple_fn((BATCH, n), || 10.0 * normal(&mut rng));
+        let dl = Array1::from_shape_simple_fn(mg, || rng.random_range(1.0..10.0));
+        let du = Array1::from_shape_simple_fn(mg, || rng.random_range(1.0..10.0));
+        let p = Array2::from_shape_simple_fn((BATCH, n), || normal(&mut rng));
         let w = Array1::from_shape_simple_fn(n, || normal(&mut rng));
         Problem {
             name: "large",
@@ -103,12 +106,14 @@ impl Problem {
     }
 }
 
-/// What one run returns: `x`, or the gradient of `p` with the worst KKT residual and the
-/// check's verdicts (certified, warnings, violated) of the backward pass.
+/// What one run returns: `x`, or the gradient of `p` with the worst KKT residual, the
+/// check's verdicts (certified, warnings, violated) of the backward pass and the mean number
+/// of active sides.
 struct Outcome {
     value: ArrayD<f64>,
     kkt: f64,
     verdicts: (usize, usize, usize),
+    active: f64,
 }
 
 /// Records the layer on a fresh tape; with `backward`, also the loss and the backward pass.
@@ -129,11 +134,18 @@ fn run(pb: &Problem, batched: bool, opts: &QpLayerOptions, backward: bool) -> Ou
         .iter()
         .map(|s| s.cone.residuals.max())
         .fold(0.0f64, f64::max);
+    let active = layer
+        .solutions
+        .iter()
+        .map(|s| s.ineq_multipliers.iter().filter(|z| z.abs() > 1e-9).count() as f64)
+        .sum::<f64>()
+        / layer.solutions.len() as f64;
     if !backward {
         return Outcome {
             value: layer.x.value(),
             kkt,
             verdicts: (0, 0, 0),
+            active,
         };
     }
     let w = tape.constant(pb.w.clone().into_dyn());
@@ -149,6 +161,7 @@ fn run(pb: &Problem, batched: bool, opts: &QpLayerOptions, backward: bool) -> Ou
         value: grads.wrt(p).expect("gradient of p").clone(),
         kkt,
         verdicts: (r.certified, r.warnings, r.violated),
+        active,
     }
 }
 
@@ -159,11 +172,12 @@ fn layer(c: &mut Criterion) {
         let out = run(pb, true, &opts, true);
         let (certified, warnings, violated) = out.verdicts;
         eprintln!(
-            "qp_layer {}: n = {}, m_eq = {}, m_in = {}, batch {BATCH}: worst KKT residual {:.2e}; check: certified {certified}, warnings {warnings}, violated {violated}",
+            "qp_layer {}: n = {}, m_eq = {}, m_in = {}, batch {BATCH}: active inequalities mean {:.1}; worst KKT residual {:.2e}; check: certified {certified}, warnings {warnings}, violated {violated}",
             pb.name,
             pb.q.nrows(),
             pb.a.as_ref().map_or(0, |(a, _)| a.nrows()),
             pb.g.nrows(),
+            out.active,
             out.kkt
         );
     }
