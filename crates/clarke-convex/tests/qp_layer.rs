@@ -940,3 +940,44 @@ fn forward_mode_is_the_transpose_of_backward() {
     };
     dot_test(&part, &closest(), KinkPolicy::default(), 6);
 }
+
+#[test]
+fn a_pinned_row_below_and_an_f32_tape() {
+    // l_1 = u_1 = 0.3 with the unconstrained x_1 = -1 below it: the multiplier is negative and
+    // the gradient of the pinned value goes to l_1.
+    let inf = f64::INFINITY;
+    let qp = Qp {
+        q: Array2::<f64>::eye(2).into_dyn(),
+        p: array![-1.0, 1.0].into_dyn(),
+        a: None,
+        b: None,
+        g: Some(array![[1.0, 0.0], [0.0, 1.0]].into_dyn()),
+        l: Some(array![-inf, 0.3].into_dyn()),
+        u: Some(array![2.0, 0.3].into_dyn()),
+    };
+    let r = run(&qp, &array![0.0, 1.0].into_dyn(), &opts(), KinkPolicy::default()).unwrap();
+    assert!(max_abs(&r.x, &array![1.0, 0.3].into_dyn()) < 1e-10);
+    assert!(r.solutions[0].ineq_multipliers[1] < -1.0 + 1e-9);
+    assert!((r.grads[5].as_ref().unwrap()[[1]] - 1.0).abs() < 1e-10);
+    assert_eq!(r.grads[6].as_ref().unwrap()[[1]], 0.0);
+
+    // The same QP on an f32 tape: f64 solve, f32 values and gradients.
+    let tape = Tape::<f32>::new();
+    let f = |v: &ArrayD<f64>| tape.param(v.mapv(|x| x as f32));
+    let (q, p, g, l, u) = (
+        f(&qp.q),
+        f(&qp.p),
+        f(qp.g.as_ref().unwrap()),
+        f(qp.l.as_ref().unwrap()),
+        f(qp.u.as_ref().unwrap()),
+    );
+    let layer = qp_layer(QpData::new(q, p).with_ineq(g, Some(l), Some(u)), &opts()).unwrap();
+    let x = layer.x.value();
+    assert!((x[[0]] - 1.0).abs() < 1e-6 && (x[[1]] - 0.3).abs() < 1e-6, "{x}");
+    let grads = (layer.x * tape.constant(array![0.0f32, 1.0].into_dyn()))
+        .sum()
+        .backward()
+        .unwrap();
+    assert!((grads.wrt(l).unwrap()[[1]] - 1.0).abs() < 1e-6);
+    assert!((grads.wrt(p).unwrap()[[0]]).abs() < 1e-6);
+}
