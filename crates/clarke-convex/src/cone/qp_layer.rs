@@ -364,7 +364,7 @@ struct Sample {
 
 /// One sample's arrays in the shapes of the QP's data: a gradient, or a direction of the
 /// forward map.
-struct QpGradient {
+struct QpArrays {
     q: Array2<f64>,
     p: Array1<f64>,
     a: Array2<f64>,
@@ -666,7 +666,7 @@ pub fn qp_layer<'t, S: Scalar>(data: QpData<'t, S>, opts: &QpLayerOptions) -> Re
             .map_err(|e| reshape_error(&diff.name, e))?;
         let states = &*vjp_states;
         let cone_solutions = &*diff.solutions;
-        let grads: Vec<QpGradient> = diff.run(ctx, |i, d| {
+        let grads: Vec<QpArrays> = diff.run(ctx, |i, d| {
             let m = states[i].rows.len();
             let dg = d.adjoint(&SolutionDirection {
                 x: gx.row(i).to_owned(),
@@ -1182,10 +1182,10 @@ fn least_squares_shift(d: &SampleData, solver: &SolverOptions) -> Result<Shift> 
 /// A pinned row (`l_i = u_i`) is one equality of the common value: its gradient goes to
 /// `u_i` when its multiplier is `>= 0` (the upper side holds the solution) and to `l_i`
 /// otherwise.
-fn map_gradient(st: &Sample, y: &Array1<f64>, dg: &DataGradient) -> Result<QpGradient> {
+fn map_gradient(st: &Sample, y: &Array1<f64>, dg: &DataGradient) -> Result<QpArrays> {
     let d = &st.data;
     let (me, mg, n) = (d.a.nrows(), d.g.nrows(), d.q.nrows());
-    let mut out = QpGradient {
+    let mut out = QpArrays {
         q: dg.p.clone().unwrap_or_else(|| Array2::zeros((n, n))),
         p: dg.c.clone(),
         a: Array2::zeros((me, n)),
@@ -1275,7 +1275,7 @@ fn sample_direction(
     batched: &[bool; 7],
     d: &SampleData,
     i: usize,
-) -> Result<QpGradient> {
+) -> Result<QpArrays> {
     let two = |k: usize, shape: (usize, usize)| -> Result<Array2<f64>> {
         match &dirs[k] {
             Some(t) => pick(t, batched[k], i)
@@ -1293,7 +1293,7 @@ fn sample_direction(
         }
     };
     let (me, mg, n) = (d.a.nrows(), d.g.nrows(), d.q.nrows());
-    Ok(QpGradient {
+    Ok(QpArrays {
         q: two(0, (n, n))?,
         p: one(1, n)?,
         a: two(2, (me, n))?,
@@ -1308,7 +1308,7 @@ fn sample_direction(
 /// QP's data (`dc = dp`): the transpose of [`map_gradient`], with the tangent of the shift
 /// `s*` for a closest feasible QP,
 /// `dr = e - E (E^T E)^+ (dC^T r + E^T e)`, `e = D (dC xbar - d beta)` (see the module docs).
-fn cone_direction(st: &Sample, y: &Array1<f64>, dir: &QpGradient) -> Result<(Array2<f64>, Array2<f64>, Array1<f64>)> {
+fn cone_direction(st: &Sample, y: &Array1<f64>, dir: &QpArrays) -> Result<(Array2<f64>, Array2<f64>, Array1<f64>)> {
     let d = &st.data;
     let (me, mg, n) = (d.a.nrows(), d.g.nrows(), d.q.nrows());
     // `P` gets a symmetric gradient: its tangent enters through its symmetric part.
