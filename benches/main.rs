@@ -3,7 +3,7 @@
 //! `cargo bench -- deq_step` or `cargo bench -- conic_qp`.
 //!
 //! The groups: `tape_overhead`, `elementwise_*`, `matmul_fwd_bwd`, `tape_vs_unrolled`,
-//! `deq_step`, `conic_qp` and `conic_qp_raw` (see each module).
+//! `deq_step`, `conic_qp`, `conic_qp_raw` and `qp_layer` (see each module).
 //!
 //! With `CLARKE_PEER_DATA=DIR` set, `deq_step` and `conic_qp` also write their problems to
 //! `DIR` for the peer scripts of `benches/peers/` (see `peer_data`); nothing else changes.
@@ -13,6 +13,7 @@ mod deq_step;
 mod elementwise;
 mod matmul;
 mod peer_data;
+mod qp_layer;
 mod tape_overhead;
 mod tape_vs_unrolled;
 
@@ -23,4 +24,5 @@ criterion::criterion_main!(
     tape_vs_unrolled::benches,
     deq_step::benches,
     conic_qp::benches,
+    qp_layer::benches,
 );

@@ -7,4 +7,5 @@ mod cone;
 mod forward_mode;
 mod lasso;
 mod prox_ops;
+mod qp_layer;
 mod sparse;

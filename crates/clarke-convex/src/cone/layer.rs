@@ -31,7 +31,7 @@ use rayon::prelude::*;
 
 use super::check::{ConeMargin, ConicCheck};
 use super::cones::{BoundaryKind, Cones};
-use super::derivative::{ConeDerivative, DataDirection, DataGradient, DerivativeOptions, SolutionDirection};
+use super::derivative::{ConeDerivative, DataDirection, DerivativeOptions, SolutionDirection};
 use super::problem::ConeProgram;
 use super::solver::{ConeSolution, SolverOptions, solve};
 
@@ -218,7 +218,7 @@ struct Batch {
     c: bool,
 }
 
-fn to_f64<S: Scalar>(v: &ArrayViewD<'_, S>) -> ArrayD<f64> {
+pub(crate) fn to_f64<S: Scalar>(v: &ArrayViewD<'_, S>) -> ArrayD<f64> {
     v.mapv(|x| x.to_f64_exact())
 }
 
@@ -395,7 +395,8 @@ fn layer<'t, S: Scalar>(
         derivative: opts.derivative.clone(),
         log: log.clone(),
         samples,
-        m,
+        rows: m,
+        row_map: None,
     });
     let has_p = p.is_some();
     let mut inputs = Vec::with_capacity(4);
@@ -419,13 +420,13 @@ fn layer<'t, S: Scalar>(
         })?;
         let mut out = Vec::with_capacity(4);
         if has_p {
-            out.push(Some(gather::<S, _>(&grads, batch.p, |g| {
+            out.push(Some(gather::<S, _, _>(&grads, batch.p, |g| {
                 g.p.clone().expect("quadratic program")
             })));
         }
-        out.push(Some(gather::<S, _>(&grads, batch.a, |g| g.a.clone())));
-        out.push(Some(gather::<S, _>(&grads, batch.b, |g| g.b.clone())));
-        out.push(Some(gather::<S, _>(&grads, batch.c, |g| g.c.clone())));
+        out.push(Some(gather::<S, _, _>(&grads, batch.a, |g| g.a.clone())));
+        out.push(Some(gather::<S, _, _>(&grads, batch.b, |g| g.b.clone())));
+        out.push(Some(gather::<S, _, _>(&grads, batch.c, |g| g.c.clone())));
         Ok(out)
     })?;
     // The tangent of `(x, y, s)` per sample by the derivative's forward map, with the
@@ -499,14 +500,27 @@ fn layer<'t, S: Scalar>(
 /// What the conic node's VJP and JVP share: the solved programs, the derivative options,
 /// the report log, and the per-sample differentiation with its check, its refusal and its
 /// kink records ([`run`](Self::run)), so that both modes select, check and report alike.
-struct Differentiation {
-    name: String,
-    programs: Vec<ConeProgram>,
-    solutions: Arc<Vec<ConeSolution>>,
-    derivative: DerivativeOptions,
-    log: ConicLog,
-    samples: usize,
-    m: usize,
+/// Layers built on cone programs (the QP layer) share it, so their kinks are selected,
+/// checked and reported by the same code.
+pub(crate) struct Differentiation {
+    /// The layer's name (errors, reports, ledger records).
+    pub(crate) name: String,
+    /// One program per sample (they may differ in their rows).
+    pub(crate) programs: Vec<ConeProgram>,
+    /// Their solutions.
+    pub(crate) solutions: Arc<Vec<ConeSolution>>,
+    /// The derivative and its check.
+    pub(crate) derivative: DerivativeOptions,
+    /// Where the backward reports go.
+    pub(crate) log: ConicLog,
+    /// Samples of the batch.
+    pub(crate) samples: usize,
+    /// Rows per sample of the kink record in the ledger: `[samples, rows]`.
+    pub(crate) rows: usize,
+    /// Per sample, the row of the kink record of each cone-program row (identity when
+    /// `None`): a layer whose programs drop or reorder rows reports its kinks in its own,
+    /// fixed row layout.
+    pub(crate) row_map: Option<Vec<Vec<usize>>>,
 }
 
 impl Differentiation {
@@ -515,12 +529,12 @@ impl Differentiation {
     /// the kinks of `Pi_{K*}` of every sample to the ledger of the call and a
     /// [`ConicBackwardReport`] to the log; a violated check refuses the call (unless the check
     /// is told not to), naming the sample.
-    fn run<T: Send>(
+    pub(crate) fn run<T: Send>(
         &self,
         ctx: &VjpContext<'_>,
         product: impl Fn(usize, &ConeDerivative<'_>) -> Result<T> + Sync,
     ) -> Result<Vec<T>> {
-        let (name, samples, m) = (&self.name, self.samples, self.m);
+        let (name, samples, m) = (&self.name, self.samples, self.rows);
         let (programs, solutions) = (&self.programs, &self.solutions);
         let q = ctx.policy.relu;
         // The check never refuses inside: a refused sample keeps its check for the report.
@@ -568,6 +582,7 @@ impl Differentiation {
                         BoundaryKind::Entry(row) => *row,
                         BoundaryKind::Block(range) => range.start,
                     };
+                    let row = self.row_map.as_ref().map_or(row, |map| map[i][row]);
                     (row, if b.exact { 0.0 } else { b.margin }, b.tol)
                 })
                 .collect();
@@ -634,10 +649,10 @@ impl Differentiation {
 
 /// The gradient of one input from the per-sample gradients: stacked along a new batch axis
 /// when the input has one, summed over the samples when they share it.
-fn gather<S: Scalar, D: ndarray::Dimension>(
-    grads: &[DataGradient],
+pub(crate) fn gather<S: Scalar, T, D: ndarray::Dimension>(
+    grads: &[T],
     batched: bool,
-    pick: impl Fn(&DataGradient) -> ndarray::Array<f64, D>,
+    pick: impl Fn(&T) -> ndarray::Array<f64, D>,
 ) -> ArrayD<S> {
     let parts: Vec<ndarray::Array<f64, D>> = grads.iter().map(pick).collect();
     if batched {
@@ -658,7 +673,7 @@ fn gather<S: Scalar, D: ndarray::Dimension>(
 
 /// A reshaping of the layer's own arrays that failed (not expected: their shapes are checked
 /// when the layer is recorded), as an error naming the layer.
-fn reshape_error(name: &str, e: ndarray::ShapeError) -> Error {
+pub(crate) fn reshape_error(name: &str, e: ndarray::ShapeError) -> Error {
     Error::CustomOp {
         op: name.to_string(),
         detail: e.to_string(),
@@ -666,7 +681,7 @@ fn reshape_error(name: &str, e: ndarray::ShapeError) -> Error {
 }
 
 /// Tags an error with the sample it came from (for batches).
-fn in_sample(name: &str, i: usize, samples: usize, e: Error) -> Error {
+pub(crate) fn in_sample(name: &str, i: usize, samples: usize, e: Error) -> Error {
     if samples == 1 {
         return e;
     }

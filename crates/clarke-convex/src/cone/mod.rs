@@ -19,6 +19,10 @@
 //! - [`check`]: strict complementarity per cone and the invertibility of `M` for every
 //!   selection at the kinks (certified / warning / violated).
 //! - [`layer`]: [`cone_program`] and [`quadratic_cone_program`] on the tape, batched.
+//! - [`qp_layer`](mod@qp_layer): [`qp_layer()`], the QP `min 1/2 x^T Q x + p^T x` s.t.
+//!   `A x = b`, `l <= G x <= u` on the tape (optional blocks, infinite bounds, batched), mapped
+//!   to a cone program and differentiated by the layer above; infeasible samples are refused
+//!   or replaced by their closest feasible QP.
 //!
 //! ```
 //! use clarke_convex::cone::{simplex_projection, solve, ConeDerivative, DerivativeOptions, SolutionDirection, SolverOptions};
@@ -42,6 +46,7 @@ pub mod cones;
 pub mod derivative;
 pub mod layer;
 pub mod problem;
+pub mod qp_layer;
 pub mod residual;
 pub mod solver;
 
@@ -54,4 +59,8 @@ pub use layer::{
     ConicBackwardReport, ConicLayer, ConicLayerOptions, ConicLog, QuadraticTerm, cone_program, quadratic_cone_program,
 };
 pub use problem::{ConeProgram, box_projection, lp, polytope_projection, qp, simplex_projection};
+pub use qp_layer::{
+    ClosestFeasible, InfeasibleMode, QpData, QpForwardReport, QpLayer, QpLayerOptions, QpRow, QpSampleReport,
+    QpSolution, qp_layer,
+};
 pub use solver::{ConeSolution, ConeStatus, Refinement, Residuals, SolverOptions, WarmStart, solve};

@@ -1,0 +1,202 @@
+//! The QP layer `qp_layer` (`min (1/2) x^T Q x + p^T x` s.t. `A x = b`, `l <= G x <= u`) on
+//! two problems, in f64:
+//!
+//! - `small`: the QP of `conic_qp` (20 variables, `G x <= h` with 15 rows, `Q = I`, the same
+//!   seeded data), written as a QP layer with `u = h` and no `l`;
+//! - `large`: 100 variables, 50 equalities and 100 two-sided inequalities, feasible by
+//!   construction (`b = A x0`, `l = G x0 - d_l`, `u = G x0 + d_u` with `d_l`, `d_u` uniform in
+//!   `[1, 10)`, about a tenth of the norm of a row of `G`), `Q = L L^T / n + I`, standard
+//!   normal `A`, `G`, `L` and `p`, seeded: about 30 of the 200 sides are active at the
+//!   solution (with tighter bounds, more than `n - m_eq = 50` are, and the solution is a
+//!   degenerate vertex whose derivative the check refuses).
+//!
+//! Sizes: one problem (`p` of shape `[n]`) and a batch of 128 (`p` of shape `[128, n]`, the
+//! rest shared). `forward` records the layer (the solve of every sample, in parallel);
+//! `forward+backward` also records `sum(x * w)` for a fixed random `w` and runs the backward
+//! pass with the hypothesis check on. Every argument is a parameter. The worst KKT residual
+//! of the returned solutions and the check's verdicts are printed before the timings.
+
+use std::hint::black_box;
+
+use clarke::convex::cone::{QpData, QpLayerOptions, qp_layer};
+use clarke::core::Tape;
+use criterion::{BenchmarkId, Criterion, criterion_group};
+use ndarray::{Array1, Array2, ArrayD};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const BATCH: usize = 128;
+
+/// A standard normal draw (Box-Muller).
+fn normal(rng: &mut ChaCha8Rng) -> f64 {
+    let u1: f64 = 1.0 - rng.random::<f64>();
+    let u2: f64 = rng.random::<f64>();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// A QP's data, the batch of linear terms and the loss weights.
+struct Problem {
+    name: &'static str,
+    q: Array2<f64>,
+    a: Option<(Array2<f64>, Array1<f64>)>,
+    g: Array2<f64>,
+    l: Option<Array1<f64>>,
+    u: Array1<f64>,
+    /// One linear term per sample, `[BATCH, n]`.
+    p: Array2<f64>,
+    /// The loss is `sum(x * w)`.
+    w: Array1<f64>,
+}
+
+impl Problem {
+    /// The QP of `conic_qp`: the same draws in the same order.
+    fn small() -> Self {
+        let (n, m) = (20, 15);
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let g = Array2::from_shape_simple_fn((m, n), || normal(&mut rng));
+        let x0 = Array1::from_shape_simple_fn(n, || normal(&mut rng));
+        let s0 = Array1::from_shape_simple_fn(m, || rng.random_range(0.0..1.0));
+        let u = g.dot(&x0) + s0;
+        let p = Array2::from_shape_simple_fn((BATCH, n), || normal(&mut rng));
+        let w = Array1::from_shape_simple_fn(n, || normal(&mut rng));
+        Problem {
+            name: "small",
+            q: Array2::eye(n),
+            a: None,
+            g,
+            l: None,
+            u,
+            p,
+            w,
+        }
+    }
+
+    fn large() -> Self {
+        let (n, me, mg) = (100, 50, 100);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let l0 = Array2::from_shape_simple_fn((n, n), || normal(&mut rng));
+        let q = l0.dot(&l0.t()) / n as f64 + Array2::<f64>::eye(n);
+        let a = Array2::from_shape_simple_fn((me, n), || normal(&mut rng));
+        let g = Array2::from_shape_simple_fn((mg, n), || normal(&mut rng));
+        let x0 = Array1::from_shape_simple_fn(n, || normal(&mut rng));
+        let b = a.dot(&x0);
+        let gx = g.dot(&x0);
+        let dl = Array1::from_shape_simple_fn(mg, || rng.random_range(1.0..10.0));
+        let du = Array1::from_shape_simple_fn(mg, || rng.random_range(1.0..10.0));
+        let p = Array2::from_shape_simple_fn((BATCH, n), || normal(&mut rng));
+        let w = Array1::from_shape_simple_fn(n, || normal(&mut rng));
+        Problem {
+            name: "large",
+            q,
+            a: Some((a, b)),
+            l: Some(&gx - &dl),
+            u: &gx + &du,
+            g,
+            p,
+            w,
+        }
+    }
+
+    fn linear(&self, batched: bool) -> ArrayD<f64> {
+        if batched {
+            self.p.clone().into_dyn()
+        } else {
+            self.p.row(0).to_owned().into_dyn()
+        }
+    }
+}
+
+/// What one run returns: `x`, or the gradient of `p` with the worst KKT residual, the
+/// check's verdicts (certified, warnings, violated) of the backward pass and the mean number
+/// of active sides.
+struct Outcome {
+    value: ArrayD<f64>,
+    kkt: f64,
+    verdicts: (usize, usize, usize),
+    active: f64,
+}
+
+/// Records the layer on a fresh tape; with `backward`, also the loss and the backward pass.
+fn run(pb: &Problem, batched: bool, opts: &QpLayerOptions, backward: bool) -> Outcome {
+    let tape = Tape::<f64>::new();
+    let p = tape.param(pb.linear(batched));
+    let mut data = QpData::new(tape.param(pb.q.clone().into_dyn()), p).with_ineq(
+        tape.param(pb.g.clone().into_dyn()),
+        pb.l.as_ref().map(|l| tape.param(l.clone().into_dyn())),
+        Some(tape.param(pb.u.clone().into_dyn())),
+    );
+    if let Some((a, b)) = &pb.a {
+        data = data.with_eq(tape.param(a.clone().into_dyn()), tape.param(b.clone().into_dyn()));
+    }
+    let layer = qp_layer(data, opts).expect("solved");
+    let kkt = layer
+        .solutions
+        .iter()
+        .map(|s| s.cone.residuals.max())
+        .fold(0.0f64, f64::max);
+    let active = layer
+        .solutions
+        .iter()
+        .map(|s| s.ineq_multipliers.iter().filter(|z| z.abs() > 1e-9).count() as f64)
+        .sum::<f64>()
+        / layer.solutions.len() as f64;
+    if !backward {
+        return Outcome {
+            value: layer.x.value(),
+            kkt,
+            verdicts: (0, 0, 0),
+            active,
+        };
+    }
+    let w = tape.constant(pb.w.clone().into_dyn());
+    let grads = layer
+        .x
+        .try_mul(w)
+        .expect("broadcast")
+        .sum()
+        .backward()
+        .expect("backward");
+    let r = layer.log.last().expect("one backward report");
+    Outcome {
+        value: grads.wrt(p).expect("gradient of p").clone(),
+        kkt,
+        verdicts: (r.certified, r.warnings, r.violated),
+        active,
+    }
+}
+
+fn layer(c: &mut Criterion) {
+    let opts = QpLayerOptions::default();
+    let problems = [Problem::small(), Problem::large()];
+    for pb in &problems {
+        let out = run(pb, true, &opts, true);
+        let (certified, warnings, violated) = out.verdicts;
+        eprintln!(
+            "qp_layer {}: n = {}, m_eq = {}, m_in = {}, batch {BATCH}: active inequalities mean {:.1}; worst KKT residual {:.2e}; check: certified {certified}, warnings {warnings}, violated {violated}",
+            pb.name,
+            pb.q.nrows(),
+            pb.a.as_ref().map_or(0, |(a, _)| a.nrows()),
+            pb.g.nrows(),
+            out.active,
+            out.kkt
+        );
+    }
+    let mut group = c.benchmark_group("qp_layer");
+    group.sample_size(10);
+    for pb in &problems {
+        for (size, batched) in [(1, false), (BATCH, true)] {
+            let label = format!("{} {size}", pb.name);
+            group.bench_with_input(BenchmarkId::new("forward", &label), &batched, |bch, &batched| {
+                bch.iter(|| black_box(run(pb, batched, &opts, false).value))
+            });
+            group.bench_with_input(
+                BenchmarkId::new("forward+backward", &label),
+                &batched,
+                |bch, &batched| bch.iter(|| black_box(run(pb, batched, &opts, true).value)),
+            );
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, layer);
