@@ -1,7 +1,7 @@
 //! Design matrices of the Lasso family: dense, or compressed sparse column.
 //!
 //! Coordinate descent and the hypergradients read a design one column at a time (`x_j^T v`
-//! and `v += a x_j`), so one [`Design`] type with a column view serves both storages and
+//! and `v += a x_j`), so one `Design` type with a column view serves both storages and
 //! every solver runs on either without densifying. A sparse design costs memory in
 //! proportion to its non-zeros, which is what text and finance data (rcv1, news20, finance)
 //! need: news20 is 19,996 x 1,355,191 at 0.03% density.
