@@ -8,3 +8,4 @@ mod forward_mode;
 mod lasso;
 mod prox_ops;
 mod sparse;
+mod sparse_cone;
