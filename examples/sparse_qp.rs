@@ -8,8 +8,9 @@
 //! `[0, 1)` on the others (feasible by construction), `c` standard normal; all from `--seed`.
 //!
 //! The solver factors the sparse KKT matrix once (and refactors its values when `rho`
-//! adapts), refinement and the derivative factor the sparse residual-map Jacobian, and the
-//! hypothesis check runs matrix-free: no dense `n x n`, `m x n` or `(n + m)^2` matrix is
+//! adapts), refinement and the derivative factor the sparse residual-map Jacobian (reduced
+//! to a quasi-definite system: the cones are zero and non-negative), and the hypothesis
+//! check estimates its singular values through that factorisation: no dense `n x n`, `m x n` or `(n + m)^2` matrix is
 //! formed. One adjoint (the gradient of `sum(x)` with respect to `(P, A, b, c)`, `dA` and
 //! `dP` on the patterns of `A` and `P`) is computed.
 //!
@@ -168,12 +169,13 @@ fn main() -> clarke::core::Result<()> {
         return Err(sol.ensure_solved("sparse_qp").unwrap_err());
     }
 
-    // The derivative: the sparse LU of M and the matrix-free check, then one adjoint.
+    // The derivative: the sparse factorisation of M and the check above the dense limit,
+    // then one adjoint.
     let t = Instant::now();
     let deriv = ConeDerivative::new(&prog, &sol, 0.0, &DerivativeOptions::default())?;
     let linearise_seconds = t.elapsed().as_secs_f64();
     let check = deriv.check();
-    eprintln!("linearisation (sparse LU of M and the check) in {linearise_seconds:.2} s: {check}");
+    eprintln!("linearisation (the factorisation of M and the check) in {linearise_seconds:.2} s: {check}");
     let g = SolutionDirection {
         x: Array1::ones(n),
         y: Array1::zeros(m),

@@ -299,6 +299,26 @@ fn matrix_free_check_above_the_dense_limit_walks_the_same_kinks() {
         Err(e) => panic!("unexpected error {e}"),
         Ok(d) => panic!("a degenerate LP passed the matrix-free check: {}", d.check()),
     }
+    // With the check off, the singular M of a small sparse program is solved in the
+    // least-squares sense, as the dense path does, and the reasons say so.
+    let dense_tie = ConeProgram::new(
+        tie.sparse_a().unwrap().to_dense(),
+        tie.b.clone(),
+        tie.c.clone(),
+        tie.cones.clone(),
+    )
+    .unwrap();
+    let dsol = solve(&dense_tie, &SolverOptions::default(), None).unwrap();
+    let g = SolutionDirection {
+        x: array![1.0, 2.0],
+        y: Array1::zeros(4),
+        s: Array1::zeros(4),
+    };
+    let ds = ConeDerivative::new(&tie, &sol, 0.0, &DerivativeOptions::unchecked()).unwrap();
+    let dd = ConeDerivative::new(&dense_tie, &dsol, 0.0, &DerivativeOptions::unchecked()).unwrap();
+    assert!(ds.check().to_string().contains("least-squares"), "{}", ds.check());
+    let (gs, gd) = (ds.adjoint(&g).unwrap(), dd.adjoint(&g).unwrap());
+    assert!(max_abs_diff(&gs.c, &gd.c) < 1e-10 && max_abs_diff(&gs.b, &gd.b) < 1e-10);
 }
 
 /// A random sparse QP (density about 3%), feasible by construction: the sparse KKT

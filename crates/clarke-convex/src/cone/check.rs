@@ -45,7 +45,7 @@ use ndarray::{Array1, Array2, ArrayView1, ArrayViewMut1, s};
 use super::cones::{Boundary, BoundaryKind, Cone, Cones, ProjectionJacobian, psd_eigen, soc_margin};
 use super::problem::ConeProgram;
 use super::residual::{apply_jacobian, apply_jacobian_transpose, jacobian_matrix};
-use super::sparse::JacobianLu;
+use super::sparse::JacobianFactor;
 
 /// Strict complementarity of one cone at a solution.
 #[derive(Debug, Clone, PartialEq)]
@@ -140,8 +140,8 @@ pub(crate) struct Linearisation<'a> {
     pub selected: Option<&'a Array2<f64>>,
     /// Its LU, when the derivative factored it.
     pub lu: Option<&'a DenseLu<f64>>,
-    /// Its sparse LU, when the derivative of a sparse program factored it.
-    pub sparse_lu: Option<&'a JacobianLu>,
+    /// Its sparse factorisation, when the derivative of a sparse program factored it.
+    pub sparse_lu: Option<&'a JacobianFactor>,
     /// The solution's KKT residual (for the error bound).
     pub residual: f64,
 }
@@ -280,7 +280,7 @@ pub(crate) fn run(lin: &Linearisation<'_>, opts: &CheckOptions) -> Result<Hypoth
 }
 
 /// The check above the dense limit of a strictly complementary solution whose `M` the
-/// derivative factored (a sparse LU for a sparse program, a dense LU otherwise): one
+/// derivative factored (sparse for a sparse program, a dense LU otherwise): one
 /// element, and its LU exists (so it is invertible to working precision, as below the
 /// limit), with `sigma_min` and `sigma_max` estimated through the factorisation
 /// ([`estimated_extremes`]) and products `M d` that do not form `M`. An estimate, not a
@@ -319,7 +319,7 @@ fn factored_estimate(
     if sigma_min <= opts.singular_tol * sigma_max {
         check.outcome = CheckOutcome::Violated;
         check.reasons.push(format!(
-            "the selected element is singular: sigma_min ~ {sigma_min:.3e}, sigma_max ~ {sigma_max:.3e} (estimates through its sparse LU)"
+            "the selected element is singular: sigma_min ~ {sigma_min:.3e}, sigma_max ~ {sigma_max:.3e} (estimates through its factorisation)"
         ));
     } else {
         check.reasons.push(format!(
@@ -472,7 +472,7 @@ fn matrix_free(lin: &Linearisation<'_>, opts: &CheckOptions, blocks: usize) -> R
 /// estimated ratio comes near its thresholds.
 ///
 /// `apply(d, out)` writes `M d`, `apply_t` `M^T d`, and `solve(d, transpose)` returns
-/// `M^{-1} d` or `M^{-T} d` (from a dense or a sparse LU).
+/// `M^{-1} d` or `M^{-T} d` (from a dense LU or a sparse factorisation).
 fn estimated_extremes(
     n: usize,
     apply: impl Fn(ArrayView1<'_, f64>, ArrayViewMut1<'_, f64>),

@@ -16,8 +16,11 @@
 //! dc = w_u,  db = w_v,  dA = y w_u^T - w_v x^T,  dP = (w_u x^T + x w_u^T) / 2.
 //! ```
 //!
-//! `M` is solved densely (one LU, reused by every product) or matrix-free by GMRES with
-//! `M d` and `M^T d` products; the check ([`super::check`]) runs first and can refuse.
+//! `M` is solved directly (one factorisation, reused by every product: a dense LU, or a
+//! sparse factorisation for a program with sparse data, which then never forms a dense `M`) or matrix-free by GMRES with `M d`
+//! and `M^T d` products; the check ([`super::check`]) runs first and can refuse. For a
+//! sparse program the adjoint returns `dA` and `dP` on the patterns of `A` and `P`
+//! ([`DataGradient::sparse_a`], [`DataGradient::sparse_p`]).
 
 use clarke_core::{Error, Result};
 use clarke_implicit::{CheckOptions, CheckOutcome, OnAdjointFailure};
@@ -29,15 +32,16 @@ use super::cones::ProjectionJacobian;
 use super::problem::{ConeProgram, check_finite, csc_gemv, csc_gemv_t};
 use super::residual::{apply_jacobian, apply_jacobian_transpose, inf_norm, jacobian_matrix};
 use super::solver::{ConeSolution, ConeStatus, Residuals};
-use super::sparse::JacobianLu;
+use super::sparse::JacobianFactor;
 use crate::design::CscMatrix;
 
 /// How `M` (and `M^T`) is solved.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DerivativeSolver {
     /// One direct factorisation: a dense LU of the `(n + m) x (n + m)` matrix for dense
-    /// data, a sparse LU (faer's, with a column approximate-minimum-degree ordering) of the
-    /// sparse `M` for a sparse program, which never forms a dense `M`.
+    /// data; for a sparse program a sparse factorisation that never forms a dense `M` (the
+    /// quasi-definite reduction of `M` factored `L D L^T` when every cone is zero or
+    /// non-negative, a sparse LU of `M` otherwise, both with fill-reducing orderings).
     Dense,
     /// GMRES with matrix-free products (`M` is never formed).
     Gmres(SolveOptions),
@@ -154,8 +158,8 @@ pub struct ConeDerivative<'p> {
     y: Array1<f64>,
     j: ProjectionJacobian,
     lu: Option<DenseLu<f64>>,
-    /// The sparse LU of `M` for a sparse program and the direct solver.
-    sparse_lu: Option<JacobianLu>,
+    /// The sparse factorisation of `M` for a sparse program and the direct solver.
+    sparse_lu: Option<JacobianFactor>,
     /// `M` when it is singular and the caller chose to go on: minimum-norm least squares.
     singular: Option<Array2<f64>>,
     solver: DerivativeSolver,
@@ -203,8 +207,10 @@ impl<'p> ConeDerivative<'p> {
         let boundaries = prog.cones.boundaries(v, tol);
         let j = prog.cones.dual_jacobian(v, &boundaries, &[], q);
         let direct = opts.solver == DerivativeSolver::Dense;
-        let dense_needed =
-            (direct && !prog.is_sparse()) || (opts.check.enabled && prog.n() + prog.m() <= opts.check.dense_limit);
+        // A small sparse program forms M too: for the dense check and, when M is singular
+        // and the caller goes on, the least-squares solve the dense path does.
+        let small = prog.n() + prog.m() <= opts.check.dense_limit;
+        let dense_needed = (direct && !prog.is_sparse()) || (small && (opts.check.enabled || prog.is_sparse()));
         let m = dense_needed.then(|| jacobian_matrix(prog, &j));
         // Factor first: a strictly complementary check reuses the LU for its estimates.
         let factored = match (&opts.solver, &m) {
@@ -212,7 +218,7 @@ impl<'p> ConeDerivative<'p> {
             _ => None,
         };
         let sparse_factored = match (&prog.sparse, direct) {
-            (Some(d), true) => Some(JacobianLu::new(d.a(), d.p(), &j)),
+            (Some(d), true) => Some(JacobianFactor::new(d.a(), d.p(), &j)),
             _ => None,
         };
         let lu_ref = factored.as_ref().and_then(|f| f.as_ref().ok());
@@ -243,7 +249,7 @@ impl<'p> ConeDerivative<'p> {
         match (factored, sparse_factored, m) {
             (Some(Ok(f)), _, _) => lu = Some(f),
             (_, Some(Ok(f)), m) => {
-                // A sparse LU that meets a numerically singular M shows it in its solves:
+                // A sparse factorisation of a numerically singular M shows it in its solves:
                 // probe once, and go the least-squares way below the dense limit.
                 let probe = Array1::from_shape_fn(prog.n() + prog.m(), |i| 1.0 + ((i as f64) * 0.618_034).fract());
                 match (f.solve(probe.view(), false), m) {
@@ -334,8 +340,8 @@ impl<'p> ConeDerivative<'p> {
             OnAdjointFailure::AcceptApproximate if report.status == clarke_solve::SolveStatus::MaxIterations => Ok(d),
             OnAdjointFailure::Dense => {
                 if let Some(d) = &self.prog.sparse {
-                    // The direct fallback of a sparse program is its sparse LU.
-                    return JacobianLu::new(d.a(), d.p(), &self.j)?.solve(rhs.view(), transpose);
+                    // The direct fallback of a sparse program is its sparse factorisation.
+                    return JacobianFactor::new(d.a(), d.p(), &self.j)?.solve(rhs.view(), transpose);
                 }
                 let m = jacobian_matrix(self.prog, &self.j);
                 let lu = DenseLu::new(m.view())?;

@@ -48,12 +48,13 @@ mod sparse;
 
 pub use check::{ConeMargin, ConicCheck};
 pub use cones::{Boundary, BoundaryKind, Cone, Cones, ProjectionJacobian, smat, svec};
+pub use derivative::SparseDataDirection;
 pub use derivative::{
     ConeDerivative, DataDirection, DataGradient, DerivativeOptions, DerivativeSolver, SolutionDirection,
-    SparseDataDirection,
 };
 pub use layer::{
     ConicBackwardReport, ConicLayer, ConicLayerOptions, ConicLog, QuadraticTerm, cone_program, quadratic_cone_program,
 };
-pub use problem::{ConeProgram, SparseData, box_projection, lp, polytope_projection, qp, simplex_projection};
+pub use problem::SparseData;
+pub use problem::{ConeProgram, box_projection, lp, polytope_projection, qp, simplex_projection};
 pub use solver::{ConeSolution, ConeStatus, Refinement, Residuals, SolverOptions, WarmStart, solve};

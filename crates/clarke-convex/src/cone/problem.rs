@@ -10,6 +10,11 @@
 //! with `K` a product of [`Cones`] and `P` symmetric positive semidefinite (absent for a pure
 //! cone program, the form of Agrawal et al. 2019). Its dual is
 //! `maximise -(1/2) x^T P x - b^T y` subject to `P x + A^T y + c = 0`, `y in K*`.
+//!
+//! `A` and `P` are dense arrays ([`ConeProgram::new`], [`ConeProgram::with_quadratic`]) or
+//! sparse [`CscMatrix`]es ([`ConeProgram::new_sparse`],
+//! [`ConeProgram::with_sparse_quadratic`]); the solver, the derivative and the check read
+//! them through the same products `A x`, `A^T y`, `P x`.
 
 use clarke_core::{Error, Result};
 use faer::{Mat, Side};

@@ -24,7 +24,8 @@
 //! ordering; a new `rho` refactors its values only. The reduced matrix `A^T R A` is not
 //! formed: for a random sparse `A` it is far denser than `A` and its factor nearly dense,
 //! where the KKT matrix keeps `A`'s non-zeros and fills far less. Refinement factors the
-//! sparse `M` by a sparse LU. No dense `n x n`, `m x n` or `(n + m)^2` matrix is formed.
+//! sparse `M` (a quasi-definite `L D L^T` for LPs and QPs, a sparse LU with second-order or
+//! PSD cones). No dense `n x n`, `m x n` or `(n + m)^2` matrix is formed.
 //!
 //! **Stop.** Primal `||A x + s - b||_inf`, dual `||P x + A^T y + c||_inf` and gap
 //! `|x^T P x + c^T x + b^T y|` below `eps_abs + eps_rel * scale` (scales as in OSQP).
@@ -50,7 +51,7 @@ use ndarray::{Array1, ArrayView1, Zip};
 use super::cones::Cone;
 use super::problem::{ConeProgram, check_finite};
 use super::residual::{KktPoint, inf_norm, jacobian_matrix};
-use super::sparse::{JacobianLu, KktFactor};
+use super::sparse::{JacobianFactor, KktFactor};
 
 /// Options of [`solve`].
 #[derive(Debug, Clone, PartialEq)]
@@ -740,8 +741,8 @@ fn refine(prog: &ConeProgram, x: Array1<f64>, v: Array1<f64>, max_steps: usize) 
         let j = prog.cones.dual_jacobian(point.v.view(), &[], &[], 1.0);
         let rhs = -&point.residual;
         let solved = match &prog.sparse {
-            // A sparse M, factored by a sparse LU: no dense (n + m) x (n + m) matrix.
-            Some(d) => JacobianLu::new(d.a(), d.p(), &j).and_then(|lu| lu.solve(rhs.view(), false)),
+            // A sparse M, factored sparse (see `super::sparse`): no dense (n + m) x (n + m) matrix.
+            Some(d) => JacobianFactor::new(d.a(), d.p(), &j).and_then(|lu| lu.solve(rhs.view(), false)),
             None => DenseLu::new(jacobian_matrix(prog, &j).view()).and_then(|lu| lu.solve(rhs.view())),
         };
         let dz = match solved {

@@ -11,9 +11,13 @@
 //!   negative pivots; those signs are handed to the factorisation, which corrects a pivot of
 //!   the wrong sign or below `1e-14` of the scale (counted, never expected). The symbolic
 //!   factorisation is computed once; a new `rho` refactors the values only.
-//! - [`JacobianLu`]: the residual-map Jacobian `M = [[P, A^T J], [-A, I - J]]` (not
-//!   symmetric) as a sparse matrix, factored by faer's sparse LU (column approximate minimum
-//!   degree ordering, partial pivoting), for the Newton refinement and the derivative.
+//! - [`JacobianFactor`]: the residual-map Jacobian `M = [[P, A^T J], [-A, I - J]]` (not
+//!   symmetric), for the Newton refinement and the derivative. When `J` is diagonal (the
+//!   orthant and the free cone: every LP and QP) `M` reduces to a symmetric quasi-definite
+//!   system `[[P, A_S^T], [A_S, -D]]` over the rows with `j_i > 0`, factored `L D L^T` like the
+//!   KKT matrix (with a `1e-10` regularisation, the solves refined against `M` itself); with
+//!   second-order or PSD blocks `M` is factored by faer's sparse LU (column approximate
+//!   minimum degree ordering, partial pivoting), which fills more.
 
 use clarke_core::{Error, Result};
 use faer::dyn_stack::{MemBuffer, MemStack};
@@ -28,6 +32,7 @@ use faer::{Conj, Mat, Par, Side};
 use ndarray::{Array1, ArrayView1};
 
 use super::cones::{JacobianBlock, ProjectionJacobian};
+use super::problem::{csc_gemv, csc_gemv_t};
 use crate::design::CscMatrix;
 
 /// The lower triangle of `P + delta I` (every diagonal entry stored) as compressed columns,
@@ -310,63 +315,275 @@ pub(crate) fn jacobian_sparse(
     SparseColMat::new(symbolic, vals)
 }
 
-/// A sparse LU factorisation of `M` (see the module docs) with its solves.
-pub(crate) struct JacobianLu {
+/// A factorisation of `M` (see the module docs) with its solves: the reduced quasi-definite
+/// system when `J` is diagonal, a sparse LU otherwise.
+pub(crate) struct JacobianFactor {
+    kind: FactorKind,
+    /// `M` itself, for the residuals of the solves.
     mat: SparseColMat<usize, f64>,
-    lu: faer::sparse::linalg::solvers::Lu<usize, f64>,
 }
 
-impl JacobianLu {
+enum FactorKind {
+    Lu(Box<faer::sparse::linalg::solvers::Lu<usize, f64>>),
+    Reduced(Box<ReducedKkt>),
+}
+
+impl JacobianFactor {
     /// Factors `M` for the element `j`. `Err(Error::Singular)` when the factorisation meets a
     /// structurally singular matrix.
     pub(crate) fn new(a: &CscMatrix, p: Option<&CscMatrix>, j: &ProjectionJacobian) -> Result<Self> {
         let mat = jacobian_sparse(a, p, j);
-        let lu = mat.as_ref().sp_lu().map_err(|e| match e {
-            LuError::SymbolicSingular { index } => Error::Singular {
-                op: "cone_program sparse LU",
-                detail: format!("M is structurally singular (column {index})"),
-            },
-            LuError::Generic(e) => Error::invalid("cone_program sparse LU", format!("{e:?}")),
-        })?;
-        Ok(JacobianLu { mat, lu })
+        let kind = match ReducedKkt::new(a, p, j)? {
+            Some(reduced) => FactorKind::Reduced(Box::new(reduced)),
+            None => FactorKind::Lu(Box::new(mat.as_ref().sp_lu().map_err(|e| match e {
+                LuError::SymbolicSingular { index } => Error::Singular {
+                    op: "cone_program sparse LU",
+                    detail: format!("M is structurally singular (column {index})"),
+                },
+                LuError::Generic(e) => Error::invalid("cone_program sparse LU", format!("{e:?}")),
+            })?)),
+        };
+        Ok(JacobianFactor { kind, mat })
     }
 
-    /// `M^{-1} rhs` (`M^{-T} rhs` when `transpose`). `Err(Error::Singular)` when the answer is
-    /// not finite or its residual is above `1e-6` of the right-hand side's scale: the LU met a
-    /// numerically singular `M`.
-    pub(crate) fn solve(&self, rhs: ArrayView1<'_, f64>, transpose: bool) -> Result<Array1<f64>> {
-        let dim = rhs.len();
-        let mut x = Mat::<f64>::from_fn(dim, 1, |i, _| rhs[i]);
-        if transpose {
-            self.lu.solve_transpose_in_place(x.as_mut());
-        } else {
-            self.lu.solve_in_place(x.as_mut());
-        }
-        let out = Array1::from_shape_fn(dim, |i| x[(i, 0)]);
-        // The residual of the answer: a singular M gives a huge or non-finite one.
+    /// `r = rhs - M x` (or `rhs - M^T x`).
+    fn residual(&self, rhs: ArrayView1<'_, f64>, x: &Array1<f64>, transpose: bool) -> Array1<f64> {
         let mut r = rhs.to_owned();
         let f = self.mat.as_ref();
         let (cp, ri, vals) = (f.col_ptr(), f.row_idx(), f.val());
-        for col in 0..dim {
+        for col in 0..rhs.len() {
             for k in cp[col]..cp[col + 1] {
                 if transpose {
-                    r[col] -= vals[k] * out[ri[k]];
+                    r[col] -= vals[k] * x[ri[k]];
                 } else {
-                    r[ri[k]] -= vals[k] * out[col];
+                    r[ri[k]] -= vals[k] * x[col];
                 }
             }
         }
+        r
+    }
+
+    /// One solve with the factorisation (regularised for the reduced system).
+    fn raw_solve(&self, rhs: ArrayView1<'_, f64>, transpose: bool) -> Array1<f64> {
+        match &self.kind {
+            FactorKind::Lu(lu) => {
+                let dim = rhs.len();
+                let mut x = Mat::<f64>::from_fn(dim, 1, |i, _| rhs[i]);
+                if transpose {
+                    lu.solve_transpose_in_place(x.as_mut());
+                } else {
+                    lu.solve_in_place(x.as_mut());
+                }
+                Array1::from_shape_fn(dim, |i| x[(i, 0)])
+            }
+            FactorKind::Reduced(k) => k.solve(rhs, transpose),
+        }
+    }
+
+    /// `M^{-1} rhs` (`M^{-T} rhs` when `transpose`), with iterative refinement on the residual
+    /// of `M` (the reduced system is factored with a small regularisation).
+    /// `Err(Error::Singular)` when the answer is not finite or its residual stays above
+    /// `1e-6` of the right-hand side's scale: the factorisation met a numerically singular `M`.
+    pub(crate) fn solve(&self, rhs: ArrayView1<'_, f64>, transpose: bool) -> Result<Array1<f64>> {
         let scale = rhs.iter().fold(0.0f64, |s, v| s.max(v.abs())).max(f64::MIN_POSITIVE);
-        let res = r.iter().fold(0.0f64, |s, v| s.max(v.abs()));
-        if !(out.iter().all(|v| v.is_finite()) && res <= 1e-6 * scale) {
+        let mut x = self.raw_solve(rhs, transpose);
+        let mut r = self.residual(rhs, &x, transpose);
+        let mut res = r.iter().fold(0.0f64, |s, v| s.max(v.abs()));
+        for _ in 0..10 {
+            if res.is_nan() || res <= 1e-15 * scale {
+                break;
+            }
+            let cand = &x + &self.raw_solve(r.view(), transpose);
+            let rc = self.residual(rhs, &cand, transpose);
+            let rn = rc.iter().fold(0.0f64, |s, v| s.max(v.abs()));
+            if rn.is_nan() || rn > res {
+                break;
+            }
+            let settled = rn >= 0.5 * res;
+            (x, res) = (cand, rn);
+            if settled {
+                break;
+            }
+            r = rc;
+        }
+        if !(x.iter().all(|v| v.is_finite()) && res <= 1e-6 * scale) {
             return Err(Error::Singular {
-                op: "cone_program sparse LU",
+                op: "cone_program sparse factorisation",
                 detail: format!(
                     "M is numerically singular: the solve's relative residual is {:e}",
                     res / scale
                 ),
             });
         }
-        Ok(out)
+        Ok(x)
+    }
+}
+
+/// `M` reduced to a symmetric quasi-definite system when `J` is diagonal (the orthant and
+/// the free cone: every LP and QP). With `S` the rows where `j_i > 0` and `mu_i = j_i dv_i`,
+/// `M (du, dv) = (r_u, r_v)` is
+///
+/// ```text
+/// [[P, A_S^T], [A_S, -D]] (du, mu) = (r_u, -r_v[S]),   D = diag((1 - j_i) / j_i),
+/// dv_i = mu_i / j_i on S,   dv_i = r_v[i] + A_i du off S,
+/// ```
+///
+/// and `M^T (a, b) = (g_u, g_v)` is the same matrix with `(a, beta)`, `b = -beta` on `S`,
+/// `b = g_v` off `S`, right-hand side `(g_u + A_Z^T g_v[Z], g_v[S] / j_S)` (`Z` the rows off
+/// `S`). The matrix is factored `L D L^T` with `+delta` on the first block and `-delta` on the
+/// second (so it is quasi-definite even with `P` singular or `j_i = 1`), and the solves are
+/// refined against `M` itself.
+struct ReducedKkt {
+    a: CscMatrix,
+    n: usize,
+    /// `j_i` per row.
+    jd: Vec<f64>,
+    /// Position of row `i` in `S`, if it is there.
+    pos: Vec<Option<usize>>,
+    symbolic: SymbolicCholesky<usize>,
+    l_values: Vec<f64>,
+}
+
+impl ReducedKkt {
+    /// `None` when `J` has a dense block (second-order or PSD cones).
+    fn new(a: &CscMatrix, p: Option<&CscMatrix>, j: &ProjectionJacobian) -> Result<Option<Self>> {
+        let (m, n) = (a.nrows(), a.ncols());
+        let mut jd = vec![0.0; m];
+        for (range, block) in j.blocks() {
+            match block {
+                JacobianBlock::Identity => jd[range.clone()].fill(1.0),
+                JacobianBlock::Diagonal(d) => jd[range.clone()].copy_from_slice(d),
+                JacobianBlock::Dense(_) => return Ok(None),
+            }
+        }
+        let mut pos = vec![None; m];
+        let mut count = 0;
+        for (i, &ji) in jd.iter().enumerate() {
+            if ji != 0.0 {
+                pos[i] = Some(count);
+                count += 1;
+            }
+        }
+        let p_scale = p.map_or(0.0, |p| p.as_faer().val().iter().fold(0.0f64, |s, v| s.max(v.abs())));
+        let a_scale = a.as_faer().val().iter().fold(0.0f64, |s, v| s.max(v.abs()));
+        let delta = 1e-10 * p_scale.max(a_scale).max(1.0);
+        let (pc, pr, pv) = lower_shifted(p, n, delta);
+        let dim = n + count;
+        let mut col_ptr = Vec::with_capacity(dim + 1);
+        col_ptr.push(0);
+        let mut rows = Vec::with_capacity(pr.len() + a.nnz() + count);
+        let mut vals = Vec::with_capacity(rows.capacity());
+        for col in 0..n {
+            rows.extend_from_slice(&pr[pc[col]..pc[col + 1]]);
+            vals.extend_from_slice(&pv[pc[col]..pc[col + 1]]);
+            let (ar, av) = a.column(col);
+            for (&i, &v) in ar.iter().zip(av) {
+                if let Some(k) = pos[i] {
+                    rows.push(n + k);
+                    vals.push(v);
+                }
+            }
+            col_ptr.push(rows.len());
+        }
+        for (i, &ji) in jd.iter().enumerate() {
+            if pos[i].is_some() {
+                rows.push(col_ptr.len() - 1);
+                vals.push(-((1.0 - ji) / ji) - delta);
+                col_ptr.push(rows.len());
+            }
+        }
+        let symbolic_mat = SymbolicSparseColMat::new_checked(dim, dim, col_ptr, None, rows);
+        let mat = SparseColMat::new(symbolic_mat, vals);
+        let symbolic = factorize_symbolic_cholesky(
+            mat.symbolic(),
+            Side::Lower,
+            SymmetricOrdering::Amd,
+            CholeskySymbolicParams::default(),
+        )
+        .map_err(|e| {
+            Error::invalid(
+                "cone_program derivative",
+                format!("symbolic factorisation failed: {e:?}"),
+            )
+        })?;
+        let par = faer::get_global_parallelism();
+        let mut scratch = MemBuffer::new(symbolic.factorize_numeric_ldlt_scratch::<f64>(par, Default::default()));
+        let mut signs = vec![1i8; n];
+        signs.extend(std::iter::repeat_n(-1i8, count));
+        let mut l_values = vec![0.0; symbolic.len_val()];
+        symbolic
+            .factorize_numeric_ldlt(
+                &mut l_values,
+                mat.as_ref(),
+                Side::Lower,
+                LdltRegularization {
+                    dynamic_regularization_signs: Some(&signs),
+                    dynamic_regularization_delta: delta,
+                    dynamic_regularization_epsilon: 1e-4 * delta,
+                },
+                par,
+                MemStack::new(&mut scratch),
+                Default::default(),
+            )
+            .map_err(|e| Error::Singular {
+                op: "cone_program derivative",
+                detail: format!("the LDL^T factorisation of the reduced system failed: {e:?}"),
+            })?;
+        Ok(Some(ReducedKkt {
+            a: a.clone(),
+            n,
+            jd,
+            pos,
+            symbolic,
+            l_values,
+        }))
+    }
+
+    /// The regularised solve of `M d = rhs` or `M^T d = rhs` through the reduced system.
+    fn solve(&self, rhs: ArrayView1<'_, f64>, transpose: bool) -> Array1<f64> {
+        let n = self.n;
+        let m = self.jd.len();
+        let count = self.pos.iter().filter(|p| p.is_some()).count();
+        let (ru, rv) = (rhs.slice(ndarray::s![..n]), rhs.slice(ndarray::s![n..]));
+        let mut k = Mat::<f64>::zeros(n + count, 1);
+        let mut top = ru.to_owned();
+        if transpose {
+            // top = g_u + A_Z^T g_v[Z]
+            let gz = Array1::from_shape_fn(m, |i| if self.pos[i].is_none() { rv[i] } else { 0.0 });
+            csc_gemv_t(&self.a, 1.0, gz.view(), 1.0, &mut top);
+        }
+        for (i, &v) in top.iter().enumerate() {
+            k[(i, 0)] = v;
+        }
+        for i in 0..m {
+            if let Some(p) = self.pos[i] {
+                k[(n + p, 0)] = if transpose { rv[i] / self.jd[i] } else { -rv[i] };
+            }
+        }
+        let mut scratch = MemBuffer::new(self.symbolic.solve_in_place_scratch::<f64>(1, Par::Seq));
+        LdltRef::new(&self.symbolic, &self.l_values).solve_in_place_with_conj(
+            Conj::No,
+            k.as_mut(),
+            Par::Seq,
+            MemStack::new(&mut scratch),
+        );
+        let mut out = Array1::zeros(n + m);
+        for i in 0..n {
+            out[i] = k[(i, 0)];
+        }
+        let du = out.slice(ndarray::s![..n]).to_owned();
+        let mut adu = Array1::zeros(m);
+        if !transpose {
+            csc_gemv(&self.a, 1.0, du.view(), 0.0, &mut adu);
+        }
+        for i in 0..m {
+            out[n + i] = match (self.pos[i], transpose) {
+                (Some(p), false) => k[(n + p, 0)] / self.jd[i],
+                (Some(p), true) => -k[(n + p, 0)],
+                (None, false) => rv[i] + adu[i],
+                (None, true) => rv[i],
+            };
+        }
+        out
     }
 }
