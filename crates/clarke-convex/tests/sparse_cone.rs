@@ -220,6 +220,10 @@ fn qp_with_equalities_and_inequalities_dense_and_sparse_agree() {
     let prog = planted_qp(4, 6, 2, 9, 3, false);
     assert_eq!(prog.cones.list(), &[Cone::Zero(2), Cone::NonNeg(9)]);
     assert_agree(&prog, 40, 0.0);
+    // rho adapted during the solve: the sparse KKT factorisation was refactored (values
+    // only) and still gives the dense answer.
+    let sol = solve(&to_sparse(&prog), &SolverOptions::default().with_tolerance(1e-9), None).unwrap();
+    assert!(sol.rho != SolverOptions::default().rho, "rho = {}", sol.rho);
 }
 
 #[test]
@@ -232,7 +236,9 @@ fn second_order_cone_dense_and_sparse_agree() {
 fn kinks_are_selected_and_recorded_as_in_the_dense_path() {
     // One weakly active constraint: a kink within tolerance, walked by the check.
     let prog = planted_qp(5, 5, 1, 8, 2, true);
-    for q in [0.0, 1.0] {
+    // Both ends of the selection and one inside it (a finite (1 - q) / q in the reduced
+    // system of the sparse factorisation).
+    for q in [0.0, 0.5, 1.0] {
         assert_agree(&prog, 60, q);
     }
     let sparse = to_sparse(&prog);
