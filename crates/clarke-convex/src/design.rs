@@ -292,6 +292,19 @@ impl CscMatrix {
     }
 }
 
+/// Equal shapes, stored positions and values (an explicit zero differs from an entry that
+/// is not stored).
+impl PartialEq for CscMatrix {
+    fn eq(&self, other: &Self) -> bool {
+        let (a, b) = (self.as_faer(), other.as_faer());
+        a.nrows() == b.nrows()
+            && a.ncols() == b.ncols()
+            && a.col_ptr() == b.col_ptr()
+            && a.row_idx() == b.row_idx()
+            && a.val() == b.val()
+    }
+}
+
 /// One column of a [`Design`]: a dense slice or the entries of a sparse column.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Column<'a> {

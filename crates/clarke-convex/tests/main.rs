@@ -9,3 +9,4 @@ mod lasso;
 mod prox_ops;
 mod qp_layer;
 mod sparse;
+mod sparse_cone;

@@ -20,20 +20,32 @@
 //! Entries within the tolerance (not only exact kinks) are walked, because a numerical
 //! solution within the solver's accuracy of a kink is indistinguishable from one on it.
 //!
+//! **Above the dense limit** (`n + m > CheckOptions::dense_limit`, the case of large sparse
+//! programs) no dense `M` is formed and no SVD runs. Without kinks the one element is
+//! measured through the derivative's LU (sparse for a sparse program): inverse and power
+//! iteration as below. With kinks the same vertices are walked by
+//! [`clarke_implicit::check::walk_vertices_matrix_free`] on products `M d`, `M^T d` with each
+//! vertex's projection Jacobian (Lanczos for `sigma_min`, power iteration for `sigma_max`),
+//! and the midpoint of boundary blocks is estimated the same way. Either way the verdict is
+//! at best a warning (an estimate, not a certificate); a singular estimate is a violation.
+//!
 //! The walk, its thresholds and its verdicts are those of
 //! [`clarke_implicit::check::walk_vertices`], the engine every layer uses; this module adds
 //! what is particular to cones: the strict-complementarity margins, a fast certificate from
 //! the derivative's LU when there is no kink, and the midpoint of boundary blocks.
 
 use clarke_core::{ElementSelection, Result};
-use clarke_implicit::check::{Flippable, Form, Spectrum, WalkInput, walk_vertices};
-use clarke_implicit::{CheckOptions, CheckOutcome, HypothesisCheck};
-use clarke_solve::DenseLu;
-use ndarray::{Array1, Array2, ArrayView1, s};
+use std::cell::RefCell;
 
-use super::cones::{Boundary, BoundaryKind, Cone, Cones, psd_eigen, soc_margin};
+use clarke_implicit::check::{Flippable, Form, Spectrum, WalkInput, walk_vertices, walk_vertices_matrix_free};
+use clarke_implicit::{CheckOptions, CheckOutcome, HypothesisCheck};
+use clarke_solve::{DenseLu, FnOperator, SpectralOptions, smallest_singular_value, spectral_norm};
+use ndarray::{Array1, Array2, ArrayView1, ArrayViewMut1, s};
+
+use super::cones::{Boundary, BoundaryKind, Cone, Cones, ProjectionJacobian, psd_eigen, soc_margin};
 use super::problem::ConeProgram;
-use super::residual::jacobian_matrix;
+use super::residual::{apply_jacobian, apply_jacobian_transpose, jacobian_matrix};
+use super::sparse::JacobianFactor;
 
 /// Strict complementarity of one cone at a solution.
 #[derive(Debug, Clone, PartialEq)]
@@ -128,6 +140,8 @@ pub(crate) struct Linearisation<'a> {
     pub selected: Option<&'a Array2<f64>>,
     /// Its LU, when the derivative factored it.
     pub lu: Option<&'a DenseLu<f64>>,
+    /// Its sparse factorisation, when the derivative of a sparse program factored it.
+    pub sparse_lu: Option<&'a JacobianFactor>,
     /// The solution's KKT residual (for the error bound).
     pub residual: f64,
 }
@@ -142,6 +156,7 @@ pub(crate) fn run(lin: &Linearisation<'_>, opts: &CheckOptions) -> Result<Hypoth
         selected,
         lu,
         residual,
+        ..
     } = *lin;
     let exact = boundaries.iter().filter(|b| b.exact).count();
     let scalar = boundaries
@@ -162,6 +177,18 @@ pub(crate) fn run(lin: &Linearisation<'_>, opts: &CheckOptions) -> Result<Hypoth
     let dim = prog.n() + prog.m();
     let selected = match selected {
         Some(m) if dim <= opts.dense_limit => m,
+        _ if dim > opts.dense_limit => {
+            return match (boundaries.len(), lin.sparse_lu, lu) {
+                (0, Some(sparse), _) => factored_estimate(lin, |d, t| sparse.solve(d, t), check, opts),
+                (0, None, Some(dense)) => factored_estimate(
+                    lin,
+                    |d, t| if t { dense.solve_transpose(d) } else { dense.solve(d) },
+                    check,
+                    opts,
+                ),
+                _ => matrix_free(lin, opts, blocks),
+            };
+        }
         _ => {
             check.reasons.push(format!(
                 "M is {dim} x {dim}, above the dense limit {}: not examined ({} kink(s) within tolerance)",
@@ -173,7 +200,12 @@ pub(crate) fn run(lin: &Linearisation<'_>, opts: &CheckOptions) -> Result<Hypoth
     };
     let k = boundaries.len();
     let estimate = match (k, lu) {
-        (0, Some(lu)) => Some(estimated_extremes(selected, lu)?),
+        (0, Some(lu)) => Some(estimated_extremes(
+            selected.nrows(),
+            |d, mut out| out.assign(&selected.dot(&d)),
+            |d, mut out| out.assign(&selected.t().dot(&d)),
+            |d, transpose| if transpose { lu.solve_transpose(d) } else { lu.solve(d) },
+        )?),
         _ => None,
     };
     // Near the warning threshold the estimate's bias (toward a larger ratio) matters: there
@@ -193,22 +225,7 @@ pub(crate) fn run(lin: &Linearisation<'_>, opts: &CheckOptions) -> Result<Hypoth
     }
     // The walk of the one engine: `M` is the inverted block (a root form, judged relative to
     // its own largest singular value), each boundary a selection in [0, 1].
-    let input = WalkInput {
-        form: Form::Root,
-        flippable: (0..k)
-            .map(|element| Flippable {
-                node: 0,
-                element,
-                low: 0.0,
-                high: 1.0,
-            })
-            .collect(),
-        kink_elements: exact,
-        frozen: 0,
-        within_solver_error: k - exact,
-        forward_residual: residual,
-        unit: 0.0,
-    };
+    let input = walk_input(boundaries, residual);
     let matrix_at = |selections: &[ElementSelection]| -> Array2<f64> {
         let mut pattern = vec![None; k];
         for e in selections {
@@ -262,14 +279,215 @@ pub(crate) fn run(lin: &Linearisation<'_>, opts: &CheckOptions) -> Result<Hypoth
     Ok(walked)
 }
 
+/// The check above the dense limit of a strictly complementary solution whose `M` the
+/// derivative factored (sparse for a sparse program, a dense LU otherwise): one
+/// element, and its LU exists (so it is invertible to working precision, as below the
+/// limit), with `sigma_min` and `sigma_max` estimated through the factorisation
+/// ([`estimated_extremes`]) and products `M d` that do not form `M`. An estimate, not a
+/// certificate: a warning, or a violation when the estimated ratio is below the singular
+/// threshold or a solve meets a singular `M`.
+fn factored_estimate(
+    lin: &Linearisation<'_>,
+    solve: impl Fn(ArrayView1<'_, f64>, bool) -> Result<Array1<f64>>,
+    mut check: HypothesisCheck,
+    opts: &CheckOptions,
+) -> Result<HypothesisCheck> {
+    let (prog, dim) = (lin.prog, lin.prog.n() + lin.prog.m());
+    let j = prog.cones.dual_jacobian(lin.v, lin.boundaries, &[], lin.default_q);
+    let estimate = estimated_extremes(
+        dim,
+        |d, out| apply_jacobian(prog, &j, d, out),
+        |d, out| apply_jacobian_transpose(prog, &j, d, out),
+        solve,
+    );
+    let (sigma_min, sigma_max) = match estimate {
+        Ok(pair) => pair,
+        Err(clarke_core::Error::Singular { detail, .. }) => {
+            check.outcome = CheckOutcome::Violated;
+            check
+                .reasons
+                .push(format!("the selected element is singular: {detail}"));
+            return Ok(check);
+        }
+        Err(e) => return Err(e),
+    };
+    check.sigma_min = Some(sigma_min);
+    check.sigma_max = Some(sigma_max);
+    check.error_bound = Some(lin.residual / sigma_min);
+    check.exhaustive = true;
+    check.matrix_free = true;
+    if sigma_min <= opts.singular_tol * sigma_max {
+        check.outcome = CheckOutcome::Violated;
+        check.reasons.push(format!(
+            "the selected element is singular: sigma_min ~ {sigma_min:.3e}, sigma_max ~ {sigma_max:.3e} (estimates through its factorisation)"
+        ));
+    } else {
+        check.reasons.push(format!(
+            "strictly complementary solution: one element; M is {dim} x {dim}, above the dense limit {}: its LU exists and sigma_min, sigma_max are estimated through it (inverse and power iteration): an estimate, not a certificate",
+            opts.dense_limit
+        ));
+    }
+    Ok(check)
+}
+
+/// The selections of one element of the walk (element, bits of the value): the key of the
+/// cached projection Jacobian.
+type SelectionKey = Vec<(usize, u64)>;
+
+/// The walk input of a linearisation: `M` is the inverted block (a root form, judged
+/// relative to its own largest singular value), each boundary a selection in `[0, 1]`.
+fn walk_input(boundaries: &[Boundary], residual: f64) -> WalkInput {
+    let k = boundaries.len();
+    let exact = boundaries.iter().filter(|b| b.exact).count();
+    WalkInput {
+        form: Form::Root,
+        flippable: (0..k)
+            .map(|element| Flippable {
+                node: 0,
+                element,
+                low: 0.0,
+                high: 1.0,
+            })
+            .collect(),
+        kink_elements: exact,
+        frozen: 0,
+        within_solver_error: k - exact,
+        forward_residual: residual,
+        unit: 0.0,
+    }
+}
+
+/// The check above the dense limit: the same vertices (every kink within tolerance a
+/// selection in `[0, 1]`, the same [`Cones::dual_jacobian`] per vertex) walked by
+/// [`walk_vertices_matrix_free`] with products `M d` and `M^T d` only (sparse for a sparse
+/// program), `sigma_min` by Golub-Kahan-Lanczos and `sigma_max` by power iteration. The
+/// midpoint of boundary blocks is estimated the same way. An estimate certifies nothing:
+/// the verdict is at best a warning; a singular estimate (a `sigma_min` estimate never lies
+/// below the true value) or a singular midpoint is a violation.
+fn matrix_free(lin: &Linearisation<'_>, opts: &CheckOptions, blocks: usize) -> Result<HypothesisCheck> {
+    let Linearisation {
+        prog,
+        v,
+        boundaries,
+        default_q,
+        residual,
+        ..
+    } = *lin;
+    let dim = prog.n() + prog.m();
+    let k = boundaries.len();
+    let input = walk_input(boundaries, residual);
+    let jacobian_at = |selections: &[ElementSelection]| -> ProjectionJacobian {
+        let mut pattern = vec![None; k];
+        for e in selections {
+            pattern[e.element] = Some(e.value);
+        }
+        prog.cones.dual_jacobian(v, boundaries, &pattern, default_q)
+    };
+    // The walk asks for many products per element: the element's J is built once.
+    let cache: RefCell<Option<(SelectionKey, ProjectionJacobian)>> = RefCell::new(None);
+    let products =
+        |selections: &[ElementSelection], transpose: bool, x: ArrayView1<'_, f64>, y: ArrayViewMut1<'_, f64>| {
+            let key: SelectionKey = selections.iter().map(|e| (e.element, e.value.to_bits())).collect();
+            let mut cached = cache.borrow_mut();
+            if cached.as_ref().is_none_or(|(k, _)| *k != key) {
+                *cached = Some((key, jacobian_at(selections)));
+            }
+            let j = &cached.as_ref().expect("just set").1;
+            if transpose {
+                apply_jacobian_transpose(prog, j, x, y);
+            } else {
+                apply_jacobian(prog, j, x, y);
+            }
+            Ok(())
+        };
+    let mut walked = walk_vertices_matrix_free(&input, opts, dim, products)?;
+    walked.flippable = k;
+    if blocks > 0 && walked.outcome != CheckOutcome::Violated {
+        let midpoint: Vec<ElementSelection> = (0..k)
+            .map(|element| ElementSelection {
+                node: 0,
+                element,
+                value: 0.5,
+            })
+            .collect();
+        let j = jacobian_at(&midpoint);
+        let op = FnOperator::new(dim, dim, |x, y| {
+            apply_jacobian(prog, &j, x, y);
+            Ok(())
+        })
+        .with_transpose(|x, y| {
+            apply_jacobian_transpose(prog, &j, x, y);
+            Ok(())
+        });
+        let spectral = SpectralOptions::default()
+            .with_tol(opts.spectral_tol)
+            .with_max_iter(opts.spectral_iterations)
+            .with_seed(opts.seed);
+        let low = smallest_singular_value(&op, &spectral)?;
+        let high = spectral_norm(
+            &op,
+            &SpectralOptions {
+                tol: opts.norm_tol,
+                ..spectral
+            },
+        )?;
+        walked.vertices += 1;
+        walked.products += low.matvecs + high.matvecs;
+        walked.min_vertex_sigma = Some(walked.min_vertex_sigma.map_or(low.value, |s| s.min(low.value)));
+        let relative = if high.value > 0.0 {
+            low.value / high.value.max(low.value)
+        } else {
+            0.0
+        };
+        if relative <= opts.singular_tol {
+            walked.outcome = CheckOutcome::Violated;
+            walked.reasons.insert(
+                0,
+                format!(
+                    "the midpoint of the block selections is singular: sigma_min(M) ~ {:.3e} (estimate)",
+                    low.value
+                ),
+            );
+        } else {
+            walked.reasons.push(format!(
+                "{blocks} second-order or PSD block(s) on a boundary: vertices and midpoint invertible (estimates), no certificate"
+            ));
+        }
+    }
+    if walked.outcome == CheckOutcome::Certified {
+        walked.outcome = CheckOutcome::Warning;
+    }
+    walked.reasons.push(format!(
+        "M is {dim} x {dim}, above the dense limit {}: checked matrix-free ({} products); its singular values are Lanczos and power-iteration estimates: an estimate, not a certificate",
+        opts.dense_limit, walked.products
+    ));
+    Ok(walked)
+}
+
 /// Estimates of `sigma_min(M)` (inverse iteration on `M^T M` through the LU) and
 /// `sigma_max(M)` (power iteration), each stopped when it changes by less than `1e-4`
 /// relative (at most twelve steps, from a fixed start). Both are Rayleigh-quotient values,
 /// so `sigma_min` is an upper bound and `sigma_max` a lower bound of the true values, tight
 /// when the extreme singular values are separated; the check falls back to an SVD when the
 /// estimated ratio comes near its thresholds.
-fn estimated_extremes(m: &Array2<f64>, lu: &DenseLu<f64>) -> Result<(f64, f64)> {
-    let n = m.nrows();
+///
+/// `apply(d, out)` writes `M d`, `apply_t` `M^T d`, and `solve(d, transpose)` returns
+/// `M^{-1} d` or `M^{-T} d` (from a dense LU or a sparse factorisation).
+fn estimated_extremes(
+    n: usize,
+    apply: impl Fn(ArrayView1<'_, f64>, ArrayViewMut1<'_, f64>),
+    apply_t: impl Fn(ArrayView1<'_, f64>, ArrayViewMut1<'_, f64>),
+    solve: impl Fn(ArrayView1<'_, f64>, bool) -> Result<Array1<f64>>,
+) -> Result<(f64, f64)> {
+    let product = |d: &Array1<f64>, transpose: bool| {
+        let mut out = Array1::zeros(n);
+        if transpose {
+            apply_t(d.view(), out.view_mut());
+        } else {
+            apply(d.view(), out.view_mut());
+        }
+        out
+    };
     let start = Array1::from_shape_fn(n, |i| 1.0 + 0.5 * ((i as f64) * 0.618_034).fract());
     let normalise = |v: Array1<f64>| {
         let norm = v.dot(&v).sqrt();
@@ -279,21 +497,21 @@ fn estimated_extremes(m: &Array2<f64>, lu: &DenseLu<f64>) -> Result<(f64, f64)> 
     let mut v = normalise(start.clone());
     let mut sigma_max = 0.0;
     for _ in 0..12 {
-        let mv = m.dot(&v);
+        let mv = product(&v, false);
         let estimate = mv.dot(&mv).sqrt();
         let done = settled(estimate, sigma_max);
         sigma_max = estimate;
         if done {
             break;
         }
-        v = normalise(m.t().dot(&mv));
+        v = normalise(product(&mv, true));
     }
     let mut u = normalise(start);
     let mut sigma_min = f64::INFINITY;
     for _ in 0..12 {
-        let w = lu.solve_transpose(u.view())?;
-        u = normalise(lu.solve(w.view())?);
-        let mu = m.dot(&u);
+        let w = solve(u.view(), true)?;
+        u = normalise(solve(w.view(), false)?);
+        let mu = product(&u, false);
         let estimate = mu.dot(&mu).sqrt();
         let done = settled(estimate, sigma_min);
         sigma_min = estimate;
@@ -321,7 +539,13 @@ mod tests {
         ];
         let m = m.t().to_owned();
         let lu = DenseLu::new(m.view()).unwrap();
-        let (lo, hi) = estimated_extremes(&m, &lu).unwrap();
+        let (lo, hi) = estimated_extremes(
+            m.nrows(),
+            |d, mut out| out.assign(&m.dot(&d)),
+            |d, mut out| out.assign(&m.t().dot(&d)),
+            |d, transpose| if transpose { lu.solve_transpose(d) } else { lu.solve(d) },
+        )
+        .unwrap();
         let sv = singular_values(m.view()).unwrap();
         let (true_hi, true_lo) = (sv[0], sv[sv.len() - 1]);
         assert!((lo - true_lo).abs() < 1e-3 * true_lo, "{lo} vs {true_lo}");

@@ -16,8 +16,11 @@
 //! dc = w_u,  db = w_v,  dA = y w_u^T - w_v x^T,  dP = (w_u x^T + x w_u^T) / 2.
 //! ```
 //!
-//! `M` is solved densely (one LU, reused by every product) or matrix-free by GMRES with
-//! `M d` and `M^T d` products; the check ([`super::check`]) runs first and can refuse.
+//! `M` is solved directly (one factorisation, reused by every product: a dense LU, or a
+//! sparse factorisation for a program with sparse data, which then never forms a dense `M`) or matrix-free by GMRES with `M d`
+//! and `M^T d` products; the check ([`super::check`]) runs first and can refuse. For a
+//! sparse program the adjoint returns `dA` and `dP` on the patterns of `A` and `P`
+//! ([`DataGradient::sparse_a`], [`DataGradient::sparse_p`]).
 
 use clarke_core::{Error, Result};
 use clarke_implicit::{CheckOptions, CheckOutcome, OnAdjointFailure};
@@ -26,14 +29,19 @@ use ndarray::{Array1, Array2, ArrayView1, ArrayView2, s};
 
 use super::check::{ConicCheck, Linearisation, cone_margins, run};
 use super::cones::ProjectionJacobian;
-use super::problem::{ConeProgram, check_finite};
+use super::problem::{ConeProgram, check_finite, csc_gemv, csc_gemv_t};
 use super::residual::{apply_jacobian, apply_jacobian_transpose, inf_norm, jacobian_matrix};
 use super::solver::{ConeSolution, ConeStatus, Residuals};
+use super::sparse::JacobianFactor;
+use crate::design::CscMatrix;
 
 /// How `M` (and `M^T`) is solved.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DerivativeSolver {
-    /// One dense LU of the `(n + m) x (n + m)` matrix.
+    /// One direct factorisation: a dense LU of the `(n + m) x (n + m)` matrix for dense
+    /// data; for a sparse program a sparse factorisation that never forms a dense `M` (the
+    /// quasi-definite reduction of `M` factored `L D L^T` when every cone is zero or
+    /// non-negative, a sparse LU of `M` otherwise, both with fill-reducing orderings).
     Dense,
     /// GMRES with matrix-free products (`M` is never formed).
     Gmres(SolveOptions),
@@ -82,12 +90,23 @@ impl DerivativeOptions {
 }
 
 /// A perturbation of the data, or a gradient with respect to it.
+///
+/// For a sparse program the gradients with respect to `A` and `P` are sparse, on the
+/// patterns of `A` and `P` (`sparse_a`, `sparse_p`: the same column pointers and row
+/// indices, stored zeros included); the dense `a` is then `0 x 0` and `p` is `None`. An entry
+/// outside the pattern is structurally zero in the program, and its gradient is not returned.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DataGradient {
-    /// With respect to `P` (symmetric), when the program has a quadratic term.
+    /// With respect to `P` (symmetric), when the program has a dense quadratic term.
     pub p: Option<Array2<f64>>,
-    /// With respect to `A`.
+    /// With respect to `A` (`0 x 0` for a sparse program).
     pub a: Array2<f64>,
+    /// With respect to the stored entries of a sparse `A`: `dA_ij = y_i w_u[j] - w_v[i] x_j`
+    /// at every `(i, j)` of `A`'s pattern.
+    pub sparse_a: Option<CscMatrix>,
+    /// With respect to the stored entries of a sparse `P`: `(w_u[i] x_j + x_i w_u[j]) / 2`
+    /// at every `(i, j)` of `P`'s pattern.
+    pub sparse_p: Option<CscMatrix>,
     /// With respect to `b`.
     pub b: Array1<f64>,
     /// With respect to `c`.
@@ -101,6 +120,20 @@ pub struct DataDirection<'a> {
     pub p: Option<ArrayView2<'a, f64>>,
     /// `dA`.
     pub a: ArrayView2<'a, f64>,
+    /// `db`.
+    pub b: ArrayView1<'a, f64>,
+    /// `dc`.
+    pub c: ArrayView1<'a, f64>,
+}
+
+/// A sparse direction in the data for the forward map of any program ([`ConeDerivative::forward_sparse`]);
+/// `dA` and `dP` need not share the patterns of `A` and `P`.
+#[derive(Debug, Clone, Copy)]
+pub struct SparseDataDirection<'a> {
+    /// `dP` (ignored without a quadratic term).
+    pub p: Option<&'a CscMatrix>,
+    /// `dA`.
+    pub a: &'a CscMatrix,
     /// `db`.
     pub b: ArrayView1<'a, f64>,
     /// `dc`.
@@ -125,6 +158,8 @@ pub struct ConeDerivative<'p> {
     y: Array1<f64>,
     j: ProjectionJacobian,
     lu: Option<DenseLu<f64>>,
+    /// The sparse factorisation of `M` for a sparse program and the direct solver.
+    sparse_lu: Option<JacobianFactor>,
     /// `M` when it is singular and the caller chose to go on: minimum-norm least squares.
     singular: Option<Array2<f64>>,
     solver: DerivativeSolver,
@@ -171,12 +206,19 @@ impl<'p> ConeDerivative<'p> {
         let tol = opts.boundary_tol * inf_norm(v).max(1.0) + 10.0 * sol.residuals.max();
         let boundaries = prog.cones.boundaries(v, tol);
         let j = prog.cones.dual_jacobian(v, &boundaries, &[], q);
-        let dense_needed = opts.solver == DerivativeSolver::Dense
-            || (opts.check.enabled && prog.n() + prog.m() <= opts.check.dense_limit);
+        let direct = opts.solver == DerivativeSolver::Dense;
+        // A small sparse program forms M too: for the dense check and, when M is singular
+        // and the caller goes on, the least-squares solve the dense path does.
+        let small = prog.n() + prog.m() <= opts.check.dense_limit;
+        let dense_needed = (direct && !prog.is_sparse()) || (small && (opts.check.enabled || prog.is_sparse()));
         let m = dense_needed.then(|| jacobian_matrix(prog, &j));
         // Factor first: a strictly complementary check reuses the LU for its estimates.
         let factored = match (&opts.solver, &m) {
-            (DerivativeSolver::Dense, Some(m)) => Some(DenseLu::new(m.view())),
+            (DerivativeSolver::Dense, Some(m)) if !prog.is_sparse() => Some(DenseLu::new(m.view())),
+            _ => None,
+        };
+        let sparse_factored = match (&prog.sparse, direct) {
+            (Some(d), true) => Some(JacobianFactor::new(d.a(), d.p(), &j)),
             _ => None,
         };
         let lu_ref = factored.as_ref().and_then(|f| f.as_ref().ok());
@@ -187,6 +229,7 @@ impl<'p> ConeDerivative<'p> {
             default_q: q,
             selected: m.as_ref(),
             lu: lu_ref,
+            sparse_lu: sparse_factored.as_ref().and_then(|f| f.as_ref().ok()),
             residual: sol.residuals.max(),
         };
         let hypothesis = run(&lin, &opts.check)?;
@@ -202,14 +245,26 @@ impl<'p> ConeDerivative<'p> {
                 detail: check.to_string(),
             });
         }
-        let (mut lu, mut singular) = (None, None);
-        match (factored, m) {
-            (Some(Ok(f)), _) => lu = Some(f),
+        let (mut lu, mut singular, mut sparse_lu) = (None, None, None);
+        match (factored, sparse_factored, m) {
+            (Some(Ok(f)), _, _) => lu = Some(f),
+            (_, Some(Ok(f)), m) => {
+                // A sparse factorisation of a numerically singular M shows it in its solves:
+                // probe once, and go the least-squares way below the dense limit.
+                let probe = Array1::from_shape_fn(prog.n() + prog.m(), |i| 1.0 + ((i as f64) * 0.618_034).fract());
+                match (f.solve(probe.view(), false), m) {
+                    (Err(Error::Singular { .. }), Some(m)) => singular = Some(m),
+                    (Err(e), _) => return Err(e),
+                    (Ok(_), _) => sparse_lu = Some(f),
+                }
+            }
             // The caller switched the check off (or told it not to refuse): do what
             // least-squares implicit differentiation does (diffcp's LSQR), and say so.
-            (Some(Err(Error::Singular { .. })), Some(m)) => singular = Some(m),
-            (Some(Err(e)), _) => return Err(e),
-            (None, _) => {}
+            (Some(Err(Error::Singular { .. })), _, Some(m)) | (_, Some(Err(Error::Singular { .. })), Some(m)) => {
+                singular = Some(m)
+            }
+            (Some(Err(e)), _, _) | (_, Some(Err(e)), _) => return Err(e),
+            (None, None, _) => {}
         }
         let mut check = check;
         if singular.is_some() {
@@ -223,6 +278,7 @@ impl<'p> ConeDerivative<'p> {
             y: sol.y.clone(),
             j,
             lu,
+            sparse_lu,
             singular,
             solver: opts.solver.clone(),
             on_failure: opts.on_failure,
@@ -249,6 +305,9 @@ impl<'p> ConeDerivative<'p> {
             } else {
                 lu.solve(rhs.view())
             };
+        }
+        if let Some(lu) = &self.sparse_lu {
+            return lu.solve(rhs.view(), transpose);
         }
         if let Some(m) = &self.singular {
             let a = if transpose { m.t() } else { m.view() };
@@ -280,6 +339,10 @@ impl<'p> ConeDerivative<'p> {
         match self.on_failure {
             OnAdjointFailure::AcceptApproximate if report.status == clarke_solve::SolveStatus::MaxIterations => Ok(d),
             OnAdjointFailure::Dense => {
+                if let Some(d) = &self.prog.sparse {
+                    // The direct fallback of a sparse program is its sparse factorisation.
+                    return JacobianFactor::new(d.a(), d.p(), &self.j)?.solve(rhs.view(), transpose);
+                }
                 let m = jacobian_matrix(self.prog, &self.j);
                 let lu = DenseLu::new(m.view())?;
                 if transpose {
@@ -312,7 +375,7 @@ impl<'p> ConeDerivative<'p> {
         check_finite(OP, "db", d.b.iter())?;
         check_finite(OP, "dc", d.c.iter())?;
         let mut top = d.a.t().dot(&self.y) + d.c;
-        if let (Some(dp), Some(_)) = (d.p, &self.prog.p) {
+        if let (Some(dp), true) = (d.p, self.prog.has_quadratic()) {
             if dp.dim() != (n, n) {
                 return Err(Error::shapes(
                     "cone_program forward",
@@ -325,6 +388,50 @@ impl<'p> ConeDerivative<'p> {
             top += &dp.dot(&self.x);
         }
         let bottom = &d.b - &d.a.dot(&self.x);
+        self.forward_residual(top, bottom)
+    }
+
+    /// The forward map for a sparse data direction (any program, dense or sparse): as
+    /// [`ConeDerivative::forward`], with `dA x`, `dA^T y` and `dP x` computed sparse.
+    ///
+    /// # Errors
+    /// A direction whose parts do not match `(P, A, b, c)` or are not finite; a failed
+    /// solve with `M`.
+    pub fn forward_sparse(&self, d: &SparseDataDirection<'_>) -> Result<SolutionDirection> {
+        const OP: &str = "cone_program forward";
+        let (n, m) = (self.prog.n(), self.prog.m());
+        if (d.a.nrows(), d.a.ncols()) != (m, n) || d.b.len() != m || d.c.len() != n {
+            return Err(Error::shapes(
+                OP,
+                &[d.a.nrows(), d.a.ncols(), d.b.len(), d.c.len()],
+                &[m, n, m, n],
+                "the direction (dA, db, dc) must match (A, b, c)",
+            ));
+        }
+        check_finite(OP, "db", d.b.iter())?;
+        check_finite(OP, "dc", d.c.iter())?;
+        let mut top = Array1::zeros(n);
+        csc_gemv_t(d.a, 1.0, self.y.view(), 0.0, &mut top);
+        top += &d.c;
+        if let (Some(dp), true) = (d.p, self.prog.has_quadratic()) {
+            if (dp.nrows(), dp.ncols()) != (n, n) {
+                return Err(Error::shapes(
+                    OP,
+                    &[dp.nrows(), dp.ncols()],
+                    &[n, n],
+                    "dP must be n x n",
+                ));
+            }
+            csc_gemv(dp, 1.0, self.x.view(), 1.0, &mut top);
+        }
+        let mut bottom = d.b.to_owned();
+        csc_gemv(d.a, -1.0, self.x.view(), 1.0, &mut bottom);
+        self.forward_residual(top, bottom)
+    }
+
+    /// `dz = -M^{-1} dN` for `dN = (top, bottom)`, mapped to `(dx, dy, ds)`.
+    fn forward_residual(&self, top: Array1<f64>, bottom: Array1<f64>) -> Result<SolutionDirection> {
+        let (n, m) = (self.prog.n(), self.prog.m());
         let mut dn = Array1::zeros(n + m);
         dn.slice_mut(s![..n]).assign(&top);
         dn.slice_mut(s![n..]).assign(&bottom);
@@ -369,6 +476,23 @@ impl<'p> ConeDerivative<'p> {
                 .insert_axis(ndarray::Axis(1))
                 .dot(&b.insert_axis(ndarray::Axis(0)))
         };
+        if let Some(data) = &self.prog.sparse {
+            // On the patterns: dA_ij = y_i w_u[j] - w_v[i] x_j, dP_ij = (w_u[i] x_j + x_i w_u[j]) / 2.
+            let (x, y) = (&self.x, &self.y);
+            let sparse_a = on_pattern(data.a(), |i, j| y[i] * wu[j] - wv[i] * x[j])?;
+            let sparse_p = data
+                .p()
+                .map(|p| on_pattern(p, |i, j| 0.5 * (wu[i] * x[j] + x[i] * wu[j])))
+                .transpose()?;
+            return Ok(DataGradient {
+                p: None,
+                a: Array2::zeros((0, 0)),
+                sparse_a: Some(sparse_a),
+                sparse_p,
+                b: wv.to_owned(),
+                c: wu.to_owned(),
+            });
+        }
         let da = outer(self.y.view(), wu) - outer(wv, self.x.view());
         let dp = self.prog.p.as_ref().map(|_| {
             let wx = outer(wu, self.x.view());
@@ -377,10 +501,23 @@ impl<'p> ConeDerivative<'p> {
         Ok(DataGradient {
             p: dp,
             a: da,
+            sparse_a: None,
+            sparse_p: None,
             b: wv.to_owned(),
             c: wu.to_owned(),
         })
     }
+}
+
+/// A matrix on the pattern of `pattern` with the values `value(i, j)`.
+fn on_pattern(pattern: &CscMatrix, value: impl Fn(usize, usize) -> f64) -> Result<CscMatrix> {
+    let f = pattern.as_faer();
+    let (cp, ri) = (f.col_ptr(), f.row_idx());
+    let mut vals = Vec::with_capacity(ri.len());
+    for j in 0..pattern.ncols() {
+        vals.extend(ri[cp[j]..cp[j + 1]].iter().map(|&i| value(i, j)));
+    }
+    CscMatrix::try_new(pattern.nrows(), pattern.ncols(), cp.to_vec(), ri.to_vec(), vals)
 }
 
 /// Refuses a solution that is not one of `prog`: its KKT residuals recomputed on `prog`

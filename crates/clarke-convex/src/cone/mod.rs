@@ -49,15 +49,18 @@ pub mod problem;
 pub mod qp_layer;
 pub mod residual;
 pub mod solver;
+mod sparse;
 
 pub use check::{ConeMargin, ConicCheck};
 pub use cones::{Boundary, BoundaryKind, Cone, Cones, ProjectionJacobian, smat, svec};
+pub use derivative::SparseDataDirection;
 pub use derivative::{
     ConeDerivative, DataDirection, DataGradient, DerivativeOptions, DerivativeSolver, SolutionDirection,
 };
 pub use layer::{
     ConicBackwardReport, ConicLayer, ConicLayerOptions, ConicLog, QuadraticTerm, cone_program, quadratic_cone_program,
 };
+pub use problem::SparseData;
 pub use problem::{ConeProgram, box_projection, lp, polytope_projection, qp, simplex_projection};
 pub use qp_layer::{
     ClosestFeasible, InfeasibleMode, QpData, QpForwardReport, QpLayer, QpLayerOptions, QpRow, QpSampleReport,

@@ -10,19 +10,28 @@
 //! with `K` a product of [`Cones`] and `P` symmetric positive semidefinite (absent for a pure
 //! cone program, the form of Agrawal et al. 2019). Its dual is
 //! `maximise -(1/2) x^T P x - b^T y` subject to `P x + A^T y + c = 0`, `y in K*`.
+//!
+//! `A` and `P` are dense arrays ([`ConeProgram::new`], [`ConeProgram::with_quadratic`]) or
+//! sparse [`CscMatrix`]es ([`ConeProgram::new_sparse`],
+//! [`ConeProgram::with_sparse_quadratic`]); the solver, the derivative and the check read
+//! them through the same products `A x`, `A^T y`, `P x`.
 
 use clarke_core::{Error, Result};
 use faer::{Mat, Side};
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis, concatenate, s};
 
 use super::cones::{Cone, Cones};
+use crate::design::CscMatrix;
 
-/// A cone program with dense data (see the module docs).
+/// A cone program (see the module docs), with dense data ([`ConeProgram::new`]) or sparse
+/// `A` and `P` ([`ConeProgram::new_sparse`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConeProgram {
-    /// The quadratic term `P` (`n x n`, symmetric PSD), if any.
+    /// The quadratic term `P` (`n x n`, symmetric PSD), if any, when the data is dense
+    /// (`None` for a sparse program: see [`ConeProgram::sparse_p`]).
     pub p: Option<Array2<f64>>,
-    /// The constraint matrix `A` (`m x n`).
+    /// The constraint matrix `A` (`m x n`) when the data is dense; `0 x 0` for a sparse
+    /// program (see [`ConeProgram::sparse_a`]).
     pub a: Array2<f64>,
     /// The right-hand side `b` (`m`).
     pub b: Array1<f64>,
@@ -30,6 +39,69 @@ pub struct ConeProgram {
     pub c: Array1<f64>,
     /// The cone `K` (`m` rows in total).
     pub cones: Cones,
+    /// Sparse `A` and `P` (compressed sparse columns), for a program built by
+    /// [`ConeProgram::new_sparse`]; `None` for dense data. When set, the dense `a` is empty
+    /// and `p` is `None`.
+    pub sparse: Option<SparseData>,
+}
+
+/// The sparse data of a program: `A` and, if any, `P` (both triangles stored), each a
+/// checked [`CscMatrix`]. Built by [`ConeProgram::new_sparse`] and
+/// [`ConeProgram::with_sparse_quadratic`], which check shapes, symmetry and convexity.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SparseData {
+    a: CscMatrix,
+    p: Option<CscMatrix>,
+}
+
+impl SparseData {
+    /// `A`.
+    pub fn a(&self) -> &CscMatrix {
+        &self.a
+    }
+
+    /// `P`, if the program has a quadratic term.
+    pub fn p(&self) -> Option<&CscMatrix> {
+        self.p.as_ref()
+    }
+}
+
+/// `out = alpha M x + beta out` for a sparse `M` (column by column: a scatter).
+pub(crate) fn csc_gemv(mat: &CscMatrix, alpha: f64, x: ArrayView1<'_, f64>, beta: f64, out: &mut Array1<f64>) {
+    if beta == 0.0 {
+        out.fill(0.0);
+    } else if beta != 1.0 {
+        out.mapv_inplace(|v| beta * v);
+    }
+    let faer = mat.as_faer();
+    let (col_ptr, row_idx, vals) = (faer.col_ptr(), faer.row_idx(), faer.val());
+    let out = out.as_slice_mut().expect("a contiguous vector");
+    for (j, &xj) in x.iter().enumerate() {
+        let f = alpha * xj;
+        if f == 0.0 {
+            continue;
+        }
+        for k in col_ptr[j]..col_ptr[j + 1] {
+            out[row_idx[k]] += f * vals[k];
+        }
+    }
+}
+
+/// `out = alpha M^T y + beta out` for a sparse `M` (one dot product per column: a gather).
+pub(crate) fn csc_gemv_t(mat: &CscMatrix, alpha: f64, y: ArrayView1<'_, f64>, beta: f64, out: &mut Array1<f64>) {
+    let faer = mat.as_faer();
+    let (col_ptr, row_idx, vals) = (faer.col_ptr(), faer.row_idx(), faer.val());
+    for (j, o) in out.iter_mut().enumerate() {
+        let mut acc = 0.0;
+        for k in col_ptr[j]..col_ptr[j + 1] {
+            acc += vals[k] * y[row_idx[k]];
+        }
+        *o = if beta == 0.0 {
+            alpha * acc
+        } else {
+            alpha * acc + beta * *o
+        };
+    }
 }
 
 impl ConeProgram {
@@ -42,9 +114,135 @@ impl ConeProgram {
             b,
             c,
             cones,
+            sparse: None,
         };
         prog.check("ConeProgram::new")?;
         Ok(prog)
+    }
+
+    /// The cone program `min c^T x` s.t. `A x + s = b`, `s in K` with a sparse `A` (its
+    /// values are finite by construction of [`CscMatrix`]). The solver then factors a sparse
+    /// matrix and never forms a dense `m x n` or `n x n` one (see [`super::solver`]).
+    ///
+    /// # Errors
+    /// As [`ConeProgram::new`]: `A` without columns, `b`, `c` or the cones of another size
+    /// than `A`'s rows and columns (naming both), non-finite `b` or `c`.
+    pub fn new_sparse(a: CscMatrix, b: Array1<f64>, c: Array1<f64>, cones: Cones) -> Result<Self> {
+        let prog = ConeProgram {
+            p: None,
+            a: Array2::zeros((0, 0)),
+            b,
+            c,
+            cones,
+            sparse: Some(SparseData { a, p: None }),
+        };
+        prog.check("ConeProgram::new_sparse")?;
+        Ok(prog)
+    }
+
+    /// Adds a sparse quadratic term `(1/2) x^T P x` to a sparse program (both triangles of
+    /// `P` stored).
+    ///
+    /// # Errors
+    /// A dense program (use [`ConeProgram::with_quadratic`]), a `P` that is not `n x n`, not
+    /// symmetric (naming the first entry that differs from its mirror), or not positive
+    /// semidefinite (a sparse Cholesky factorisation of `P + 1e-10 max(1, max|P|) I` fails).
+    pub fn with_sparse_quadratic(mut self, p: CscMatrix) -> Result<Self> {
+        const OP: &str = "ConeProgram::with_sparse_quadratic";
+        let n = self.n();
+        let Some(data) = self.sparse.as_mut() else {
+            return Err(Error::invalid(
+                OP,
+                "the program has dense data: give P as a dense matrix (with_quadratic), or build the program with new_sparse",
+            ));
+        };
+        check_sparse_quadratic(OP, &p, n)?;
+        let scale = p.as_faer().val().iter().fold(0.0f64, |a, v| a.max(v.abs()));
+        let delta = 1e-10 * scale.max(1.0);
+        if !super::sparse::cholesky_succeeds(&p, delta) {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "P is not positive semidefinite: a Cholesky factorisation of P + {delta:e} I met a non-positive pivot; the program is not convex"
+                ),
+            ));
+        }
+        data.p = Some(p);
+        Ok(self)
+    }
+
+    /// Whether `A` and `P` are stored sparse.
+    pub fn is_sparse(&self) -> bool {
+        self.sparse.is_some()
+    }
+
+    /// The sparse `A` of a sparse program.
+    pub fn sparse_a(&self) -> Option<&CscMatrix> {
+        self.sparse.as_ref().map(|d| &d.a)
+    }
+
+    /// The sparse `P` of a sparse program with a quadratic term.
+    pub fn sparse_p(&self) -> Option<&CscMatrix> {
+        self.sparse.as_ref().and_then(|d| d.p.as_ref())
+    }
+
+    /// Whether the program has a quadratic term (dense or sparse).
+    pub fn has_quadratic(&self) -> bool {
+        self.p.is_some() || self.sparse_p().is_some()
+    }
+
+    /// `A x` for an `x` of length `n` (checked by the callers).
+    pub(crate) fn a_dot(&self, x: ArrayView1<'_, f64>) -> Array1<f64> {
+        let mut out = Array1::zeros(self.m());
+        self.a_gemv(1.0, x, 0.0, &mut out);
+        out
+    }
+
+    /// `A^T y` for a `y` of length `m` (checked by the callers).
+    pub(crate) fn at_dot(&self, y: ArrayView1<'_, f64>) -> Array1<f64> {
+        let mut out = Array1::zeros(self.n());
+        self.at_gemv(1.0, y, 0.0, &mut out);
+        out
+    }
+
+    /// `out = alpha A x + beta out`.
+    pub(crate) fn a_gemv(&self, alpha: f64, x: ArrayView1<'_, f64>, beta: f64, out: &mut Array1<f64>) {
+        match &self.sparse {
+            Some(d) => csc_gemv(&d.a, alpha, x, beta, out),
+            None => ndarray::linalg::general_mat_vec_mul(alpha, &self.a, &x, beta, out),
+        }
+    }
+
+    /// `out = alpha A^T y + beta out`.
+    pub(crate) fn at_gemv(&self, alpha: f64, y: ArrayView1<'_, f64>, beta: f64, out: &mut Array1<f64>) {
+        match &self.sparse {
+            Some(d) => csc_gemv_t(&d.a, alpha, y, beta, out),
+            None => ndarray::linalg::general_mat_vec_mul(alpha, &self.a.t(), &y, beta, out),
+        }
+    }
+
+    /// `max |A_ij|` over the stored entries (0 for an empty `A`).
+    pub(crate) fn a_max_abs(&self) -> f64 {
+        match &self.sparse {
+            Some(d) => d.a.as_faer().val().iter().fold(0.0f64, |m, v| m.max(v.abs())),
+            None => self.a.iter().fold(0.0f64, |m, v| m.max(v.abs())),
+        }
+    }
+
+    /// `A` as a dense matrix (a copy for a sparse program: only for small ones).
+    pub(crate) fn a_dense(&self) -> std::borrow::Cow<'_, Array2<f64>> {
+        match &self.sparse {
+            Some(d) => std::borrow::Cow::Owned(d.a.to_dense()),
+            None => std::borrow::Cow::Borrowed(&self.a),
+        }
+    }
+
+    /// `P` as a dense matrix, if any (a copy for a sparse program: only for small ones).
+    pub(crate) fn p_dense(&self) -> Option<std::borrow::Cow<'_, Array2<f64>>> {
+        match &self.sparse {
+            Some(d) => d.p.as_ref().map(|p| std::borrow::Cow::Owned(p.to_dense())),
+            None => self.p.as_ref().map(std::borrow::Cow::Borrowed),
+        }
     }
 
     /// Checks what the fields of a program built as a struct literal (or changed through
@@ -53,7 +251,18 @@ impl ConeProgram {
     /// positive semidefinite is checked by [`ConeProgram::with_quadratic`]; the solver's
     /// factorisation refuses a `P` that is not.)
     pub(crate) fn check(&self, op: &'static str) -> Result<()> {
-        let (m, n) = self.a.dim();
+        let (m, n) = (self.m(), self.n());
+        if let Some(d) = &self.sparse {
+            if !self.a.is_empty() || self.p.is_some() {
+                return Err(Error::invalid(
+                    op,
+                    "the program has both dense and sparse data: a sparse program keeps A and P in `sparse` only (a 0 x 0 `a`, no `p`)",
+                ));
+            }
+            if let Some(p) = &d.p {
+                check_sparse_quadratic(op, p, n)?;
+            }
+        }
         if n == 0 {
             return Err(Error::invalid(op, "A has no columns: the program has no variables"));
         }
@@ -98,6 +307,12 @@ impl ConeProgram {
     /// symmetric, or an eigenvalue below `-1e-10 max|P|` (the program would not be convex).
     pub fn with_quadratic(mut self, p: Array2<f64>) -> Result<Self> {
         const OP: &str = "ConeProgram::with_quadratic";
+        if self.is_sparse() {
+            return Err(Error::invalid(
+                OP,
+                "the program has sparse data: give P as a CscMatrix (with_sparse_quadratic)",
+            ));
+        }
         let n = self.n();
         check_quadratic_shape(OP, &p, n)?;
         let scale = p.iter().fold(0.0f64, |a, v| a.max(v.abs()));
@@ -125,12 +340,18 @@ impl ConeProgram {
 
     /// Variables `n`.
     pub fn n(&self) -> usize {
-        self.a.ncols()
+        match &self.sparse {
+            Some(d) => d.a.ncols(),
+            None => self.a.ncols(),
+        }
     }
 
     /// Constraint rows `m`.
     pub fn m(&self) -> usize {
-        self.a.nrows()
+        match &self.sparse {
+            Some(d) => d.a.nrows(),
+            None => self.a.nrows(),
+        }
     }
 
     /// `P x` (zero without a quadratic term).
@@ -151,10 +372,13 @@ impl ConeProgram {
 
     /// `P x` for an `x` of length `n` (checked by the callers).
     pub(crate) fn p_dot(&self, x: ArrayView1<'_, f64>) -> Array1<f64> {
-        match &self.p {
-            Some(p) => p.dot(&x),
-            None => Array1::zeros(self.n()),
+        let mut out = Array1::zeros(self.n());
+        match (&self.p, self.sparse_p()) {
+            (Some(p), _) => ndarray::linalg::general_mat_vec_mul(1.0, p, &x, 0.0, &mut out),
+            (None, Some(p)) => csc_gemv(p, 1.0, x, 0.0, &mut out),
+            (None, None) => {}
         }
+        out
     }
 
     /// The same program with another cost (the data of a batch that shares `P`, `A`, `b`).
@@ -193,6 +417,35 @@ fn check_quadratic_shape(op: &'static str, p: &Array2<f64>, n: usize) -> Result<
             op,
             format!("P is not symmetric: max |P - P^T| = {asym:e}"),
         ));
+    }
+    Ok(())
+}
+
+/// A sparse `P` is `n x n` and symmetric (to `1e-12` of its largest entry; an entry
+/// without a stored mirror counts as mirrored by 0). Its values are finite by construction.
+fn check_sparse_quadratic(op: &'static str, p: &CscMatrix, n: usize) -> Result<()> {
+    if (p.nrows(), p.ncols()) != (n, n) {
+        return Err(Error::shapes(
+            op,
+            &[p.nrows(), p.ncols()],
+            &[n, n],
+            "P must be n x n with n = columns of A",
+        ));
+    }
+    let scale = p.as_faer().val().iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    let tol = 1e-12 * scale.max(1.0);
+    for j in 0..n {
+        let (rows, vals) = p.column(j);
+        for (&i, &v) in rows.iter().zip(vals) {
+            let (mrows, mvals) = p.column(i);
+            let mirror = mrows.binary_search(&j).map_or(0.0, |k| mvals[k]);
+            if (v - mirror).abs() > tol {
+                return Err(Error::invalid(
+                    op,
+                    format!("P is not symmetric: P[{i}, {j}] = {v:e} but P[{j}, {i}] = {mirror:e}"),
+                ));
+            }
+        }
     }
     Ok(())
 }

@@ -40,8 +40,8 @@ impl KktPoint {
         let mut y = Array1::zeros(v.len());
         prog.cones.project_dual(v.view(), y.view_mut());
         let s = &y - &v;
-        let dual = prog.p_dot(x.view()) + prog.a.t().dot(&y) + &prog.c;
-        let primal = &prog.b - &prog.a.dot(&x) - &s;
+        let dual = prog.p_dot(x.view()) + prog.at_dot(y.view()) + &prog.c;
+        let primal = &prog.b - &prog.a_dot(x.view()) - &s;
         let mut residual = Array1::zeros(x.len() + v.len());
         residual.slice_mut(s![..x.len()]).assign(&dual);
         residual.slice_mut(s![x.len()..]).assign(&primal);
@@ -68,16 +68,18 @@ pub(crate) fn inf_norm(v: ArrayView1<'_, f64>) -> f64 {
     v.iter().fold(0.0f64, |a, x| a.max(x.abs()))
 }
 
-/// `M = [[P, A^T J], [-A, I - J]]` as a dense matrix.
+/// `M = [[P, A^T J], [-A, I - J]]` as a dense matrix (for a sparse program: only for a
+/// small one, the dense check below its dense limit).
 pub(crate) fn jacobian_matrix(prog: &ConeProgram, j: &ProjectionJacobian) -> Array2<f64> {
     let (m, n) = (prog.m(), prog.n());
     let jd = j.to_dense();
     let mut out = Array2::zeros((n + m, n + m));
-    if let Some(p) = &prog.p {
-        out.slice_mut(s![..n, ..n]).assign(p);
+    if let Some(p) = prog.p_dense() {
+        out.slice_mut(s![..n, ..n]).assign(&*p);
     }
-    out.slice_mut(s![..n, n..]).assign(&prog.a.t().dot(&jd));
-    out.slice_mut(s![n.., ..n]).assign(&(-&prog.a));
+    let a = prog.a_dense();
+    out.slice_mut(s![..n, n..]).assign(&a.t().dot(&jd));
+    out.slice_mut(s![n.., ..n]).assign(&(-&*a));
     let mut lower = -jd;
     lower.diag_mut().iter_mut().for_each(|d| *d += 1.0);
     out.slice_mut(s![n.., n..]).assign(&lower);
@@ -94,8 +96,8 @@ pub(crate) fn apply_jacobian(
     let n = prog.n();
     let (du, dv) = (d.slice(s![..n]), d.slice(s![n..]));
     let jdv = j.apply_new(dv);
-    let top = prog.p_dot(du) + prog.a.t().dot(&jdv);
-    let bottom = &dv - &jdv - prog.a.dot(&du);
+    let top = prog.p_dot(du) + prog.at_dot(jdv.view());
+    let bottom = &dv - &jdv - prog.a_dot(du);
     out.slice_mut(s![..n]).assign(&top);
     out.slice_mut(s![n..]).assign(&bottom);
 }
@@ -109,8 +111,8 @@ pub(crate) fn apply_jacobian_transpose(
 ) {
     let n = prog.n();
     let (da, db) = (d.slice(s![..n]), d.slice(s![n..]));
-    let top = prog.p_dot(da) - prog.a.t().dot(&db);
-    let bottom = j.apply_new((prog.a.dot(&da) - db).view()) + db;
+    let top = prog.p_dot(da) - prog.at_dot(db);
+    let bottom = j.apply_new((prog.a_dot(da) - db).view()) + db;
     out.slice_mut(s![..n]).assign(&top);
     out.slice_mut(s![n..]).assign(&bottom);
 }

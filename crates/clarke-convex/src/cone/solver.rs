@@ -17,6 +17,16 @@
 //! iteration is a fixed point of a nonsmooth averaged map built from `Pi_K`; `rho` adapts to
 //! balance the primal and dual residuals (refactoring the small `n x n` matrix).
 //!
+//! **Sparse programs** ([`ConeProgram::new_sparse`]) run the same iteration, with `x~` from
+//! the equivalent quasi-definite KKT system
+//! `[[P + sigma I, A^T], [A, -R^{-1}]] (x~, nu) = (sigma x - c, b - s + R^{-1} w)` (eliminating
+//! `nu` gives the reduced system above), factored `L D L^T` once with a fill-reducing
+//! ordering; a new `rho` refactors its values only. The reduced matrix `A^T R A` is not
+//! formed: for a random sparse `A` it is far denser than `A` and its factor nearly dense,
+//! where the KKT matrix keeps `A`'s non-zeros and fills far less. Refinement factors the
+//! sparse `M` (a quasi-definite `L D L^T` for LPs and QPs, a sparse LU with second-order or
+//! PSD cones). No dense `n x n`, `m x n` or `(n + m)^2` matrix is formed.
+//!
 //! **Stop.** Primal `||A x + s - b||_inf`, dual `||P x + A^T y + c||_inf` and gap
 //! `|x^T P x + c^T x + b^T y|` below `eps_abs + eps_rel * scale` (scales as in OSQP).
 //!
@@ -36,12 +46,12 @@ use clarke_core::{Error, Result};
 use clarke_solve::DenseLu;
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::{Conj, Mat, Par};
-use ndarray::linalg::general_mat_vec_mul;
 use ndarray::{Array1, ArrayView1, Zip};
 
 use super::cones::Cone;
 use super::problem::{ConeProgram, check_finite};
 use super::residual::{KktPoint, inf_norm, jacobian_matrix};
+use super::sparse::{JacobianFactor, KktFactor};
 
 /// Options of [`solve`].
 #[derive(Debug, Clone, PartialEq)]
@@ -225,8 +235,8 @@ impl Residuals {
         s: ArrayView1<'_, f64>,
     ) -> Self {
         let px = prog.p_dot(x);
-        let primal = inf_norm((prog.a.dot(&x) + s - &prog.b).view());
-        let dual = inf_norm((&px + &prog.a.t().dot(&y) + &prog.c).view());
+        let primal = inf_norm((prog.a_dot(x) + s - &prog.b).view());
+        let dual = inf_norm((&px + &prog.at_dot(y) + &prog.c).view());
         let gap = (x.dot(&px) + prog.c.dot(&x) + prog.b.dot(&y)).abs();
         Residuals {
             primal,
@@ -377,6 +387,7 @@ struct SpdFactor {
 impl SpdFactor {
     fn new(prog: &ConeProgram, r: &Array1<f64>, sigma: f64) -> Result<Self> {
         use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch};
+        debug_assert!(!prog.is_sparse(), "the dense factor of a sparse program");
         use faer::linalg::cholesky::llt::solve::solve_in_place_scratch;
         let ra = &prog.a * &r.view().insert_axis(ndarray::Axis(1));
         let mut k = prog.a.t().dot(&ra);
@@ -424,6 +435,31 @@ impl SpdFactor {
     }
 }
 
+/// The ADMM linear system, factored once per `rho`: the dense reduced system, or the sparse
+/// quasi-definite KKT matrix for a sparse program (see [`super::sparse`]).
+enum System {
+    Dense(SpdFactor),
+    Sparse(Box<KktFactor>),
+}
+
+impl System {
+    fn new(prog: &ConeProgram, r: &Array1<f64>, sigma: f64) -> Result<Self> {
+        Ok(match &prog.sparse {
+            Some(d) => System::Sparse(Box::new(KktFactor::new(d.a(), d.p(), r, sigma)?)),
+            None => System::Dense(SpdFactor::new(prog, r, sigma)?),
+        })
+    }
+
+    /// Refactors for new penalties: a new dense factor, or the sparse values only.
+    fn refactor(&mut self, prog: &ConeProgram, r: &Array1<f64>, sigma: f64) -> Result<()> {
+        match self {
+            System::Dense(f) => *f = SpdFactor::new(prog, r, sigma)?,
+            System::Sparse(k) => k.refactor(r)?,
+        }
+        Ok(())
+    }
+}
+
 /// Whether `(x, y, s)` meets the stopping criteria (OSQP's scaling), with its residuals.
 fn converged(
     prog: &ConeProgram,
@@ -434,8 +470,8 @@ fn converged(
     eps_rel: f64,
 ) -> (bool, f64, f64) {
     let px = prog.p_dot(x);
-    let ax = prog.a.dot(&x);
-    let aty = prog.a.t().dot(&y);
+    let ax = prog.a_dot(x);
+    let aty = prog.at_dot(y);
     let r_p = inf_norm((&ax + &s - &prog.b).view());
     let r_d = inf_norm((&px + &aty + &prog.c).view());
     let (xpx, cx, by) = (x.dot(&px), prog.c.dot(&x), prog.b.dot(&y));
@@ -483,7 +519,7 @@ pub fn solve(prog: &ConeProgram, opts: &SolverOptions, warm: Option<WarmStart<'_
     };
     let mut rho = opts.rho;
     let mut r = penalties(prog, rho);
-    let mut factor = SpdFactor::new(prog, &r, opts.sigma)?;
+    let mut system = System::new(prog, &r, opts.sigma)?;
     let alpha = opts.alpha;
 
     let mut status = ConeStatus::MaxIterations;
@@ -506,23 +542,42 @@ pub fn solve(prog: &ConeProgram, opts: &SolverOptions, warm: Option<WarmStart<'_
             x_prev.assign(&x);
             w_prev.assign(&w);
         }
-        // rhs = sigma x - c + A^T (R (b - s) + w)
-        Zip::from(&mut tmp)
-            .and(&r)
-            .and(&prog.b)
-            .and(&s)
-            .and(&w)
-            .for_each(|t, &ri, &bi, &si, &wi| *t = ri * (bi - si) + wi);
-        general_mat_vec_mul(1.0, &prog.a.t(), &tmp, 0.0, &mut rhs);
-        Zip::from(&mut rhs)
-            .and(&x)
-            .and(&prog.c)
-            .for_each(|o, &xi, &ci| *o += opts.sigma * xi - ci);
-        x_tilde.assign(&rhs);
-        factor.solve_in_place(&mut x_tilde);
+        match &mut system {
+            System::Dense(factor) => {
+                // rhs = sigma x - c + A^T (R (b - s) + w)
+                Zip::from(&mut tmp)
+                    .and(&r)
+                    .and(&prog.b)
+                    .and(&s)
+                    .and(&w)
+                    .for_each(|t, &ri, &bi, &si, &wi| *t = ri * (bi - si) + wi);
+                prog.at_gemv(1.0, tmp.view(), 0.0, &mut rhs);
+                Zip::from(&mut rhs)
+                    .and(&x)
+                    .and(&prog.c)
+                    .for_each(|o, &xi, &ci| *o += opts.sigma * xi - ci);
+                x_tilde.assign(&rhs);
+                factor.solve_in_place(&mut x_tilde);
+            }
+            System::Sparse(kkt) => {
+                // The same x~ from [[P + sigma I, A^T], [A, -R^{-1}]] (x~, nu)
+                // = (sigma x - c, b - s + R^{-1} w).
+                Zip::from(&mut rhs)
+                    .and(&x)
+                    .and(&prog.c)
+                    .for_each(|o, &xi, &ci| *o = opts.sigma * xi - ci);
+                Zip::from(&mut tmp)
+                    .and(&r)
+                    .and(&prog.b)
+                    .and(&s)
+                    .and(&w)
+                    .for_each(|t, &ri, &bi, &si, &wi| *t = bi - si + wi / ri);
+                kkt.solve(&rhs, &tmp, &mut x_tilde);
+            }
+        }
         // s~ = b - A x~
         s_tilde.assign(&prog.b);
-        general_mat_vec_mul(-1.0, &prog.a, &x_tilde, 1.0, &mut s_tilde);
+        prog.a_gemv(-1.0, x_tilde.view(), 1.0, &mut s_tilde);
         Zip::from(&mut x)
             .and(&x_tilde)
             .for_each(|xi, &xt| *xi = alpha * xt + (1.0 - alpha) * *xi);
@@ -591,7 +646,7 @@ pub fn solve(prog: &ConeProgram, opts: &SolverOptions, warm: Option<WarmStart<'_
             if !(0.2..=5.0).contains(&ratio) {
                 rho = (rho * ratio).clamp(1e-6, 1e6);
                 r = penalties(prog, rho);
-                factor = SpdFactor::new(prog, &r, opts.sigma)?;
+                system.refactor(prog, &r, opts.sigma)?;
                 last_adapt = k;
             }
         }
@@ -636,7 +691,7 @@ pub fn solve(prog: &ConeProgram, opts: &SolverOptions, warm: Option<WarmStart<'_
 
 /// `max(1, max |A_ij|)`: the scale of the certificates' tests.
 fn matrix_scale(prog: &ConeProgram) -> f64 {
-    prog.a.iter().fold(1.0f64, |m, v| m.max(v.abs()))
+    prog.a_max_abs().max(1.0)
 }
 
 /// `dy` normalised, if it certifies primal infeasibility.
@@ -646,7 +701,7 @@ fn primal_infeasibility(prog: &ConeProgram, dy: &Array1<f64>, eps: f64) -> Optio
         return None;
     }
     let d = dy / norm;
-    let ok = inf_norm(prog.a.t().dot(&d).view()) <= eps * matrix_scale(prog)
+    let ok = inf_norm(prog.at_dot(d.view()).view()) <= eps * matrix_scale(prog)
         && prog.b.dot(&d) < -eps
         && prog.cones.distance_dual(d.view()) <= eps;
     ok.then_some(d)
@@ -662,7 +717,7 @@ fn dual_infeasibility(prog: &ConeProgram, dx: &Array1<f64>, eps: f64) -> Option<
     let a_scale = matrix_scale(prog);
     let ok = inf_norm(prog.p_dot(d.view()).view()) <= eps * a_scale
         && prog.c.dot(&d) < -eps
-        && prog.cones.distance((-prog.a.dot(&d)).view()) <= eps * a_scale;
+        && prog.cones.distance((-prog.a_dot(d.view())).view()) <= eps * a_scale;
     ok.then_some(d)
 }
 
@@ -684,8 +739,13 @@ fn refine(prog: &ConeProgram, x: Array1<f64>, v: Array1<f64>, max_steps: usize) 
             break;
         }
         let j = prog.cones.dual_jacobian(point.v.view(), &[], &[], 1.0);
-        let m = jacobian_matrix(prog, &j);
-        let dz = match DenseLu::new(m.view()).and_then(|lu| lu.solve((-&point.residual).view())) {
+        let rhs = -&point.residual;
+        let solved = match &prog.sparse {
+            // A sparse M, factored sparse (see `super::sparse`): no dense (n + m) x (n + m) matrix.
+            Some(d) => JacobianFactor::new(d.a(), d.p(), &j).and_then(|lu| lu.solve(rhs.view(), false)),
+            None => DenseLu::new(jacobian_matrix(prog, &j).view()).and_then(|lu| lu.solve(rhs.view())),
+        };
+        let dz = match solved {
             Ok(dz) => dz,
             Err(_) => {
                 stopped = "the Jacobian of the residual map is singular (degenerate program)";
