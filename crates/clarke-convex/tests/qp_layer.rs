@@ -209,55 +209,7 @@ fn central_finite_differences_in_every_argument() {
     let qp = planted(5);
     let mut rng = ChaCha8Rng::seed_from_u64(13);
     let w = normal_vec(&mut rng, 5).into_dyn();
-    let ours = run(&qp, &w, &opts(), KinkPolicy::default()).unwrap();
-    let loss = |qp: &Qp| (forward(qp, &opts()) * &w).sum();
-    let h = 1e-6;
-    let mut worst = 0.0f64;
-    for k in 0..7 {
-        let base = match k {
-            0 => Some(qp.q.clone()),
-            1 => Some(qp.p.clone()),
-            2 => qp.a.clone(),
-            3 => qp.b.clone(),
-            4 => qp.g.clone(),
-            5 => qp.l.clone(),
-            _ => qp.u.clone(),
-        }
-        .unwrap();
-        let grad = ours.grads[k].as_ref().unwrap();
-        for (idx, _) in base.indexed_iter() {
-            let idx: Vec<usize> = idx.as_array_view().to_vec();
-            // Q moves symmetrically: the derivative along E_ij + E_ji is g_ij + g_ji.
-            let mirror = (k == 0 && idx[0] != idx[1]).then(|| vec![idx[1], idx[0]]);
-            if mirror.as_ref().is_some_and(|m| m[0] > m[1]) {
-                continue;
-            }
-            let shifted = |t: f64| {
-                let mut arr = base.clone();
-                arr[idx.as_slice()] += t;
-                if let Some(m) = &mirror {
-                    arr[m.as_slice()] += t;
-                }
-                let mut other = qp.clone();
-                match k {
-                    0 => other.q = arr,
-                    1 => other.p = arr,
-                    2 => other.a = Some(arr),
-                    3 => other.b = Some(arr),
-                    4 => other.g = Some(arr),
-                    5 => other.l = Some(arr),
-                    _ => other.u = Some(arr),
-                }
-                loss(&other)
-            };
-            let fd = (shifted(h) - shifted(-h)) / (2.0 * h);
-            let an = grad[idx.as_slice()] + mirror.as_ref().map_or(0.0, |m| grad[m.as_slice()]);
-            let err = (fd - an).abs() / (1.0 + an.abs());
-            worst = worst.max(err);
-            assert!(err < 1e-6, "argument {k} entry {idx:?}: finite difference {fd} vs {an}");
-        }
-    }
-    assert!(worst < 1e-6);
+    check_differences(&qp, &w, &opts(), &[0, 1, 2, 3, 4, 5, 6], 1e-6);
 }
 
 #[test]

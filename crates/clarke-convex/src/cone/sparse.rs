@@ -55,6 +55,59 @@ pub(crate) fn lower_shifted(p: Option<&CscMatrix>, n: usize, delta: f64) -> (Vec
     (col_ptr, rows, vals)
 }
 
+/// The lower triangle of the quasi-definite matrix `[[P + delta I, A_S^T], [A_S, diag(bottom)]]`
+/// as compressed columns, `A_S` the rows `i` of `A` with `pos[i] = Some(k)` (placed at row
+/// `n + k`, in increasing `k`), and where each entry of the bottom diagonal sits in the
+/// value array (for a refactorisation with new values).
+fn quasi_definite_lower(
+    a: &CscMatrix,
+    p: Option<&CscMatrix>,
+    delta: f64,
+    pos: &[Option<usize>],
+    bottom: &[f64],
+) -> (SparseColMat<usize, f64>, Vec<usize>) {
+    let n = a.ncols();
+    let (pc, pr, pv) = lower_shifted(p, n, delta);
+    let dim = n + bottom.len();
+    let mut col_ptr = Vec::with_capacity(dim + 1);
+    col_ptr.push(0);
+    let mut rows = Vec::with_capacity(pr.len() + a.nnz() + bottom.len());
+    let mut vals = Vec::with_capacity(rows.capacity());
+    for col in 0..n {
+        rows.extend_from_slice(&pr[pc[col]..pc[col + 1]]);
+        vals.extend_from_slice(&pv[pc[col]..pc[col + 1]]);
+        let (ar, av) = a.column(col);
+        for (&i, &v) in ar.iter().zip(av) {
+            if let Some(k) = pos[i] {
+                rows.push(n + k);
+                vals.push(v);
+            }
+        }
+        col_ptr.push(rows.len());
+    }
+    let mut diag_pos = Vec::with_capacity(bottom.len());
+    for (k, &d) in bottom.iter().enumerate() {
+        diag_pos.push(rows.len());
+        rows.push(n + k);
+        vals.push(d);
+        col_ptr.push(rows.len());
+    }
+    let symbolic = SymbolicSparseColMat::new_checked(dim, dim, col_ptr, None, rows);
+    (SparseColMat::new(symbolic, vals), diag_pos)
+}
+
+/// The symbolic Cholesky (`L D L^T`) factorisation of a lower triangle with an
+/// approximate-minimum-degree ordering; the error names the operation and the matrix.
+fn symbolic_ldlt(mat: &SparseColMat<usize, f64>, op: &'static str, what: &str) -> Result<SymbolicCholesky<usize>> {
+    factorize_symbolic_cholesky(
+        mat.symbolic(),
+        Side::Lower,
+        SymmetricOrdering::Amd,
+        CholeskySymbolicParams::default(),
+    )
+    .map_err(|e| Error::invalid(op, format!("symbolic factorisation of {what} failed: {e:?}")))
+}
+
 /// Whether a sparse Cholesky factorisation of the lower triangle of `P + delta I` succeeds.
 pub(crate) fn cholesky_succeeds(p: &CscMatrix, delta: f64) -> bool {
     let n = p.ncols();
@@ -85,42 +138,12 @@ impl KktFactor {
     /// The symbolic and numeric factorisations for penalties `r` and proximal term `sigma`.
     pub(crate) fn new(a: &CscMatrix, p: Option<&CscMatrix>, r: &Array1<f64>, sigma: f64) -> Result<Self> {
         let (m, n) = (a.nrows(), a.ncols());
-        let (pc, pr, pv) = lower_shifted(p, n, sigma);
+        let every_row: Vec<Option<usize>> = (0..m).map(Some).collect();
+        let bottom: Vec<f64> = r.iter().map(|ri| -1.0 / ri).collect();
+        let (mat, diag_pos) = quasi_definite_lower(a, p, sigma, &every_row, &bottom);
         let dim = n + m;
-        let mut col_ptr = Vec::with_capacity(dim + 1);
-        col_ptr.push(0);
-        let mut rows = Vec::with_capacity(pr.len() + a.nnz() + m);
-        let mut vals = Vec::with_capacity(rows.capacity());
-        for j in 0..n {
-            rows.extend_from_slice(&pr[pc[j]..pc[j + 1]]);
-            vals.extend_from_slice(&pv[pc[j]..pc[j + 1]]);
-            let (ar, av) = a.column(j);
-            rows.extend(ar.iter().map(|&i| n + i));
-            vals.extend_from_slice(av);
-            col_ptr.push(rows.len());
-        }
-        let mut diag_pos = Vec::with_capacity(m);
-        for i in 0..m {
-            diag_pos.push(rows.len());
-            rows.push(n + i);
-            vals.push(-1.0 / r[i]);
-            col_ptr.push(rows.len());
-        }
-        let scale = vals.iter().fold(1.0f64, |s, v| s.max(v.abs()));
-        let symbolic_mat = SymbolicSparseColMat::new_checked(dim, dim, col_ptr, None, rows);
-        let mat = SparseColMat::new(symbolic_mat, vals);
-        let symbolic = factorize_symbolic_cholesky(
-            mat.symbolic(),
-            Side::Lower,
-            SymmetricOrdering::Amd,
-            CholeskySymbolicParams::default(),
-        )
-        .map_err(|e| {
-            Error::invalid(
-                "cone::solve",
-                format!("symbolic factorisation of the KKT matrix failed: {e:?}"),
-            )
-        })?;
+        let scale = mat.val().iter().fold(1.0f64, |s, v| s.max(v.abs()));
+        let symbolic = symbolic_ldlt(&mat, "cone::solve", "the KKT matrix")?;
         let par = faer::get_global_parallelism();
         let factor_scratch = MemBuffer::new(symbolic.factorize_numeric_ldlt_scratch::<f64>(par, Default::default()));
         let solve_scratch = MemBuffer::new(symbolic.solve_in_place_scratch::<f64>(1, Par::Seq));
@@ -467,45 +490,13 @@ impl ReducedKkt {
         let p_scale = p.map_or(0.0, |p| p.as_faer().val().iter().fold(0.0f64, |s, v| s.max(v.abs())));
         let a_scale = a.as_faer().val().iter().fold(0.0f64, |s, v| s.max(v.abs()));
         let delta = 1e-10 * p_scale.max(a_scale).max(1.0);
-        let (pc, pr, pv) = lower_shifted(p, n, delta);
-        let dim = n + count;
-        let mut col_ptr = Vec::with_capacity(dim + 1);
-        col_ptr.push(0);
-        let mut rows = Vec::with_capacity(pr.len() + a.nnz() + count);
-        let mut vals = Vec::with_capacity(rows.capacity());
-        for col in 0..n {
-            rows.extend_from_slice(&pr[pc[col]..pc[col + 1]]);
-            vals.extend_from_slice(&pv[pc[col]..pc[col + 1]]);
-            let (ar, av) = a.column(col);
-            for (&i, &v) in ar.iter().zip(av) {
-                if let Some(k) = pos[i] {
-                    rows.push(n + k);
-                    vals.push(v);
-                }
-            }
-            col_ptr.push(rows.len());
-        }
-        for (i, &ji) in jd.iter().enumerate() {
-            if pos[i].is_some() {
-                rows.push(col_ptr.len() - 1);
-                vals.push(-((1.0 - ji) / ji) - delta);
-                col_ptr.push(rows.len());
-            }
-        }
-        let symbolic_mat = SymbolicSparseColMat::new_checked(dim, dim, col_ptr, None, rows);
-        let mat = SparseColMat::new(symbolic_mat, vals);
-        let symbolic = factorize_symbolic_cholesky(
-            mat.symbolic(),
-            Side::Lower,
-            SymmetricOrdering::Amd,
-            CholeskySymbolicParams::default(),
-        )
-        .map_err(|e| {
-            Error::invalid(
-                "cone_program derivative",
-                format!("symbolic factorisation failed: {e:?}"),
-            )
-        })?;
+        let bottom: Vec<f64> = jd
+            .iter()
+            .filter(|&&ji| ji != 0.0)
+            .map(|&ji| -((1.0 - ji) / ji) - delta)
+            .collect();
+        let (mat, _) = quasi_definite_lower(a, p, delta, &pos, &bottom);
+        let symbolic = symbolic_ldlt(&mat, "cone_program derivative", "the reduced system")?;
         let par = faer::get_global_parallelism();
         let mut scratch = MemBuffer::new(symbolic.factorize_numeric_ldlt_scratch::<f64>(par, Default::default()));
         let mut signs = vec![1i8; n];
