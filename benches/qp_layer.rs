@@ -15,15 +15,26 @@
 //! `forward+backward` also records `sum(x * w)` for a fixed random `w` and runs the backward
 //! pass with the hypothesis check on. Every argument is a parameter. The worst KKT residual
 //! of the returned solutions and the check's verdicts are printed before the timings.
+//!
+//! The peers (QPLayer, qpth, qpax, cvxpylayers) run the same QPs in
+//! `benches/peers/qp_layer.py`; `benches/peers/compare.py --only qp_layer` times both sides in
+//! one run. With `CLARKE_PEER_DATA=DIR`, both problems (`Q`, `p` for the batch, `A`, `b`, `G`,
+//! `l`, `u`, `w`) and the layer's batch solutions `x`, multipliers `y`, `z` and the gradients
+//! of the loss with respect to every argument go to `DIR/qp_layer.json` before the timings.
+//! JSON has no infinity: an infinite bound is written as `null` (`-inf` in `l`, `+inf` in
+//! `u`); the small QP's `l` is all `null`, and as the bench passes no `l` for it, it has no
+//! `grad_l`.
 
 use std::hint::black_box;
 
 use clarke::convex::cone::{QpData, QpLayerOptions, qp_layer};
-use clarke::core::Tape;
+use clarke::core::{Tape, Var};
 use criterion::{BenchmarkId, Criterion, criterion_group};
 use ndarray::{Array1, Array2, ArrayD};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+use crate::peer_data;
 
 const BATCH: usize = 128;
 
@@ -116,19 +127,46 @@ struct Outcome {
     active: f64,
 }
 
+/// The parameters of one recording (every argument of the layer).
+struct Params<'t> {
+    q: Var<'t, f64>,
+    p: Var<'t, f64>,
+    eq: Option<(Var<'t, f64>, Var<'t, f64>)>,
+    g: Var<'t, f64>,
+    l: Option<Var<'t, f64>>,
+    u: Var<'t, f64>,
+}
+
+impl<'t> Params<'t> {
+    fn new(tape: &'t Tape<f64>, pb: &Problem, batched: bool) -> Self {
+        Params {
+            q: tape.param(pb.q.clone().into_dyn()),
+            p: tape.param(pb.linear(batched)),
+            eq: pb
+                .a
+                .as_ref()
+                .map(|(a, b)| (tape.param(a.clone().into_dyn()), tape.param(b.clone().into_dyn()))),
+            g: tape.param(pb.g.clone().into_dyn()),
+            l: pb.l.as_ref().map(|l| tape.param(l.clone().into_dyn())),
+            u: tape.param(pb.u.clone().into_dyn()),
+        }
+    }
+
+    fn data(&self) -> QpData<'t, f64> {
+        let data = QpData::new(self.q, self.p).with_ineq(self.g, self.l, Some(self.u));
+        match self.eq {
+            Some((a, b)) => data.with_eq(a, b),
+            None => data,
+        }
+    }
+}
+
 /// Records the layer on a fresh tape; with `backward`, also the loss and the backward pass.
 fn run(pb: &Problem, batched: bool, opts: &QpLayerOptions, backward: bool) -> Outcome {
     let tape = Tape::<f64>::new();
-    let p = tape.param(pb.linear(batched));
-    let mut data = QpData::new(tape.param(pb.q.clone().into_dyn()), p).with_ineq(
-        tape.param(pb.g.clone().into_dyn()),
-        pb.l.as_ref().map(|l| tape.param(l.clone().into_dyn())),
-        Some(tape.param(pb.u.clone().into_dyn())),
-    );
-    if let Some((a, b)) = &pb.a {
-        data = data.with_eq(tape.param(a.clone().into_dyn()), tape.param(b.clone().into_dyn()));
-    }
-    let layer = qp_layer(data, opts).expect("solved");
+    let params = Params::new(&tape, pb, batched);
+    let p = params.p;
+    let layer = qp_layer(params.data(), opts).expect("solved");
     let kkt = layer
         .solutions
         .iter()
@@ -165,9 +203,75 @@ fn run(pb: &Problem, batched: bool, opts: &QpLayerOptions, backward: bool) -> Ou
     }
 }
 
+/// The problem, and what the layer returns for the batch (the solutions, the loss gradient
+/// with respect to every argument), for the peer scripts. Infinite bounds become `null`.
+fn peer_data(pb: &Problem, opts: &QpLayerOptions) -> serde_json::Value {
+    let tape = Tape::<f64>::new();
+    let params = Params::new(&tape, pb, true);
+    let layer = qp_layer(params.data(), opts).expect("solved");
+    let w = tape.constant(pb.w.clone().into_dyn());
+    let grads = layer
+        .x
+        .try_mul(w)
+        .expect("broadcast")
+        .sum()
+        .backward()
+        .expect("backward");
+    let grad = |v: Var<'_, f64>| peer_data::array(grads.wrt(v).expect("gradient"));
+    let kkt = layer
+        .solutions
+        .iter()
+        .map(|s| s.cone.residuals.max())
+        .fold(0.0f64, f64::max);
+    let (n, m_in) = (pb.q.nrows(), pb.g.nrows());
+    let l =
+        pb.l.clone()
+            .unwrap_or_else(|| Array1::from_elem(m_in, f64::NEG_INFINITY));
+    // serde_json writes a non-finite f64 as null.
+    let mut out = serde_json::json!({
+        "name": pb.name, "n": n, "m_eq": pb.a.as_ref().map_or(0, |(a, _)| a.nrows()), "m_in": m_in,
+        "batch": BATCH,
+        "Q": peer_data::matrix(pb.q.view()),
+        "p": peer_data::matrix(pb.p.view()),
+        "G": peer_data::matrix(pb.g.view()),
+        "l": peer_data::vector(l.view()),
+        "u": peer_data::vector(pb.u.view()),
+        "w": peer_data::vector(pb.w.view()),
+        "clarke": {
+            "x": peer_data::array(&layer.x.value()),
+            "y": layer.solutions.iter().map(|s| s.eq_multipliers.to_vec()).collect::<Vec<_>>(),
+            "z": layer.solutions.iter().map(|s| s.ineq_multipliers.to_vec()).collect::<Vec<_>>(),
+            "grad_Q": grad(params.q),
+            "grad_p": grad(params.p),
+            "grad_G": grad(params.g),
+            "grad_u": grad(params.u),
+            "kkt_worst": kkt,
+        },
+    });
+    if let Some((a, b)) = &pb.a {
+        out["A"] = peer_data::matrix(a.view());
+        out["b"] = peer_data::vector(b.view());
+    }
+    if let Some((a, b)) = params.eq {
+        out["clarke"]["grad_A"] = grad(a);
+        out["clarke"]["grad_b"] = grad(b);
+    }
+    if let Some(l) = params.l {
+        out["clarke"]["grad_l"] = grad(l);
+    }
+    out
+}
+
 fn layer(c: &mut Criterion) {
     let opts = QpLayerOptions::default();
     let problems = [Problem::small(), Problem::large()];
+    if let Some(dir) = peer_data::dir() {
+        let all: serde_json::Map<String, serde_json::Value> = problems
+            .iter()
+            .map(|pb| (pb.name.to_string(), peer_data(pb, &opts)))
+            .collect();
+        peer_data::write(&dir, "qp_layer.json", &all.into());
+    }
     for pb in &problems {
         let out = run(pb, true, &opts, true);
         let (certified, warnings, violated) = out.verdicts;

@@ -2,7 +2,7 @@
 
   python3 benches/peers/compare.py [--quick] [--only GROUP ...] [--threads N] [--python PY]
 
-Runs the clarke side (criterion benches `deq_step`, `tape_overhead`, `conic_qp` of
+Runs the clarke side (criterion benches `deq_step`, `tape_overhead`, `conic_qp`, `qp_layer` of
 `benches/main.rs`, the examples `deq_digits`, `lasso_hyperopt --synthetic` and `lasso_hyperopt
 --sparse-synthetic` / `--data`), which also write their problems to target/peers/data
 (CLARKE_PEER_DATA, --save-data, --save-svmlight), then every peer script of this directory on
@@ -11,7 +11,8 @@ those files, and prints: work, clarke, each peer, the best peer and the ratio be
 is also written as JSON lines to target/peers/results-DATE.jsonl.
 
 The interpreter of the peer scripts is --python, else $PYTHON, else python3. GROUP is one of
-deq_step, tape_overhead, conic_qp, deq_digits, lasso, lasso_sparse (several may be given).
+deq_step, tape_overhead, conic_qp, qp_layer, deq_digits, lasso, lasso_sparse (several may be
+given).
 """
 
 import argparse
@@ -28,19 +29,28 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-GROUPS = ["deq_step", "tape_overhead", "conic_qp", "deq_digits", "lasso", "lasso_sparse"]
+GROUPS = ["deq_step", "tape_overhead", "conic_qp", "qp_layer", "deq_digits", "lasso", "lasso_sparse"]
 
 # Criterion filters (regexes on "group/function/parameter"), full and quick.
 FILTERS = {
     "deq_step": (r"^deq_step/", r"^deq_step/(implicit|unrolled|implicit\+check)/\(64, 64, 64\)$"),
     "tape_overhead": (r"^tape_overhead/", r"^tape_overhead/.*/10000$"),
     "conic_qp": (r"^conic_qp/", r"^conic_qp/"),
+    "qp_layer": (r"^qp_layer/", r"^qp_layer/.*/small "),
+}
+# clarke's criterion parameters, as the peer scripts name the sizes.
+CLARKE_SIZES = {
+    ("qp_layer", "small 1"): "20x15 batch 1",
+    ("qp_layer", "small 128"): "20x15 batch 128",
+    ("qp_layer", "large 1"): "100/50/100 batch 1",
+    ("qp_layer", "large 128"): "100/50/100 batch 128",
 }
 # Python script of each group.
 SCRIPTS = {
     "deq_step": "deq_step.py",
     "tape_overhead": "tape_overhead.py",
     "conic_qp": "conic_qp.py",
+    "qp_layer": "qp_layer.py",
     "deq_digits": "deq_digits.py",
     "lasso": "lasso.py",
     "lasso_sparse": "lasso_sparse.py",
@@ -128,6 +138,7 @@ def clarke_criterion(groups, quick, threads, target, data_dir, out_dir):
         est = json.load(open(os.path.join(os.path.dirname(bench), "estimates.json")))
         mode = meta.get("function_id") or meta.get("title")
         size = meta.get("value_str") or ""
+        size = CLARKE_SIZES.get((group, size), size)
         recs.append({"problem": group, "framework": "clarke", "mode": mode, "size": size,
                      "median_s": est["median"]["point_estimate"] * 1e-9, "source": "criterion",
                      "threads": threads})
@@ -395,6 +406,19 @@ def accuracy(records):
             if "max_abs_x_vs_clarke" in r:
                 s += (f"; max |x - x_clarke| {r['max_abs_x_vs_clarke']:.1e}, "
                       f"max |dL/dq - clarke's| {r['max_abs_grad_vs_clarke']:.1e}")
+            out.append(s)
+        elif p == "qp_layer" and r.get("mode") == "accuracy":
+            k = r["kkt"]
+            s = (f"- qp_layer {r['size']}, {f}: worst KKT residuals (best certificate) stationarity "
+                 f"{k['stationarity']:.1e}, primal {k['primal']:.1e}, complementarity {k['complementarity']:.1e}")
+            if isinstance(r.get("kkt_clarke_definition"), (int, float)):
+                s += f" (clarke's own measure: {r['kkt_clarke_definition']:.1e})"
+            if "max_abs_x_vs_clarke" in r:
+                s += f"; max |x - x_clarke| {r['max_abs_x_vs_clarke']:.1e}"
+                d, c = r.get("max_abs_grad_vs_clarke") or {}, r.get("max_abs_grad_clarke") or {}
+                if d:
+                    s += "; max |grad - clarke's| (max |clarke's|): " + ", ".join(
+                        f"{a} {d[a]:.1e} ({c.get(a, 0.0):.1e})" for a in ("Q", "p", "A", "b", "G", "l", "u") if a in d)
             out.append(s)
         elif p == "deq_step" and "vs_clarke_max_rel_diff" in r:
             out.append(f"- deq_step {r['mode']} {r['size']}, {f}: loss and gradient norms vs clarke's, "
