@@ -5,8 +5,9 @@
 //! The groups: `tape_overhead`, `elementwise_*`, `matmul_fwd_bwd`, `tape_vs_unrolled`,
 //! `deq_step`, `conic_qp`, `conic_qp_raw` and `qp_layer` (see each module).
 //!
-//! With `CLARKE_PEER_DATA=DIR` set, `deq_step`, `conic_qp` and `qp_layer` also write their problems to
-//! `DIR` for the peer scripts of `benches/peers/` (see `peer_data`); nothing else changes.
+//! With `CLARKE_PEER_DATA=DIR` set, `deq_step`, `conic_qp` and `qp_layer` also write their
+//! problems to `DIR` for the peer scripts of `benches/peers/` (see `peer_data`); nothing else
+//! changes.
 
 mod conic_qp;
 mod deq_step;

@@ -34,16 +34,10 @@ use ndarray::{Array1, Array2, ArrayD};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::conic_qp::normal;
 use crate::peer_data;
 
 const BATCH: usize = 128;
-
-/// A standard normal draw (Box-Muller).
-fn normal(rng: &mut ChaCha8Rng) -> f64 {
-    let u1: f64 = 1.0 - rng.random::<f64>();
-    let u2: f64 = rng.random::<f64>();
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-}
 
 /// A QP's data, the batch of linear terms and the loss weights.
 struct Problem {

@@ -11,15 +11,18 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
-fn normal(rng: &mut ChaCha8Rng, shape: (usize, usize)) -> Array2<f64> {
+/// A matrix of standard normal draws (shared by the cone, sparse-cone and QP-layer tests).
+pub(crate) fn normal(rng: &mut ChaCha8Rng, shape: (usize, usize)) -> Array2<f64> {
     Array2::from_shape_fn(shape, |_| rng.sample::<f64, _>(StandardNormal))
 }
 
-fn normal_vec(rng: &mut ChaCha8Rng, n: usize) -> Array1<f64> {
+/// A vector of standard normal draws.
+pub(crate) fn normal_vec(rng: &mut ChaCha8Rng, n: usize) -> Array1<f64> {
     Array1::from_shape_fn(n, |_| rng.sample::<f64, _>(StandardNormal))
 }
 
-fn max_abs_diff(a: &Array1<f64>, b: &Array1<f64>) -> f64 {
+/// The largest entry of `|a - b|`.
+pub(crate) fn max_abs_diff(a: &Array1<f64>, b: &Array1<f64>) -> f64 {
     (a - b).iter().fold(0.0f64, |m, d| m.max(d.abs()))
 }
 

@@ -7,14 +7,24 @@ use clarke_core::{BackwardOptions, KinkPolicy, Tape};
 use ndarray::{Array1, Array2, ArrayD, Axis, Dimension, array, concatenate, s};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
 use rand_distr::StandardNormal;
 
-fn normal(rng: &mut ChaCha8Rng, shape: (usize, usize)) -> Array2<f64> {
-    Array2::from_shape_fn(shape, |_| rng.sample::<f64, _>(StandardNormal))
-}
+use crate::cone::{normal, normal_vec};
 
-fn normal_vec(rng: &mut ChaCha8Rng, n: usize) -> Array1<f64> {
-    Array1::from_shape_fn(n, |_| rng.sample::<f64, _>(StandardNormal))
+/// Two variables, `x_0 + x_1 = 2` against `x_0 + x_1 <= 0`, and a feasible row `x_1 >= 0.2`:
+/// infeasible in part only.
+fn partly_infeasible() -> Qp {
+    let inf = f64::INFINITY;
+    Qp {
+        q: array![[1.5, 0.2], [0.2, 1.0]].into_dyn(),
+        p: array![0.1, -1.0].into_dyn(),
+        a: Some(array![[1.0, 1.0]].into_dyn()),
+        b: Some(array![2.0].into_dyn()),
+        g: Some(array![[1.0, 1.0], [0.0, 1.0]].into_dyn()),
+        l: Some(array![-inf, 0.2].into_dyn()),
+        u: Some(array![0.0, inf].into_dyn()),
+    }
 }
 
 fn max_abs(a: &ArrayD<f64>, b: &ArrayD<f64>) -> f64 {
@@ -783,16 +793,7 @@ fn closest_feasible_qp_against_finite_differences() {
 
     // The two-variable QP where only part is infeasible: every argument but the matrices,
     // whose zero entries keep the conflict (moving them can make the QP feasible).
-    let inf = f64::INFINITY;
-    let qp = Qp {
-        q: array![[1.5, 0.2], [0.2, 1.0]].into_dyn(),
-        p: array![0.1, -1.0].into_dyn(),
-        a: Some(array![[1.0, 1.0]].into_dyn()),
-        b: Some(array![2.0].into_dyn()),
-        g: Some(array![[1.0, 1.0], [0.0, 1.0]].into_dyn()),
-        l: Some(array![-inf, 0.2].into_dyn()),
-        u: Some(array![0.0, inf].into_dyn()),
-    };
+    let qp = partly_infeasible();
     check_differences(&qp, &array![1.0, 3.0].into_dyn(), &closest(), &[0, 1, 3, 5, 6], 1e-6);
 }
 
@@ -880,16 +881,7 @@ fn forward_mode_is_the_transpose_of_backward() {
         KinkPolicy::default(),
         5,
     );
-    let inf = f64::INFINITY;
-    let part = Qp {
-        q: array![[1.5, 0.2], [0.2, 1.0]].into_dyn(),
-        p: array![0.1, -1.0].into_dyn(),
-        a: Some(array![[1.0, 1.0]].into_dyn()),
-        b: Some(array![2.0].into_dyn()),
-        g: Some(array![[1.0, 1.0], [0.0, 1.0]].into_dyn()),
-        l: Some(array![-inf, 0.2].into_dyn()),
-        u: Some(array![0.0, inf].into_dyn()),
-    };
+    let part = partly_infeasible();
     dot_test(&part, &closest(), KinkPolicy::default(), 6);
 }
 

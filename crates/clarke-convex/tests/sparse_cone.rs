@@ -10,19 +10,10 @@ use clarke_solve::SolveOptions;
 use ndarray::{Array1, Array2, array};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
 use rand_distr::StandardNormal;
 
-fn normal(rng: &mut ChaCha8Rng, shape: (usize, usize)) -> Array2<f64> {
-    Array2::from_shape_fn(shape, |_| rng.sample::<f64, _>(StandardNormal))
-}
-
-fn normal_vec(rng: &mut ChaCha8Rng, n: usize) -> Array1<f64> {
-    Array1::from_shape_fn(n, |_| rng.sample::<f64, _>(StandardNormal))
-}
-
-fn max_abs_diff(a: &Array1<f64>, b: &Array1<f64>) -> f64 {
-    (a - b).iter().fold(0.0f64, |m, d| m.max(d.abs()))
-}
+use crate::cone::{max_abs_diff, normal, normal_vec};
 
 /// The same program with `A` and `P` stored sparse.
 fn to_sparse(prog: &ConeProgram) -> ConeProgram {

@@ -246,13 +246,7 @@ pub(crate) fn run(lin: &Linearisation<'_>, opts: &CheckOptions) -> Result<Hypoth
     if blocks > 0 && walked.outcome != CheckOutcome::Violated {
         // A boundary block moves several columns at once: det M is not affine in its
         // selection, so vertices certify nothing; the midpoint is examined too.
-        let midpoint: Vec<ElementSelection> = (0..k)
-            .map(|element| ElementSelection {
-                node: 0,
-                element,
-                value: 0.5,
-            })
-            .collect();
+        let midpoint = midpoint_selections(k);
         let spec = Spectrum::of(matrix_at(&midpoint).view())?;
         walked.vertices += 1;
         walked.min_vertex_sigma = Some(
@@ -334,6 +328,19 @@ fn factored_estimate(
 /// cached projection Jacobian.
 type SelectionKey = Vec<(usize, u64)>;
 
+/// Every one of the `k` kink elements at the middle of its selection interval (`0.5`): a
+/// boundary block moves several columns at once, so `det M` is not affine in its selection
+/// and the vertices alone certify nothing.
+fn midpoint_selections(k: usize) -> Vec<ElementSelection> {
+    (0..k)
+        .map(|element| ElementSelection {
+            node: 0,
+            element,
+            value: 0.5,
+        })
+        .collect()
+}
+
 /// The walk input of a linearisation: `M` is the inverted block (a root form, judged
 /// relative to its own largest singular value), each boundary a selection in `[0, 1]`.
 fn walk_input(boundaries: &[Boundary], residual: f64) -> WalkInput {
@@ -403,13 +410,7 @@ fn matrix_free(lin: &Linearisation<'_>, opts: &CheckOptions, blocks: usize) -> R
     let mut walked = walk_vertices_matrix_free(&input, opts, dim, products)?;
     walked.flippable = k;
     if blocks > 0 && walked.outcome != CheckOutcome::Violated {
-        let midpoint: Vec<ElementSelection> = (0..k)
-            .map(|element| ElementSelection {
-                node: 0,
-                element,
-                value: 0.5,
-            })
-            .collect();
+        let midpoint = midpoint_selections(k);
         let j = jacobian_at(&midpoint);
         let op = FnOperator::new(dim, dim, |x, y| {
             apply_jacobian(prog, &j, x, y);

@@ -264,9 +264,9 @@ pub fn hypergradient(
                 });
             }
         }
-        let (v, scale) = match (&h, fractional) {
-            _ if reused.is_some() => (reused.expect("checked"), 1.0),
-            (Some(h), true) => {
+        let (v, scale) = match (reused, &h, fractional) {
+            (Some(v), _, _) => (v, 1.0),
+            (None, Some(h), true) => {
                 let gamma = options.step_for(model)?;
                 let mut m = h.mapv(|x| gamma * x);
                 for (a, &qv) in qa.iter().enumerate() {
@@ -277,8 +277,8 @@ pub fn hypergradient(
                 }
                 (lu_solve_transpose(m.view(), ga.view()).map_err(refuse)?, gamma)
             }
-            (Some(h), false) => (cholesky_solve(h.view(), ga.view()).map_err(refuse)?, 1.0),
-            (None, false) => {
+            (None, Some(h), false) => (cholesky_solve(h.view(), ga.view()).map_err(refuse)?, 1.0),
+            (None, None, false) => {
                 let op = gram_operator(model, &idx, curvature.as_deref());
                 let opts = SolveOptions::default()
                     .with_tol(MATRIX_FREE_TOL)
@@ -292,7 +292,7 @@ pub fn hypergradient(
                 }
                 (v, 1.0)
             }
-            (None, true) => {
+            (None, None, true) => {
                 // (I - D_A + gamma D_A H_AA)^T v = (I - D_A) v + gamma H_AA (D_A v).
                 let gamma = options.step_for(model)?;
                 let inner = gram_operator(model, &idx, curvature.as_deref());
