@@ -263,6 +263,34 @@ impl CscMatrix {
         out
     }
 
+    /// The transpose `A^T`, by one counting pass over the entries (the rows of `A` as
+    /// compressed columns, each with increasing indices).
+    pub fn transpose(&self) -> CscMatrix {
+        let (m, n) = (self.nrows(), self.ncols());
+        let mut col_ptr = vec![0usize; m + 1];
+        for &i in self.mat.symbolic().row_idx() {
+            col_ptr[i + 1] += 1;
+        }
+        for i in 0..m {
+            col_ptr[i + 1] += col_ptr[i];
+        }
+        let mut next = col_ptr.clone();
+        let mut row_idx = vec![0usize; self.nnz()];
+        let mut values = vec![0.0; self.nnz()];
+        for j in 0..n {
+            let (rows, vals) = self.column(j);
+            for (&i, &v) in rows.iter().zip(vals) {
+                row_idx[next[i]] = j;
+                values[next[i]] = v;
+                next[i] += 1;
+            }
+        }
+        let symbolic = SymbolicSparseColMat::new_checked(n, m, col_ptr, None, row_idx);
+        CscMatrix {
+            mat: SparseColMat::new(symbolic, values),
+        }
+    }
+
     /// The rows `range` (renumbered from 0), for a train/validation split.
     ///
     /// # Errors

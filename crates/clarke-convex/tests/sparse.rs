@@ -256,6 +256,8 @@ fn csc_constructors_agree() {
     }
     assert_eq!(a.column(2), (&[0usize, 1][..], &[2.0, 3.0][..]));
     assert_eq!(a.rows(1..3).unwrap().to_dense(), dense.slice(ndarray::s![1..3, ..]));
+    assert_eq!(a.transpose().to_dense(), dense.t());
+    assert_eq!(a.transpose().transpose().to_dense(), dense);
     let back = CscMatrix::from_faer(a.as_faer()).unwrap();
     assert_eq!(back.to_dense(), dense);
 }

@@ -226,31 +226,6 @@ impl KktFactor {
     }
 }
 
-/// `A^T` in compressed columns (the rows of `A`): column pointers, row indices, values.
-fn transpose(a: &CscMatrix) -> (Vec<usize>, Vec<usize>, Vec<f64>) {
-    let (m, n) = (a.nrows(), a.ncols());
-    let mut ptr = vec![0usize; m + 1];
-    let f = a.as_faer();
-    for &i in f.row_idx() {
-        ptr[i + 1] += 1;
-    }
-    for i in 0..m {
-        ptr[i + 1] += ptr[i];
-    }
-    let mut next = ptr.clone();
-    let mut rows = vec![0usize; a.nnz()];
-    let mut vals = vec![0.0; a.nnz()];
-    for j in 0..n {
-        let (ar, av) = a.column(j);
-        for (&i, &v) in ar.iter().zip(av) {
-            rows[next[i]] = j;
-            vals[next[i]] = v;
-            next[i] += 1;
-        }
-    }
-    (ptr, rows, vals)
-}
-
 /// `M = [[P, A^T J], [-A, I - J]]` as a sparse matrix (exact zeros of `J` not stored).
 pub(crate) fn jacobian_sparse(
     a: &CscMatrix,
@@ -259,7 +234,7 @@ pub(crate) fn jacobian_sparse(
 ) -> SparseColMat<usize, f64> {
     let (m, n) = (a.nrows(), a.ncols());
     let dim = n + m;
-    let (tp, tr, tv) = transpose(a);
+    let at = a.transpose();
     let mut col_ptr = Vec::with_capacity(dim + 1);
     col_ptr.push(0);
     let mut rows: Vec<usize> = Vec::with_capacity(2 * a.nnz() + p.map_or(0, |p| p.nnz()) + m);
@@ -288,8 +263,9 @@ pub(crate) fn jacobian_sparse(
                         _ => 1.0,
                     };
                     if d != 0.0 {
-                        rows.extend_from_slice(&tr[tp[i]..tp[i + 1]]);
-                        vals.extend(tv[tp[i]..tp[i + 1]].iter().map(|v| d * v));
+                        let (tr, tv) = at.column(i);
+                        rows.extend_from_slice(tr);
+                        vals.extend(tv.iter().map(|v| d * v));
                     }
                     if d != 1.0 {
                         rows.push(n + i);
@@ -305,13 +281,13 @@ pub(crate) fn jacobian_sparse(
                         if w == 0.0 {
                             continue;
                         }
-                        for t in tp[k]..tp[k + 1] {
-                            let row = tr[t];
+                        let (tr, tv) = at.column(k);
+                        for (&row, &v) in tr.iter().zip(tv) {
                             if !mark[row] {
                                 mark[row] = true;
                                 touched.push(row);
                             }
-                            acc[row] += w * tv[t];
+                            acc[row] += w * v;
                         }
                     }
                     touched.sort_unstable();

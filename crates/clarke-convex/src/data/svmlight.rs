@@ -124,27 +124,12 @@ fn parse_reader(mut reader: impl BufRead, n_features: Option<usize>) -> Result<S
         Some(p) => p,
         None => needed,
     };
-    let n = y.len();
-    let mut col_ptr = vec![0usize; p + 1];
-    for &j in &cols {
-        col_ptr[j - offset + 1] += 1;
-    }
-    for j in 0..p {
-        col_ptr[j + 1] += col_ptr[j];
-    }
-    let mut next = col_ptr.clone();
-    let mut row_idx = vec![0usize; cols.len()];
-    let mut values = vec![0.0; cols.len()];
-    for i in 0..n {
-        for k in row_ptr[i]..row_ptr[i + 1] {
-            let j = cols[k] - offset;
-            row_idx[next[j]] = i;
-            values[next[j]] = vals[k];
-            next[j] += 1;
-        }
-    }
+    // The rows read are the columns of X^T (p x n), already checked increasing; X is its
+    // transpose.
+    cols.iter_mut().for_each(|j| *j -= offset);
+    let xt = CscMatrix::try_new(p, y.len(), row_ptr, cols, vals)?;
     Ok(SparseRegression {
-        x: CscMatrix::try_new(n, p, col_ptr, row_idx, values)?,
+        x: xt.transpose(),
         y: Array1::from(y),
     })
 }
@@ -164,33 +149,16 @@ pub fn write_svmlight(path: impl AsRef<Path>, x: &CscMatrix, y: ArrayView1<'_, f
             "y needs one entry per row of X",
         ));
     }
-    // Rows of X: a counting pass from the columns.
-    let n = x.nrows();
-    let mut row_ptr = vec![0usize; n + 1];
-    for j in 0..x.ncols() {
-        for &i in x.column(j).0 {
-            row_ptr[i + 1] += 1;
-        }
-    }
-    for i in 0..n {
-        row_ptr[i + 1] += row_ptr[i];
-    }
-    let mut next = row_ptr.clone();
-    let mut entries = vec![(0usize, 0.0f64); x.nnz()];
-    for j in 0..x.ncols() {
-        let (rows, vals) = x.column(j);
-        for (&i, &v) in rows.iter().zip(vals) {
-            entries[next[i]] = (j, v);
-            next[i] += 1;
-        }
-    }
+    // The rows of X are the columns of X^T.
+    let rows = x.transpose();
     let io = |e: std::io::Error| Error::Data(format!("cannot write {}: {e}", path.display()));
     let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
     let mut line = String::new();
-    for i in 0..n {
+    for (i, &target) in y.iter().enumerate() {
         line.clear();
-        write!(line, "{:?}", y[i]).expect("writing to a String");
-        for &(j, v) in &entries[row_ptr[i]..row_ptr[i + 1]] {
+        write!(line, "{target:?}").expect("writing to a String");
+        let (features, values) = rows.column(i);
+        for (&j, &v) in features.iter().zip(values) {
             write!(line, " {}:{v:?}", j + 1).expect("writing to a String");
         }
         line.push('\n');
