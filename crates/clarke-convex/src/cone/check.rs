@@ -39,12 +39,12 @@ use std::cell::RefCell;
 
 use clarke_implicit::check::{Flippable, Form, Spectrum, WalkInput, walk_vertices, walk_vertices_matrix_free};
 use clarke_implicit::{CheckOptions, CheckOutcome, HypothesisCheck};
-use clarke_solve::{DenseLu, FnOperator, SpectralOptions, smallest_singular_value, spectral_norm};
+use clarke_solve::{FnOperator, SpectralOptions, smallest_singular_value, spectral_norm};
 use ndarray::{Array1, Array2, ArrayView1, ArrayViewMut1, s};
 
 use super::cones::{Boundary, BoundaryKind, Cone, Cones, ProjectionJacobian, psd_eigen, soc_margin};
 use super::problem::ConeProgram;
-use super::residual::{apply_jacobian, apply_jacobian_transpose, jacobian_matrix};
+use super::residual::{ResidualLu, apply_jacobian, apply_jacobian_transpose, jacobian_matrix};
 use super::sparse::JacobianFactor;
 
 /// Strict complementarity of one cone at a solution.
@@ -139,7 +139,7 @@ pub(crate) struct Linearisation<'a> {
     /// only reports the kinks).
     pub selected: Option<&'a Array2<f64>>,
     /// Its LU, when the derivative factored it.
-    pub lu: Option<&'a DenseLu<f64>>,
+    pub lu: Option<&'a ResidualLu>,
     /// Its sparse factorisation, when the derivative of a sparse program factored it.
     pub sparse_lu: Option<&'a JacobianFactor>,
     /// The solution's KKT residual (for the error bound).
@@ -199,11 +199,14 @@ pub(crate) fn run(lin: &Linearisation<'_>, opts: &CheckOptions) -> Result<Hypoth
         }
     };
     let k = boundaries.len();
+    let selected_j = prog.cones.dual_jacobian(v, boundaries, &[], default_q);
     let estimate = match (k, lu) {
+        // Products with M through A and J (about (2 nnz(A) + n^2) multiply-adds) instead of
+        // the formed M ((n + m)^2).
         (0, Some(lu)) => Some(estimated_extremes(
             selected.nrows(),
-            |d, mut out| out.assign(&selected.dot(&d)),
-            |d, mut out| out.assign(&selected.t().dot(&d)),
+            |d, out| apply_jacobian(prog, &selected_j, d, out),
+            |d, out| apply_jacobian_transpose(prog, &selected_j, d, out),
             |d, transpose| if transpose { lu.solve_transpose(d) } else { lu.solve(d) },
         )?),
         _ => None,
@@ -526,6 +529,7 @@ fn estimated_extremes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clarke_solve::DenseLu;
     use clarke_solve::dense::singular_values;
 
     #[test]

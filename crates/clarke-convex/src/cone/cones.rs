@@ -32,7 +32,7 @@
 
 use clarke_core::{Error, Result};
 use faer::{Mat, Side};
-use ndarray::{Array1, Array2, ArrayView1, ArrayViewMut1, s};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, s};
 
 /// One cone of the product `K`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -367,6 +367,75 @@ impl ProjectionJacobian {
         j
     }
 
+    /// The columns of `J` that are zero: the entries of its diagonal blocks that are exactly
+    /// 0 (inactive inequalities, and kinks selected at 0). In `M = [[P, A^T J], [-A, I - J]]`
+    /// such a column of the lower block is a unit vector, which lets a factorisation
+    /// eliminate it without arithmetic.
+    pub(crate) fn zero_columns(&self) -> Vec<usize> {
+        let mut out = Vec::new();
+        for (r, block) in &self.blocks {
+            if let JacobianBlock::Diagonal(d) = block {
+                out.extend(
+                    d.iter()
+                        .enumerate()
+                        .filter(|(_, v)| **v == 0.0)
+                        .map(|(i, _)| r.start + i),
+                );
+            }
+        }
+        out
+    }
+
+    /// `out = B J` for a `B` with `dim` columns, block by block: the columns of an identity
+    /// block are copied, those of a diagonal block scaled, and only a dense block costs a
+    /// product. Forming `J` densely and multiplying would cost `rows x dim^2`.
+    ///
+    /// # Panics
+    /// When `B` or `out` does not have `dim` columns, or their rows differ.
+    pub fn right_multiply(&self, b: ArrayView2<'_, f64>, mut out: ArrayViewMut2<'_, f64>) {
+        assert_eq!(
+            b.ncols(),
+            self.dim,
+            "right_multiply: B has {} columns, J is {}",
+            b.ncols(),
+            self.dim
+        );
+        assert_eq!(b.dim(), out.dim(), "right_multiply: B and out differ in shape");
+        out.fill(0.0);
+        for (r, block) in &self.blocks {
+            let bb = b.slice(s![.., r.clone()]);
+            let mut ob = out.slice_mut(s![.., r.clone()]);
+            match block {
+                JacobianBlock::Identity => ob.assign(&bb),
+                JacobianBlock::Diagonal(d) => {
+                    for ((mut oc, bc), &di) in ob.columns_mut().into_iter().zip(bb.columns()).zip(d) {
+                        if di != 0.0 {
+                            oc.zip_mut_with(&bc, |o, &v| *o = di * v);
+                        }
+                    }
+                }
+                JacobianBlock::Dense(m) => clarke_core::gemm::gemm(1.0, bb, m.view(), false, ob),
+            }
+        }
+    }
+
+    /// `out = -J`, written into a `dim x dim` view (entries off the blocks set to zero).
+    ///
+    /// # Panics
+    /// When `out` is not `dim x dim`.
+    pub fn write_negated(&self, mut out: ArrayViewMut2<'_, f64>) {
+        assert_eq!(out.dim(), (self.dim, self.dim), "write_negated: out is not dim x dim");
+        out.fill(0.0);
+        for (r, block) in &self.blocks {
+            let mut jb = out.slice_mut(s![r.clone(), r.clone()]);
+            match block {
+                JacobianBlock::Identity => jb.diag_mut().fill(-1.0),
+                JacobianBlock::Diagonal(d) => jb.diag_mut().iter_mut().zip(d).for_each(|(o, &v)| *o = -v),
+                JacobianBlock::Dense(m) => jb.zip_mut_with(m, |o, &v| *o = -v),
+            }
+        }
+    }
+
     /// The blocks with their row ranges.
     pub fn blocks(&self) -> &[(std::ops::Range<usize>, JacobianBlock)] {
         &self.blocks
@@ -656,6 +725,23 @@ mod tests {
             let expect = array![[0.5 + 0.5 * q, 0.5 - 0.5 * q], [0.5 - 0.5 * q, 0.5 + 0.5 * q]];
             assert!((&j.slice(s![2.., 2..]) - &expect).iter().all(|d| d.abs() < 1e-15));
         }
+    }
+
+    #[test]
+    fn blockwise_products_match_the_dense_jacobian() {
+        // A zero cone (identity), a non-negative block with a kink, an SOC block (dense).
+        let cones = Cones::new(vec![Cone::Zero(1), Cone::NonNeg(3), Cone::Soc(3)]).unwrap();
+        let v = array![0.7, 0.0, -1.0, 2.0, 1.0, 2.0, 0.5];
+        let b = cones.boundaries(v.view(), 1e-12);
+        let j = cones.dual_jacobian(v.view(), &b, &[], 0.3);
+        let dense = j.to_dense();
+        let bm = Array2::from_shape_fn((4, 7), |(i, k)| ((5 * i + 3 * k) % 7) as f64 - 2.5);
+        let mut out = Array2::from_elem((4, 7), f64::NAN);
+        j.right_multiply(bm.view(), out.view_mut());
+        assert!((&out - &bm.dot(&dense)).iter().all(|d| d.abs() < 1e-14));
+        let mut neg = Array2::from_elem((7, 7), f64::NAN);
+        j.write_negated(neg.view_mut());
+        assert_eq!(neg, -&dense);
     }
 
     #[test]

@@ -24,13 +24,13 @@
 
 use clarke_core::{Error, Result};
 use clarke_implicit::{CheckOptions, CheckOutcome, OnAdjointFailure};
-use clarke_solve::{DenseLu, FnOperator, SolveOptions, SolveReport, gmres, lstsq};
+use clarke_solve::{FnOperator, SolveOptions, SolveReport, gmres, lstsq};
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, s};
 
 use super::check::{ConicCheck, Linearisation, cone_margins, run};
 use super::cones::ProjectionJacobian;
 use super::problem::{ConeProgram, check_finite, csc_gemv, csc_gemv_t};
-use super::residual::{apply_jacobian, apply_jacobian_transpose, inf_norm, jacobian_matrix};
+use super::residual::{ResidualLu, apply_jacobian, apply_jacobian_transpose, inf_norm, jacobian_matrix};
 use super::solver::{ConeSolution, ConeStatus, Residuals};
 use super::sparse::JacobianFactor;
 use crate::design::CscMatrix;
@@ -157,7 +157,7 @@ pub struct ConeDerivative<'p> {
     x: Array1<f64>,
     y: Array1<f64>,
     j: ProjectionJacobian,
-    lu: Option<DenseLu<f64>>,
+    lu: Option<ResidualLu>,
     /// The sparse factorisation of `M` for a sparse program and the direct solver.
     sparse_lu: Option<JacobianFactor>,
     /// `M` when it is singular and the caller chose to go on: minimum-norm least squares.
@@ -214,7 +214,7 @@ impl<'p> ConeDerivative<'p> {
         let m = dense_needed.then(|| jacobian_matrix(prog, &j));
         // Factor first: a strictly complementary check reuses the LU for its estimates.
         let factored = match (&opts.solver, &m) {
-            (DerivativeSolver::Dense, Some(m)) if !prog.is_sparse() => Some(DenseLu::new(m.view())),
+            (DerivativeSolver::Dense, Some(m)) if !prog.is_sparse() => Some(ResidualLu::new(prog, &j, m.view())),
             _ => None,
         };
         let sparse_factored = match (&prog.sparse, direct) {
@@ -344,7 +344,7 @@ impl<'p> ConeDerivative<'p> {
                     return JacobianFactor::new(d.a(), d.p(), &self.j)?.solve(rhs.view(), transpose);
                 }
                 let m = jacobian_matrix(self.prog, &self.j);
-                let lu = DenseLu::new(m.view())?;
+                let lu = ResidualLu::new(self.prog, &self.j, m.view())?;
                 if transpose {
                     lu.solve_transpose(rhs.view())
                 } else {

@@ -16,6 +16,7 @@
 //! [`ConeProgram::with_sparse_quadratic`]); the solver, the derivative and the check read
 //! them through the same products `A x`, `A^T y`, `P x`.
 
+use clarke_core::gemm::gemv;
 use clarke_core::{Error, Result};
 use faer::{Mat, Side};
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis, concatenate, s};
@@ -209,7 +210,7 @@ impl ConeProgram {
     pub(crate) fn a_gemv(&self, alpha: f64, x: ArrayView1<'_, f64>, beta: f64, out: &mut Array1<f64>) {
         match &self.sparse {
             Some(d) => csc_gemv(&d.a, alpha, x, beta, out),
-            None => ndarray::linalg::general_mat_vec_mul(alpha, &self.a, &x, beta, out),
+            None => gemv(alpha, self.a.view(), x, beta, out.view_mut()),
         }
     }
 
@@ -217,7 +218,7 @@ impl ConeProgram {
     pub(crate) fn at_gemv(&self, alpha: f64, y: ArrayView1<'_, f64>, beta: f64, out: &mut Array1<f64>) {
         match &self.sparse {
             Some(d) => csc_gemv_t(&d.a, alpha, y, beta, out),
-            None => ndarray::linalg::general_mat_vec_mul(alpha, &self.a.t(), &y, beta, out),
+            None => gemv(alpha, self.a.t(), y, beta, out.view_mut()),
         }
     }
 
@@ -374,7 +375,7 @@ impl ConeProgram {
     pub(crate) fn p_dot(&self, x: ArrayView1<'_, f64>) -> Array1<f64> {
         let mut out = Array1::zeros(self.n());
         match (&self.p, self.sparse_p()) {
-            (Some(p), _) => ndarray::linalg::general_mat_vec_mul(1.0, p, &x, 0.0, &mut out),
+            (Some(p), _) => gemv(1.0, p.view(), x, 0.0, out.view_mut()),
             (None, Some(p)) => csc_gemv(p, 1.0, x, 0.0, &mut out),
             (None, None) => {}
         }

@@ -18,7 +18,9 @@
 //! M = (Q - I) J + I = [[P, A^T J_y], [-A, I - J_y]].
 //! ```
 
-use ndarray::{Array1, Array2, ArrayView1, ArrayViewMut1, s};
+use clarke_core::Result;
+use clarke_solve::DenseLu;
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, ArrayViewMut1, Axis, s};
 
 use super::cones::ProjectionJacobian;
 use super::problem::ConeProgram;
@@ -72,18 +74,97 @@ pub(crate) fn inf_norm(v: ArrayView1<'_, f64>) -> f64 {
 /// small one, the dense check below its dense limit).
 pub(crate) fn jacobian_matrix(prog: &ConeProgram, j: &ProjectionJacobian) -> Array2<f64> {
     let (m, n) = (prog.m(), prog.n());
-    let jd = j.to_dense();
     let mut out = Array2::zeros((n + m, n + m));
     if let Some(p) = prog.p_dense() {
         out.slice_mut(s![..n, ..n]).assign(&*p);
     }
     let a = prog.a_dense();
-    out.slice_mut(s![..n, n..]).assign(&a.t().dot(&jd));
+    j.right_multiply(a.t(), out.slice_mut(s![..n, n..]));
     out.slice_mut(s![n.., ..n]).assign(&(-&*a));
-    let mut lower = -jd;
+    let mut lower = out.slice_mut(s![n.., n..]);
+    j.write_negated(lower.view_mut());
     lower.diag_mut().iter_mut().for_each(|d| *d += 1.0);
-    out.slice_mut(s![n.., n..]).assign(&lower);
     out
+}
+
+/// The dense LU of `M`, with the unit columns eliminated first.
+///
+/// Where `J` has a zero column `i` (an inactive inequality, or a kink selected at 0), column
+/// `n + i` of `M` is the unit vector `e_{n+i}`. With `K` the other indices, `M` is, up to a
+/// symmetric permutation, `[[M_KK, 0], [C, I]]`, so `det M = det M_KK` and
+///
+/// ```text
+/// M z = r:    M_KK z_K = r_K,             z_Z = r_Z - C z_K,
+/// M^T w = r:  w_Z = r_Z,                  M_KK^T w_K = r_K - C^T r_Z.
+/// ```
+///
+/// A QP whose inequalities are mostly inactive factors a matrix of size `n + |active|`
+/// instead of `n + m`: for 100 variables, 50 equalities and 200 one-sided rows of which 30
+/// are active, 180 instead of 350 (a seventh of the work).
+pub(crate) struct ResidualLu {
+    lu: DenseLu<f64>,
+    kept: Vec<usize>,
+    eliminated: Vec<usize>,
+    /// `C`: the eliminated rows of `M` in the kept columns.
+    coupling: Array2<f64>,
+}
+
+impl ResidualLu {
+    /// Factors `m = M` (formed by [`jacobian_matrix`] from `j`). Errors as [`DenseLu::new`]
+    /// on `M_KK` (singular exactly when `M` is).
+    pub fn new(prog: &ConeProgram, j: &ProjectionJacobian, m: ArrayView2<'_, f64>) -> Result<Self> {
+        let n = prog.n();
+        let eliminated: Vec<usize> = j.zero_columns().into_iter().map(|i| n + i).collect();
+        let mut is_eliminated = vec![false; m.nrows()];
+        eliminated.iter().for_each(|&k| is_eliminated[k] = true);
+        let kept: Vec<usize> = (0..m.nrows()).filter(|&k| !is_eliminated[k]).collect();
+        debug_assert!(
+            eliminated.iter().all(|&k| m
+                .column(k)
+                .iter()
+                .enumerate()
+                .all(|(r, &v)| v == if r == k { 1.0 } else { 0.0 })),
+            "an eliminated column of M is not a unit vector"
+        );
+        let gather = |rows: &[usize]| Array2::from_shape_fn((rows.len(), kept.len()), |(r, c)| m[[rows[r], kept[c]]]);
+        let lu = DenseLu::new(gather(&kept).view())?;
+        let coupling = gather(&eliminated);
+        Ok(ResidualLu {
+            lu,
+            kept,
+            eliminated,
+            coupling,
+        })
+    }
+
+    /// `M^{-1} r`.
+    pub fn solve(&self, r: ArrayView1<'_, f64>) -> Result<Array1<f64>> {
+        let zk = self.lu.solve(r.select(Axis(0), &self.kept).view())?;
+        let mut z = Array1::zeros(r.len());
+        for (&k, &v) in self.kept.iter().zip(&zk) {
+            z[k] = v;
+        }
+        let cz = self.coupling.dot(&zk);
+        for (&k, &c) in self.eliminated.iter().zip(&cz) {
+            z[k] = r[k] - c;
+        }
+        Ok(z)
+    }
+
+    /// `M^{-T} r`.
+    pub fn solve_transpose(&self, r: ArrayView1<'_, f64>) -> Result<Array1<f64>> {
+        let rz = r.select(Axis(0), &self.eliminated);
+        let rhs = r.select(Axis(0), &self.kept) - self.coupling.t().dot(&rz);
+        let wk = self.lu.solve_transpose(rhs.view())?;
+        let mut w = Array1::zeros(r.len());
+        for (&k, &v) in self.kept.iter().zip(&wk) {
+            w[k] = v;
+        }
+        for (&k, &v) in self.eliminated.iter().zip(&rz) {
+            w[k] = v;
+        }
+        Ok(w)
+    }
 }
 
 /// `out = M d` without forming `M`.
@@ -115,4 +196,59 @@ pub(crate) fn apply_jacobian_transpose(
     let bottom = j.apply_new((prog.a_dot(da) - db).view()) + db;
     out.slice_mut(s![..n]).assign(&top);
     out.slice_mut(s![n..]).assign(&bottom);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cone::cones::{Cone, Cones};
+    use ndarray::array;
+
+    /// A QP in 5 variables with 2 equalities and 4 inequalities; `v` makes rows 2 and 5 active, row 3
+    /// inactive and row 4 a kink.
+    fn program() -> (ConeProgram, Array1<f64>) {
+        let a = Array2::from_shape_fn((6, 5), |(i, j)| {
+            ((2 * i + 3 * j) % 5) as f64 - 1.5 + 0.1 * (i * j) as f64
+        });
+        let p = Array2::from_shape_fn((5, 5), |(i, j)| if i == j { 2.0 } else { 0.1 });
+        let cones = Cones::new(vec![Cone::Zero(2), Cone::NonNeg(4)]).unwrap();
+        let prog = ConeProgram::new(a, Array1::ones(6), array![1.0, -1.0, 0.5, 0.0, 2.0], cones)
+            .unwrap()
+            .with_quadratic(p)
+            .unwrap();
+        (prog, array![0.3, -0.7, 1.2, -0.4, 0.0, 2.0])
+    }
+
+    #[test]
+    fn the_eliminated_factor_solves_as_the_full_lu() {
+        let (prog, v) = program();
+        let boundaries = prog.cones.boundaries(v.view(), 1e-12);
+        assert_eq!(boundaries.len(), 1);
+        let r = Array1::from_shape_fn(11, |i| (i as f64 * 0.37).sin() + 0.5);
+        for q in [0.0, 0.4, 1.0] {
+            let j = prog.cones.dual_jacobian(v.view(), &boundaries, &[], q);
+            // Row 3 (inactive) always, row 4 (the kink) when selected at 0.
+            let expect: Vec<usize> = if q == 0.0 { vec![3, 4] } else { vec![3] };
+            assert_eq!(j.zero_columns(), expect);
+            let m = jacobian_matrix(&prog, &j);
+            let full = DenseLu::new(m.view()).unwrap();
+            let reduced = ResidualLu::new(&prog, &j, m.view()).unwrap();
+            let d = &reduced.solve(r.view()).unwrap() - &full.solve(r.view()).unwrap();
+            let dt = &reduced.solve_transpose(r.view()).unwrap() - &full.solve_transpose(r.view()).unwrap();
+            assert!(inf_norm(d.view()) < 1e-12 && inf_norm(dt.view()) < 1e-12, "q = {q}");
+        }
+    }
+
+    #[test]
+    fn a_singular_kept_block_is_refused_as_the_full_matrix_would_be() {
+        // Two identical equality rows make M singular; the eliminated rows do not hide it.
+        let (mut prog, v) = program();
+        let row = prog.a.row(0).to_owned();
+        prog.a.row_mut(1).assign(&row);
+        let j = prog.cones.dual_jacobian(v.view(), &[], &[], 0.5);
+        let m = jacobian_matrix(&prog, &j);
+        assert!(DenseLu::new(m.view()).is_err());
+        let err = ResidualLu::new(&prog, &j, m.view()).err().expect("singular");
+        assert!(matches!(err, clarke_core::Error::Singular { .. }), "{err}");
+    }
 }

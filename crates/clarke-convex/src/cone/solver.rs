@@ -43,14 +43,13 @@
 //! program) refinement stops and says so; the ADMM point is kept.
 
 use clarke_core::{Error, Result};
-use clarke_solve::DenseLu;
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::{Conj, Mat, Par};
 use ndarray::{Array1, ArrayView1, Zip};
 
 use super::cones::Cone;
 use super::problem::{ConeProgram, check_finite};
-use super::residual::{KktPoint, inf_norm, jacobian_matrix};
+use super::residual::{KktPoint, ResidualLu, inf_norm, jacobian_matrix};
 use super::sparse::{JacobianFactor, KktFactor};
 
 /// Options of [`solve`].
@@ -390,7 +389,7 @@ impl SpdFactor {
         debug_assert!(!prog.is_sparse(), "the dense factor of a sparse program");
         use faer::linalg::cholesky::llt::solve::solve_in_place_scratch;
         let ra = &prog.a * &r.view().insert_axis(ndarray::Axis(1));
-        let mut k = prog.a.t().dot(&ra);
+        let mut k = clarke_core::gemm::matmul2(prog.a.t(), ra.view());
         if let Some(p) = &prog.p {
             k += p;
         }
@@ -517,6 +516,7 @@ pub fn solve(prog: &ConeProgram, opts: &SolverOptions, warm: Option<WarmStart<'_
         }
         None => (Array1::zeros(n), Array1::zeros(m), Array1::zeros(m)),
     };
+    let a_scale = matrix_scale(prog);
     let mut rho = opts.rho;
     let mut r = penalties(prog, rho);
     let mut system = System::new(prog, &r, opts.sigma)?;
@@ -629,12 +629,12 @@ pub fn solve(prog: &ConeProgram, opts: &SolverOptions, warm: Option<WarmStart<'_
             }
             next_refine = rel_p.max(rel_d) * 1e-2;
         }
-        if let Some(cert) = primal_infeasibility(prog, &(&w_prev - &w), opts.eps_infeasible) {
+        if let Some(cert) = primal_infeasibility(prog, &(&w_prev - &w), opts.eps_infeasible, a_scale) {
             status = ConeStatus::Infeasible;
             certificate = Some(cert);
             break;
         }
-        if let Some(cert) = dual_infeasibility(prog, &(&x - &x_prev), opts.eps_infeasible) {
+        if let Some(cert) = dual_infeasibility(prog, &(&x - &x_prev), opts.eps_infeasible, a_scale) {
             status = ConeStatus::Unbounded;
             certificate = Some(cert);
             break;
@@ -694,27 +694,27 @@ fn matrix_scale(prog: &ConeProgram) -> f64 {
     prog.a_max_abs().max(1.0)
 }
 
-/// `dy` normalised, if it certifies primal infeasibility.
-fn primal_infeasibility(prog: &ConeProgram, dy: &Array1<f64>, eps: f64) -> Option<Array1<f64>> {
+/// `dy` normalised, if it certifies primal infeasibility (`a_scale`: [`matrix_scale`]).
+fn primal_infeasibility(prog: &ConeProgram, dy: &Array1<f64>, eps: f64, a_scale: f64) -> Option<Array1<f64>> {
     let norm = inf_norm(dy.view());
     if norm <= 1e-14 * (1.0 + inf_norm(prog.b.view())) {
         return None;
     }
     let d = dy / norm;
-    let ok = inf_norm(prog.at_dot(d.view()).view()) <= eps * matrix_scale(prog)
+    let ok = inf_norm(prog.at_dot(d.view()).view()) <= eps * a_scale
         && prog.b.dot(&d) < -eps
         && prog.cones.distance_dual(d.view()) <= eps;
     ok.then_some(d)
 }
 
-/// `dx` normalised, if it certifies dual infeasibility (an unbounded direction).
-fn dual_infeasibility(prog: &ConeProgram, dx: &Array1<f64>, eps: f64) -> Option<Array1<f64>> {
+/// `dx` normalised, if it certifies dual infeasibility (an unbounded direction; `a_scale`:
+/// [`matrix_scale`]).
+fn dual_infeasibility(prog: &ConeProgram, dx: &Array1<f64>, eps: f64, a_scale: f64) -> Option<Array1<f64>> {
     let norm = inf_norm(dx.view());
     if norm <= 1e-14 * (1.0 + inf_norm(prog.c.view())) {
         return None;
     }
     let d = dx / norm;
-    let a_scale = matrix_scale(prog);
     let ok = inf_norm(prog.p_dot(d.view()).view()) <= eps * a_scale
         && prog.c.dot(&d) < -eps
         && prog.cones.distance((-prog.a_dot(d.view())).view()) <= eps * a_scale;
@@ -743,7 +743,7 @@ fn refine(prog: &ConeProgram, x: Array1<f64>, v: Array1<f64>, max_steps: usize) 
         let solved = match &prog.sparse {
             // A sparse M, factored sparse (see `super::sparse`): no dense (n + m) x (n + m) matrix.
             Some(d) => JacobianFactor::new(d.a(), d.p(), &j).and_then(|lu| lu.solve(rhs.view(), false)),
-            None => DenseLu::new(jacobian_matrix(prog, &j).view()).and_then(|lu| lu.solve(rhs.view())),
+            None => ResidualLu::new(prog, &j, jacobian_matrix(prog, &j).view()).and_then(|lu| lu.solve(rhs.view())),
         };
         let dz = match solved {
             Ok(dz) => dz,

@@ -709,6 +709,9 @@ fn sample_prefix(i: usize, samples: usize) -> String {
 
 /// The first entry of `arr` that fails `ok`, as an error naming the argument and its index.
 fn finite(which: &str, arr: &ArrayD<f64>, ok: impl Fn(f64) -> bool, what: &str) -> Result<()> {
+    if arr.iter().all(|&v| ok(v)) {
+        return Ok(());
+    }
     for (idx, &v) in arr.indexed_iter() {
         if !ok(v) {
             return Err(Error::invalid(
