@@ -605,6 +605,9 @@ fn closest_feasible_qp_in_two_variables_where_only_part_is_infeasible() {
     let cf = r.solutions[0].closest_feasible.as_ref().unwrap();
     assert!(max_abs(&cf.shift_ineq.clone().into_dyn(), &array![1.0, 0.0].into_dyn()) < 1e-8);
     assert_eq!(cf.left_out, vec![QpRow::Upper(0)]);
+    // The violated row is parallel to the equality: the report flags the discontinuity.
+    assert_eq!(r.forward.samples[0].dependent_rows, 1);
+    assert!(r.forward.to_string().contains("discontinuous"), "{}", r.forward);
 
     // p = (0, 1): x_1 >= 0.5 active, x = (t - l_1, l_1): d(x_0 + 3 x_1)/dl_1 = 2, /db = 1/2,
     // /du_0 = 1/2, /dp = 0.
@@ -707,6 +710,54 @@ fn closest_feasible_samples_in_a_batch_are_named_in_the_report() {
     assert!(max_abs(r.grads[3].as_ref().unwrap(), &array![[1.0], [0.5], [0.5]].into_dyn()) < 1e-8);
     assert!((r.grads[6].as_ref().unwrap()[[0]] - 1.0).abs() < 1e-8);
     assert_eq!((r.report.samples, r.report.certified), (3, 3));
+}
+
+#[test]
+fn a_row_at_its_bound_in_the_least_squares_problem_is_a_kink_in_the_ledger() {
+    // x_0 = b against x_0 <= 0, and x_1 <= 0. Sample 0 (b = -1) is feasible. Sample 1
+    // (b = 2) is not: its least-squares point has x_0 = 1 and x_1 = 0 (the minimum-norm
+    // point of a residual that is flat in x_1 <= 0), so the row x_1 <= 0 sits exactly at its
+    // bound there: a kink of the shift, kept inside. The shifted QP itself (x_0 = 1,
+    // x_1 = -1 with p = (0, 1)) is strictly complementary.
+    let inf = f64::INFINITY;
+    let qp = Qp {
+        q: Array2::<f64>::eye(2).into_dyn(),
+        p: array![0.0, 1.0].into_dyn(),
+        a: Some(array![[1.0, 0.0]].into_dyn()),
+        b: Some(array![[-1.0], [2.0]].into_dyn()),
+        g: Some(array![[1.0, 0.0], [0.0, 1.0]].into_dyn()),
+        l: Some(array![-inf, -inf].into_dyn()),
+        u: Some(array![0.0, 0.0].into_dyn()),
+    };
+    let w = array![[1.0, 2.0], [1.0, 2.0]].into_dyn();
+    let r = run(&qp, &w, &closest(), KinkPolicy::default()).unwrap();
+    assert!(
+        max_abs(&r.x, &array![[-1.0, -1.0], [1.0, -1.0]].into_dyn()) < 1e-8,
+        "{}",
+        r.x
+    );
+    let shift: Vec<_> = r.kinks.iter().filter(|k| k.op == "closest_feasible_clamp").collect();
+    assert_eq!(
+        shift.len(),
+        1,
+        "one record (no row at a bound was kept outside): {shift:?}"
+    );
+    let k = shift[0];
+    // Rows of C = [A; G] per sample: the equality, then the two inequalities.
+    assert_eq!(k.shape, vec![2, 3]);
+    assert_eq!(k.elements, 6);
+    assert_eq!(k.kink_indices, vec![3 + 2]);
+    assert_eq!(k.at_kink(), 1);
+    assert!(k.overridden);
+    assert_eq!(k.selection, clarke_core::Selection::Clamp { low: 1.0, high: 1.0 });
+    assert_eq!(k.layer.as_deref(), Some("qp_layer"));
+    // A feasible batch has no shift, and no such record.
+    let mut feasible = qp.clone();
+    feasible.b = Some(array![[-1.0], [-0.5]].into_dyn());
+    let r = run(&feasible, &w, &closest(), KinkPolicy::default()).unwrap();
+    assert!(r.kinks.iter().all(|k| k.op != "closest_feasible_clamp"));
+    // Forward mode reports the same record (the dot test compares the two ledgers).
+    dot_test(&qp, &closest(), KinkPolicy::default(), 7);
 }
 
 /// Central differences of `sum(w * x)` in the entries of the arguments `which` (Q moved

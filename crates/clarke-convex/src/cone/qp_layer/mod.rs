@@ -51,7 +51,7 @@ mod shift;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use clarke_core::{Error, Result, Scalar, Var};
+use clarke_core::{Error, Result, Scalar, Var, VjpContext};
 use ndarray::{Array1, Array2, ArrayD, Axis, Dimension, Ix1, Ix2, s};
 use rayon::prelude::*;
 
@@ -61,7 +61,7 @@ use super::problem::ConeProgram;
 use super::solver::{ConeSolution, ConeStatus, SolverOptions, solve};
 
 use mapping::{QpArrays, Sample, SampleData, build_program, cone_direction, map_gradient, multipliers};
-use shift::least_squares_shift;
+use shift::{Shift, least_squares_shift, shift_kink_records};
 const OP: &str = "qp_layer";
 
 /// What the QP layer does with a sample whose constraints have no common point.
@@ -245,6 +245,13 @@ pub struct QpSolution {
 pub struct QpSampleReport {
     /// `Some(||s*||)` when the sample was infeasible and the closest feasible QP was solved.
     pub closest_feasible: Option<f64>,
+    /// Violated rows of the closest feasible QP left out because the kept ones imply them
+    /// (see [`ClosestFeasible::left_out`]). Such linearly dependent violated rows are where
+    /// the shift is discontinuous: a perturbation of `A` or `G` that separates them can
+    /// make the QP feasible, and the shift jumps to 0. The derivative returned there is
+    /// that of the dependent configuration (the minimum-norm element), so the report says
+    /// so rather than passing it off as a plain derivative.
+    pub dependent_rows: usize,
     /// ADMM iterations of the (last) solve.
     pub iterations: usize,
     /// The largest KKT residual of the returned point.
@@ -276,11 +283,20 @@ impl std::fmt::Display for QpForwardReport {
         writeln!(f, "{}: {} sample(s)", self.node, self.samples.len())?;
         for (i, s) in self.samples.iter().enumerate() {
             match s.closest_feasible {
-                Some(norm) => writeln!(
-                    f,
-                    "  sample {i}: infeasible; solved the closest feasible QP (shift norm {norm:.6e}), {} iterations, KKT residual {:.2e}",
-                    s.iterations, s.kkt_residual
-                )?,
+                Some(norm) => {
+                    writeln!(
+                        f,
+                        "  sample {i}: infeasible; solved the closest feasible QP (shift norm {norm:.6e}), {} iterations, KKT residual {:.2e}",
+                        s.iterations, s.kkt_residual
+                    )?;
+                    if s.dependent_rows > 0 {
+                        writeln!(
+                            f,
+                            "    {} violated row(s) implied by the others: the shift is discontinuous in A and G here (a perturbation separating the rows can make the QP feasible); the derivative is that of the dependent rows",
+                            s.dependent_rows
+                        )?;
+                    }
+                }
                 None => writeln!(
                     f,
                     "  sample {i}: solved, {} iterations, KKT residual {:.2e}",
@@ -314,6 +330,7 @@ impl<S: Scalar> QpLayer<'_, S> {
                 .iter()
                 .map(|s| QpSampleReport {
                     closest_feasible: s.closest_feasible.as_ref().map(|c| c.norm),
+                    dependent_rows: s.closest_feasible.as_ref().map_or(0, |c| c.left_out.len()),
                     iterations: s.cone.iterations,
                     kkt_residual: s.cone.residuals.max(),
                 })
@@ -623,6 +640,7 @@ pub fn qp_layer<'t, S: Scalar>(data: QpData<'t, S>, opts: &QpLayerOptions) -> Re
             })?;
             map_gradient(&states[i], &cone_solutions[i].y, &dg)
         })?;
+        report_shift_kinks(ctx, states, me + mg, &diff.name);
         let mut out = Vec::with_capacity(7);
         for (k, (&has, &bat)) in present.iter().zip(&batched).enumerate() {
             if !has {
@@ -671,6 +689,7 @@ pub fn qp_layer<'t, S: Scalar>(data: QpData<'t, S>, opts: &QpLayerOptions) -> Re
             })?;
             Ok(dz.x)
         })?;
+        report_shift_kinks(ctx, states, me + mg, name);
         let mut out = Array2::<f64>::zeros((samples, n));
         for (mut row, dx) in out.rows_mut().into_iter().zip(&rows) {
             row.assign(dx);
@@ -688,6 +707,16 @@ pub fn qp_layer<'t, S: Scalar>(data: QpData<'t, S>, opts: &QpLayerOptions) -> Re
         log,
         name,
     })
+}
+
+/// Adds the kinks of the least-squares shifts to the ledger of the call, when a sample was
+/// replaced by its closest feasible QP (see [`shift::shift_kink_records`]).
+fn report_shift_kinks(ctx: &VjpContext<'_>, states: &[Sample], rows: usize, name: &str) {
+    if states.iter().all(|s| s.shift.is_none()) {
+        return;
+    }
+    let shifts: Vec<Option<&Shift>> = states.iter().map(|s| s.shift.as_ref()).collect();
+    ctx.report_kinks(shift_kink_records(&shifts, rows, ctx.policy.tolerance, ctx.node, name));
 }
 
 /// Sample `i` of an input that may carry a batch axis.

@@ -1,7 +1,7 @@
 //! The least-squares shift of an infeasible QP: the smallest change of its right-hand sides
 //! that makes it feasible (the closest feasible QP of Bambade et al. 2023).
 
-use clarke_core::{Error, Result};
+use clarke_core::{Error, KinkRecord, KinkScan, Result, Selection};
 use clarke_solve::lstsq;
 use ndarray::{Array1, Array2, s};
 
@@ -22,6 +22,14 @@ pub(super) struct Shift {
     /// Per row of `C`: violated and left out of the shifted program (implied by the others).
     pub(super) left_out: Vec<bool>,
     pub(super) xbar: Array1<f64>,
+    /// The kinks of the shift: the boxed rows `l_i < u_i` whose value `(G xbar)_i` lies
+    /// within [`Shift::band`] of a bound (the kink of the clamp in
+    /// `s_i = g_i xbar - clamp(g_i xbar, l_i, u_i)`), as (row of `C`, distance to the bound),
+    /// in increasing row order.
+    pub(super) boundary: Vec<(usize, f64)>,
+    /// `1e-9` times the data's scale: the accuracy to which the polish decides whether a row
+    /// is outside its box, hence the band inside which a row counts as at its bound.
+    pub(super) band: f64,
 }
 
 /// The least-squares shift `s*` of a sample (see the module docs): `xbar` minimises
@@ -193,10 +201,82 @@ pub(super) fn least_squares_shift(d: &SampleData, solver: &SolverOptions) -> Res
             basis.push(rest / rn);
         }
     }
+    let band = 1e-9 * scale;
+    let gx = d.g.dot(&xbar);
+    let boundary = (0..mg)
+        .filter(|&i| d.boxed(i))
+        .filter_map(|i| {
+            // Outside: the distance to the kink is the residual; inside: to the nearer bound.
+            let distance = if outside[me + i] {
+                r[me + i].abs()
+            } else {
+                (gx[i] - d.l[i]).abs().min((d.u[i] - gx[i]).abs())
+            };
+            (distance <= band).then_some((me + i, distance))
+        })
+        .collect();
     Ok(Shift {
         r,
         outside,
         left_out,
         xbar,
+        boundary,
+        band,
     })
+}
+
+/// The ledger records of the shifts' kinks over a batch (`shifts[i]`: sample `i`'s shift,
+/// `None` when it was feasible), laid out as `[samples, rows]` with `rows = m_eq + m_in`
+/// (the rows of `C = [A; G]`). The derivative of a closest feasible QP treats a row at its
+/// bound by the side the polish put it on, not by the policy, so there are two records,
+/// each marked as overridden: the rows kept inside (the clamp's slope 1 at both bounds:
+/// the shift does not move with the row) and the rows kept outside (slope 0: it moves with
+/// it). The second is left out when no row at a bound was kept outside.
+pub(super) fn shift_kink_records(
+    shifts: &[Option<&Shift>],
+    rows: usize,
+    tolerance: f64,
+    node: usize,
+    layer: &str,
+) -> Vec<KinkRecord> {
+    let scan = |kept_outside: bool| {
+        let mut scan = KinkScan::new(tolerance, 0.0);
+        for (i, shift) in shifts.iter().enumerate() {
+            let mut next = 0;
+            if let Some(shift) = shift {
+                scan.set_solver_band(shift.band);
+                for &(row, distance) in shift
+                    .boundary
+                    .iter()
+                    .filter(|(row, _)| shift.outside[*row] == kept_outside)
+                {
+                    scan.skip(row - next);
+                    scan.visit(i * rows + row, distance);
+                    next = row + 1;
+                }
+            }
+            scan.skip(rows - next);
+        }
+        let slope = if kept_outside { 0.0 } else { 1.0 };
+        let mut record = scan
+            .finish(
+                node,
+                "closest_feasible_clamp",
+                &[shifts.len(), rows],
+                Selection::Clamp {
+                    low: slope,
+                    high: slope,
+                },
+                Some((0.0, 1.0)),
+            )
+            .in_layer(layer, node);
+        record.overridden = true;
+        record
+    };
+    let outside = scan(true);
+    let mut records = vec![scan(false)];
+    if outside.at_kink() > 0 {
+        records.push(outside);
+    }
+    records
 }
