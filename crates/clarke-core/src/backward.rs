@@ -343,9 +343,6 @@ impl<S: Scalar> Tape<S> {
             }
             let Some(g) = grads.take(id) else { continue };
             let inputs = InputValues::new(&nodes, &node.inputs);
-            if let Op::Kink(k) = &node.op {
-                ledger.push(k.ledger_record(id, inputs, &node.value, policy, solver_band));
-            }
             let grad_was_finite = anomaly && g.iter().all(|v| v.is_finite());
             let lo = element_selections.partition_point(|e| e.node < id);
             let hi = element_selections.partition_point(|e| e.node <= id);
@@ -358,7 +355,16 @@ impl<S: Scalar> Tape<S> {
                 solver_band,
                 kinks: &custom_kinks,
             };
-            let input_grads = node.op.backward(&ctx, g)?;
+            // A nonsmooth node's rule and its ledger record come together (one pass over
+            // its input where the kink scan can be folded into the derivative's).
+            let input_grads = match &node.op {
+                Op::Kink(k) => {
+                    let (grads, record) = k.backward_recorded(&ctx, g);
+                    ledger.push(record);
+                    grads
+                }
+                op => op.backward(&ctx, g)?,
+            };
             for (k, gi) in input_grads.into_iter().enumerate() {
                 let Some(gi) = gi else { continue };
                 let target = node.inputs[k];

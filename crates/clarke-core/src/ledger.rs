@@ -191,6 +191,11 @@ impl KinkScan {
         self.elements += n;
     }
 
+    /// Elements counted so far, visited or skipped.
+    pub fn elements(&self) -> usize {
+        self.elements
+    }
+
     /// Elements treated as at the kink so far.
     pub fn hits(&self) -> usize {
         self.indices.len()

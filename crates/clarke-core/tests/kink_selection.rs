@@ -363,3 +363,36 @@ fn clamp_with_reversed_bounds_is_an_error() {
     ));
     assert!(x.try_clamp(f64::NAN, 1.0).is_err());
 }
+
+/// relu and abs fold their kink scan into the gradient pass when the band is empty; with a
+/// band too narrow to reach any nonzero input, the two-pass rule runs instead. Both must
+/// give the same gradients to the bit (zeros of both signs, NaN inputs, infinite and NaN
+/// upstream values) and the same kink elements.
+#[test]
+fn the_one_pass_relu_and_abs_match_the_two_pass_rule_to_the_bit() {
+    let inf = f64::INFINITY;
+    let x = arr1(&[1.5, -2.0, 0.0, -0.0, f64::NAN, 3.0, -1e-300, 0.0, 7.0, -4.0]).into_dyn();
+    let seed = arr1(&[2.0, inf, 3.0, -1.0, 5.0, f64::NAN, 1.0, inf, -inf, 0.5]).into_dyn();
+    type Pick = for<'t> fn(Var<'t, f64>) -> Var<'t, f64>;
+    let ops: [(&str, Pick); 2] = [("relu", |v| v.relu()), ("abs", |v| v.abs())];
+    for (name, f) in ops {
+        for policy in policies() {
+            let run = |band: f64| {
+                let tape = Tape::<f64>::new();
+                let xv = tape.param(x.clone());
+                let options = BackwardOptions::seed(seed.clone())
+                    .with_policy(policy.clone())
+                    .with_solver_band(band);
+                let grads = f(xv).backward_with(&options).unwrap();
+                let g: Vec<u64> = grads.wrt(xv).unwrap().iter().map(|g| g.to_bits()).collect();
+                let record = grads.ledger().records().iter().find(|r| r.op == name).unwrap().clone();
+                (g, record.kink_indices, record.exact, record.elements)
+            };
+            let fused = run(0.0);
+            let two_pass = run(1e-320);
+            assert_eq!(fused, two_pass, "{name} under {}", policy.name);
+            assert_eq!(fused.1, vec![2, 3, 7], "{name}");
+            assert_eq!((fused.2, fused.3), (3, 10), "{name}");
+        }
+    }
+}

@@ -226,6 +226,64 @@ impl<S: Scalar> KinkOp<S> {
         g
     }
 
+    /// [`backward`](Self::backward) and the node's [`ledger_record`](Self::ledger_record)
+    /// for a backward call.
+    ///
+    /// relu and abs under an empty band (the policy's tolerance and the call's solver band
+    /// both 0, no element selection for this node, contiguous arrays below the parallel
+    /// threshold) take one pass over `x`: it scales the gradient by a mask that keeps the
+    /// upstream value at the kink and notes whether any element sits exactly on it; only
+    /// then does a second pass apply the selection there and list the kink elements for the
+    /// ledger. Everything else takes the two separate passes. The result is the same to the
+    /// bit, NaN and infinite gradients included.
+    pub fn backward_recorded(&self, ctx: &Ctx<'_, S>, g: ArrayD<S>) -> (InputGrads<S>, KinkRecord) {
+        let fusable = matches!(self.kind, KinkKind::Relu | KinkKind::Abs)
+            && ctx.band() == 0.0
+            && ctx.element_selections.is_empty()
+            && !crate::kernels::parallel(g.len())
+            && ctx.inputs[0].as_slice().is_some()
+            && g.is_standard_layout()
+            && g.shape() == ctx.inputs[0].shape();
+        if !fusable {
+            let record = self.ledger_record(ctx.node, ctx.inputs, ctx.output, ctx.policy, ctx.solver_band);
+            return (self.backward(ctx, g), record);
+        }
+        let x = &ctx.inputs[0];
+        let xs = x.as_slice().expect("checked contiguous");
+        let mut g = g;
+        let gs = g.as_slice_mut().expect("checked standard layout");
+        // The mask keeps g where x = 0 (the selection follows below), zeroes it where x is
+        // NaN, as the two-pass derivative does.
+        let on_kink = match self.kind {
+            KinkKind::Relu => masked_update(gs, xs, |x| nonsmooth::one_if::<S>(x >= S::zero())),
+            _ => masked_update(gs, xs, |x| {
+                nonsmooth::one_if::<S>(x >= S::zero()) - nonsmooth::one_if::<S>(x < S::zero())
+            }),
+        };
+        let sel = self.selection(ctx.policy);
+        let mut scan = KinkScan::new(ctx.policy.tolerance, ctx.solver_band);
+        if on_kink {
+            let Selection::Slope(at) = sel else {
+                unreachable!("relu and abs select a slope")
+            };
+            let at = S::from_f64_lossy(at);
+            for (i, (g, &x)) in gs.iter_mut().zip(xs).enumerate() {
+                if x == S::zero() {
+                    *g *= at;
+                    scan.skip(i - scan.elements());
+                    scan.visit(i, 0.0);
+                }
+            }
+            scan.skip(xs.len() - scan.elements());
+        } else {
+            scan.skip(xs.len());
+        }
+        let record = self.finish_record(scan, ctx.node, x.shape(), ctx.policy);
+        let mut out = InputGrads::new();
+        out.push(Some(g));
+        (out, record)
+    }
+
     /// The ledger record of this node at its recorded inputs under `policy`, with the
     /// solver error band `solver_band` (0 outside implicit layers).
     pub fn ledger_record(
@@ -265,7 +323,12 @@ impl<S: Scalar> KinkOp<S> {
                 output.shape().to_vec()
             }
         };
-        let mut record = scan.finish(node, self.name(), &shape, self.selection(policy), self.element_hull());
+        self.finish_record(scan, node, &shape, policy)
+    }
+
+    /// The record of a finished scan: this op's name, selection, hull and override flag.
+    fn finish_record(&self, scan: KinkScan, node: usize, shape: &[usize], policy: &KinkPolicy) -> KinkRecord {
+        let mut record = scan.finish(node, self.name(), shape, self.selection(policy), self.element_hull());
         record.overridden = self.over.is_some();
         record
     }
@@ -487,6 +550,18 @@ fn slope_update<S: Scalar>(g: &mut ArrayD<S>, x: &ArrayD<S>, d: impl Fn(S) -> S 
     } else {
         Zip::from(g).and(x).for_each(|g, &x| *g *= d(x));
     }
+}
+
+/// `g *= mask(x)` elementwise, returning whether some `x` is exactly 0: the one pass of
+/// [`KinkOp::backward_recorded`].
+#[inline]
+fn masked_update<S: Scalar>(g: &mut [S], x: &[S], mask: impl Fn(S) -> S) -> bool {
+    let mut zero = false;
+    for (g, &x) in g.iter_mut().zip(x) {
+        zero |= x == S::zero();
+        *g *= mask(x);
+    }
+    zero
 }
 
 /// Whether `dist` is exactly zero at some element of `s`. Eight elements at a time without
