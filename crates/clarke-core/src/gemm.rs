@@ -55,6 +55,7 @@ pub fn gemm<S: Scalar>(
     }
     let par = parallelism(m, n, k);
     faer::linalg::matmul::matmul(c.into_faer(), accum, a.into_faer(), b.into_faer(), alpha, par);
+    crate::avx::clear_upper_state();
 }
 
 /// Returns `a b` as a new matrix.
@@ -96,6 +97,7 @@ pub fn gemv<S: Scalar>(alpha: S, a: ArrayView2<'_, S>, x: ArrayView1<'_, S>, bet
         alpha,
         Par::Seq,
     );
+    crate::avx::clear_upper_state();
 }
 
 #[cfg(test)]

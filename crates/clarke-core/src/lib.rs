@@ -27,6 +27,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod avx;
 pub mod backward;
 pub mod custom;
 pub mod error;

@@ -545,6 +545,7 @@ fn soc_jacobian(v: ArrayView1<'_, f64>, q: Option<f64>) -> Array2<f64> {
 /// Eigenvalues (ascending) and eigenvectors (columns) of the PSD block `v` (scaled
 /// vectorisation of a `k x k` symmetric matrix).
 pub(crate) fn psd_eigen(v: ArrayView1<'_, f64>, k: usize) -> (Vec<f64>, Array2<f64>) {
+    let _avx = clarke_core::avx::UpperStateGuard;
     let x = smat(v, k);
     let m = Mat::<f64>::from_fn(k, k, |i, j| x[[i, j]]);
     match m.self_adjoint_eigen(Side::Lower) {

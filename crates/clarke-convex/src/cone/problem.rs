@@ -307,6 +307,7 @@ impl ConeProgram {
     /// Adds the quadratic term `(1/2) x^T P x`. Errors: wrong shape, non-finite, not
     /// symmetric, or an eigenvalue below `-1e-10 max|P|` (the program would not be convex).
     pub fn with_quadratic(mut self, p: Array2<f64>) -> Result<Self> {
+        let _avx = clarke_core::avx::UpperStateGuard;
         const OP: &str = "ConeProgram::with_quadratic";
         if self.is_sparse() {
             return Err(Error::invalid(

@@ -385,6 +385,7 @@ struct SpdFactor {
 
 impl SpdFactor {
     fn new(prog: &ConeProgram, r: &Array1<f64>, sigma: f64) -> Result<Self> {
+        let _avx = clarke_core::avx::UpperStateGuard;
         use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch};
         debug_assert!(!prog.is_sparse(), "the dense factor of a sparse program");
         use faer::linalg::cholesky::llt::solve::solve_in_place_scratch;
@@ -420,6 +421,7 @@ impl SpdFactor {
 
     /// `x <- (P + sigma I + A^T R A)^{-1} x`.
     fn solve_in_place(&mut self, x: &mut Array1<f64>) {
+        let _avx = clarke_core::avx::UpperStateGuard;
         use faer::linalg::cholesky::llt::solve::solve_in_place_with_conj;
         use faer_ext::IntoFaer;
         let n = x.len();

@@ -110,6 +110,7 @@ fn symbolic_ldlt(mat: &SparseColMat<usize, f64>, op: &'static str, what: &str) -
 
 /// Whether a sparse Cholesky factorisation of the lower triangle of `P + delta I` succeeds.
 pub(crate) fn cholesky_succeeds(p: &CscMatrix, delta: f64) -> bool {
+    let _avx = clarke_core::avx::UpperStateGuard;
     let n = p.ncols();
     let (col_ptr, rows, vals) = lower_shifted(Some(p), n, delta);
     let symbolic = SymbolicSparseColMat::new_checked(n, n, col_ptr, None, rows);
@@ -166,6 +167,7 @@ impl KktFactor {
     }
 
     fn numeric(&mut self) -> Result<()> {
+        let _avx = clarke_core::avx::UpperStateGuard;
         let par = faer::get_global_parallelism();
         let regularization = LdltRegularization {
             dynamic_regularization_signs: Some(&self.signs),
@@ -203,6 +205,7 @@ impl KktFactor {
 
     /// `x~` from `[[P + sigma I, A^T], [A, -R^{-1}]] (x~, nu) = (top, bottom)`.
     pub(crate) fn solve(&mut self, top: &Array1<f64>, bottom: &Array1<f64>, out: &mut Array1<f64>) {
+        let _avx = clarke_core::avx::UpperStateGuard;
         let n = self.n;
         {
             let mut col = self.rhs.col_mut(0);
@@ -331,6 +334,7 @@ impl JacobianFactor {
     /// Factors `M` for the element `j`. `Err(Error::Singular)` when the factorisation meets a
     /// structurally singular matrix.
     pub(crate) fn new(a: &CscMatrix, p: Option<&CscMatrix>, j: &ProjectionJacobian) -> Result<Self> {
+        let _avx = clarke_core::avx::UpperStateGuard;
         let mat = jacobian_sparse(a, p, j);
         let kind = match ReducedKkt::new(a, p, j)? {
             Some(reduced) => FactorKind::Reduced(Box::new(reduced)),
@@ -364,6 +368,7 @@ impl JacobianFactor {
 
     /// One solve with the factorisation (regularised for the reduced system).
     fn raw_solve(&self, rhs: ArrayView1<'_, f64>, transpose: bool) -> Array1<f64> {
+        let _avx = clarke_core::avx::UpperStateGuard;
         match &self.kind {
             FactorKind::Lu(lu) => {
                 let dim = rhs.len();
@@ -446,6 +451,7 @@ struct ReducedKkt {
 impl ReducedKkt {
     /// `None` when `J` has a dense block (second-order or PSD cones).
     fn new(a: &CscMatrix, p: Option<&CscMatrix>, j: &ProjectionJacobian) -> Result<Option<Self>> {
+        let _avx = clarke_core::avx::UpperStateGuard;
         let (m, n) = (a.nrows(), a.ncols());
         let mut jd = vec![0.0; m];
         for (range, block) in j.blocks() {
@@ -508,6 +514,7 @@ impl ReducedKkt {
 
     /// The regularised solve of `M d = rhs` or `M^T d = rhs` through the reduced system.
     fn solve(&self, rhs: ArrayView1<'_, f64>, transpose: bool) -> Array1<f64> {
+        let _avx = clarke_core::avx::UpperStateGuard;
         let n = self.n;
         let m = self.jd.len();
         let count = self.pos.iter().filter(|p| p.is_some()).count();

@@ -205,6 +205,7 @@ pub(crate) struct ShiftedFactor {
 impl ShiftedFactor {
     /// `(H - t I)^{-1} v` in place.
     fn apply_inverse(&self, v: &mut faer::Mat<f64>) {
+        let _avx = clarke_core::avx::UpperStateGuard;
         use faer::dyn_stack::{MemBuffer, MemStack};
         use faer::linalg::cholesky::llt::solve::{solve_in_place_scratch, solve_in_place_with_conj};
         let par = faer::Par::Seq;
@@ -303,6 +304,7 @@ pub(crate) fn spectrum(
 /// with that factor; `None` when the factorisation meets a non-positive pivot (then
 /// `sigma_min` may be at most `t`, and the caller decides by an SVD).
 fn cholesky_certificate(h: ArrayView2<'_, f64>, sigma_max: f64, rank_tol: f64) -> Result<Option<Spectrum>> {
+    let _avx = clarke_core::avx::UpperStateGuard;
     use faer::dyn_stack::{MemBuffer, MemStack};
     use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch};
     use faer::linalg::cholesky::llt::solve::{solve_in_place_scratch, solve_in_place_with_conj};

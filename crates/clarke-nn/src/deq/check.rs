@@ -411,6 +411,7 @@ impl WeightNorm {
 /// factorisation (faer, in place, lower triangle formed directly) decides by meeting no
 /// non-positive pivot.
 fn norm_below(gram: ArrayView2<'_, f64>, t: f64) -> bool {
+    let _avx = clarke_core::avx::UpperStateGuard;
     use faer::dyn_stack::{MemBuffer, MemStack};
     use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch};
     let n = gram.nrows();

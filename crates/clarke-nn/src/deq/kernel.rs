@@ -25,6 +25,7 @@ pub(crate) fn gemm_seq<S: Scalar>(
     }
     let accum = if accumulate { Accum::Add } else { Accum::Replace };
     faer::linalg::matmul::matmul(c.into_faer(), accum, a.into_faer(), b.into_faer(), S::one(), Par::Seq);
+    clarke_core::avx::clear_upper_state();
 }
 
 /// Row blocks for the threads: one per thread when the batch is worth splitting.

@@ -87,6 +87,7 @@ pub(crate) fn weight_params<S: Scalar>(
     form: Parametrization,
     w: ArrayView2<'_, S>,
 ) -> Result<Vec<(&'static str, ArrayD<S>)>> {
+    let _avx = clarke_core::avx::UpperStateGuard;
     let n = w.nrows();
     match form {
         Parametrization::Unconstrained => Ok(vec![("w", w.to_owned().into_dyn())]),

@@ -45,6 +45,7 @@ impl Backend for Faer {
     type Lu<S: Scalar> = FaerLu<S>;
 
     fn lu_factor<S: Scalar>(a: ArrayView2<'_, S>) -> Result<FaerLu<S>> {
+        let _avx = clarke_core::avx::UpperStateGuard;
         use faer::linalg::lu::partial_pivoting::factor::{lu_in_place, lu_in_place_scratch};
         let n = a.nrows();
         let par = par_for(n);
@@ -68,6 +69,7 @@ impl Backend for Faer {
     }
 
     fn lu_solve_in_place<S: Scalar>(lu: &FaerLu<S>, b: ArrayViewMut2<'_, S>, transpose: bool) -> Result<()> {
+        let _avx = clarke_core::avx::UpperStateGuard;
         use faer::linalg::lu::partial_pivoting::solve as lusolve;
         let n = lu.lu.nrows();
         let k = b.ncols();
@@ -101,6 +103,7 @@ impl Backend for Faer {
     }
 
     fn cholesky_solve_in_place<S: Scalar>(a: ArrayView2<'_, S>, b: ArrayViewMut2<'_, S>) -> Result<()> {
+        let _avx = clarke_core::avx::UpperStateGuard;
         use faer::linalg::cholesky::llt::factor::{LltError, cholesky_in_place, cholesky_in_place_scratch};
         use faer::linalg::cholesky::llt::solve::{solve_in_place_scratch, solve_in_place_with_conj};
         let n = a.nrows();
@@ -131,6 +134,7 @@ impl Backend for Faer {
     }
 
     fn svd<S: Scalar>(a: ArrayView2<'_, S>) -> Result<(Array2<S>, Array1<S>, Array2<S>)> {
+        let _avx = clarke_core::avx::UpperStateGuard;
         use faer::linalg::svd::{svd, svd_scratch};
         let (m, n) = a.dim();
         let k = m.min(n);
@@ -161,6 +165,7 @@ impl Backend for Faer {
     }
 
     fn singular_values<S: Scalar>(a: ArrayView2<'_, S>) -> Result<Array1<S>> {
+        let _avx = clarke_core::avx::UpperStateGuard;
         use faer::linalg::svd::{svd, svd_scratch};
         let (m, n) = a.dim();
         let k = m.min(n);
