@@ -313,7 +313,8 @@ impl WeightNorm {
                 return Ok(None);
             }
             v /= norm;
-            let gv = gram.dot(&v);
+            let mut gv = Array1::zeros(n);
+            clarke_core::gemm::gemv(1.0, gram.view(), v.view(), 0.0, gv.view_mut());
             products += 1;
             let next = v.dot(&gv);
             let settled = (next - squared).abs() <= DENSE_ESTIMATE_TOL * next;
