@@ -27,8 +27,8 @@
 
 use std::hint::black_box;
 
-use clarke::convex::cone::{QpData, QpLayerOptions, qp_layer};
-use clarke::core::{Tape, Var};
+use clarke::convex::cone::{QpData, QpLayer, QpLayerOptions, qp_layer};
+use clarke::core::{Grads, Tape, Var};
 use criterion::{BenchmarkId, Criterion, criterion_group};
 use ndarray::{Array1, Array2, ArrayD};
 use rand::{Rng, SeedableRng};
@@ -155,17 +155,34 @@ impl<'t> Params<'t> {
     }
 }
 
+/// The largest KKT residual over the layer's samples.
+fn worst_kkt(layer: &QpLayer<'_, f64>) -> f64 {
+    layer
+        .solutions
+        .iter()
+        .map(|s| s.cone.residuals.max())
+        .fold(0.0f64, f64::max)
+}
+
+/// Records the loss `sum(x * w)` and runs the backward pass (the hypothesis check on).
+fn loss_gradients<'t>(tape: &'t Tape<f64>, layer: &QpLayer<'t, f64>, pb: &Problem) -> Grads<f64> {
+    let w = tape.constant(pb.w.clone().into_dyn());
+    layer
+        .x
+        .try_mul(w)
+        .expect("broadcast")
+        .sum()
+        .backward()
+        .expect("backward")
+}
+
 /// Records the layer on a fresh tape; with `backward`, also the loss and the backward pass.
 fn run(pb: &Problem, batched: bool, opts: &QpLayerOptions, backward: bool) -> Outcome {
     let tape = Tape::<f64>::new();
     let params = Params::new(&tape, pb, batched);
     let p = params.p;
     let layer = qp_layer(params.data(), opts).expect("solved");
-    let kkt = layer
-        .solutions
-        .iter()
-        .map(|s| s.cone.residuals.max())
-        .fold(0.0f64, f64::max);
+    let kkt = worst_kkt(&layer);
     let active = layer
         .solutions
         .iter()
@@ -180,14 +197,7 @@ fn run(pb: &Problem, batched: bool, opts: &QpLayerOptions, backward: bool) -> Ou
             active,
         };
     }
-    let w = tape.constant(pb.w.clone().into_dyn());
-    let grads = layer
-        .x
-        .try_mul(w)
-        .expect("broadcast")
-        .sum()
-        .backward()
-        .expect("backward");
+    let grads = loss_gradients(&tape, &layer, pb);
     let r = layer.log.last().expect("one backward report");
     Outcome {
         value: grads.wrt(p).expect("gradient of p").clone(),
@@ -203,20 +213,9 @@ fn peer_data(pb: &Problem, opts: &QpLayerOptions) -> serde_json::Value {
     let tape = Tape::<f64>::new();
     let params = Params::new(&tape, pb, true);
     let layer = qp_layer(params.data(), opts).expect("solved");
-    let w = tape.constant(pb.w.clone().into_dyn());
-    let grads = layer
-        .x
-        .try_mul(w)
-        .expect("broadcast")
-        .sum()
-        .backward()
-        .expect("backward");
+    let grads = loss_gradients(&tape, &layer, pb);
     let grad = |v: Var<'_, f64>| peer_data::array(grads.wrt(v).expect("gradient"));
-    let kkt = layer
-        .solutions
-        .iter()
-        .map(|s| s.cone.residuals.max())
-        .fold(0.0f64, f64::max);
+    let kkt = worst_kkt(&layer);
     let (n, m_in) = (pb.q.nrows(), pb.g.nrows());
     let l =
         pb.l.clone()

@@ -251,27 +251,7 @@ pub(crate) fn run(lin: &Linearisation<'_>, opts: &CheckOptions) -> Result<Hypoth
         // selection, so vertices certify nothing; the midpoint is examined too.
         let midpoint = midpoint_selections(k);
         let spec = Spectrum::of(matrix_at(&midpoint).view())?;
-        walked.vertices += 1;
-        walked.min_vertex_sigma = Some(
-            walked
-                .min_vertex_sigma
-                .map_or(spec.sigma_min, |s| s.min(spec.sigma_min)),
-        );
-        if spec.relative() <= opts.singular_tol {
-            walked.outcome = CheckOutcome::Violated;
-            walked.reasons.insert(
-                0,
-                format!(
-                    "the midpoint of the block selections is singular: sigma_min(M) = {:.3e}",
-                    spec.sigma_min
-                ),
-            );
-        } else {
-            walked.outcome = CheckOutcome::Warning;
-            walked.reasons.push(format!(
-                "{blocks} second-order or PSD block(s) on a boundary: vertices and midpoint invertible, no certificate"
-            ));
-        }
+        judge_midpoint(&mut walked, spec.sigma_min, spec.relative(), opts, blocks, false);
     }
     Ok(walked)
 }
@@ -342,6 +322,41 @@ fn midpoint_selections(k: usize) -> Vec<ElementSelection> {
             value: 0.5,
         })
         .collect()
+}
+
+/// Folds the midpoint of the block selections into a walk's verdict (the dense and the
+/// matrix-free walks alike): its `sigma_min` counts as one more vertex; a `relative`
+/// `sigma_min / sigma_max` at or below the singular threshold is a violation, otherwise the
+/// verdict is a warning (vertices and midpoint certify nothing for a block). `estimated`:
+/// the singular values are estimates, and the reasons say so.
+fn judge_midpoint(
+    walked: &mut HypothesisCheck,
+    sigma_min: f64,
+    relative: f64,
+    opts: &CheckOptions,
+    blocks: usize,
+    estimated: bool,
+) {
+    walked.vertices += 1;
+    walked.min_vertex_sigma = Some(walked.min_vertex_sigma.map_or(sigma_min, |s| s.min(sigma_min)));
+    if relative <= opts.singular_tol {
+        walked.outcome = CheckOutcome::Violated;
+        let value = if estimated {
+            format!("~ {sigma_min:.3e} (estimate)")
+        } else {
+            format!("= {sigma_min:.3e}")
+        };
+        walked.reasons.insert(
+            0,
+            format!("the midpoint of the block selections is singular: sigma_min(M) {value}"),
+        );
+    } else {
+        walked.outcome = CheckOutcome::Warning;
+        let invertible = if estimated { " (estimates)" } else { "" };
+        walked.reasons.push(format!(
+            "{blocks} second-order or PSD block(s) on a boundary: vertices and midpoint invertible{invertible}, no certificate"
+        ));
+    }
 }
 
 /// The walk input of a linearisation: `M` is the inverted block (a root form, judged
@@ -435,28 +450,13 @@ fn matrix_free(lin: &Linearisation<'_>, opts: &CheckOptions, blocks: usize) -> R
                 ..spectral
             },
         )?;
-        walked.vertices += 1;
         walked.products += low.matvecs + high.matvecs;
-        walked.min_vertex_sigma = Some(walked.min_vertex_sigma.map_or(low.value, |s| s.min(low.value)));
         let relative = if high.value > 0.0 {
             low.value / high.value.max(low.value)
         } else {
             0.0
         };
-        if relative <= opts.singular_tol {
-            walked.outcome = CheckOutcome::Violated;
-            walked.reasons.insert(
-                0,
-                format!(
-                    "the midpoint of the block selections is singular: sigma_min(M) ~ {:.3e} (estimate)",
-                    low.value
-                ),
-            );
-        } else {
-            walked.reasons.push(format!(
-                "{blocks} second-order or PSD block(s) on a boundary: vertices and midpoint invertible (estimates), no certificate"
-            ));
-        }
+        judge_midpoint(&mut walked, low.value, relative, opts, blocks, true);
     }
     if walked.outcome == CheckOutcome::Certified {
         walked.outcome = CheckOutcome::Warning;
