@@ -24,7 +24,7 @@ use clap::{Parser, ValueEnum};
 use clarke::core::{KinkPolicy, Scalar, Tape};
 use clarke::implicit::{AdjointSolver, CheckOutcome, GradientMode};
 use clarke::nn::data::{Dataset, Scaler, batches};
-use clarke::nn::deq::{DeqConfig, DeqLayer, Parametrization};
+use clarke::nn::deq::{DeqConfig, DeqLayer, ForwardMethod, Parametrization};
 use clarke::nn::optim::{Adam, Optimizer, Schedule};
 use clarke::nn::train::{EpochRecord, History, Progress, accuracy};
 use clarke::nn::{Linear, ParamSet};
@@ -99,6 +99,12 @@ struct Args {
     /// Skip the hypothesis check on the backward passes (it is on by default).
     #[arg(long)]
     no_check: bool,
+    /// Forward solver: picard, or anderson (memory 5). Default: the parametrisation's own.
+    #[arg(long)]
+    forward: Option<String>,
+    /// Adjoint solver of the implicit mode: neumann or gmres. Default: the parametrisation's own.
+    #[arg(long)]
+    adjoint: Option<String>,
 }
 
 fn main() {
@@ -126,9 +132,11 @@ fn run<S: Scalar>(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let x_test: Array2<S> = scaler.apply(&test.x)?.mapv(S::from_f64_lossy);
 
     let gradient = match args.mode {
-        Mode::Implicit => match args.param {
-            Param::Spectral => GradientMode::Implicit(AdjointSolver::Neumann),
-            Param::Monotone => GradientMode::Implicit(AdjointSolver::Gmres),
+        Mode::Implicit => match (args.adjoint.as_deref(), args.param) {
+            (Some("neumann"), _) | (None, Param::Spectral) => GradientMode::Implicit(AdjointSolver::Neumann),
+            (Some("gmres"), _) | (None, Param::Monotone) => GradientMode::Implicit(AdjointSolver::Gmres),
+            (Some("anderson"), _) => GradientMode::Implicit(AdjointSolver::Anderson { memory: 5 }),
+            (Some(other), _) => return Err(format!("unknown adjoint solver {other}").into()),
         },
         Mode::Unrolled => GradientMode::Unrolled { iterations: 30 },
         Mode::Onestep => GradientMode::OneStep,
@@ -143,6 +151,12 @@ fn run<S: Scalar>(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         .with_forward_tolerance(args.tol, 1000)
         .with_adjoint_tolerance(args.tol, 1000)
         .with_check(!args.no_check);
+    let config = match args.forward.as_deref() {
+        None => config,
+        Some("picard") => config.with_forward(ForwardMethod::Picard),
+        Some("anderson") => config.with_forward(ForwardMethod::Anderson { memory: 5 }),
+        Some(other) => return Err(format!("unknown forward solver {other}").into()),
+    };
 
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let mut params = ParamSet::<S>::new();

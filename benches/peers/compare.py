@@ -167,9 +167,11 @@ def example(target, name, args, threads, out_dir, tag):
 
 def clarke_deq_digits(target, quick, threads, out_dir):
     recs = []
-    for mode, extra in (("train", []), ("train (no check)", ["--no-check"])):
+    anderson = ["--forward", "anderson", "--adjoint", "anderson"]
+    for mode, extra, tag in (("train", [], ""), ("train (no check)", ["--no-check"], "-nocheck"),
+                             ("train, Anderson", anderson, "-anderson")):
         j = example(target, "deq_digits", extra + (["--quick"] if quick else []), threads, out_dir,
-                    "deq_digits" + ("-nocheck" if extra else ""))
+                    "deq_digits" + tag)
         if j is None:
             continue
         recs.append({"problem": "deq_digits", "framework": "clarke", "mode": mode, "size": f"{j['epochs']} epochs",

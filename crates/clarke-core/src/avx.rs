@@ -7,6 +7,9 @@
 //! after a 64 x 64 GEMM, and the elementwise passes between the GEMMs of a DEQ iteration
 //! slowed down alike. Every call into faer that may run such kernels is followed by
 //! [`clear_upper_state`].
+//!
+//! The other direction: [`with_avx2`] runs a hot loop compiled for AVX2 and FMA when the CPU
+//! has them, where the default x86-64 build has SSE2 only.
 
 /// Clears the upper halves of the AVX registers (`vzeroupper`) when the CPU has AVX; does
 /// nothing elsewhere. Cheap (the feature test is cached, the instruction takes a cycle).
@@ -21,6 +24,36 @@ pub fn clear_upper_state() {
             unsafe { zero_upper() }
         }
     }
+}
+
+/// Runs `f` compiled for AVX2 and FMA when the CPU has them, as it is otherwise.
+///
+/// The default x86-64 target has SSE2 only, so the elementwise passes and small reductions
+/// between GEMMs run on 2-wide vectors; inlined into a function with these features they
+/// use 4-wide ones. Results do not change: Rust never contracts `a * b + c` into an FMA nor
+/// reassociates floating-point sums, so the instructions compute the same operations in
+/// the same order, only more of them at once.
+///
+/// `f` and the functions it calls must be inlined into the feature-enabled frame for this
+/// to take effect: pass an `#[inline(always)]` closure and keep its helpers
+/// `#[inline(always)]`.
+#[inline(always)]
+pub fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (tested above), the only requirement of a
+            // `target_feature` function.
+            return unsafe { run_with_avx2(f) };
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_with_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
 }
 
 #[cfg(target_arch = "x86_64")]

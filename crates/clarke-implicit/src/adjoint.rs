@@ -4,7 +4,9 @@
 
 use clarke_core::{Error, Result, Scalar};
 use clarke_solve::dense::{DenseLu, lstsq};
-use clarke_solve::{FnOperator, IdentityMinus, SolveOptions, SolveReport, SolveStatus, bicgstab, gmres, neumann};
+use clarke_solve::{
+    FnOperator, IdentityMinus, SolveOptions, SolveReport, SolveStatus, anderson_neumann, bicgstab, gmres, neumann,
+};
 use ndarray::{Array1, Array2, ArrayView1, ArrayViewMut1};
 
 use crate::check::{Form, block};
@@ -95,9 +97,10 @@ pub(crate) fn solve_adjoint<S: Scalar>(
             (AdjointSolver::Bicgstab, Form::FixedPoint) => bicgstab(&IdentityMinus::new(&jt), g, warm, opts),
             (AdjointSolver::Gmres, Form::Root) => gmres(&jt, g, warm, opts),
             (AdjointSolver::Bicgstab, Form::Root) => bicgstab(&jt, g, warm, opts),
-            (AdjointSolver::Neumann, Form::Root) => Err(Error::invalid(
+            (AdjointSolver::Anderson { memory }, Form::FixedPoint) => anderson_neumann(&jt, g, warm, memory, opts),
+            (AdjointSolver::Neumann | AdjointSolver::Anderson { .. }, Form::Root) => Err(Error::invalid(
                 "implicit layer",
-                format!("{name}: the Neumann adjoint needs a fixed-point layer"),
+                format!("{name}: the Neumann and Anderson adjoints need a fixed-point layer"),
             )),
             (AdjointSolver::Dense, _) => Err(Error::invalid(
                 "implicit layer",

@@ -351,7 +351,7 @@ fn validate(name: &str, form: Form, options: &ImplicitOptions) -> Result<()> {
     if form == Form::Root
         && matches!(
             mode,
-            GradientMode::Implicit(AdjointSolver::Neumann)
+            GradientMode::Implicit(AdjointSolver::Neumann | AdjointSolver::Anderson { .. })
                 | GradientMode::TruncatedNeumann { .. }
                 | GradientMode::Unrolled { .. }
                 | GradientMode::OneStep

@@ -32,6 +32,14 @@ pub enum AdjointSolver {
     Gmres,
     /// BiCGSTAB on the adjoint operator.
     Bicgstab,
+    /// The Neumann iteration with Anderson mixing of the last `memory` iterates
+    /// ([`clarke_solve::anderson_neumann`]): a Krylov method on the adjoint system that, like
+    /// the plain series, only needs products with `J_z^T`, and far fewer of them when
+    /// `J_z`'s spectral radius is near one (fixed-point layers only).
+    Anderson {
+        /// Number of past iterates mixed (5 is a good default).
+        memory: usize,
+    },
 }
 
 /// How the gradient of `z*` with respect to `theta` is computed.
@@ -75,6 +83,7 @@ impl GradientMode {
             GradientMode::Implicit(AdjointSolver::Neumann) => "implicit (Neumann)",
             GradientMode::Implicit(AdjointSolver::Gmres) => "implicit (GMRES)",
             GradientMode::Implicit(AdjointSolver::Bicgstab) => "implicit (BiCGSTAB)",
+            GradientMode::Implicit(AdjointSolver::Anderson { .. }) => "implicit (Anderson)",
             GradientMode::TruncatedNeumann { .. } => "truncated Neumann",
             GradientMode::Unrolled { .. } => "unrolled",
             GradientMode::OneStep => "one-step",

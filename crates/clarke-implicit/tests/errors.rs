@@ -130,7 +130,12 @@ fn a_singular_adjoint_is_refused_by_the_check_and_by_every_solver() {
         }
         other => panic!("expected a refused dense solve, got {other}"),
     }
-    for solver in [AdjointSolver::Neumann, AdjointSolver::Gmres, AdjointSolver::Bicgstab] {
+    for solver in [
+        AdjointSolver::Neumann,
+        AdjointSolver::Anderson { memory: 3 },
+        AdjointSolver::Gmres,
+        AdjointSolver::Bicgstab,
+    ] {
         let err = degenerate_backward(unchecked(GradientMode::Implicit(solver))).unwrap_err();
         assert!(
             matches!(err, Error::SolveFailed { stage: "adjoint", .. }),

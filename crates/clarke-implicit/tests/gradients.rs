@@ -158,7 +158,12 @@ fn max_diff(a: &[ArrayD<f64>], b: &[ArrayD<f64>]) -> f64 {
 #[test]
 fn adjoint_solvers_agree_on_a_well_conditioned_deq() {
     let reference = deq_gradients(GradientMode::Implicit(AdjointSolver::Dense));
-    for solver in [AdjointSolver::Neumann, AdjointSolver::Gmres, AdjointSolver::Bicgstab] {
+    for solver in [
+        AdjointSolver::Neumann,
+        AdjointSolver::Anderson { memory: 5 },
+        AdjointSolver::Gmres,
+        AdjointSolver::Bicgstab,
+    ] {
         let g = deq_gradients(GradientMode::Implicit(solver));
         let d = max_diff(&g, &reference);
         assert!(d <= 1e-8, "{solver:?} differs from dense by {d:e}");

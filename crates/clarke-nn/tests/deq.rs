@@ -3,7 +3,9 @@
 
 use clarke_core::{BackwardOptions, Error, KinkPolicy, Tape, Var};
 use clarke_implicit::{AdjointSolver, CheckOptions, CheckOutcome, GradientMode, ImplicitOptions};
-use clarke_nn::deq::{Activation, DeqConfig, DeqLayer, DeqWeights, ForwardMethod, Parametrization};
+use clarke_nn::deq::{
+    Activation, DeqConfig, DeqLayer, DeqWeights, ForwardMethod, MAX_ANDERSON_MEMORY, Parametrization,
+};
 use clarke_nn::{Linear, ParamSet};
 use clarke_solve::FixedPointOptions;
 use ndarray::{Array2, ArrayD};
@@ -166,7 +168,12 @@ fn every_adjoint_solver_gives_the_same_gradient() {
         g
     };
     let dense = solve(AdjointSolver::Dense);
-    for solver in [AdjointSolver::Neumann, AdjointSolver::Gmres, AdjointSolver::Bicgstab] {
+    for solver in [
+        AdjointSolver::Neumann,
+        AdjointSolver::Anderson { memory: 5 },
+        AdjointSolver::Gmres,
+        AdjointSolver::Bicgstab,
+    ] {
         let diff = max_rel_diff(&dense, &solve(solver));
         assert!(diff < 1e-9, "{solver:?} differs from the dense solve by {diff:e}");
     }
@@ -495,6 +502,20 @@ fn bad_input_gets_clear_errors() {
         (
             DeqConfig::default().with_gradient(GradientMode::LeastSquaresNoHypothesis),
             "least-squares",
+        ),
+        (
+            DeqConfig::default().with_forward(ForwardMethod::Anderson { memory: 0 }),
+            "memory of at least 1",
+        ),
+        (
+            DeqConfig::default().with_forward(ForwardMethod::Anderson {
+                memory: MAX_ANDERSON_MEMORY + 1,
+            }),
+            "forward Anderson memory is 101",
+        ),
+        (
+            DeqConfig::default().with_gradient(GradientMode::Implicit(AdjointSolver::Anderson { memory: usize::MAX })),
+            "adjoint Anderson memory",
         ),
     ] {
         let e = DeqLayer::<f64>::new(&mut ParamSet::new(), "deq", 2, 3, config, &mut rng(0)).unwrap_err();

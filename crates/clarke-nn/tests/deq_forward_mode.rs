@@ -75,6 +75,7 @@ fn the_jvp_is_the_transpose_of_the_vjp_in_every_gradient_mode() {
         GradientMode::Implicit(AdjointSolver::Neumann),
         GradientMode::Implicit(AdjointSolver::Gmres),
         GradientMode::Implicit(AdjointSolver::Bicgstab),
+        GradientMode::Implicit(AdjointSolver::Anderson { memory: 4 }),
         GradientMode::TruncatedNeumann { terms: 4 },
         GradientMode::Unrolled { iterations: 12 },
         GradientMode::OneStep,

@@ -56,7 +56,7 @@ pub use fixed_point::{
     FixedPointOptions, FixedPointReport, NewtonKrylovOptions, anderson, broyden, flattened, newton_krylov,
     newton_krylov_with_jvp, picard,
 };
-pub use krylov::{bicgstab, cg, gmres, neumann};
+pub use krylov::{anderson_neumann, bicgstab, cg, gmres, neumann};
 pub use linop::{DenseOperator, FnOperator, IdentityMinus, LinearOperator, NormalOperator, Transposed};
 pub use report::{SolveOptions, SolveReport, SolveStatus};
 pub use spectral::{

@@ -54,8 +54,16 @@ impl Activation {
     }
 
     /// Applies the activation elementwise in place.
+    /// The match is outside the loop so that each activation's loop vectorises.
     pub(crate) fn apply_in_place<S: Scalar>(&self, mut a: ArrayViewMut2<'_, S>) {
-        a.mapv_inplace(|p| self.value(p));
+        match *self {
+            Activation::Relu => a.mapv_inplace(nonsmooth::relu),
+            Activation::LeakyRelu(alpha) => {
+                let alpha = S::from_f64_lossy(alpha);
+                a.mapv_inplace(|p| nonsmooth::leaky_relu(p, alpha));
+            }
+            Activation::Tanh => a.mapv_inplace(|p| p.tanh()),
+        }
     }
 
     /// Records the activation on a tape.

@@ -53,6 +53,10 @@ pub enum ForwardMethod {
     },
 }
 
+/// The largest Anderson memory a DEQ layer accepts (forward or adjoint): the solver keeps
+/// `memory + 1` copies of the batch's state.
+pub const MAX_ANDERSON_MEMORY: usize = 100;
+
 /// Options of a DEQ layer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeqConfig {
@@ -236,6 +240,11 @@ impl DeqConfig {
                 }
             }
             ForwardMethod::Anderson { memory: 0 } => return bad("Anderson needs a memory of at least 1".into()),
+            ForwardMethod::Anderson { memory } if memory > MAX_ANDERSON_MEMORY => {
+                return bad(format!(
+                    "the forward Anderson memory is {memory}, above {MAX_ANDERSON_MEMORY}: each sample would keep that many copies of its state, and past a few dozen they only add dependent differences"
+                ));
+            }
             _ => {}
         }
         // A zero tolerance asks for an exact fixed point (as the generic implicit layer
@@ -264,6 +273,9 @@ impl DeqConfig {
             GradientMode::Unrolled { iterations: 0 } | GradientMode::TruncatedNeumann { terms: 0 } => {
                 bad("unrolled and truncated modes need at least one iteration".into())
             }
+            GradientMode::Implicit(AdjointSolver::Anderson { memory }) if memory > MAX_ANDERSON_MEMORY => bad(format!(
+                "the adjoint Anderson memory is {memory}, above {MAX_ANDERSON_MEMORY}: each sample would keep that many copies of its adjoint, and past a few dozen they only add dependent differences"
+            )),
             _ => Ok(()),
         }
     }

@@ -70,7 +70,7 @@ pub(crate) struct BlockRun {
 impl BlockRun {
     /// Records one iteration's change; `true` when the iteration should stop (a non-finite
     /// change, or the tolerance reached without a fixed count).
-    fn record(&mut self, change: f64, budget: Budget) -> bool {
+    pub(crate) fn record(&mut self, change: f64, budget: Budget) -> bool {
         self.iterations += 1;
         self.residual = change;
         self.trace.push(change);
@@ -159,7 +159,7 @@ fn adjoint_row<S: Scalar>(w: &mut [S], t: &mut [S], q: &[S], g: &[S], d: &[S]) -
 }
 
 /// Folds a row's relative change into the block's worst, keeping NaN visible.
-fn worst(change: f64, r: f64) -> f64 {
+pub(crate) fn worst(change: f64, r: f64) -> f64 {
     if r.is_nan() || change.is_nan() {
         f64::NAN
     } else {
@@ -307,7 +307,7 @@ pub(crate) fn tangent_neumann_block<S: Scalar>(
 
 /// The Euclidean norm of each row (floored at the smallest positive `f64`): the scale of a
 /// Neumann iteration's change per sample.
-fn row_norms<S: Scalar>(a: ArrayView2<'_, S>) -> Vec<f64> {
+pub(crate) fn row_norms<S: Scalar>(a: ArrayView2<'_, S>) -> Vec<f64> {
     a.outer_iter()
         .map(|r| {
             r.iter()

@@ -34,6 +34,7 @@
 //! ```
 
 mod activation;
+mod anderson;
 mod check;
 mod config;
 mod kernel;
@@ -43,16 +44,17 @@ pub mod weights;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
+use clarke_core::gemm::gemv;
 use clarke_core::{Error, KinkLedger, Result, Scalar, Var};
 use clarke_implicit::{BackwardReport, GradientMode, HypothesisCheck, Pass, ReportLog};
-use clarke_solve::{FixedPointOptions, FixedPointReport, SolveStatus};
+use clarke_solve::{FixedPointReport, SolveStatus};
 use ndarray::{Array1, Array2, ArrayD, ArrayView2, Axis, Ix1, Ix2, s};
 use rand::Rng;
 use rayon::prelude::*;
 
 pub use activation::Activation;
 pub use check::cell_jacobian_product;
-pub use config::{DeqConfig, ForwardMethod, Parametrization};
+pub use config::{DeqConfig, ForwardMethod, MAX_ANDERSON_MEMORY, Parametrization};
 pub use weights::DeqWeights;
 
 use crate::init::{glorot_uniform, normal};
@@ -365,15 +367,24 @@ impl<S: Scalar> DeqLayer<S> {
             a.mapv_inplace(|x| x / norm);
             Ok(())
         };
+        // The products go through faer's matrix-vector kernels: ndarray's row-dot loop made
+        // this serial step a visible part of a training step at width 128.
+        let (rows, cols) = v_mat.dim();
+        let mut left = Array1::<S>::zeros(rows);
+        let mut next = Array1::<S>::zeros(cols);
         normalise(&mut right)?;
-        let mut left = v_mat.dot(&*right);
+        gemv(S::one(), v_mat, right.view(), S::zero(), left.view_mut());
         normalise(&mut left)?;
         for _ in 1..self.config.power_iterations.max(1) {
-            let mut next = v_mat.t().dot(&left);
+            gemv(S::one(), v_mat.t(), left.view(), S::zero(), next.view_mut());
             normalise(&mut next)?;
-            let change = (&next - &*right).mapv(|x| x.abs()).sum().to_f64_exact();
-            *right = next;
-            left = v_mat.dot(&*right);
+            let change = next
+                .iter()
+                .zip(right.iter())
+                .map(|(a, b)| (*a - *b).abs().to_f64_exact())
+                .sum::<f64>();
+            std::mem::swap(&mut *right, &mut next);
+            gemv(S::one(), v_mat, right.view(), S::zero(), left.view_mut());
             normalise(&mut left)?;
             if change < self.config.power_tol {
                 break;
@@ -655,7 +666,7 @@ impl<S: Scalar> DeqLayer<S> {
                 parts
                     .into_par_iter()
                     .zip(blocks.par_iter())
-                    .map(|(zb, &(r0, r1))| anderson_block(w, c.slice(s![r0..r1, ..]), zb, act, memory, budget))
+                    .map(|(zb, &(r0, r1))| Ok(anderson_block(w, c.slice(s![r0..r1, ..]), zb, act, memory, budget)))
                     .collect(),
                 "anderson",
             ),
@@ -769,36 +780,20 @@ fn plain_residual<S: Scalar>(out: ArrayView2<'_, S>, z: ArrayView2<'_, S>) -> f6
     worst
 }
 
-/// Anderson on one row block (flattened), through `clarke-solve`.
+/// Anderson on one row block, each sample with its own mixing (see [`anderson::anderson_rows`]).
 fn anderson_block<S: Scalar>(
     w: ArrayView2<'_, S>,
     c: ArrayView2<'_, S>,
-    mut z: ndarray::ArrayViewMut2<'_, S>,
+    z: ndarray::ArrayViewMut2<'_, S>,
     act: Activation,
     memory: usize,
     budget: Budget,
-) -> Result<BlockRun> {
-    let (rows, n) = c.dim();
-    let map = |v: ndarray::ArrayView1<'_, S>| -> Result<Array1<S>> {
-        let zb = v
-            .into_shape_with_order((rows, n))
-            .map_err(|e| Error::invalid("deq", e.to_string()))?;
-        let mut p = c.to_owned();
-        kernel::gemm_seq(zb, w.t(), true, p.view_mut());
-        act.apply_in_place(p.view_mut());
-        Ok(p.into_shape_with_order(rows * n).expect("contiguous"))
+) -> BlockRun {
+    let map = |zb: ArrayView2<'_, S>, mut out: ndarray::ArrayViewMut2<'_, S>| {
+        out.assign(&c);
+        kernel::gemm_seq(zb, w.t(), true, out.view_mut());
+        act.apply_in_place(out);
     };
-    let z0: Array1<S> = z.iter().copied().collect();
-    let mut opts = FixedPointOptions::for_precision::<S>()
-        .with_anderson_memory(memory)
-        .with_max_iter(budget.max_iter);
-    opts.tol = if budget.fixed { 0.0 } else { budget.tol };
-    let (zs, report) = clarke_solve::anderson(map, z0.view(), &opts)?;
-    z.assign(&zs.into_shape_with_order((rows, n)).expect("same length"));
-    Ok(BlockRun {
-        iterations: report.iterations,
-        residual: report.residual,
-        non_finite: report.status == SolveStatus::NonFinite,
-        trace: report.trace,
-    })
+    let scale = |_: usize, t2: f64| t2.sqrt().max(1.0);
+    anderson::anderson_rows(z, memory, budget, map, scale)
 }

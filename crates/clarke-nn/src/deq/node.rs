@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use super::config::{DeqConfig, Parametrization};
 use super::kernel::{self, BlockRun, Budget, merge, neumann_block, row_blocks, split_rows, tangent_neumann_block};
-use super::{check, solve_failed};
+use super::{anderson, check, solve_failed};
 
 /// Which linear system of `I - J_z` a solve is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,6 +288,23 @@ impl<S: Scalar> ImplicitNode<S> {
                 };
                 (neumann(&mut sol, budget), "neumann", false)
             }
+            GradientMode::Implicit(AdjointSolver::Anderson { memory }) => {
+                let budget = Budget {
+                    tol,
+                    max_iter,
+                    fixed: false,
+                };
+                let parts = split_rows(sol.view_mut(), &blocks);
+                let runs: Vec<BlockRun> = parts
+                    .into_par_iter()
+                    .zip(blocks.par_iter())
+                    .map(|(sb, &(r0, r1))| {
+                        let (db, rb) = (d.slice(s![r0..r1, ..]), rhs.slice(s![r0..r1, ..]));
+                        anderson_linear_block(direction, w, db, rb, sb, memory, budget)
+                    })
+                    .collect();
+                (merge(runs), "anderson", false)
+            }
             GradientMode::Implicit(AdjointSolver::Dense) => {
                 let mut a = Array3::<S>::zeros((batch, n, n));
                 Zip::from(a.outer_iter_mut())
@@ -420,6 +437,37 @@ fn system_residual<S: Scalar>(
         .sqrt();
     let den = r.iter().map(|v| v.to_f64_exact().powi(2)).sum::<f64>().sqrt();
     if den > 0.0 { num / den } else { num }
+}
+
+/// The adjoint (or tangent) system of one row block by Anderson mixing of its Neumann
+/// iteration, each sample with its own coefficients: `T(w) = g + (w o d) W` (adjoint) or
+/// `T(v) = r + (v W^T) o d` (tangent), each row's change relative to its right-hand side.
+fn anderson_linear_block<S: Scalar>(
+    direction: Direction,
+    w: ArrayView2<'_, S>,
+    d: ArrayView2<'_, S>,
+    rhs: ArrayView2<'_, S>,
+    sol: ndarray::ArrayViewMut2<'_, S>,
+    memory: usize,
+    budget: Budget,
+) -> BlockRun {
+    let rhs_norms = kernel::row_norms(rhs);
+    let mut scaled = Array2::<S>::zeros(rhs.raw_dim());
+    let map = |v: ArrayView2<'_, S>, mut out: ndarray::ArrayViewMut2<'_, S>| match direction {
+        Direction::Adjoint => {
+            Zip::from(&mut scaled).and(&v).and(&d).for_each(|t, &a, &b| *t = a * b);
+            out.assign(&rhs);
+            kernel::gemm_seq(scaled.view(), w, true, out);
+        }
+        Direction::Tangent => {
+            kernel::gemm_seq(v, w.t(), false, out.view_mut());
+            Zip::from(&mut out)
+                .and(&d)
+                .and(&rhs)
+                .for_each(|o, &a, &b| *o = *o * a + b);
+        }
+    };
+    anderson::anderson_rows(sol, memory, budget, map, |i, _| rhs_norms[i])
 }
 
 /// GMRES or BiCGSTAB on one row block (flattened), through `clarke-solve`.

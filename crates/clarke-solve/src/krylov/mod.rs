@@ -16,17 +16,21 @@
 //! Which one to use:
 //! - [`neumann`]: `(I - A) x = b` by `x <- A x + b`; needs a contraction (`rho(A) < 1`), which
 //!   is the "AID-FP" adjoint of a contractive fixed-point layer. Takes `A`, not `I - A`.
+//! - [`anderson_neumann`]: the same system and operator, with Anderson mixing of the
+//!   iterates: a Krylov method in disguise, far fewer products for slow contractions.
 //! - [`cg`]: symmetric positive definite operators.
 //! - [`gmres`]: any nonsingular operator (restarted, so convergence is not guaranteed for
 //!   hard problems, but the residual never increases).
 //! - [`bicgstab`]: any nonsingular operator, short recurrences (less memory than GMRES),
 //!   irregular convergence, may break down.
 
+mod anderson_neumann;
 mod bicgstab;
 mod cg;
 mod gmres;
 mod neumann;
 
+pub use anderson_neumann::anderson_neumann;
 pub use bicgstab::bicgstab;
 pub use cg::cg;
 pub use gmres::gmres;

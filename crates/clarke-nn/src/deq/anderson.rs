@@ -1,0 +1,286 @@
+//! Anderson acceleration of the DEQ's batched iterations, one sample (row) at a time.
+//!
+//! Every sample has its own fixed point, so every row gets its own mixing coefficients: the
+//! block still costs one GEMM per iteration (the map `T` applied to all rows at once), and
+//! the acceleration adds `O(m n)` per row, against the GEMM's `n^2`. One Anderson over the
+//! flattened block would mix the samples' histories with shared coefficients, and its
+//! least-squares problem would have `rows * n` equations.
+//!
+//! The form is type-II Anderson with damping 1 in its constrained form: over the last
+//! `m + 1` iterates `z_j` of a row, with images `F_j = T(z_j)` and residuals
+//! `G_j = F_j - z_j`, `alpha = argmin ||sum_j alpha_j G_j||^2` subject to `sum_j alpha_j = 1`,
+//! and `z_{k+1} = sum_j alpha_j F_j`. In exact arithmetic these are the iterates of the
+//! difference form of [`clarke_solve::anderson`]; this one keeps the images and residuals
+//! themselves (the map writes straight into the history, nothing is copied), and the Gram
+//! matrix `G G^T` gains one row per iteration. With `H = G G^T + lambda I` (`lambda`
+//! relative to its largest diagonal entry), `alpha = H^-1 1 / (1^T H^-1 1)`; a row whose `H`
+//! cannot be factored, or whose `1^T H^-1 1` is not a usable number, takes the plain step
+//! `z_{k+1} = T(z_k)`.
+//!
+//! The stopping rule and the returned iterate are Picard's: a row's change is
+//! `||T(z_k) - z_k||` over its own scale, the block stops when its worst row is within the
+//! tolerance, and the block leaves with `T(z_k)`, the image of the last iterate measured.
+
+use clarke_core::Scalar;
+use clarke_core::avx::with_avx2;
+use clarke_core::gemm::dot;
+use clarke_solve::dense::small_spd_solve;
+use ndarray::{ArrayView2, ArrayViewMut2};
+
+use super::kernel::{BlockRun, Budget, worst};
+
+/// The regularisation of the Gram matrix, relative to its largest diagonal entry (as the
+/// default of [`clarke_solve::FixedPointOptions::regularization`]).
+const REGULARIZATION: f64 = 1e-10;
+
+/// Runs Anderson with memory `memory` (mixing the last `memory + 1` iterates) on a row
+/// block. `map(z, out)` writes `T(z)` for every row of `z`; `scale(i, t2)` is the denominator
+/// of row `i`'s change given the squared norm `t2` of its `T(z)` row. `z` holds the start
+/// and receives the last image.
+pub(crate) fn anderson_rows<S: Scalar>(
+    mut z: ArrayViewMut2<'_, S>,
+    memory: usize,
+    budget: Budget,
+    mut map: impl FnMut(ArrayView2<'_, S>, ArrayViewMut2<'_, S>),
+    scale: impl Fn(usize, f64) -> f64,
+) -> BlockRun {
+    let (rows, n) = z.dim();
+    let mut history = History::new(memory + 1, rows, n);
+    let mut run = BlockRun::default();
+    while run.iterations < budget.max_iter {
+        let slot = history.next;
+        map(z.view(), history.image_mut(slot));
+        let change = with_avx2(
+            #[inline(always)]
+            || {
+                let zs = z.as_slice().expect("a standard-layout block");
+                let mut change = 0.0f64;
+                for i in 0..rows {
+                    let (t, g) = history.row_pair_mut(slot, i);
+                    let (d2, t2) = residual_row(g, &zs[i * n..(i + 1) * n], t);
+                    change = worst(change, d2.sqrt() / scale(i, t2));
+                }
+                change
+            },
+        );
+        if run.record(change, budget) || run.iterations >= budget.max_iter {
+            z.as_slice_mut()
+                .expect("a standard-layout block")
+                .copy_from_slice(history.image(slot));
+            break;
+        }
+        history.commit(slot);
+        with_avx2(
+            #[inline(always)]
+            || history.mix(z.as_slice_mut().expect("a standard-layout block")),
+        );
+    }
+    run
+}
+
+/// `g = t - z` for one row; returns `||g||^2` and `||t||^2` in f64. Four accumulators let
+/// the reductions vectorise.
+#[inline(always)]
+fn residual_row<S: Scalar>(g: &mut [S], z: &[S], t: &[S]) -> (f64, f64) {
+    let mut d2 = [S::zero(); 4];
+    let mut t2 = [S::zero(); 4];
+    let mut gc = g.chunks_exact_mut(4);
+    let mut zc = z.chunks_exact(4);
+    let mut tc = t.chunks_exact(4);
+    for ((g4, z4), t4) in (&mut gc).zip(&mut zc).zip(&mut tc) {
+        for k in 0..4 {
+            let d = t4[k] - z4[k];
+            g4[k] = d;
+            d2[k] += d * d;
+            t2[k] += t4[k] * t4[k];
+        }
+    }
+    for ((gv, &zv), &tv) in gc.into_remainder().iter_mut().zip(zc.remainder()).zip(tc.remainder()) {
+        let d = tv - zv;
+        *gv = d;
+        d2[0] += d * d;
+        t2[0] += tv * tv;
+    }
+    let sum = |a: [S; 4]| ((a[0] + a[1]) + (a[2] + a[3])).to_f64_exact();
+    (sum(d2), sum(t2))
+}
+
+/// The last `slots` images and residuals of each row, and their Gram matrices.
+struct History<S> {
+    slots: usize,
+    rows: usize,
+    n: usize,
+    /// `F_j` per slot, slot-major: row `i` of slot `j` at `(j * rows + i) * n`.
+    images: Vec<S>,
+    /// `G_j` per slot, laid out as `images`.
+    residuals: Vec<S>,
+    /// `G_a . G_b` per row, at `(i * slots + a) * slots + b`, in f64.
+    gram: Vec<f64>,
+    /// Slots holding an iterate, and the slot the next one goes to.
+    stored: usize,
+    next: usize,
+    /// Scratch of the small solves.
+    h: Vec<f64>,
+    y: Vec<f64>,
+}
+
+impl<S: Scalar> History<S> {
+    fn new(slots: usize, rows: usize, n: usize) -> Self {
+        History {
+            slots,
+            rows,
+            n,
+            images: vec![S::zero(); slots * rows * n],
+            residuals: vec![S::zero(); slots * rows * n],
+            gram: vec![0.0; rows * slots * slots],
+            stored: 0,
+            next: 0,
+            h: vec![0.0; slots * slots],
+            y: vec![0.0; slots],
+        }
+    }
+
+    /// Row `i` of slot `slot` in a slot-major store.
+    #[inline(always)]
+    fn at(&self, slot: usize, i: usize) -> std::ops::Range<usize> {
+        let start = (slot * self.rows + i) * self.n;
+        start..start + self.n
+    }
+
+    /// The images of slot `slot`, as a block the map writes into.
+    fn image_mut(&mut self, slot: usize) -> ArrayViewMut2<'_, S> {
+        let len = self.rows * self.n;
+        ArrayViewMut2::from_shape((self.rows, self.n), &mut self.images[slot * len..(slot + 1) * len])
+            .expect("a slot holds rows x n values")
+    }
+
+    /// The images of slot `slot`, flat.
+    fn image(&self, slot: usize) -> &[S] {
+        let len = self.rows * self.n;
+        &self.images[slot * len..(slot + 1) * len]
+    }
+
+    /// Row `i`'s image (read) and residual (written) in slot `slot`.
+    #[inline(always)]
+    fn row_pair_mut(&mut self, slot: usize, i: usize) -> (&[S], &mut [S]) {
+        let r = self.at(slot, i);
+        (&self.images[r.clone()], &mut self.residuals[r])
+    }
+
+    /// Takes the iterate in `slot` into the history: its Gram entries with every stored
+    /// residual, then the next slot.
+    fn commit(&mut self, slot: usize) {
+        self.stored = (self.stored + 1).min(self.slots);
+        let m = self.slots;
+        with_avx2(
+            #[inline(always)]
+            || {
+                for i in 0..self.rows {
+                    let new = &self.residuals[self.at(slot, i)];
+                    for j in 0..self.stored {
+                        let h = dot(new, &self.residuals[self.at(j, i)]);
+                        self.gram[(i * m + slot) * m + j] = h;
+                        self.gram[(i * m + j) * m + slot] = h;
+                    }
+                }
+            },
+        );
+        self.next = (slot + 1) % self.slots;
+    }
+
+    /// Writes the next iterate of every row, `sum_j alpha_j F_j` (or the last image).
+    #[inline(always)]
+    fn mix(&mut self, z: &mut [S]) {
+        let (k, m, n) = (self.stored, self.slots, self.n);
+        let last = (self.next + self.slots - 1) % self.slots;
+        for i in 0..self.rows {
+            let zr = &mut z[i * n..(i + 1) * n];
+            match self.coefficients(i, k, m) {
+                Some(()) => {
+                    zr.fill(S::zero());
+                    for j in 0..k {
+                        let a = S::from_f64_lossy(self.y[j]);
+                        for (zv, &f) in zr.iter_mut().zip(&self.images[self.at(j, i)]) {
+                            *zv += a * f;
+                        }
+                    }
+                }
+                None => zr.copy_from_slice(&self.images[self.at(last, i)]),
+            }
+        }
+    }
+
+    /// Leaves row `i`'s mixing coefficients over the first `k` slots in `self.y`; `None`
+    /// for the plain step.
+    #[inline(always)]
+    fn coefficients(&mut self, i: usize, k: usize, m: usize) -> Option<()> {
+        if k < 2 {
+            return None;
+        }
+        let gram = &self.gram[i * m * m..(i + 1) * m * m];
+        let largest = (0..k).map(|j| gram[j * m + j]).fold(0.0, f64::max);
+        if !(largest > 0.0 && largest.is_finite()) {
+            return None; // a zero residual: the plain step is the fixed point
+        }
+        for a in 0..k {
+            self.h[a * k..(a + 1) * k].copy_from_slice(&gram[a * m..a * m + k]);
+            self.h[a * k + a] += REGULARIZATION * largest;
+            self.y[a] = 1.0;
+        }
+        if !small_spd_solve(&mut self.h, &mut self.y, k) {
+            return None;
+        }
+        let total: f64 = self.y[..k].iter().sum();
+        if !(total.is_finite() && total.abs() > 0.0) {
+            return None;
+        }
+        self.y[..k].iter_mut().for_each(|v| *v /= total);
+        self.y[..k].iter().all(|v| v.is_finite()).then_some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array2;
+
+    /// On an affine contraction per row, Anderson reaches the fixed point in far fewer
+    /// iterations than Picard, row by row, and both stop at the same point.
+    #[test]
+    fn rows_reach_their_own_fixed_points_faster_than_picard() {
+        let n = 12;
+        // T_i(z) = A z + c_i, A symmetric tridiagonal with eigenvalues 0.95 cos(pi k / (n + 1)).
+        let a = Array2::from_shape_fn((n, n), |(i, j)| if i.abs_diff(j) == 1 { 0.475 } else { 0.0 });
+        let c = Array2::from_shape_fn((3, n), |(i, j)| (i as f64 + 1.0) * ((j as f64) * 0.7).sin());
+        let map = |z: ArrayView2<'_, f64>, mut out: ArrayViewMut2<'_, f64>| {
+            out.assign(&(z.dot(&a.t()) + &c));
+        };
+        let budget = Budget {
+            tol: 1e-12,
+            max_iter: 2000,
+            fixed: false,
+        };
+        let scale = |_: usize, t2: f64| t2.sqrt().max(1.0);
+        let mut za = Array2::<f64>::zeros((3, n));
+        let ra = anderson_rows(za.view_mut(), 5, budget, map, scale);
+        let mut zp = Array2::<f64>::zeros((3, n));
+        let rp = anderson_rows(zp.view_mut(), 0, budget, map, scale);
+        assert!(
+            ra.residual <= 1e-12 && rp.residual <= 1e-12,
+            "{} {}",
+            ra.residual,
+            rp.residual
+        );
+        assert!(
+            3 * ra.iterations < rp.iterations,
+            "anderson {} vs picard {}",
+            ra.iterations,
+            rp.iterations
+        );
+        // The exact solution: (I - A) z_i = c_i.
+        let mut fixed = za.clone();
+        map(za.view(), fixed.view_mut());
+        assert!((&fixed - &za).iter().all(|d| d.abs() < 1e-10));
+        assert!((&za - &zp).iter().all(|d| d.abs() < 1e-10));
+    }
+}
