@@ -24,7 +24,6 @@
 use clarke_core::Scalar;
 use clarke_core::avx::with_avx2;
 use clarke_core::gemm::dot;
-use clarke_solve::dense::small_spd_solve;
 use ndarray::{ArrayView2, ArrayViewMut2};
 
 use super::kernel::{BlockRun, Budget, worst};
@@ -106,6 +105,11 @@ fn residual_row<S: Scalar>(g: &mut [S], z: &[S], t: &[S]) -> (f64, f64) {
 }
 
 /// The last `slots` images and residuals of each row, and their Gram matrices.
+///
+/// The Gram matrices and the mixing's small solves are laid out row-innermost
+/// (`[a][b][row]`): one Cholesky factorisation per row would be a chain of dependent square
+/// roots and divisions, while the same steps over all rows at once are elementwise loops
+/// that vectorise.
 struct History<S> {
     slots: usize,
     rows: usize,
@@ -114,14 +118,17 @@ struct History<S> {
     images: Vec<S>,
     /// `G_j` per slot, laid out as `images`.
     residuals: Vec<S>,
-    /// `G_a . G_b` per row, at `(i * slots + a) * slots + b`, in f64.
+    /// `G_a . G_b` of row `i` at `(a * slots + b) * rows + i`, in f64.
     gram: Vec<f64>,
     /// Slots holding an iterate, and the slot the next one goes to.
     stored: usize,
     next: usize,
-    /// Scratch of the small solves.
-    h: Vec<f64>,
-    y: Vec<f64>,
+    /// Scratch of the batched solves: the factors (`[a][b][row]`, `k x k` used), the
+    /// coefficients (`[a][row]`), per-row scalars, and whether a row's coefficients are usable.
+    factor: Vec<f64>,
+    alpha: Vec<f64>,
+    per_row: Vec<f64>,
+    usable: Vec<bool>,
 }
 
 impl<S: Scalar> History<S> {
@@ -132,11 +139,13 @@ impl<S: Scalar> History<S> {
             n,
             images: vec![S::zero(); slots * rows * n],
             residuals: vec![S::zero(); slots * rows * n],
-            gram: vec![0.0; rows * slots * slots],
+            gram: vec![0.0; slots * slots * rows],
             stored: 0,
             next: 0,
-            h: vec![0.0; slots * slots],
-            y: vec![0.0; slots],
+            factor: vec![0.0; slots * slots * rows],
+            alpha: vec![0.0; slots * rows],
+            per_row: vec![0.0; rows],
+            usable: vec![false; rows],
         }
     }
 
@@ -171,71 +180,150 @@ impl<S: Scalar> History<S> {
     /// residual, then the next slot.
     fn commit(&mut self, slot: usize) {
         self.stored = (self.stored + 1).min(self.slots);
-        let m = self.slots;
-        with_avx2(
-            #[inline(always)]
-            || {
-                for i in 0..self.rows {
-                    let new = &self.residuals[self.at(slot, i)];
-                    for j in 0..self.stored {
-                        let h = dot(new, &self.residuals[self.at(j, i)]);
-                        self.gram[(i * m + slot) * m + j] = h;
-                        self.gram[(i * m + j) * m + slot] = h;
-                    }
-                }
-            },
-        );
+        let (m, rows) = (self.slots, self.rows);
+        for i in 0..rows {
+            let new = &self.residuals[self.at(slot, i)];
+            for j in 0..self.stored {
+                let h = dot(new, &self.residuals[self.at(j, i)]);
+                self.gram[(slot * m + j) * rows + i] = h;
+                self.gram[(j * m + slot) * rows + i] = h;
+            }
+        }
         self.next = (slot + 1) % self.slots;
     }
 
     /// Writes the next iterate of every row, `sum_j alpha_j F_j` (or the last image).
     #[inline(always)]
     fn mix(&mut self, z: &mut [S]) {
-        let (k, m, n) = (self.stored, self.slots, self.n);
+        let (k, n, rows) = (self.stored, self.n, self.rows);
         let last = (self.next + self.slots - 1) % self.slots;
-        for i in 0..self.rows {
+        if k >= 2 {
+            self.coefficients(k);
+        } else {
+            self.usable.fill(false);
+        }
+        for i in 0..rows {
             let zr = &mut z[i * n..(i + 1) * n];
-            match self.coefficients(i, k, m) {
-                Some(()) => {
-                    zr.fill(S::zero());
-                    for j in 0..k {
-                        let a = S::from_f64_lossy(self.y[j]);
-                        for (zv, &f) in zr.iter_mut().zip(&self.images[self.at(j, i)]) {
-                            *zv += a * f;
-                        }
-                    }
+            if !self.usable[i] {
+                zr.copy_from_slice(&self.images[self.at(last, i)]);
+                continue;
+            }
+            zr.fill(S::zero());
+            for j in 0..k {
+                let a = S::from_f64_lossy(self.alpha[j * rows + i]);
+                for (zv, &f) in zr.iter_mut().zip(&self.images[self.at(j, i)]) {
+                    *zv += a * f;
                 }
-                None => zr.copy_from_slice(&self.images[self.at(last, i)]),
             }
         }
     }
 
-    /// Leaves row `i`'s mixing coefficients over the first `k` slots in `self.y`; `None`
-    /// for the plain step.
+    /// Every row's mixing coefficients over the first `k` slots, `alpha = y / sum(y)` with
+    /// `(G G^T + lambda I) y = 1`, into `self.alpha` (`[a][row]`), and whether they are
+    /// usable into `self.usable`: not when the row's residuals are all zero (the plain step
+    /// is the fixed point), its matrix does not factor, or `sum(y)` is zero or not finite.
     #[inline(always)]
-    fn coefficients(&mut self, i: usize, k: usize, m: usize) -> Option<()> {
-        if k < 2 {
-            return None;
+    fn coefficients(&mut self, k: usize) {
+        let (m, rows) = (self.slots, self.rows);
+        let (gram, f, y, lambda, ok) = (
+            &self.gram,
+            &mut self.factor,
+            &mut self.alpha,
+            &mut self.per_row,
+            &mut self.usable,
+        );
+        let idx = |a: usize, b: usize| (a * m + b) * rows;
+        // lambda = REGULARIZATION * the largest diagonal entry.
+        lambda.fill(0.0);
+        for j in 0..k {
+            let d = &gram[idx(j, j)..idx(j, j) + rows];
+            for (l, &v) in lambda.iter_mut().zip(d) {
+                *l = l.max(v);
+            }
         }
-        let gram = &self.gram[i * m * m..(i + 1) * m * m];
-        let largest = (0..k).map(|j| gram[j * m + j]).fold(0.0, f64::max);
-        if !(largest > 0.0 && largest.is_finite()) {
-            return None; // a zero residual: the plain step is the fixed point
+        for (o, l) in ok.iter_mut().zip(lambda.iter_mut()) {
+            *o = *l > 0.0 && l.is_finite();
+            *l *= REGULARIZATION;
         }
-        for a in 0..k {
-            self.h[a * k..(a + 1) * k].copy_from_slice(&gram[a * m..a * m + k]);
-            self.h[a * k + a] += REGULARIZATION * largest;
-            self.y[a] = 1.0;
+        // Cholesky, lower triangle, all rows at once.
+        // Column j: the entries below the diagonal start as the Gram entries and are
+        // finished here; those left of the diagonal in row j were finished at their columns.
+        for j in 0..k {
+            let dj = idx(j, j);
+            for r in 0..rows {
+                f[dj + r] = gram[dj + r] + lambda[r];
+            }
+            for p in 0..j {
+                let jp = idx(j, p);
+                for r in 0..rows {
+                    f[dj + r] -= f[jp + r] * f[jp + r];
+                }
+            }
+            for r in 0..rows {
+                let d = f[dj + r];
+                ok[r] &= d > 0.0 && d.is_finite();
+                // A row that failed keeps going on a harmless pivot; its result is discarded.
+                f[dj + r] = if d > 0.0 && d.is_finite() { d.sqrt() } else { 1.0 };
+            }
+            for i in j + 1..k {
+                let ij = idx(i, j);
+                f[ij..ij + rows].copy_from_slice(&gram[ij..ij + rows]);
+                for p in 0..j {
+                    let (ip, jp) = (idx(i, p), idx(j, p));
+                    for r in 0..rows {
+                        f[ij + r] -= f[ip + r] * f[jp + r];
+                    }
+                }
+                for r in 0..rows {
+                    f[ij + r] /= f[dj + r];
+                }
+            }
         }
-        if !small_spd_solve(&mut self.h, &mut self.y, k) {
-            return None;
+        // L L^T y = 1.
+        for i in 0..k {
+            let yi = i * rows;
+            y[yi..yi + rows].fill(1.0);
+            for p in 0..i {
+                let (ip, yp) = (idx(i, p), p * rows);
+                for r in 0..rows {
+                    y[yi + r] -= f[ip + r] * y[yp + r];
+                }
+            }
+            let ii = idx(i, i);
+            for r in 0..rows {
+                y[yi + r] /= f[ii + r];
+            }
         }
-        let total: f64 = self.y[..k].iter().sum();
-        if !(total.is_finite() && total.abs() > 0.0) {
-            return None;
+        for i in (0..k).rev() {
+            let yi = i * rows;
+            for p in i + 1..k {
+                let (pi, yp) = (idx(p, i), p * rows);
+                for r in 0..rows {
+                    y[yi + r] -= f[pi + r] * y[yp + r];
+                }
+            }
+            let ii = idx(i, i);
+            for r in 0..rows {
+                y[yi + r] /= f[ii + r];
+            }
         }
-        self.y[..k].iter_mut().for_each(|v| *v /= total);
-        self.y[..k].iter().all(|v| v.is_finite()).then_some(())
+        // alpha = y / sum(y).
+        lambda.fill(0.0);
+        for j in 0..k {
+            for (t, &v) in lambda.iter_mut().zip(&y[j * rows..(j + 1) * rows]) {
+                *t += v;
+            }
+        }
+        for j in 0..k {
+            for ((v, &t), o) in y[j * rows..(j + 1) * rows]
+                .iter_mut()
+                .zip(lambda.iter())
+                .zip(ok.iter_mut())
+            {
+                *v /= t;
+                *o &= v.is_finite();
+            }
+        }
     }
 }
 
@@ -282,5 +370,28 @@ mod tests {
         map(za.view(), fixed.view_mut());
         assert!((&fixed - &za).iter().all(|d| d.abs() < 1e-10));
         assert!((&za - &zp).iter().all(|d| d.abs() < 1e-10));
+    }
+
+    /// A row already at its fixed point has zero residuals: its Gram matrix is zero, it takes
+    /// the plain step (no NaN from the mixing) and stays put, while the other rows converge.
+    #[test]
+    fn a_row_at_its_fixed_point_takes_the_plain_step() {
+        let n = 8;
+        let a = Array2::from_shape_fn((n, n), |(i, j)| if i.abs_diff(j) == 1 { 0.45 } else { 0.0 });
+        let mut c = Array2::from_shape_fn((2, n), |(_, j)| (j as f64 * 0.3).cos());
+        c.row_mut(0).fill(0.0); // T_0(z) = A z: 0 is its fixed point
+        let map = |z: ArrayView2<'_, f64>, mut out: ArrayViewMut2<'_, f64>| out.assign(&(z.dot(&a.t()) + &c));
+        let budget = Budget {
+            tol: 1e-12,
+            max_iter: 500,
+            fixed: false,
+        };
+        let mut z = Array2::<f64>::zeros((2, n));
+        let run = anderson_rows(z.view_mut(), 4, budget, map, |_, t2| t2.sqrt().max(1.0));
+        assert!(run.residual <= 1e-12 && !run.non_finite, "{run:?}");
+        assert!(z.row(0).iter().all(|&v| v == 0.0), "{:?}", z.row(0));
+        let mut image = z.clone();
+        map(z.view(), image.view_mut());
+        assert!((&image - &z).iter().all(|d| d.abs() < 1e-11));
     }
 }

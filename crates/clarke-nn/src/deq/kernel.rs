@@ -44,6 +44,26 @@ pub(crate) fn row_blocks(rows: usize, n: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// Multiply-adds from which one GEMM of a step is split over the threads.
+///
+/// Waking the pool's other threads for a parallel region costs tens of microseconds here;
+/// a single product below this size (about a hundred microseconds on one core) loses more
+/// to the hand-off than it gains. A solve is one region for all of its iterations, so
+/// [`row_blocks`] splits at far smaller products.
+const SINGLE_GEMM_PARALLEL_MACS: usize = 1 << 22;
+
+/// Row blocks for one GEMM of `rows x inner` by `inner x cols`: one per thread only when
+/// the product pays for the hand-off (see [`SINGLE_GEMM_PARALLEL_MACS`]).
+pub(crate) fn gemm_row_blocks(rows: usize, inner: usize, cols: usize) -> Vec<(usize, usize)> {
+    if rows == 0 {
+        Vec::new()
+    } else if rows.saturating_mul(inner).saturating_mul(cols) < SINGLE_GEMM_PARALLEL_MACS {
+        vec![(0, rows)]
+    } else {
+        row_blocks(rows, cols.max(inner))
+    }
+}
+
 /// How many iterations to run and when to stop.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Budget {
@@ -327,12 +347,26 @@ pub(crate) fn input_term<S: Scalar>(
 ) -> Array2<S> {
     let mut c = Array2::<S>::zeros((x.nrows(), u.nrows()));
     c.axis_iter_mut(Axis(0)).for_each(|mut row| row.assign(&b));
-    let blocks = row_blocks(x.nrows(), u.nrows().max(x.ncols()));
+    let blocks = gemm_row_blocks(x.nrows(), x.ncols(), u.nrows());
     let mut parts = split_rows(c.view_mut(), &blocks);
-    parts.par_iter_mut().zip(blocks.par_iter()).for_each(|(cb, &(r0, r1))| {
+    for_each_block(&mut parts, &blocks, |cb, (r0, r1)| {
         gemm_seq(x.slice(s![r0..r1, ..]), u.t(), true, cb.view_mut());
     });
     c
+}
+
+/// Runs `f` on every block: on the calling thread when there is one (a parallel region of
+/// one task would still hand it to the pool and wait), in parallel otherwise.
+pub(crate) fn for_each_block<S: Scalar>(
+    parts: &mut [ArrayViewMut2<'_, S>],
+    blocks: &[(usize, usize)],
+    f: impl Fn(&mut ArrayViewMut2<'_, S>, (usize, usize)) + Sync + Send,
+) {
+    if parts.len() <= 1 {
+        parts.iter_mut().zip(blocks).for_each(|(p, &b)| f(p, b));
+    } else {
+        parts.par_iter_mut().zip(blocks.par_iter()).for_each(|(p, &b)| f(p, b));
+    }
 }
 
 /// Mutable row blocks of `a` (disjoint).
@@ -352,9 +386,9 @@ pub(crate) fn split_rows<'a, S>(mut a: ArrayViewMut2<'a, S>, blocks: &[(usize, u
 /// `p = z W^T + c` for the whole batch (the pre-activation at the solution).
 pub(crate) fn pre_activation<S: Scalar>(w: ArrayView2<'_, S>, c: ArrayView2<'_, S>, z: ArrayView2<'_, S>) -> Array2<S> {
     let mut p = c.to_owned();
-    let blocks = row_blocks(z.nrows(), w.nrows());
+    let blocks = gemm_row_blocks(z.nrows(), z.ncols(), w.nrows());
     let mut parts = split_rows(p.view_mut(), &blocks);
-    parts.par_iter_mut().zip(blocks.par_iter()).for_each(|(pb, &(r0, r1))| {
+    for_each_block(&mut parts, &blocks, |pb, (r0, r1)| {
         gemm_seq(z.slice(s![r0..r1, ..]), w.t(), true, pb.view_mut());
     });
     p
