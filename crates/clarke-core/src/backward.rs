@@ -3,6 +3,7 @@
 use std::cell::RefCell;
 
 use ndarray::ArrayD;
+use smallvec::SmallVec;
 
 use crate::grads::Grads;
 use crate::kernels::add_into;
@@ -98,18 +99,21 @@ impl<S: Scalar> BackwardOptions<S> {
 /// of reusable slots; each node has a 4-byte slot index (0: no gradient yet). A dense
 /// `Vec<Option<ArrayD>>` over all nodes would cost over 100 bytes per node and page faults
 /// on long tapes.
+///
+/// Short tapes (a few ops on large arrays) keep the buffer inline: a backward call then
+/// allocates nothing for it.
 pub(crate) struct GradBuffer<S: Scalar> {
-    slot_of: Vec<u32>,
-    slots: Vec<Option<ArrayD<S>>>,
-    free: Vec<u32>,
+    slot_of: SmallVec<[u32; 16]>,
+    slots: SmallVec<[Option<ArrayD<S>>; 2]>,
+    free: SmallVec<[u32; 4]>,
 }
 
 impl<S: Scalar> GradBuffer<S> {
     pub(crate) fn new(nodes: usize) -> Self {
         GradBuffer {
-            slot_of: vec![0; nodes],
-            slots: Vec::new(),
-            free: Vec::new(),
+            slot_of: smallvec::smallvec![0; nodes],
+            slots: SmallVec::new(),
+            free: SmallVec::new(),
         }
     }
 
@@ -330,7 +334,7 @@ impl<S: Scalar> Tape<S> {
         self.check_seed(&seed)?;
 
         let mut grads = GradBuffer::new(out_id + 1);
-        let mut ledger = KinkLedger::new(policy.label());
+        let mut ledger = KinkLedger::new(policy.label_cow());
         let custom_kinks = RefCell::new(Vec::new());
         if nodes[out_id].needs_grad {
             grads.add(out_id, seed);

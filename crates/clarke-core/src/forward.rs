@@ -99,7 +99,7 @@ impl<S: Scalar> Tape<S> {
         };
         let nodes = self.nodes();
         let out_id = output.id();
-        let mut ledger = KinkLedger::new(policy.label());
+        let mut ledger = KinkLedger::new(policy.label_cow());
         let mut tangent = self.push_tangents(&nodes, out_id, tangents, &call, Some(&mut ledger))?;
         ledger.sort();
         let tangent = tangent[out_id]

@@ -129,7 +129,7 @@ impl<S: Scalar> Tape<S> {
 
         let mut grads = GradBuffer::new(out_id + 1);
         let mut dots = GradBuffer::new(out_id + 1);
-        let mut ledger = KinkLedger::new(policy.label());
+        let mut ledger = KinkLedger::new(policy.label_cow());
         let kinks = RefCell::new(Vec::new());
         if out.needs_grad {
             grads.add(out_id, ArrayD::ones(out.value.raw_dim()));

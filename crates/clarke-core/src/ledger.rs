@@ -16,6 +16,8 @@
 
 use std::fmt;
 
+use std::borrow::Cow;
+
 use crate::policy::TieRule;
 
 /// The selection a nonsmooth node applied at its kink.
@@ -234,12 +236,12 @@ impl KinkScan {
 pub struct KinkLedger {
     /// The policy the selections came from: a preset's name, or `"custom"` with the values
     /// that differ from the preset it started from (see [`KinkPolicy::label`](crate::KinkPolicy::label)).
-    pub policy: String,
+    pub policy: Cow<'static, str>,
     records: Vec<KinkRecord>,
 }
 
 impl KinkLedger {
-    pub(crate) fn new(policy: String) -> Self {
+    pub(crate) fn new(policy: Cow<'static, str>) -> Self {
         KinkLedger {
             policy,
             records: Vec::new(),
@@ -248,7 +250,7 @@ impl KinkLedger {
 
     /// A ledger from records produced outside a backward call (a standalone analysis, such as
     /// the support of a Lasso solution). Records are kept in node order.
-    pub fn from_records(policy: impl Into<String>, mut records: Vec<KinkRecord>) -> Self {
+    pub fn from_records(policy: impl Into<Cow<'static, str>>, mut records: Vec<KinkRecord>) -> Self {
         records.sort_by_key(|r| r.node);
         KinkLedger {
             policy: policy.into(),

@@ -9,6 +9,7 @@
 //! per kind of kink, presets reproduce other frameworks, and selections outside the hull are
 //! refused unless the policy opts in.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use crate::{Error, Result};
@@ -267,8 +268,14 @@ impl KinkPolicy {
     /// What reports print: the preset's name when the policy is that preset, otherwise
     /// `custom (pytorch with relu'(0)=0.5)`, naming every value changed since the preset.
     pub fn label(&self) -> String {
+        self.label_cow().into_owned()
+    }
+
+    /// [`label`](Self::label) without an allocation when the policy is an unchanged preset
+    /// (every backward call labels its ledger).
+    pub(crate) fn label_cow(&self) -> Cow<'static, str> {
         let Ok(base) = Self::preset(self.name) else {
-            return format!("custom ({self})");
+            return Cow::Owned(format!("custom ({self})"));
         };
         let mut changed = Vec::new();
         let mut diff = |what: &str, a: f64, b: f64| {
@@ -292,9 +299,9 @@ impl KinkPolicy {
             changed.push("outside hull allowed".to_string());
         }
         if changed.is_empty() {
-            self.name.to_string()
+            Cow::Borrowed(self.name)
         } else {
-            format!("custom ({} with {})", self.name, changed.join(", "))
+            Cow::Owned(format!("custom ({} with {})", self.name, changed.join(", ")))
         }
     }
 

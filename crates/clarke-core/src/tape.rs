@@ -259,7 +259,7 @@ impl<S: Scalar> Tape<S> {
             ));
         }
         let nodes = self.nodes.borrow();
-        let mut ledger = KinkLedger::new(policy.label());
+        let mut ledger = KinkLedger::new(policy.label_cow());
         for (id, node) in nodes.iter().enumerate() {
             if let Op::Kink(k) = &node.op {
                 ledger.push(k.ledger_record(
