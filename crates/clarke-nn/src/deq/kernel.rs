@@ -5,6 +5,7 @@
 //! and every block runs its whole solve (forward or adjoint) on its own core with sequential
 //! GEMMs: no synchronisation per iteration, and each GEMM is large enough to run near peak.
 
+use clarke_core::avx::with_avx2;
 use clarke_core::{Error, Result, Scalar};
 use faer::{Accum, Par};
 use faer_ext::IntoFaer;
@@ -179,6 +180,7 @@ fn adjoint_row<S: Scalar>(w: &mut [S], t: &mut [S], q: &[S], g: &[S], d: &[S]) -
 }
 
 /// Folds a row's relative change into the block's worst, keeping NaN visible.
+#[inline(always)]
 pub(crate) fn worst(change: f64, r: f64) -> f64 {
     if r.is_nan() || change.is_nan() {
         f64::NAN
@@ -188,6 +190,7 @@ pub(crate) fn worst(change: f64, r: f64) -> f64 {
 }
 
 /// A contiguous row of a standard-layout block.
+#[inline(always)]
 fn row<'a, S>(a: &'a ArrayView2<'_, S>, i: usize) -> &'a [S] {
     let n = a.ncols();
     let start = i * a.strides()[0] as usize;
@@ -218,23 +221,29 @@ pub(crate) fn picard_block<S: Scalar>(
     let zero = S::zero();
     while run.iterations < budget.max_iter {
         gemm_seq(z.view(), w.t(), false, pre.view_mut());
-        let mut change = 0.0f64;
-        for (i, (mut zr, pr)) in z.outer_iter_mut().zip(pre.outer_iter()).enumerate() {
-            let zs = zr
-                .as_slice_mut()
-                .expect("rows of a standard-layout batch are contiguous");
-            let ps = pr.to_slice().expect("contiguous");
-            let cs = row(&cv, i);
-            let (d2, n2) = match (act, relax.is_some()) {
-                (Activation::Relu, false) => forward_row(zs, ps, cs, |p, _| if p > zero { p } else { zero }),
-                (Activation::Relu, true) => forward_row(zs, ps, cs, |p, old| {
-                    let r = keep * old + a * p;
-                    if r > zero { r } else { zero }
-                }),
-                _ => forward_row(zs, ps, cs, |p, _| act.value(p)),
-            };
-            change = worst(change, d2.to_f64_exact().sqrt() / n2.to_f64_exact().sqrt().max(1.0));
-        }
+        let change = with_avx2(
+            #[inline(always)]
+            || {
+                let mut change = 0.0f64;
+                for (i, (mut zr, pr)) in z.outer_iter_mut().zip(pre.outer_iter()).enumerate() {
+                    let zs = zr
+                        .as_slice_mut()
+                        .expect("rows of a standard-layout batch are contiguous");
+                    let ps = pr.to_slice().expect("contiguous");
+                    let cs = row(&cv, i);
+                    let (d2, n2) = match (act, relax.is_some()) {
+                        (Activation::Relu, false) => forward_row(zs, ps, cs, |p, _| if p > zero { p } else { zero }),
+                        (Activation::Relu, true) => forward_row(zs, ps, cs, |p, old| {
+                            let r = keep * old + a * p;
+                            if r > zero { r } else { zero }
+                        }),
+                        _ => forward_row(zs, ps, cs, |p, _| act.value(p)),
+                    };
+                    change = worst(change, d2.to_f64_exact().sqrt() / n2.to_f64_exact().sqrt().max(1.0));
+                }
+                change
+            },
+        );
         if run.record(change, budget) {
             break;
         }
@@ -263,22 +272,28 @@ pub(crate) fn neumann_block<S: Scalar>(
     let mut run = BlockRun::default();
     while run.iterations < budget.max_iter {
         gemm_seq(t.view(), w_mat, false, q.view_mut());
-        let mut change = 0.0f64;
-        for (i, ((mut wr, mut tr), qr)) in w
-            .outer_iter_mut()
-            .zip(t.outer_iter_mut())
-            .zip(q.outer_iter())
-            .enumerate()
-        {
-            let d2 = adjoint_row(
-                wr.as_slice_mut().expect("contiguous rows"),
-                tr.as_slice_mut().expect("contiguous rows"),
-                qr.to_slice().expect("contiguous rows"),
-                row(&gv, i),
-                row(&dv, i),
-            );
-            change = worst(change, d2.to_f64_exact().sqrt() / g_norms[i]);
-        }
+        let change = with_avx2(
+            #[inline(always)]
+            || {
+                let mut change = 0.0f64;
+                for (i, ((mut wr, mut tr), qr)) in w
+                    .outer_iter_mut()
+                    .zip(t.outer_iter_mut())
+                    .zip(q.outer_iter())
+                    .enumerate()
+                {
+                    let d2 = adjoint_row(
+                        wr.as_slice_mut().expect("contiguous rows"),
+                        tr.as_slice_mut().expect("contiguous rows"),
+                        qr.to_slice().expect("contiguous rows"),
+                        row(&gv, i),
+                        row(&dv, i),
+                    );
+                    change = worst(change, d2.to_f64_exact().sqrt() / g_norms[i]);
+                }
+                change
+            },
+        );
         if run.record(change, budget) {
             break;
         }
