@@ -13,7 +13,7 @@ use clarke_core::gemm::gemm;
 use clarke_core::{Error, JvpContext, KinkLedger, Result, Scalar, VjpContext};
 use clarke_implicit::{AdjointSolver, BackwardReport, CheckOutcome, GradientMode, HypothesisCheck, Pass, ReportLog};
 use clarke_solve::{FixedPointReport, FnOperator, SolveOptions, SolveReport, SolveStatus};
-use ndarray::{Array1, Array2, Array3, ArrayD, ArrayView2, ArrayViewD, Axis, Ix2, Zip, s};
+use ndarray::{Array1, Array2, Array3, ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, Axis, Ix2, Zip, s};
 use rayon::prelude::*;
 
 use super::config::{DeqConfig, Parametrization};
@@ -61,6 +61,9 @@ struct Selection<S> {
     check: HypothesisCheck,
     ledger: KinkLedger,
 }
+
+/// A linear solve on one row block: `(solution, d, right-hand side) -> run`.
+type BlockSolve<'a, S> = dyn Fn(ArrayViewMut2<'_, S>, ArrayView2<'_, S>, ArrayView2<'_, S>) -> BlockRun + Sync + 'a;
 
 impl<S: Scalar> ImplicitNode<S> {
     /// The VJP: `y = (I - J_z)^{-T} g`, then `delta = y o d` gives
@@ -256,20 +259,21 @@ impl<S: Scalar> ImplicitNode<S> {
         let tol = self.config.adjoint_tol;
         let max_iter = self.config.adjoint_max_iter;
         let mut sol = rhs.to_owned();
-        let neumann = |sol: &mut Array2<S>, budget: Budget| {
+        // Runs `solve(solution, d, rhs)` on every row block in parallel.
+        let by_blocks = |sol: &mut Array2<S>, solve: &BlockSolve<'_, S>| {
             let parts = split_rows(sol.view_mut(), &blocks);
             let runs: Vec<BlockRun> = parts
                 .into_par_iter()
                 .zip(blocks.par_iter())
-                .map(|(sb, &(r0, r1))| {
-                    let (db, rb) = (d.slice(s![r0..r1, ..]), rhs.slice(s![r0..r1, ..]));
-                    match direction {
-                        Direction::Adjoint => neumann_block(w, db, rb, sb, budget),
-                        Direction::Tangent => tangent_neumann_block(w, db, rb, sb, budget),
-                    }
-                })
+                .map(|(sb, &(r0, r1))| solve(sb, d.slice(s![r0..r1, ..]), rhs.slice(s![r0..r1, ..])))
                 .collect();
             merge(runs)
+        };
+        let neumann = |sol: &mut Array2<S>, budget: Budget| {
+            by_blocks(sol, &|sb, db, rb| match direction {
+                Direction::Adjoint => neumann_block(w, db, rb, sb, budget),
+                Direction::Tangent => tangent_neumann_block(w, db, rb, sb, budget),
+            })
         };
         let (mut run, solver, fixed): (BlockRun, &'static str, bool) = match self.config.gradient {
             GradientMode::TruncatedNeumann { terms } => {
@@ -294,16 +298,10 @@ impl<S: Scalar> ImplicitNode<S> {
                     max_iter,
                     fixed: false,
                 };
-                let parts = split_rows(sol.view_mut(), &blocks);
-                let runs: Vec<BlockRun> = parts
-                    .into_par_iter()
-                    .zip(blocks.par_iter())
-                    .map(|(sb, &(r0, r1))| {
-                        let (db, rb) = (d.slice(s![r0..r1, ..]), rhs.slice(s![r0..r1, ..]));
-                        anderson_linear_block(direction, w, db, rb, sb, memory, budget)
-                    })
-                    .collect();
-                (merge(runs), "anderson", false)
+                let run = by_blocks(&mut sol, &|sb, db, rb| {
+                    anderson_linear_block(direction, w, db, rb, sb, memory, budget)
+                });
+                (run, "anderson", false)
             }
             GradientMode::Implicit(AdjointSolver::Dense) => {
                 let mut a = Array3::<S>::zeros((batch, n, n));

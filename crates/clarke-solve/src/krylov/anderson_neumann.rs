@@ -8,7 +8,7 @@ use ndarray::{Array1, ArrayView1, Zip};
 use super::{Start, rel, setup};
 use crate::dense::small_spd_solve;
 use crate::linop::LinearOperator;
-use crate::report::{SolveOptions, SolveReport, SolveStatus};
+use crate::report::{SolveOptions, SolveReport};
 use crate::util::{dot, f};
 
 /// The regularisation of the mixing's normal equations, relative to the largest
@@ -85,17 +85,8 @@ pub fn anderson_neumann<S: Scalar>(
         }
         let residual = rel(r.view(), scale);
         run.push(residual);
-        if !residual.is_finite() {
-            return Ok((x, run.report(residual, SolveStatus::NonFinite)));
-        }
-        if residual <= opts.tol {
-            return Ok((x, run.report(residual, SolveStatus::Converged)));
-        }
-        if run.diverged(residual) {
-            return Ok((x, run.report(residual, SolveStatus::Diverged)));
-        }
-        if run.iterations >= opts.max_iter {
-            return Ok((x, run.report(residual, SolveStatus::MaxIterations)));
+        if let Some(status) = run.end(residual, opts) {
+            return Ok((x, run.report(residual, status)));
         }
         if memory > 0 {
             if let Some((px, pr)) = prev.take() {
@@ -154,6 +145,7 @@ fn mixing<S: Scalar>(dr: &VecDeque<Array1<S>>, r: ArrayView1<'_, S>) -> Option<V
 mod tests {
     use super::*;
     use crate::krylov::neumann;
+    use crate::report::SolveStatus;
     use ndarray::Array2;
 
     /// A slow contraction (symmetric tridiagonal, eigenvalues `0.98 cos(pi k / (n + 1))`):

@@ -83,6 +83,22 @@ impl Run {
         self.initial > 0.0 && residual > self.divergence_factor * self.initial
     }
 
+    /// How a fixed-point style iteration ends at `residual` (recorded already), if it ends
+    /// here: a non-finite residual, the tolerance met, divergence, or the iteration budget.
+    fn end(&self, residual: f64, opts: &SolveOptions) -> Option<SolveStatus> {
+        if !residual.is_finite() {
+            Some(SolveStatus::NonFinite)
+        } else if residual <= opts.tol {
+            Some(SolveStatus::Converged)
+        } else if self.diverged(residual) {
+            Some(SolveStatus::Diverged)
+        } else if self.iterations >= opts.max_iter {
+            Some(SolveStatus::MaxIterations)
+        } else {
+            None
+        }
+    }
+
     fn report(self, residual: f64, status: SolveStatus) -> SolveReport {
         SolveReport {
             solver: self.solver,

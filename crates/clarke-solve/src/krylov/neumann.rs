@@ -5,7 +5,7 @@ use ndarray::{Array1, ArrayView1, Zip};
 
 use super::{Start, rel, setup};
 use crate::linop::LinearOperator;
-use crate::report::{SolveOptions, SolveReport, SolveStatus};
+use crate::report::{SolveOptions, SolveReport};
 
 /// Solves `(I - A) x = b` by the fixed-point iteration `x <- A x + b`.
 ///
@@ -61,17 +61,8 @@ pub fn neumann<S: Scalar>(
         }
         residual = rel(r.view(), scale);
         run.push(residual);
-        if !residual.is_finite() {
-            return Ok((x, run.report(residual, SolveStatus::NonFinite)));
-        }
-        if residual <= opts.tol {
-            return Ok((x, run.report(residual, SolveStatus::Converged)));
-        }
-        if run.diverged(residual) {
-            return Ok((x, run.report(residual, SolveStatus::Diverged)));
-        }
-        if run.iterations >= opts.max_iter {
-            return Ok((x, run.report(residual, SolveStatus::MaxIterations)));
+        if let Some(status) = run.end(residual, opts) {
+            return Ok((x, run.report(residual, status)));
         }
         x += &r;
         run.iterations += 1;
