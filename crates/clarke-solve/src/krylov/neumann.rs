@@ -18,7 +18,7 @@ use crate::report::{SolveOptions, SolveReport};
 /// `b - (I - A) x = (A x + b) - x`, the step itself, so convergence is measured on the
 /// returned `x` without extra products. When the residual grows past
 /// [`SolveOptions::divergence_factor`] times the initial one (for example when
-/// `rho(A) >= 1`), the run stops with [`SolveStatus::Diverged`].
+/// `rho(A) >= 1`), the run stops with [`SolveStatus::Diverged`](crate::SolveStatus::Diverged).
 ///
 /// ```
 /// use clarke_solve::{neumann, SolveOptions};
