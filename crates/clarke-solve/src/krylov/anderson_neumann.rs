@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use clarke_core::{Error, Result, Scalar};
 use ndarray::{Array1, ArrayView1, Zip};
 
-use super::{Start, rel, setup};
+use super::{Start, neumann_residual, rel, setup};
 use crate::dense::small_spd_solve;
 use crate::linop::LinearOperator;
 use crate::report::{SolveOptions, SolveReport};
@@ -73,16 +73,8 @@ pub fn anderson_neumann<S: Scalar>(
     let mut dx: VecDeque<Array1<S>> = VecDeque::with_capacity(memory);
     let mut dr: VecDeque<Array1<S>> = VecDeque::with_capacity(memory);
     loop {
-        if problem.warm || run.iterations > 0 {
-            a.apply(x.view(), r.view_mut())?;
-            run.matvecs += 1;
-            Zip::from(&mut r)
-                .and(&b)
-                .and(&x)
-                .for_each(|ri, &bi, &xi| *ri = *ri + bi - xi);
-        } else {
-            r.assign(&b);
-        }
+        let cold = !problem.warm && run.iterations == 0;
+        neumann_residual(a, b, x.view(), cold, &mut r, &mut run)?;
         let residual = rel(r.view(), scale);
         run.push(residual);
         if let Some(status) = run.end(residual, opts) {

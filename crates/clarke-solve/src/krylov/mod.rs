@@ -156,6 +156,30 @@ pub(crate) fn setup<S: Scalar>(
     Ok(Start::Iterate(Problem { x, scale, warm }, run))
 }
 
+/// `r = A x + b - x`: the residual of `x` for `(I - A) x = b`, and the plain step of the
+/// Neumann iteration from it. `cold` says `x` is the zero start, where it is `b` without a
+/// product.
+pub(crate) fn neumann_residual<S: Scalar>(
+    a: &impl LinearOperator<S>,
+    b: ArrayView1<'_, S>,
+    x: ArrayView1<'_, S>,
+    cold: bool,
+    r: &mut Array1<S>,
+    run: &mut Run,
+) -> Result<()> {
+    if cold {
+        r.assign(&b);
+        return Ok(());
+    }
+    a.apply(x, r.view_mut())?;
+    run.matvecs += 1;
+    ndarray::Zip::from(r)
+        .and(&b)
+        .and(&x)
+        .for_each(|ri, &bi, &xi| *ri = *ri + bi - xi);
+    Ok(())
+}
+
 /// `r = b - A x`, counting the product.
 pub(crate) fn true_residual<S: Scalar>(
     op: &impl LinearOperator<S>,

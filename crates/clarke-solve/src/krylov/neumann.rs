@@ -1,9 +1,9 @@
 //! Neumann-series (fixed-point) iteration for `(I - A) x = b`.
 
 use clarke_core::{Result, Scalar};
-use ndarray::{Array1, ArrayView1, Zip};
+use ndarray::{Array1, ArrayView1};
 
-use super::{Start, rel, setup};
+use super::{Start, neumann_residual, rel, setup};
 use crate::linop::LinearOperator;
 use crate::report::{SolveOptions, SolveReport};
 
@@ -48,17 +48,8 @@ pub fn neumann<S: Scalar>(
     let mut r = Array1::<S>::zeros(n);
     let mut residual;
     loop {
-        if problem.warm || run.iterations > 0 {
-            a.apply(x.view(), r.view_mut())?;
-            run.matvecs += 1;
-            Zip::from(&mut r)
-                .and(&b)
-                .and(&x)
-                .for_each(|ri, &bi, &xi| *ri = *ri + bi - xi);
-        } else {
-            // x = 0: A x + b - x = b.
-            r.assign(&b);
-        }
+        let cold = !problem.warm && run.iterations == 0;
+        neumann_residual(a, b, x.view(), cold, &mut r, &mut run)?;
         residual = rel(r.view(), scale);
         run.push(residual);
         if let Some(status) = run.end(residual, opts) {
