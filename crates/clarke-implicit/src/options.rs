@@ -35,7 +35,9 @@ pub enum AdjointSolver {
     /// The Neumann iteration with Anderson mixing of the last `memory` iterates
     /// ([`clarke_solve::anderson_neumann`]): a Krylov method on the adjoint system that, like
     /// the plain series, only needs products with `J_z^T`, and far fewer of them when
-    /// `J_z`'s spectral radius is near one (fixed-point layers only).
+    /// `J_z`'s spectral radius is near one (fixed-point layers only). It keeps `2 memory`
+    /// vectors of the state's size; the DEQ layer mixes per sample and accepts a memory up
+    /// to `clarke_nn::deq::MAX_ANDERSON_MEMORY`.
     Anderson {
         /// Number of past iterates mixed (5 is a good default).
         memory: usize,

@@ -46,9 +46,12 @@ pub enum ForwardMethod {
         /// The step `alpha`, or `None` to derive it from the parametrisation.
         alpha: Option<f64>,
     },
-    /// Anderson acceleration (memory `m`) of Picard, per row block.
+    /// Anderson acceleration (memory `m`) of Picard: each sample mixes its own last `m + 1`
+    /// iterates (see `deq/anderson.rs`), with the stopping rule of Picard. It keeps
+    /// `2 (m + 1)` copies of the batch's state (images and residuals), against Picard's one,
+    /// and at most [`MAX_ANDERSON_MEMORY`] is accepted.
     Anderson {
-        /// Number of past iterates kept.
+        /// Number of past differences mixed (the iterates kept are one more).
         memory: usize,
     },
 }
