@@ -363,24 +363,28 @@ pub(crate) fn input_term<S: Scalar>(
     let mut c = Array2::<S>::zeros((x.nrows(), u.nrows()));
     c.axis_iter_mut(Axis(0)).for_each(|mut row| row.assign(&b));
     let blocks = gemm_row_blocks(x.nrows(), x.ncols(), u.nrows());
-    let mut parts = split_rows(c.view_mut(), &blocks);
-    for_each_block(&mut parts, &blocks, |cb, (r0, r1)| {
-        gemm_seq(x.slice(s![r0..r1, ..]), u.t(), true, cb.view_mut());
+    map_blocks(split_rows(c.view_mut(), &blocks), &blocks, |cb, (r0, r1)| {
+        gemm_seq(x.slice(s![r0..r1, ..]), u.t(), true, cb);
     });
     c
 }
 
-/// Runs `f` on every block: on the calling thread when there is one (a parallel region of
-/// one task would still hand it to the pool and wait), in parallel otherwise.
-pub(crate) fn for_each_block<S: Scalar>(
-    parts: &mut [ArrayViewMut2<'_, S>],
+/// `f(part, block)` for every row block (`parts` from [`split_rows`] over `blocks`), in
+/// block order: on the calling thread when there is one block (a parallel region of one
+/// task would still hand it to the pool and wait for it), in parallel otherwise.
+pub(crate) fn map_blocks<'a, S: Scalar, R: Send>(
+    parts: Vec<ArrayViewMut2<'a, S>>,
     blocks: &[(usize, usize)],
-    f: impl Fn(&mut ArrayViewMut2<'_, S>, (usize, usize)) + Sync + Send,
-) {
+    f: impl Fn(ArrayViewMut2<'a, S>, (usize, usize)) -> R + Sync + Send,
+) -> Vec<R> {
     if parts.len() <= 1 {
-        parts.iter_mut().zip(blocks).for_each(|(p, &b)| f(p, b));
+        parts.into_iter().zip(blocks).map(|(p, &b)| f(p, b)).collect()
     } else {
-        parts.par_iter_mut().zip(blocks.par_iter()).for_each(|(p, &b)| f(p, b));
+        parts
+            .into_par_iter()
+            .zip(blocks.par_iter())
+            .map(|(p, &b)| f(p, b))
+            .collect()
     }
 }
 
@@ -402,9 +406,8 @@ pub(crate) fn split_rows<'a, S>(mut a: ArrayViewMut2<'a, S>, blocks: &[(usize, u
 pub(crate) fn pre_activation<S: Scalar>(w: ArrayView2<'_, S>, c: ArrayView2<'_, S>, z: ArrayView2<'_, S>) -> Array2<S> {
     let mut p = c.to_owned();
     let blocks = gemm_row_blocks(z.nrows(), z.ncols(), w.nrows());
-    let mut parts = split_rows(p.view_mut(), &blocks);
-    for_each_block(&mut parts, &blocks, |pb, (r0, r1)| {
-        gemm_seq(z.slice(s![r0..r1, ..]), w.t(), true, pb.view_mut());
+    map_blocks(split_rows(p.view_mut(), &blocks), &blocks, |pb, (r0, r1)| {
+        gemm_seq(z.slice(s![r0..r1, ..]), w.t(), true, pb);
     });
     p
 }

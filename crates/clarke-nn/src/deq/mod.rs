@@ -50,7 +50,6 @@ use clarke_implicit::{BackwardReport, GradientMode, HypothesisCheck, Pass, Repor
 use clarke_solve::{FixedPointReport, SolveStatus};
 use ndarray::{Array1, Array2, ArrayD, ArrayView2, Axis, Ix1, Ix2, s};
 use rand::Rng;
-use rayon::prelude::*;
 
 pub use activation::Activation;
 pub use check::cell_jacobian_product;
@@ -59,7 +58,7 @@ pub use weights::DeqWeights;
 
 use crate::init::{glorot_uniform, normal};
 use crate::params::{Bound, ParamId, ParamSet};
-use kernel::{BlockRun, Budget, merge, picard_block, row_blocks, split_rows};
+use kernel::{BlockRun, Budget, map_blocks, merge, picard_block, row_blocks, split_rows};
 use node::ImplicitNode;
 
 /// The parameters behind `W`.
@@ -636,42 +635,25 @@ impl<S: Scalar> DeqLayer<S> {
         };
         let blocks = row_blocks(z.nrows(), self.width);
         let act = self.config.activation;
-        let parts = split_rows(z.view_mut(), &blocks);
-        let (runs, solver): (Vec<Result<BlockRun>>, &'static str) = match self.config.resolved_forward() {
-            ForwardMethod::Picard | ForwardMethod::Auto => (
-                parts
-                    .into_par_iter()
-                    .zip(blocks.par_iter())
-                    .map(|(zb, &(r0, r1))| Ok(picard_block(w, c.slice(s![r0..r1, ..]), zb, act, None, budget)))
-                    .collect(),
-                "picard",
-            ),
+        let forward = self.config.resolved_forward();
+        let (relax, solver) = match forward {
             ForwardMethod::ForwardBackward { alpha } => {
                 let alpha = match alpha {
                     Some(a) => a,
                     None => self.forward_backward_step(w)?,
                 };
-                (
-                    parts
-                        .into_par_iter()
-                        .zip(blocks.par_iter())
-                        .map(|(zb, &(r0, r1))| {
-                            Ok(picard_block(w, c.slice(s![r0..r1, ..]), zb, act, Some(alpha), budget))
-                        })
-                        .collect(),
-                    "forward_backward",
-                )
+                (Some(alpha), "forward_backward")
             }
-            ForwardMethod::Anderson { memory } => (
-                parts
-                    .into_par_iter()
-                    .zip(blocks.par_iter())
-                    .map(|(zb, &(r0, r1))| Ok(anderson_block(w, c.slice(s![r0..r1, ..]), zb, act, memory, budget)))
-                    .collect(),
-                "anderson",
-            ),
+            ForwardMethod::Anderson { .. } => (None, "anderson"),
+            ForwardMethod::Picard | ForwardMethod::Auto => (None, "picard"),
         };
-        let runs = runs.into_iter().collect::<Result<Vec<_>>>()?;
+        let runs = map_blocks(split_rows(z.view_mut(), &blocks), &blocks, |zb, (r0, r1)| {
+            let cb = c.slice(s![r0..r1, ..]);
+            match forward {
+                ForwardMethod::Anderson { memory } => anderson_block(w, cb, zb, act, memory, budget),
+                _ => picard_block(w, cb, zb, act, relax, budget),
+            }
+        });
         Ok((merge(runs), solver, budget.tol))
     }
 

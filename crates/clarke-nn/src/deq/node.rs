@@ -14,10 +14,11 @@ use clarke_core::{Error, JvpContext, KinkLedger, Result, Scalar, VjpContext};
 use clarke_implicit::{AdjointSolver, BackwardReport, CheckOutcome, GradientMode, HypothesisCheck, Pass, ReportLog};
 use clarke_solve::{FixedPointReport, FnOperator, SolveOptions, SolveReport, SolveStatus};
 use ndarray::{Array1, Array2, Array3, ArrayD, ArrayView2, ArrayViewD, ArrayViewMut2, Axis, Ix2, Zip, s};
-use rayon::prelude::*;
 
 use super::config::{DeqConfig, Parametrization};
-use super::kernel::{self, BlockRun, Budget, merge, neumann_block, row_blocks, split_rows, tangent_neumann_block};
+use super::kernel::{
+    self, BlockRun, Budget, map_blocks, merge, neumann_block, row_blocks, split_rows, tangent_neumann_block,
+};
 use super::{anderson, check, solve_failed};
 
 /// Which linear system of `I - J_z` a solve is for.
@@ -261,13 +262,11 @@ impl<S: Scalar> ImplicitNode<S> {
         let mut sol = rhs.to_owned();
         // Runs `solve(solution, d, rhs)` on every row block in parallel.
         let by_blocks = |sol: &mut Array2<S>, solve: &BlockSolve<'_, S>| {
-            let parts = split_rows(sol.view_mut(), &blocks);
-            let runs: Vec<BlockRun> = parts
-                .into_par_iter()
-                .zip(blocks.par_iter())
-                .map(|(sb, &(r0, r1))| solve(sb, d.slice(s![r0..r1, ..]), rhs.slice(s![r0..r1, ..])))
-                .collect();
-            merge(runs)
+            merge(map_blocks(
+                split_rows(sol.view_mut(), &blocks),
+                &blocks,
+                |sb, (r0, r1)| solve(sb, d.slice(s![r0..r1, ..]), rhs.slice(s![r0..r1, ..])),
+            ))
         };
         let neumann = |sol: &mut Array2<S>, budget: Budget| {
             by_blocks(sol, &|sb, db, rb| match direction {
@@ -326,23 +325,18 @@ impl<S: Scalar> ImplicitNode<S> {
                 (run, "dense_lu", false)
             }
             GradientMode::Implicit(method) => {
-                let parts = split_rows(sol.view_mut(), &blocks);
-                let runs: Vec<Result<BlockRun>> = parts
-                    .into_par_iter()
-                    .zip(blocks.par_iter())
-                    .map(|(sb, &(r0, r1))| {
-                        krylov_block(
-                            method,
-                            direction,
-                            w,
-                            d.slice(s![r0..r1, ..]),
-                            rhs.slice(s![r0..r1, ..]),
-                            sb,
-                            tol,
-                            max_iter,
-                        )
-                    })
-                    .collect();
+                let runs = map_blocks(split_rows(sol.view_mut(), &blocks), &blocks, |sb, (r0, r1)| {
+                    krylov_block(
+                        method,
+                        direction,
+                        w,
+                        d.slice(s![r0..r1, ..]),
+                        rhs.slice(s![r0..r1, ..]),
+                        sb,
+                        tol,
+                        max_iter,
+                    )
+                });
                 let name = if method == AdjointSolver::Gmres {
                     "gmres"
                 } else {
@@ -445,13 +439,13 @@ fn anderson_linear_block<S: Scalar>(
     w: ArrayView2<'_, S>,
     d: ArrayView2<'_, S>,
     rhs: ArrayView2<'_, S>,
-    sol: ndarray::ArrayViewMut2<'_, S>,
+    sol: ArrayViewMut2<'_, S>,
     memory: usize,
     budget: Budget,
 ) -> BlockRun {
     let rhs_norms = kernel::row_norms(rhs);
     let mut scaled = Array2::<S>::zeros(rhs.raw_dim());
-    let map = |v: ArrayView2<'_, S>, mut out: ndarray::ArrayViewMut2<'_, S>| match direction {
+    let map = |v: ArrayView2<'_, S>, mut out: ArrayViewMut2<'_, S>| match direction {
         Direction::Adjoint => {
             Zip::from(&mut scaled).and(&v).and(&d).for_each(|t, &a, &b| *t = a * b);
             out.assign(&rhs);
