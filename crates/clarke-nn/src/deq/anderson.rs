@@ -24,13 +24,10 @@
 use clarke_core::Scalar;
 use clarke_core::avx::with_avx2;
 use clarke_core::gemm::dot;
+use clarke_solve::FixedPointOptions;
 use ndarray::{ArrayView2, ArrayViewMut2};
 
 use super::kernel::{BlockRun, Budget, worst};
-
-/// The regularisation of the Gram matrix, relative to its largest diagonal entry (as the
-/// default of [`clarke_solve::FixedPointOptions::regularization`]).
-const REGULARIZATION: f64 = 1e-10;
 
 /// Runs Anderson with memory `memory` (mixing the last `memory + 1` iterates) on a row
 /// block. `map(z, out)` writes `T(z)` for every row of `z`; `scale(i, t2)` is the denominator
@@ -123,6 +120,9 @@ struct History<S> {
     /// Slots holding an iterate, and the slot the next one goes to.
     stored: usize,
     next: usize,
+    /// The regularisation of the Gram matrix, relative to its largest diagonal entry: the
+    /// default of [`FixedPointOptions::regularization`], as for every Anderson of the project.
+    regularization: f64,
     /// Scratch of the batched solves: the factors (`[a][b][row]`, `k x k` used), the
     /// coefficients (`[a][row]`), per-row scalars, and whether a row's coefficients are usable.
     factor: Vec<f64>,
@@ -142,6 +142,7 @@ impl<S: Scalar> History<S> {
             gram: vec![0.0; slots * slots * rows],
             stored: 0,
             next: 0,
+            regularization: FixedPointOptions::default().regularization,
             factor: vec![0.0; slots * slots * rows],
             alpha: vec![0.0; slots * rows],
             per_row: vec![0.0; rows],
@@ -224,7 +225,7 @@ impl<S: Scalar> History<S> {
     /// is the fixed point), its matrix does not factor, or `sum(y)` is zero or not finite.
     #[inline(always)]
     fn coefficients(&mut self, k: usize) {
-        let (m, rows) = (self.slots, self.rows);
+        let (m, rows, regularization) = (self.slots, self.rows, self.regularization);
         let (gram, f, y, lambda, ok) = (
             &self.gram,
             &mut self.factor,
@@ -233,7 +234,7 @@ impl<S: Scalar> History<S> {
             &mut self.usable,
         );
         let idx = |a: usize, b: usize| (a * m + b) * rows;
-        // lambda = REGULARIZATION * the largest diagonal entry.
+        // lambda = regularization * the largest diagonal entry.
         lambda.fill(0.0);
         for j in 0..k {
             let d = &gram[idx(j, j)..idx(j, j) + rows];
@@ -243,7 +244,7 @@ impl<S: Scalar> History<S> {
         }
         for (o, l) in ok.iter_mut().zip(lambda.iter_mut()) {
             *o = *l > 0.0 && l.is_finite();
-            *l *= REGULARIZATION;
+            *l *= regularization;
         }
         // Cholesky, lower triangle, all rows at once.
         // Column j: the entries below the diagonal start as the Gram entries and are

@@ -29,11 +29,8 @@
 pub mod faer_backend;
 #[cfg(feature = "lapack")]
 pub mod lapack_backend;
-mod small;
 
 use std::fmt;
-
-pub use small::small_spd_solve;
 
 use clarke_core::{Error, Result, Scalar};
 use ndarray::{

@@ -105,7 +105,11 @@ where
 
 /// `argmin ||g - dG gamma||^2 + lambda ||gamma||^2` through the SVD of the stacked matrix
 /// `[dG; sqrt(lambda) I]`; `None` if the data or the answer are not finite.
-fn mixing_coefficients<S: Scalar>(dg: &VecDeque<Array1<S>>, g: ArrayView1<'_, S>, reg: f64) -> Option<Array1<S>> {
+pub(crate) fn mixing_coefficients<S: Scalar>(
+    dg: &VecDeque<Array1<S>>,
+    g: ArrayView1<'_, S>,
+    reg: f64,
+) -> Option<Array1<S>> {
     let k = dg.len();
     let n = g.len();
     if dg.iter().any(|d| !all_finite(d.view())) {

@@ -26,7 +26,7 @@
 //! [`SolveStatus::Diverged`], a NaN or infinity gives [`SolveStatus::NonFinite`], and the
 //! trace of residuals is kept in both cases.
 
-mod anderson;
+pub(crate) mod anderson;
 mod broyden;
 mod newton;
 mod picard;

@@ -6,29 +6,26 @@ use clarke_core::{Error, Result, Scalar};
 use ndarray::{Array1, ArrayView1, Zip};
 
 use super::{Start, neumann_residual, rel, setup};
-use crate::dense::small_spd_solve;
+use crate::FixedPointOptions;
+use crate::fixed_point::anderson::mixing_coefficients;
 use crate::linop::LinearOperator;
 use crate::report::{SolveOptions, SolveReport};
-use crate::util::{dot, f};
-
-/// The regularisation of the mixing's normal equations, relative to the largest
-/// `||dR_j||^2` (as [`FixedPointOptions::regularization`](crate::FixedPointOptions)).
-const REGULARIZATION: f64 = 1e-10;
 
 /// Solves `(I - A) x = b` by Anderson acceleration (memory `memory`) of the Neumann
 /// iteration `x <- A x + b`.
 ///
 /// **Takes the operator `A`, not `I - A`**, as [`neumann`](super::neumann). With the residual
 /// `r_k = A x_k + b - x_k` and the last `m` differences `dX_j`, `dR_j` of iterates and
-/// residuals, each step solves `gamma = argmin ||r_k - dR gamma||^2` (normal equations,
-/// regularised relative to the largest `||dR_j||^2`) and takes
+/// residuals, each step solves `gamma = argmin ||r_k - dR gamma||^2` (regularised relative to
+/// the largest `||dR_j||^2` by the default [`FixedPointOptions::regularization`], through the
+/// same least-squares step as [`anderson`](crate::anderson)) and takes
 /// `x_{k+1} = x_k + r_k - (dX + dR) gamma`. On this affine map Anderson mixing is a
 /// Krylov method (with unlimited memory it matches GMRES on `(I - A) x = b`), so it needs
 /// far fewer products than the plain series when `rho(A)` is close to one; with
 /// `memory = 0` it is [`neumann`](super::neumann). Unlike the plain series it does not need
 /// `rho(A) < 1`, only that the mixing finds descent, which short memories do not guarantee:
-/// a run that does not converge says so in its status. When the normal equations cannot be
-/// factored the step is the plain one.
+/// a run that does not converge says so in its status. When the least-squares step gives no
+/// usable answer the step is the plain one.
 ///
 /// One iteration is one product with `A`; the residual is that of the returned `x`, as
 /// [`neumann`](super::neumann) measures it, relative to `||b||`.
@@ -72,6 +69,7 @@ pub fn anderson_neumann<S: Scalar>(
     let mut prev: Option<(Array1<S>, Array1<S>)> = None;
     let mut dx: VecDeque<Array1<S>> = VecDeque::with_capacity(memory);
     let mut dr: VecDeque<Array1<S>> = VecDeque::with_capacity(memory);
+    let regularization = FixedPointOptions::default().regularization;
     loop {
         let cold = !problem.warm && run.iterations == 0;
         neumann_residual(a, b, x.view(), cold, &mut r, &mut run)?;
@@ -91,11 +89,14 @@ pub fn anderson_neumann<S: Scalar>(
             }
             prev = Some((x.clone(), r.clone()));
         }
-        let step = mixing(&dr, r.view());
+        let step = if dr.is_empty() {
+            None
+        } else {
+            mixing_coefficients(&dr, r.view(), regularization)
+        };
         x += &r;
         if let Some(gamma) = step {
             for ((dxj, drj), &c) in dx.iter().zip(&dr).zip(&gamma) {
-                let c = S::from_f64_lossy(c);
                 Zip::from(&mut x)
                     .and(dxj)
                     .and(drj)
@@ -104,33 +105,6 @@ pub fn anderson_neumann<S: Scalar>(
         }
         run.iterations += 1;
     }
-}
-
-/// `gamma = argmin ||r - dR gamma||^2` (regularised normal equations), or `None` for the
-/// plain step (no history, or equations that cannot be factored).
-fn mixing<S: Scalar>(dr: &VecDeque<Array1<S>>, r: ArrayView1<'_, S>) -> Option<Vec<f64>> {
-    let k = dr.len();
-    if k == 0 {
-        return None;
-    }
-    let mut h = vec![0.0f64; k * k];
-    let mut gamma = vec![0.0f64; k];
-    for i in 0..k {
-        for j in 0..=i {
-            let v = f(dot(dr[i].view(), dr[j].view()));
-            h[i * k + j] = v;
-            h[j * k + i] = v;
-        }
-        gamma[i] = f(dot(dr[i].view(), r));
-    }
-    let largest = (0..k).map(|i| h[i * k + i]).fold(0.0, f64::max);
-    if !(largest > 0.0 && largest.is_finite()) {
-        return None;
-    }
-    for i in 0..k {
-        h[i * k + i] += REGULARIZATION * largest;
-    }
-    small_spd_solve(&mut h, &mut gamma, k).then_some(gamma)
 }
 
 #[cfg(test)]
