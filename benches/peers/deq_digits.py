@@ -98,20 +98,20 @@ def run(accelerate):
         sigma = u @ V @ v
         return V * (GAMMA / sigma)
 
-    def row_change(new, old, scale):
-        return ((new - old).norm(dim=1) / scale).max().item()
+    memory = MEMORY if accelerate else 0
 
-    def anderson(T, x, scale):
-        """Per-sample Anderson on x = T(x) from x, in the constrained form of clarke's DEQ
-        kernel; returns (T(x_k), iterations), stopping when every row's
-        ||T(x) - x|| / scale(T(x)) is within TOL."""
+    def solve(T, x, scale):
+        """x = T(x) from x, stopping when every row's ||T(x) - x|| / scale(T(x)) is within
+        TOL; returns (T(x_k), iterations). With memory 0 the plain iteration (Picard for the
+        forward, Neumann for the adjoint); otherwise per-sample Anderson in the constrained
+        form of clarke's DEQ kernel."""
         images, residuals = [], []
         for it in range(1, MAX_ITER + 1):
             t = T(x)
             g = t - x
             if ((g.norm(dim=1) / scale(t)).max().item()) <= TOL:
                 return t, it
-            if len(images) == MEMORY + 1:
+            if len(images) == memory + 1:
                 images.pop(0)
                 residuals.pop(0)
             images.append(t)
@@ -140,14 +140,7 @@ def run(accelerate):
         with torch.no_grad():
             Wd, injd = W.detach(), inj.detach()
             z = torch.zeros(x.shape[0], n, dtype=dt)
-            if accelerate:
-                z, it = anderson(lambda v: torch.relu(v @ Wd.T + injd), z, lambda t: t.norm(dim=1).clamp(min=1.0))
-            for it in range(1, MAX_ITER + 1) if not accelerate else ():
-                z_new = torch.relu(z @ Wd.T + injd)
-                ch = row_change(z_new, z, z_new.norm(dim=1).clamp(min=1.0))
-                z = z_new
-                if ch <= TOL:
-                    break
+            z, it = solve(lambda v: torch.relu(v @ Wd.T + injd), z, lambda t: t.norm(dim=1).clamp(min=1.0))
         pre = z @ W.T + inj
         out = torch.relu(pre)
         if train:
@@ -156,17 +149,7 @@ def run(accelerate):
 
             def neumann(g):
                 g_norm = g.norm(dim=1).clamp(min=np.finfo(np.float64).tiny)
-                if accelerate:
-                    yv, k = anderson(lambda v: g + (v * dm) @ Wd, g, lambda _t: g_norm)
-                    counts["adjoint"] += k
-                    return yv
-                yv = g
-                for k in range(1, MAX_ITER + 1):
-                    y_new = g + (yv * dm) @ Wd
-                    ch = row_change(y_new, yv, g_norm)
-                    yv = y_new
-                    if ch <= TOL:
-                        break
+                yv, k = solve(lambda v: g + (v * dm) @ Wd, g, lambda _t: g_norm)
                 counts["adjoint"] += k
                 return yv
 
