@@ -54,6 +54,27 @@ enum Param {
     Monotone,
 }
 
+/// The memory of the Anderson solvers the flags select.
+const ANDERSON_MEMORY: usize = 5;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Forward {
+    /// z <- relu(z W^T + x U^T + b).
+    Picard,
+    /// Picard with per-sample Anderson mixing (memory 5).
+    Anderson,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Adjoint {
+    /// The Neumann series.
+    Neumann,
+    /// Restarted GMRES.
+    Gmres,
+    /// The Neumann iteration with per-sample Anderson mixing (memory 5).
+    Anderson,
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "Train a DEQ on digits with implicit gradients and the hypothesis check")]
 struct Args {
@@ -99,12 +120,13 @@ struct Args {
     /// Skip the hypothesis check on the backward passes (it is on by default).
     #[arg(long)]
     no_check: bool,
-    /// Forward solver: picard, or anderson (memory 5). Default: the parametrisation's own.
-    #[arg(long)]
-    forward: Option<String>,
-    /// Adjoint solver of the implicit mode: neumann or gmres. Default: the parametrisation's own.
-    #[arg(long)]
-    adjoint: Option<String>,
+    /// Forward solver. Default: the parametrisation's own (Picard for spectral,
+    /// forward-backward splitting for monotone).
+    #[arg(long, value_enum)]
+    forward: Option<Forward>,
+    /// Adjoint solver of the implicit mode. Default: Neumann for spectral, GMRES for monotone.
+    #[arg(long, value_enum)]
+    adjoint: Option<Adjoint>,
 }
 
 fn main() {
@@ -132,12 +154,13 @@ fn run<S: Scalar>(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let x_test: Array2<S> = scaler.apply(&test.x)?.mapv(S::from_f64_lossy);
 
     let gradient = match args.mode {
-        Mode::Implicit => match (args.adjoint.as_deref(), args.param) {
-            (Some("neumann"), _) | (None, Param::Spectral) => GradientMode::Implicit(AdjointSolver::Neumann),
-            (Some("gmres"), _) | (None, Param::Monotone) => GradientMode::Implicit(AdjointSolver::Gmres),
-            (Some("anderson"), _) => GradientMode::Implicit(AdjointSolver::Anderson { memory: 5 }),
-            (Some(other), _) => return Err(format!("unknown adjoint solver {other}").into()),
-        },
+        Mode::Implicit => GradientMode::Implicit(match (args.adjoint, args.param) {
+            (Some(Adjoint::Neumann), _) | (None, Param::Spectral) => AdjointSolver::Neumann,
+            (Some(Adjoint::Gmres), _) | (None, Param::Monotone) => AdjointSolver::Gmres,
+            (Some(Adjoint::Anderson), _) => AdjointSolver::Anderson {
+                memory: ANDERSON_MEMORY,
+            },
+        }),
         Mode::Unrolled => GradientMode::Unrolled { iterations: 30 },
         Mode::Onestep => GradientMode::OneStep,
     };
@@ -151,11 +174,12 @@ fn run<S: Scalar>(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         .with_forward_tolerance(args.tol, 1000)
         .with_adjoint_tolerance(args.tol, 1000)
         .with_check(!args.no_check);
-    let config = match args.forward.as_deref() {
+    let config = match args.forward {
         None => config,
-        Some("picard") => config.with_forward(ForwardMethod::Picard),
-        Some("anderson") => config.with_forward(ForwardMethod::Anderson { memory: 5 }),
-        Some(other) => return Err(format!("unknown forward solver {other}").into()),
+        Some(Forward::Picard) => config.with_forward(ForwardMethod::Picard),
+        Some(Forward::Anderson) => config.with_forward(ForwardMethod::Anderson {
+            memory: ANDERSON_MEMORY,
+        }),
     };
 
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
