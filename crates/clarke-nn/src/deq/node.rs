@@ -392,24 +392,38 @@ fn as_matrix<'a, S: Scalar>(a: &ArrayViewD<'a, S>) -> ArrayView2<'a, S> {
         .expect("the layer records 2-D inputs")
 }
 
-/// Writes `(I - J_z) v` (tangent) or `(I - J_z)^T v` (adjoint) of a row block into `y`.
-fn apply_system<S: Scalar>(
+/// Writes `J_z v` (tangent: `(v W^T) o d`) or `J_z^T v` (adjoint: `(v o d) W`) of a row
+/// block into `y`; `scratch` (the block's shape) holds `v o d` for the adjoint.
+fn apply_jacobian<S: Scalar>(
     direction: Direction,
     w: ArrayView2<'_, S>,
     d: ArrayView2<'_, S>,
     v: ArrayView2<'_, S>,
-    mut y: ndarray::ArrayViewMut2<'_, S>,
+    mut y: ArrayViewMut2<'_, S>,
+    scratch: &mut Array2<S>,
 ) {
     match direction {
         Direction::Adjoint => {
-            let t = &v * &d;
-            kernel::gemm_seq(t.view(), w, false, y.view_mut());
+            Zip::from(&mut *scratch).and(v).and(d).for_each(|t, &a, &b| *t = a * b);
+            kernel::gemm_seq(scratch.view(), w, false, y);
         }
         Direction::Tangent => {
             kernel::gemm_seq(v, w.t(), false, y.view_mut());
             y *= &d;
         }
     }
+}
+
+/// Writes `(I - J_z) v` (tangent) or `(I - J_z)^T v` (adjoint) of a row block into `y`.
+fn apply_system<S: Scalar>(
+    direction: Direction,
+    w: ArrayView2<'_, S>,
+    d: ArrayView2<'_, S>,
+    v: ArrayView2<'_, S>,
+    mut y: ArrayViewMut2<'_, S>,
+) {
+    let mut scratch = Array2::zeros(v.raw_dim());
+    apply_jacobian(direction, w, d, v, y.view_mut(), &mut scratch);
     Zip::from(&mut y).and(v).for_each(|y, &v| *y = v - *y);
 }
 
@@ -444,20 +458,10 @@ fn anderson_linear_block<S: Scalar>(
     budget: Budget,
 ) -> BlockRun {
     let rhs_norms = kernel::row_norms(rhs);
-    let mut scaled = Array2::<S>::zeros(rhs.raw_dim());
-    let map = |v: ArrayView2<'_, S>, mut out: ArrayViewMut2<'_, S>| match direction {
-        Direction::Adjoint => {
-            Zip::from(&mut scaled).and(&v).and(&d).for_each(|t, &a, &b| *t = a * b);
-            out.assign(&rhs);
-            kernel::gemm_seq(scaled.view(), w, true, out);
-        }
-        Direction::Tangent => {
-            kernel::gemm_seq(v, w.t(), false, out.view_mut());
-            Zip::from(&mut out)
-                .and(&d)
-                .and(&rhs)
-                .for_each(|o, &a, &b| *o = *o * a + b);
-        }
+    let mut scratch = Array2::<S>::zeros(rhs.raw_dim());
+    let map = |v: ArrayView2<'_, S>, mut out: ArrayViewMut2<'_, S>| {
+        apply_jacobian(direction, w, d, v, out.view_mut(), &mut scratch);
+        out += &rhs;
     };
     anderson::anderson_rows(sol, memory, budget, map, |i, _| rhs_norms[i])
 }
@@ -470,7 +474,7 @@ fn krylov_block<S: Scalar>(
     w: ArrayView2<'_, S>,
     d: ArrayView2<'_, S>,
     rhs: ArrayView2<'_, S>,
-    mut sol: ndarray::ArrayViewMut2<'_, S>,
+    mut sol: ArrayViewMut2<'_, S>,
     tol: f64,
     max_iter: usize,
 ) -> Result<BlockRun> {
