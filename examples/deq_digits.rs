@@ -10,11 +10,17 @@
 //! ```text
 //! cargo run --release --example deq_digits -- [--mode implicit|unrolled|onestep] [--kink PRESET]
 //!     [--param spectral|monotone] [--f32] [--epochs N] [--seed S] [--plot PATH] [--quick]
-//!     [--no-check]
+//!     [--no-check] [--forward picard|anderson] [--adjoint neumann|gmres|anderson]
+//!     [--save-start DIR]
 //! ```
 //!
 //! `--no-check` trains without the hypothesis check (the same step otherwise), for timing
 //! against frameworks that have none (`benches/peers/deq_digits.py`).
+//!
+//! `--save-start DIR` writes the run's starting point to `DIR/deq_digits_start.json`: the
+//! initial parameters (by name), the power iteration's initial vector and the batches of
+//! every epoch, so that another implementation can train the same network from the same
+//! start on the same batches (`benches/peers/deq_digits.py` reads it).
 //!
 //! Progress goes to stderr; the last line on stdout is one JSON object with the results.
 
@@ -127,6 +133,10 @@ struct Args {
     /// Adjoint solver of the implicit mode. Default: Neumann for spectral, GMRES for monotone.
     #[arg(long, value_enum)]
     adjoint: Option<Adjoint>,
+    /// Write the initial parameters, the power iteration's initial vector and every epoch's
+    /// batches to DIR/deq_digits_start.json (after training).
+    #[arg(long, value_name = "DIR")]
+    save_start: Option<String>,
 }
 
 fn main() {
@@ -187,6 +197,7 @@ fn run<S: Scalar>(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let deq = DeqLayer::new(&mut params, "deq", train.features(), args.width, config, &mut rng)?;
     let head = Linear::new(&mut params, "head", args.width, data.classes, &mut rng)?;
     let mut adam = Adam::new(Schedule::Constant(args.lr))?;
+    let mut starting_point = args.save_start.as_ref().map(|_| StartingPoint::new(&params, &deq));
     eprintln!(
         "deq_digits: {} train / {} test rows, width {}, {} parameters, mode {}, W {:?}, kink policy {}, {}",
         train.len(),
@@ -206,7 +217,11 @@ fn run<S: Scalar>(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     for epoch in 1..=epochs {
         let start = Instant::now();
         let (mut loss_sum, mut fwd, mut adj, mut n_batches) = (0.0, 0usize, 0usize, 0usize);
-        for idx in batches(train.len(), args.batch, &mut rng)? {
+        let epoch_batches = batches(train.len(), args.batch, &mut rng)?;
+        if let Some(starting_point) = &mut starting_point {
+            starting_point.batches.push(epoch_batches.clone());
+        }
+        for idx in epoch_batches {
             let tape = Tape::<S>::with_policy(policy.clone())?;
             let bound = params.bind(&tape);
             let x = tape.constant(x_train.select(ndarray::Axis(0), &idx).into_dyn());
@@ -251,6 +266,11 @@ fn run<S: Scalar>(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let count = |o: CheckOutcome| reports.iter().filter(|r| r.check.outcome == o).count();
     if let Some(last) = reports.last() {
         eprintln!("last backward report:\n{last}");
+    }
+    if let (Some(dir), Some(starting_point)) = (&args.save_start, &starting_point) {
+        let path = std::path::Path::new(dir).join("deq_digits_start.json");
+        starting_point.write(&path)?;
+        eprintln!("starting point written to {}", path.display());
     }
     if let Some(path) = &args.plot {
         history.plot(path, "DEQ on digits")?;
@@ -298,4 +318,48 @@ fn evaluate<S: Scalar>(
     let z = deq.forward(&bound, tape.constant(x.clone().into_dyn()))?;
     let logits = head.forward(&bound, z)?.value().into_dimensionality::<Ix2>()?;
     Ok(accuracy(logits.view(), y)?)
+}
+
+/// Where a training run starts: what another implementation needs to train the same network
+/// on the same batches (`--save-start`).
+struct StartingPoint {
+    /// Every parameter's initial value, by name, in f64.
+    params: serde_json::Map<String, serde_json::Value>,
+    /// The power iteration's initial vector.
+    power_vector: Vec<f64>,
+    /// The batches of each epoch (rows of the training split).
+    batches: Vec<Vec<Vec<usize>>>,
+}
+
+impl StartingPoint {
+    fn new<S: Scalar>(params: &ParamSet<S>, deq: &DeqLayer<S>) -> Self {
+        let params = params
+            .ids()
+            .map(|id| {
+                let value = params.get(id);
+                let data: Vec<f64> = value.iter().map(|v| v.to_f64_exact()).collect();
+                (
+                    params.name(id).to_string(),
+                    json!({ "shape": value.shape(), "data": data }),
+                )
+            })
+            .collect();
+        let power_vector = deq.power_vector().iter().map(|v| v.to_f64_exact()).collect();
+        StartingPoint {
+            params,
+            power_vector,
+            batches: Vec::new(),
+        }
+    }
+
+    fn write(&self, path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+        let text = json!({
+            "params": self.params,
+            "power_vector": self.power_vector,
+            "batches": self.batches,
+        });
+        std::fs::write(path, text.to_string())
+            .map_err(|e| format!("--save-start: cannot write {}: {e}", path.display()))?;
+        Ok(())
+    }
 }

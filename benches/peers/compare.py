@@ -5,7 +5,7 @@
 Runs the clarke side (criterion benches `deq_step`, `tape_overhead`, `conic_qp`, `qp_layer` of
 `benches/main.rs`, the examples `deq_digits`, `lasso_hyperopt --synthetic` and `lasso_hyperopt
 --sparse-synthetic` / `--data`), which also write their problems to target/peers/data
-(CLARKE_PEER_DATA, --save-data, --save-svmlight), then every peer script of this directory on
+(CLARKE_PEER_DATA, --save-data, --save-svmlight, --save-start), then every peer script of this directory on
 those files, and prints: work, clarke, each peer, the best peer and the ratio best peer / clarke
 (above 1: clarke is faster), then the accuracy figures and the machine line. Every measurement
 is also written as JSON lines to target/peers/results-DATE.jsonl.
@@ -165,10 +165,13 @@ def example(target, name, args, threads, out_dir, tag):
     return lines[-1] if rc == 0 and lines else None
 
 
-def clarke_deq_digits(target, quick, threads, out_dir):
+def clarke_deq_digits(target, quick, threads, data_dir, out_dir):
     recs = []
     anderson = ["--forward", "anderson", "--adjoint", "anderson"]
-    for mode, extra, tag in (("train", [], ""), ("train (no check)", ["--no-check"], "-nocheck"),
+    # The three runs share one seed, so one starting point (initial weights, power vector,
+    # batches) serves them all; the PyTorch script starts from it too.
+    start = ["--save-start", data_dir]
+    for mode, extra, tag in (("train", start, ""), ("train (no check)", ["--no-check"], "-nocheck"),
                              ("train, Anderson", anderson, "-anderson")):
         j = example(target, "deq_digits", extra + (["--quick"] if quick else []), threads, out_dir,
                     "deq_digits" + tag)
@@ -469,7 +472,7 @@ def main():
         if examples and not built:
             log(f"  the examples did not build; see {os.path.join(out_dir, 'clarke-build.log')}")
         if built and "deq_digits" in groups:
-            records += clarke_deq_digits(target, args.quick, args.threads, out_dir)
+            records += clarke_deq_digits(target, args.quick, args.threads, data_dir, out_dir)
         if built and "lasso" in groups:
             records += clarke_lasso(target, args.quick, args.threads, data_dir, out_dir)
         if built and "lasso_sparse" in groups:

@@ -11,8 +11,12 @@ network and training:
   backward: Neumann y <- g + (y o d) W, d = relu'(pre) (relu'(0) = 0), until every sample's
       change is <= 1e-5 ||g_i|| (at most 1000), then the gradients of W (through V), U, b;
   logits = z V_h^T + c, mean softmax cross-entropy, Adam (lr 3e-3, betas 0.9/0.999, eps 1e-8),
-  batch 64, reshuffled every epoch, 20 epochs; initialisation as clarke's (Glorot uniform V
-  and U, He uniform head, zero biases), from torch's generator.
+  batch 64, 20 epochs. The starting point is clarke's: the initial parameters, the power
+  iteration's initial vector and every epoch's batches come from deq_digits_start.json in
+  --data (written by `deq_digits --save-start`), so both sides train the same network on
+  the same batches and their losses and accuracies can be compared step for step. Without
+  that file (a run of this script alone) the start is drawn as clarke's (Glorot uniform V and
+  U, He uniform head, zero biases, batches reshuffled every epoch) from torch's generator.
 No hypothesis check (clarke runs one on every backward pass by default; compare.py times
 clarke with and without it). Then the same training again (mode "train, Anderson") with both
 solves accelerated as clarke's `--forward anderson --adjoint anderson`: per-sample Anderson
@@ -27,7 +31,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import emit, failed, setup  # noqa: E402
+from common import data_file, emit, failed, setup  # noqa: E402
 
 
 def extra(p):
@@ -40,6 +44,7 @@ def extra(p):
 
 args = setup(__doc__.splitlines()[0], extra)
 
+import json  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -66,17 +71,31 @@ def run(accelerate):
     Xtr, ytr, Xte, yte = (torch.tensor(a) for a in (Xtr, ytr, Xte, yte))
     n, d, classes = WIDTH, Xtr.shape[1], int(y.max()) + 1
 
-    def uniform(shape, a):
-        return ((torch.rand(shape, dtype=dt) * 2 - 1) * a).requires_grad_()
+    start = load_start(epochs, len(ytr))
+    if start is not None:
+        def given(name, shape):
+            p = start["params"][name]
+            if tuple(p["shape"]) != shape:
+                raise ValueError(f"deq_digits_start.json: {name} has shape {p['shape']}, expected {list(shape)}")
+            return torch.tensor(p["data"], dtype=dt).reshape(shape).requires_grad_()
 
-    V = uniform((n, n), np.sqrt(6 / (2 * n)))
-    U = uniform((n, d), np.sqrt(6 / (n + d)))
-    b = torch.zeros(n, dtype=dt, requires_grad=True)
-    Vh = uniform((classes, n), np.sqrt(6 / n))
-    c = torch.zeros(classes, dtype=dt, requires_grad=True)
+        V, U, b = given("deq.v", (n, n)), given("deq.u", (n, d)), given("deq.bias", (n,))
+        Vh, c = given("head.weight", (classes, n)), given("head.bias", (classes,))
+        right = torch.tensor(start["power_vector"], dtype=dt)
+        epoch_batches = [[torch.tensor(idx) for idx in epoch] for epoch in start["batches"][:epochs]]
+    else:
+        def uniform(shape, a):
+            return ((torch.rand(shape, dtype=dt) * 2 - 1) * a).requires_grad_()
+
+        V = uniform((n, n), np.sqrt(6 / (2 * n)))
+        U = uniform((n, d), np.sqrt(6 / (n + d)))
+        b = torch.zeros(n, dtype=dt, requires_grad=True)
+        Vh = uniform((classes, n), np.sqrt(6 / n))
+        c = torch.zeros(classes, dtype=dt, requires_grad=True)
+        right = torch.rand(n, dtype=dt) * 2 - 1
+        epoch_batches = None
     params = [V, U, b, Vh, c]
     opt = torch.optim.Adam(params, lr=LR, betas=(0.9, 0.999), eps=1e-8)
-    right = torch.rand(n, dtype=dt) * 2 - 1
     counts = {"forward": 0, "adjoint": 0, "steps": 0}
 
     def weight():
@@ -162,12 +181,15 @@ def run(accelerate):
         return (logits.argmax(1) == yte).double().mean().item()
 
     train_s, per_epoch, last_loss = 0.0, [], float("nan")
-    for _ in range(epochs):
+    for epoch in range(epochs):
         t = time.perf_counter()
-        perm = torch.randperm(len(ytr))
+        if epoch_batches is None:
+            perm = torch.randperm(len(ytr))
+            batches = [perm[i:i + BATCH] for i in range(0, len(ytr), BATCH)]
+        else:
+            batches = epoch_batches[epoch]
         losses = []
-        for i in range(0, len(ytr), BATCH):
-            idx = perm[i:i + BATCH]
+        for idx in batches:
             loss = F.cross_entropy(deq(Xtr[idx], True) @ Vh.T + c, ytr[idx])
             opt.zero_grad()
             loss.backward()
@@ -181,7 +203,25 @@ def run(accelerate):
     emit("deq_digits", "torch", "train, Anderson" if accelerate else "train", f"{epochs} epochs", train_s, runs=1, threads=args.threads,
          test_accuracy=per_epoch[-1], final_train_loss=last_loss, train_rows=len(ytr),
          mean_forward_iters=counts["forward"] / steps, mean_adjoint_iters=counts["adjoint"] / steps,
-         test_accuracy_per_epoch=per_epoch, hypothesis_check=False)
+         test_accuracy_per_epoch=per_epoch, hypothesis_check=False,
+         start="clarke's" if start is not None else "torch's generator")
+
+
+def load_start(epochs, rows):
+    """clarke's starting point from --data, or None when there is none (see the docstring)."""
+    path = data_file(args, "deq_digits_start.json")
+    if path is None:
+        return None
+    with open(path) as f:
+        start = json.load(f)
+    batches = start["batches"]
+    if len(batches) < epochs:
+        raise ValueError(f"{path} holds the batches of {len(batches)} epochs, {epochs} are trained")
+    for e, epoch in enumerate(batches[:epochs]):
+        seen = sorted(i for idx in epoch for i in idx)
+        if seen != list(range(rows)):
+            raise ValueError(f"{path}: the batches of epoch {e + 1} are not a partition of the {rows} training rows")
+    return start
 
 
 for accelerate in (False, True):

@@ -314,6 +314,14 @@ impl<S: Scalar> DeqLayer<S> {
         self.reports.clone()
     }
 
+    /// The warm start of the spectral normalisation's power iteration: the right singular
+    /// vector estimate the next forward pass starts from (random at construction, all ones
+    /// for [`with_weights`](Self::with_weights)). Another implementation that starts from
+    /// it, and from the same weights, computes the same `W`.
+    pub fn power_vector(&self) -> Array1<S> {
+        self.power_vector.borrow().clone()
+    }
+
     /// Figures of the most recent forward solve (not recorded for the unrolled mode).
     pub fn last_forward(&self) -> Option<ForwardStats> {
         self.last_forward.get()
