@@ -369,8 +369,9 @@ impl<S: Scalar> Tape<S> {
                 }
                 op => op.backward(&ctx, g)?,
             };
-            for (k, gi) in input_grads.into_iter().enumerate() {
-                let Some(gi) = gi else { continue };
+            let mut input_grads = input_grads;
+            for (k, gi) in input_grads.iter_mut().enumerate() {
+                let Some(gi) = gi.take() else { continue };
                 let target = node.inputs[k];
                 if !nodes[target].needs_grad {
                     continue;
@@ -385,13 +386,20 @@ impl<S: Scalar> Tape<S> {
         }
 
         // Parameter gradients; parameters the output does not depend on get zeros.
-        let mut params = Vec::new();
-        for (id, node) in nodes[..=out_id].iter().enumerate() {
-            if matches!(node.op, Op::Leaf) && node.needs_grad {
-                let g = grads.take(id).unwrap_or_else(|| ArrayD::zeros(node.value.raw_dim()));
-                params.push((id, g));
-            }
-        }
+        let param_ids = self.param_ids();
+        let before_output = param_ids.partition_point(|&id| id <= out_id);
+        let params = param_ids[..before_output]
+            .iter()
+            .map(|&id| {
+                let g = grads
+                    .take(id)
+                    .unwrap_or_else(|| ArrayD::zeros(nodes[id].value.raw_dim()));
+                (id, g)
+            })
+            .collect();
+        // The sweep recorded the core nodes from the output down, one record each: reversed,
+        // they are in node order, and the sort only has to merge in the custom nodes' records.
+        ledger.reverse();
         for record in custom_kinks.into_inner() {
             ledger.push(record);
         }

@@ -160,12 +160,11 @@ impl<S: Scalar> Tape<S> {
 
         // Parameters the output does not depend on get zeros.
         let (mut params, mut products) = (Vec::new(), Vec::new());
-        for (id, node) in nodes[..=out_id].iter().enumerate() {
-            if matches!(node.op, Op::Leaf) && node.needs_grad {
-                let zeros = || ArrayD::zeros(node.value.raw_dim());
-                params.push((id, grads.take(id).unwrap_or_else(zeros)));
-                products.push((id, dots.take(id).unwrap_or_else(zeros)));
-            }
+        let param_ids = self.param_ids();
+        for &id in param_ids.iter().take_while(|&&id| id <= out_id) {
+            let zeros = || ArrayD::zeros(nodes[id].value.raw_dim());
+            params.push((id, grads.take(id).unwrap_or_else(zeros)));
+            products.push((id, dots.take(id).unwrap_or_else(zeros)));
         }
         ledger.sort();
         let grads = Grads {

@@ -262,6 +262,12 @@ impl KinkLedger {
         self.records.push(record);
     }
 
+    /// Reverses the order of the records (a sweep that pushed them from the last node down
+    /// puts them in node order so).
+    pub(crate) fn reverse(&mut self) {
+        self.records.reverse();
+    }
+
     pub(crate) fn sort(&mut self) {
         // Stable: the records of one layer keep the order the layer gave them.
         self.records.sort_by_key(|r| r.node);

@@ -52,6 +52,9 @@ pub struct Tape<S: Scalar> {
     /// address could be reused by a later tape or change when the tape moves.
     id: u64,
     pub(crate) nodes: RefCell<Vec<Node<S>>>,
+    /// Ids of the parameter leaves, increasing: backward collects their gradients without a
+    /// pass over every node.
+    params: RefCell<Vec<usize>>,
     policy: RefCell<KinkPolicy>,
     grad_enabled: Cell<bool>,
     anomaly_mode: Cell<bool>,
@@ -81,6 +84,7 @@ impl<S: Scalar> Tape<S> {
         Tape {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             nodes: RefCell::new(Vec::new()),
+            params: RefCell::new(Vec::new()),
             policy: RefCell::new(KinkPolicy::default()),
             grad_enabled: Cell::new(true),
             anomaly_mode: Cell::new(false),
@@ -238,6 +242,9 @@ impl<S: Scalar> Tape<S> {
             value,
             needs_grad,
         });
+        if needs_grad {
+            self.params.borrow_mut().push(id);
+        }
         Var::new(id, self)
     }
 
@@ -332,12 +339,20 @@ impl<S: Scalar> Tape<S> {
             }
         });
         nodes.truncate(mark);
+        let mut params = self.params.borrow_mut();
+        let kept = params.partition_point(|&id| id < mark);
+        params.truncate(kept);
         value
     }
 
     /// Borrow of the node arena (crate-internal).
     pub(crate) fn nodes(&self) -> Ref<'_, Vec<Node<S>>> {
         self.nodes.borrow()
+    }
+
+    /// Ids of the parameter leaves, increasing (crate-internal).
+    pub(crate) fn param_ids(&self) -> Ref<'_, Vec<usize>> {
+        self.params.borrow()
     }
 
     /// Appends a computed node. `inputs` must belong to this tape (checked by callers).
