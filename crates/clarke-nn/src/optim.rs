@@ -3,7 +3,7 @@
 use clarke_core::{Error, Result, Scalar};
 use ndarray::{ArrayD, Zip};
 
-use crate::params::ParamSet;
+use crate::params::{ParamSet, first_non_finite};
 
 /// A step-size schedule `a_k`, `k = 0, 1, ...` counting optimiser steps.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -127,7 +127,7 @@ fn check_grads<S: Scalar>(op: &'static str, params: &ParamSet<S>, grads: &[Array
                 detail: format!("gradient of parameter {:?}", params.name(id)),
             });
         }
-        if let Some(v) = g.iter().find(|v| !v.is_finite()) {
+        if let Some(v) = first_non_finite(g) {
             return Err(Error::invalid(
                 op,
                 format!(
@@ -188,15 +188,7 @@ fn adam_into<S: Scalar>(
     if let (Some(p), Some(m), Some(v), Some(g), Some(np), Some(nm), Some(nv)) = slices {
         let all_finite = clarke_core::avx::with_avx2(
             #[inline(always)]
-            || {
-                let mut ok = true;
-                for k in 0..p.len() {
-                    let (a, b, c) = update(p[k], m[k], v[k], g[k]);
-                    (np[k], nm[k], nv[k]) = (a, b, c);
-                    ok &= finite((a, b, c));
-                }
-                ok
-            },
+            || adam_slices([p, m, v, g], [&mut *np, &mut *nm, &mut *nv], &update),
         );
         return if all_finite {
             None
@@ -215,6 +207,29 @@ fn adam_into<S: Scalar>(
         }
     }
     first
+}
+
+/// The slice pass of [`adam_into`]: writes `update` of every element of `p, m, v, g` into
+/// `np, nm, nv` and returns whether all of them are finite. The slices are arguments, not
+/// captures, so the compiler knows the outputs alias no input and vectorises the loop (from
+/// a closure's captures it ran one element at a time); one length for all of them removes
+/// the bounds checks.
+#[inline(always)]
+fn adam_slices<S: Scalar>(
+    [p, m, v, g]: [&[S]; 4],
+    [np, nm, nv]: [&mut [S]; 3],
+    update: &impl Fn(S, S, S, S) -> (S, S, S),
+) -> bool {
+    let n = p.len();
+    let (m, v, g) = (&m[..n], &v[..n], &g[..n]);
+    let (np, nm, nv) = (&mut np[..n], &mut nm[..n], &mut nv[..n]);
+    let mut ok = true;
+    for k in 0..n {
+        let (a, b, c) = update(p[k], m[k], v[k], g[k]);
+        (np[k], nm[k], nv[k]) = (a, b, c);
+        ok &= a.is_finite() & b.is_finite() & c.is_finite();
+    }
+    ok
 }
 
 /// Checks that `params` is the set an optimiser first stepped (`set`, recorded on the first
@@ -326,7 +341,7 @@ impl<S: Scalar> Optimizer<S> for Sgd<S> {
             self.set = Some(params.identity());
         }
         let (mu, wd) = (S::from_f64_lossy(self.momentum), S::from_f64_lossy(self.weight_decay));
-        let update = |p: S, v: S, g: S| {
+        let update = move |p: S, v: S, g: S| {
             let v = mu * v + g + wd * p;
             (p - lr * v, v)
         };
@@ -449,7 +464,9 @@ impl<S: Scalar> Optimizer<S> for Adam<S> {
             self.v = self.m.clone();
             self.set = Some(params.identity());
         }
-        let update = |p: S, m: S, v: S, g: S| {
+        // `move`: the constants are the closure's own values, not references that the stores
+        // of the update loop might alias (which kept that loop from vectorising).
+        let update = move |p: S, m: S, v: S, g: S| {
             let m = b1 * m + (S::one() - b1) * g;
             let v = b2 * v + (S::one() - b2) * g * g;
             (p - step * m / (v.sqrt() * root_correction + eps), m, v)

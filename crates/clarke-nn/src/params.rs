@@ -393,7 +393,7 @@ impl<'t, S: Scalar> Bound<'t, S> {
             .enumerate()
             .map(|(i, v)| {
                 let g = grads.get(*v).cloned().unwrap_or_else(|| ArrayD::zeros(v.shape()));
-                if let Some(bad) = g.iter().find(|x| !x.is_finite()) {
+                if let Some(bad) = first_non_finite(&g) {
                     return Err(Error::invalid(
                         "Bound::gradients",
                         format!(
@@ -405,5 +405,16 @@ impl<'t, S: Scalar> Bound<'t, S> {
                 Ok(g)
             })
             .collect()
+    }
+}
+
+/// The first non-finite entry of `a` (in memory order), if any. A contiguous array is first
+/// checked in one pass without early exit, which vectorises: a gradient or parameter check
+/// on every training step then costs a fraction of a nanosecond per element.
+pub(crate) fn first_non_finite<S: Scalar>(a: &ArrayD<S>) -> Option<S> {
+    match a.as_slice_memory_order() {
+        Some(s) if s.iter().fold(true, |ok, v| ok & v.is_finite()) => None,
+        Some(s) => s.iter().copied().find(|v| !v.is_finite()),
+        None => a.iter().copied().find(|v| !v.is_finite()),
     }
 }
