@@ -317,6 +317,7 @@ impl WeightNorm {
         let w64 = w.mapv(|v| v.to_f64_exact());
         let mut gram = Array2::<f64>::zeros((n, n));
         super::kernel::gemm_seq(w64.t(), w64.view(), false, gram.view_mut());
+        let mut test = NormTest::new(n);
         let start = warm.borrow().as_ref().filter(|v| v.len() == n).cloned();
         let mut estimate = PowerEstimate {
             v: start.unwrap_or_else(|| Array1::from_shape_fn(n, |i| 1.0 + (i % 7) as f64 / 7.0)),
@@ -347,7 +348,7 @@ impl WeightNorm {
                 if t * lipschitz >= 1.0 || t.is_nan() {
                     break;
                 }
-                if norm_below(gram.view(), t) {
+                if test.below(gram.view(), t) {
                     return Ok(Some(WeightNorm {
                         value: t,
                         upper: t,
@@ -468,27 +469,49 @@ impl PowerEstimate {
 /// lowered by [`CHOLESKY_ROUNDING_SLACK`]) is positive definite, which its Cholesky
 /// factorisation (faer, in place, lower triangle formed directly) decides by meeting no
 /// non-positive pivot.
-fn norm_below(gram: ArrayView2<'_, f64>, t: f64) -> bool {
-    let _avx = clarke_core::avx::UpperStateGuard;
-    use faer::dyn_stack::{MemBuffer, MemStack};
-    use faer::linalg::cholesky::llt::factor::{cholesky_in_place, cholesky_in_place_scratch};
-    let n = gram.nrows();
-    let shift = t * t * (1.0 - CHOLESKY_ROUNDING_SLACK);
-    let mut l = faer::Mat::<f64>::from_fn(n, n, |i, j| match i.cmp(&j) {
-        std::cmp::Ordering::Less => 0.0,
-        std::cmp::Ordering::Equal => shift - gram[[i, i]],
-        std::cmp::Ordering::Greater => -gram[[i, j]],
-    });
-    let par = faer::Par::Seq;
-    let mut buf = MemBuffer::new(cholesky_in_place_scratch::<f64>(n, par, Default::default()));
-    cholesky_in_place(
-        l.as_mut(),
-        Default::default(),
-        par,
-        MemStack::new(&mut buf),
-        Default::default(),
-    )
-    .is_ok()
+/// The factorisations that decide `||W|| < t` for one Gram matrix `W^T W`: the matrix and
+/// the workspace are allocated once for all the margins a check tries.
+struct NormTest {
+    l: faer::Mat<f64>,
+    buf: faer::dyn_stack::MemBuffer,
+}
+
+impl NormTest {
+    fn new(n: usize) -> Self {
+        use faer::linalg::cholesky::llt::factor::cholesky_in_place_scratch;
+        let scratch = cholesky_in_place_scratch::<f64>(n, faer::Par::Seq, Default::default());
+        NormTest {
+            l: faer::Mat::zeros(n, n),
+            buf: faer::dyn_stack::MemBuffer::new(scratch),
+        }
+    }
+
+    /// Whether `t^2 I - gram` (with `t^2` lowered by [`CHOLESKY_ROUNDING_SLACK`]) is
+    /// positive definite. `gram` is symmetric, so its row `j` is the column `j` the
+    /// factorisation reads: each column is one contiguous copy.
+    fn below(&mut self, gram: ArrayView2<'_, f64>, t: f64) -> bool {
+        let _avx = clarke_core::avx::UpperStateGuard;
+        use faer::dyn_stack::MemStack;
+        use faer::linalg::cholesky::llt::factor::cholesky_in_place;
+        let n = gram.nrows();
+        let shift = t * t * (1.0 - CHOLESKY_ROUNDING_SLACK);
+        for (j, row) in gram.outer_iter().enumerate() {
+            let column = self.l.col_as_slice_mut(j);
+            for (l, &g) in column.iter_mut().zip(row.iter()) {
+                *l = -g;
+            }
+            column[j] += shift;
+        }
+        debug_assert_eq!(self.l.nrows(), n);
+        cholesky_in_place(
+            self.l.as_mut(),
+            Default::default(),
+            faer::Par::Seq,
+            MemStack::new(&mut self.buf),
+            Default::default(),
+        )
+        .is_ok()
+    }
 }
 
 /// `min(||W||_F, sqrt(||W||_1 ||W||_inf))`: a bound on `||W||_2` from the entries, in
@@ -554,7 +577,7 @@ mod tests {
         assert!(WeightNorm::proven(w.view(), 1.0, &warm).unwrap().is_none());
         // Just below the norm, indefinite by 1e-9: the factorisation fails; just above, not.
         for (t, definite) in [(0.95 * (1.0 - 1e-9), false), (0.95 * (1.0 + 1e-9), true)] {
-            assert_eq!(norm_below(w.t().dot(&w).view(), t), definite, "t = {t}");
+            assert_eq!(NormTest::new(3).below(w.t().dot(&w).view(), t), definite, "t = {t}");
         }
     }
 

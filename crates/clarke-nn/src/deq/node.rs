@@ -55,11 +55,15 @@ pub(super) struct ImplicitNode<S: Scalar> {
     pub norm_warm_start: Rc<check::NormWarmStart>,
 }
 
-/// The selected derivative at the solution, with what it was checked and recorded as.
+/// The selected derivative at the solution, with what the check examines and the ledger
+/// records of it.
 struct Selection<S> {
     /// `sigma'(p*)` per element under the call's policy.
     d: Array2<S>,
-    check: HypothesisCheck,
+    /// The kink elements per sample, as the check walks them.
+    kinks: check::SampleKinks,
+    /// The absolute forward residual per sample.
+    residuals: Vec<f64>,
     ledger: KinkLedger,
 }
 
@@ -78,8 +82,12 @@ impl<S: Scalar> ImplicitNode<S> {
         let (x, w, u) = (as_matrix(&inputs[0]), as_matrix(&inputs[1]), as_matrix(&inputs[2]));
         let g = grad.into_dimensionality::<Ix2>().expect("the output is 2-D");
         self.ensure_finite("the incoming gradient", g.iter())?;
-        let Selection { d, check, ledger } = self.select(ctx, w, Pass::Backward)?;
-        let (adj, adjoint) = self.linear_solve(Direction::Adjoint, w, d.view(), g)?;
+        let selected = self.select(ctx, w);
+        let (check, solved) = self.check_beside(w, &selected, || {
+            self.linear_solve(Direction::Adjoint, w, selected.d.view(), g)
+        });
+        let (Selection { d, ledger, .. }, check) = self.conclude(selected, check, Pass::Backward)?;
+        let (adj, adjoint) = solved?;
         let mut delta = adj;
         delta *= &d;
         let mut w_bar = Array2::<S>::zeros(w.raw_dim());
@@ -114,7 +122,7 @@ impl<S: Scalar> ImplicitNode<S> {
                 self.ensure_finite(&format!("the tangent of {name}"), t.iter())?;
             }
         }
-        let Selection { d, check, ledger } = self.select(ctx, w, Pass::ForwardMode)?;
+        let selected = self.select(ctx, w);
         let mut t = Array2::<S>::zeros(self.z.raw_dim());
         if let Some(dx) = &tangents[0] {
             gemm(S::one(), as_matrix(dx), u.t(), true, t.view_mut());
@@ -128,8 +136,12 @@ impl<S: Scalar> ImplicitNode<S> {
         if let Some(db) = &tangents[3] {
             t += db;
         }
-        t *= &d;
-        let (v, solve) = self.linear_solve(Direction::Tangent, w, d.view(), t.view())?;
+        t *= &selected.d;
+        let (check, solved) = self.check_beside(w, &selected, || {
+            self.linear_solve(Direction::Tangent, w, selected.d.view(), t.view())
+        });
+        let (Selection { ledger, .. }, check) = self.conclude(selected, check, Pass::ForwardMode)?;
+        let (v, solve) = solved?;
         self.push_report(Pass::ForwardMode, Some(solve), check, ledger);
         Ok(v.into_dyn())
     }
@@ -148,10 +160,9 @@ impl<S: Scalar> ImplicitNode<S> {
         }
     }
 
-    /// Selects `sigma'(p*)` under the call's policy (inside the solver's error band), records
-    /// the kinks in the call's ledger, and runs the hypothesis check; a violated check that
-    /// the options refuse leaves its report (of `pass`) and becomes an error.
-    fn select(&self, ctx: &VjpContext<'_>, w: ArrayView2<'_, S>, pass: Pass) -> Result<Selection<S>> {
+    /// Selects `sigma'(p*)` under the call's policy (inside the solver's error band) and
+    /// records the kinks in the call's ledger.
+    fn select(&self, ctx: &VjpContext<'_>, w: ArrayView2<'_, S>) -> Selection<S> {
         let policy = ctx.policy;
         let residuals = self.sample_residuals();
         let bands = self.solver_bands(w, &residuals);
@@ -163,34 +174,68 @@ impl<S: Scalar> ImplicitNode<S> {
             hull: record.as_ref().and_then(|r| r.hull).unwrap_or((1.0, 1.0)),
             within_solver_error: record.as_ref().map_or(0, |r| r.within_solver_error),
         };
-        let check = if self.config.check {
-            check::run(
-                self.config.parametrization,
-                self.config.activation.lipschitz(),
-                w,
-                derivative.d.view(),
-                &kinks,
-                &residuals,
-                &self.config.check_options,
-                &self.norm_warm_start,
-            )?
-        } else {
-            HypothesisCheck::not_checked("the check is off for this layer")
-        };
-        let ledger = KinkLedger::from_records(policy.label(), record.into_iter().collect());
+        Selection {
+            d: derivative.d,
+            kinks,
+            residuals,
+            ledger: KinkLedger::from_records(policy.label(), record.into_iter().collect()),
+        }
+    }
+
+    /// Runs the hypothesis check of `selected` beside `solve` (the adjoint or tangent solve,
+    /// which does not depend on it) and returns both results. The check is a task of the
+    /// thread pool that the solve's row blocks share, so a thread that is done with its
+    /// block takes it up: the check costs wall time only where the blocks leave no thread
+    /// idle. Without the check (off for this layer) the solve runs alone.
+    fn check_beside<R>(
+        &self,
+        w: ArrayView2<'_, S>,
+        selected: &Selection<S>,
+        solve: impl FnOnce() -> R,
+    ) -> (Result<HypothesisCheck>, R) {
+        if !self.config.check {
+            let check = HypothesisCheck::not_checked("the check is off for this layer");
+            return (Ok(check), solve());
+        }
+        // The warm start moves into the task (a `RefCell` is not shared across threads) and
+        // back once both are done.
+        let warm = check::NormWarmStart::new(self.norm_warm_start.take());
+        let (parametrization, lipschitz) = (self.config.parametrization, self.config.activation.lipschitz());
+        let options = &self.config.check_options;
+        let (d, kinks, residuals) = (selected.d.view(), &selected.kinks, selected.residuals.as_slice());
+        let mut checked = None;
+        let slot = &mut checked;
+        let solved = rayon::in_place_scope(|scope| {
+            scope.spawn(move |_| {
+                let check = check::run(parametrization, lipschitz, w, d, kinks, residuals, options, &warm);
+                *slot = Some((check, warm));
+            });
+            solve()
+        });
+        let (check, warm) = checked.expect("the scope waits for the check");
+        self.norm_warm_start.replace(warm.into_inner());
+        (check, solved)
+    }
+
+    /// The check's verdict on `selected`: its error, or a violated check that the options
+    /// refuse (its report, of `pass`, goes to the log), ends the call; otherwise the
+    /// selection and the check go on to the report.
+    fn conclude(
+        &self,
+        selected: Selection<S>,
+        check: Result<HypothesisCheck>,
+        pass: Pass,
+    ) -> Result<(Selection<S>, HypothesisCheck)> {
+        let check = check?;
         if check.outcome == CheckOutcome::Violated && self.config.check_options.refuse_violated {
             let detail = check.to_string();
-            self.push_report(pass, None, check, ledger);
+            self.push_report(pass, None, check, selected.ledger);
             return Err(Error::HypothesisViolated {
                 node: self.name.clone(),
                 detail,
             });
         }
-        Ok(Selection {
-            d: derivative.d,
-            check,
-            ledger,
-        })
+        Ok((selected, check))
     }
 
     fn push_report(&self, pass: Pass, solve: Option<SolveReport>, check: HypothesisCheck, kinks: KinkLedger) {
