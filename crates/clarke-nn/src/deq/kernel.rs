@@ -159,6 +159,8 @@ fn forward_row<S: Scalar>(z: &mut [S], p: &[S], c: &[S], f: impl Fn(S, S) -> S) 
 fn adjoint_row<S: Scalar>(w: &mut [S], t: &mut [S], q: &[S], g: &[S], d: &[S]) -> S {
     let mut d2 = [S::zero(); 4];
     let n = w.len();
+    // One length for every slice: no bounds checks in the loop, which then vectorises.
+    let (t, q, g, d) = (&mut t[..n], &q[..n], &g[..n], &d[..n]);
     let body = n / 4 * 4;
     for j in (0..body).step_by(4) {
         for k in 0..4 {
@@ -231,13 +233,18 @@ pub(crate) fn picard_block<S: Scalar>(
                         .expect("rows of a standard-layout batch are contiguous");
                     let ps = pr.to_slice().expect("contiguous");
                     let cs = row(&cv, i);
+                    // `move`: the maps own their constants. Captured by reference, the
+                    // compiler could not rule out that the row's stores change them, reloaded
+                    // them per element and left the pass scalar.
                     let (d2, n2) = match (act, relax.is_some()) {
-                        (Activation::Relu, false) => forward_row(zs, ps, cs, |p, _| if p > zero { p } else { zero }),
-                        (Activation::Relu, true) => forward_row(zs, ps, cs, |p, old| {
+                        (Activation::Relu, false) => {
+                            forward_row(zs, ps, cs, move |p, _| if p > zero { p } else { zero })
+                        }
+                        (Activation::Relu, true) => forward_row(zs, ps, cs, move |p, old| {
                             let r = keep * old + a * p;
                             if r > zero { r } else { zero }
                         }),
-                        _ => forward_row(zs, ps, cs, |p, _| act.value(p)),
+                        _ => forward_row(zs, ps, cs, move |p, _| act.value(p)),
                     };
                     change = worst(change, d2.to_f64_exact().sqrt() / n2.to_f64_exact().sqrt().max(1.0));
                 }
