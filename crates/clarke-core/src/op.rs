@@ -179,6 +179,7 @@ impl<S: Scalar> Op<S> {
     }
 
     /// Gradients with respect to the inputs, given the gradient of the output.
+    #[inline]
     pub fn backward(&self, ctx: &Ctx<'_, S>, grad: ArrayD<S>) -> Result<InputGrads<S>> {
         match self {
             Op::Leaf => Ok(InputGrads::new()),
