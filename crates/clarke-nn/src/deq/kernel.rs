@@ -191,12 +191,75 @@ pub(crate) fn worst(change: f64, r: f64) -> f64 {
     }
 }
 
-/// A contiguous row of a standard-layout block.
-#[inline(always)]
-fn row<'a, S>(a: &'a ArrayView2<'_, S>, i: usize) -> &'a [S] {
+/// The samples of a row block that still iterate. Each sample has its own fixed point, so a
+/// sample whose change meets the tolerance is done: it is swapped behind the active rows of
+/// the block's compact arrays and the next products skip it, while the others go on. The
+/// block's products then cost what its active samples need, not what its slowest sample
+/// needs (on the digits run a quarter of the row updates were of samples already done).
+struct ActiveRows {
+    /// `order[k]`: the block row held at compact position `k`.
+    order: Vec<usize>,
+    /// How many compact rows, from the first, still iterate.
+    active: usize,
+    /// The largest final change of the samples done (their residual in the block's report).
+    done_worst: f64,
+    /// Compact positions that met the tolerance this iteration, increasing.
+    converged: Vec<usize>,
+}
+
+impl ActiveRows {
+    fn new(rows: usize) -> Self {
+        ActiveRows {
+            order: (0..rows).collect(),
+            active: rows,
+            done_worst: 0.0,
+            converged: Vec::new(),
+        }
+    }
+
+    /// Notes the change `r` of the active compact row `k`, marking it done when it meets
+    /// the budget's tolerance (never under a fixed count). Returns `r`.
+    #[inline(always)]
+    fn note(&mut self, k: usize, r: f64, budget: Budget) -> f64 {
+        if !budget.fixed && r <= budget.tol {
+            self.converged.push(k);
+        }
+        r
+    }
+
+    /// Retires the rows marked this iteration: each is swapped (by `swap(a, b)` on every
+    /// compact array) with the last active row. Returns the worst change of every sample
+    /// done so far, for the block's residual.
+    fn retire(&mut self, changes: &[f64], mut swap: impl FnMut(usize, usize)) -> f64 {
+        // From the highest position down: the last active row is then never one still to
+        // be retired.
+        while let Some(k) = self.converged.pop() {
+            self.done_worst = worst(self.done_worst, changes[k]);
+            let last = self.active - 1;
+            if k != last {
+                swap(k, last);
+                self.order.swap(k, last);
+            }
+            self.active = last;
+        }
+        self.done_worst
+    }
+
+    /// Writes the compact rows back to their places in `out`.
+    fn scatter<S: Scalar>(&self, compact: &Array2<S>, mut out: ArrayViewMut2<'_, S>) {
+        for (k, &row) in self.order.iter().enumerate() {
+            out.row_mut(row).assign(&compact.row(k));
+        }
+    }
+}
+
+/// Swaps rows `i` and `j` of a standard-layout matrix.
+fn swap_rows<S: Scalar>(a: &mut Array2<S>, i: usize, j: usize) {
     let n = a.ncols();
-    let start = i * a.strides()[0] as usize;
-    &a.as_slice_memory_order().expect("a standard-layout block")[start..start + n]
+    let (lo, hi) = (i.min(j), i.max(j));
+    let data = a.as_slice_mut().expect("a compact array is standard layout");
+    let (head, tail) = data.split_at_mut(hi * n);
+    head[lo * n..(lo + 1) * n].swap_with_slice(&mut tail[..n]);
 }
 
 /// The forward iteration of one row block: plain Picard `z <- sigma(z W^T + c)`, or the
@@ -208,31 +271,35 @@ fn row<'a, S>(a: &'a ArrayView2<'_, S>, i: usize) -> &'a [S] {
 pub(crate) fn picard_block<S: Scalar>(
     w: ArrayView2<'_, S>,
     c: ArrayView2<'_, S>,
-    mut z: ArrayViewMut2<'_, S>,
+    z: ArrayViewMut2<'_, S>,
     act: Activation,
     relax: Option<f64>,
     budget: Budget,
 ) -> BlockRun {
-    let c = c.as_standard_layout();
-    let cv = c.view();
+    let mut zc = z.as_standard_layout().into_owned();
+    let mut cc = c.as_standard_layout().into_owned();
     let mut pre = Array2::<S>::zeros(c.raw_dim());
+    let mut rows = ActiveRows::new(zc.nrows());
+    let mut changes = vec![0.0; zc.nrows()];
     let mut run = BlockRun::default();
     let (a, keep) = relax.map_or((S::one(), S::zero()), |a| {
         (S::from_f64_lossy(a), S::from_f64_lossy(1.0 - a))
     });
     let zero = S::zero();
-    while run.iterations < budget.max_iter {
-        gemm_seq(z.view(), w.t(), false, pre.view_mut());
+    while run.iterations < budget.max_iter && rows.active > 0 {
+        let m = rows.active;
+        gemm_seq(zc.slice(s![..m, ..]), w.t(), false, pre.slice_mut(s![..m, ..]));
         let change = with_avx2(
             #[inline(always)]
             || {
                 let mut change = 0.0f64;
-                for (i, (mut zr, pr)) in z.outer_iter_mut().zip(pre.outer_iter()).enumerate() {
-                    let zs = zr
-                        .as_slice_mut()
-                        .expect("rows of a standard-layout batch are contiguous");
-                    let ps = pr.to_slice().expect("contiguous");
-                    let cs = row(&cv, i);
+                // Rows of the compact arrays (a width of 0 has no rows to iterate).
+                let n = zc.ncols().max(1);
+                let zs = zc.as_slice_mut().expect("compact").chunks_exact_mut(n);
+                let ps = pre.as_slice().expect("compact").chunks_exact(n);
+                let cs = cc.as_slice().expect("compact").chunks_exact(n);
+                let active = zs.zip(ps).zip(cs).zip(changes.iter_mut()).take(m).enumerate();
+                for (k, (((zs, ps), cs), noted)) in active {
                     // `move`: the maps own their constants. Captured by reference, the
                     // compiler could not rule out that the row's stores change them, reloaded
                     // them per element and left the pass scalar.
@@ -246,15 +313,22 @@ pub(crate) fn picard_block<S: Scalar>(
                         }),
                         _ => forward_row(zs, ps, cs, move |p, _| act.value(p)),
                     };
-                    change = worst(change, d2.to_f64_exact().sqrt() / n2.to_f64_exact().sqrt().max(1.0));
+                    let r = d2.to_f64_exact().sqrt() / n2.to_f64_exact().sqrt().max(1.0);
+                    *noted = rows.note(k, r, budget);
+                    change = worst(change, r);
                 }
                 change
             },
         );
-        if run.record(change, budget) {
+        let done = rows.retire(&changes, |i, j| {
+            swap_rows(&mut zc, i, j);
+            swap_rows(&mut cc, i, j);
+        });
+        if run.record(worst(change, done), budget) {
             break;
         }
     }
+    rows.scatter(&zc, z);
     run
 }
 
@@ -268,43 +342,54 @@ pub(crate) fn neumann_block<S: Scalar>(
     w_mat: ArrayView2<'_, S>,
     d: ArrayView2<'_, S>,
     g: ArrayView2<'_, S>,
-    mut w: ArrayViewMut2<'_, S>,
+    w: ArrayViewMut2<'_, S>,
     budget: Budget,
 ) -> BlockRun {
-    let (d, g) = (d.as_standard_layout(), g.as_standard_layout());
-    let (dv, gv) = (d.view(), g.view());
-    let g_norms = row_norms(g.view());
-    let mut t = &w * &d;
+    let mut dc = d.as_standard_layout().into_owned();
+    let mut gc = g.as_standard_layout().into_owned();
+    let mut wc = w.as_standard_layout().into_owned();
+    let mut g_norms = row_norms(g.view());
+    let mut t = &wc * &dc;
     let mut q = Array2::<S>::zeros(g.raw_dim());
+    let mut rows = ActiveRows::new(wc.nrows());
+    let mut changes = vec![0.0; wc.nrows()];
     let mut run = BlockRun::default();
-    while run.iterations < budget.max_iter {
-        gemm_seq(t.view(), w_mat, false, q.view_mut());
+    while run.iterations < budget.max_iter && rows.active > 0 {
+        let m = rows.active;
+        gemm_seq(t.slice(s![..m, ..]), w_mat, false, q.slice_mut(s![..m, ..]));
         let change = with_avx2(
             #[inline(always)]
             || {
                 let mut change = 0.0f64;
-                for (i, ((mut wr, mut tr), qr)) in w
-                    .outer_iter_mut()
-                    .zip(t.outer_iter_mut())
-                    .zip(q.outer_iter())
-                    .enumerate()
-                {
-                    let d2 = adjoint_row(
-                        wr.as_slice_mut().expect("contiguous rows"),
-                        tr.as_slice_mut().expect("contiguous rows"),
-                        qr.to_slice().expect("contiguous rows"),
-                        row(&gv, i),
-                        row(&dv, i),
-                    );
-                    change = worst(change, d2.to_f64_exact().sqrt() / g_norms[i]);
+                // Rows of the compact arrays (a width of 0 has no rows to iterate).
+                let n = wc.ncols().max(1);
+                let ws = wc.as_slice_mut().expect("compact").chunks_exact_mut(n);
+                let ts = t.as_slice_mut().expect("compact").chunks_exact_mut(n);
+                let qs = q.as_slice().expect("compact").chunks_exact(n);
+                let gs = gc.as_slice().expect("compact").chunks_exact(n);
+                let ds = dc.as_slice().expect("compact").chunks_exact(n);
+                let rows_of = ws.zip(ts).zip(qs).zip(gs).zip(ds);
+                let active = rows_of.zip(g_norms.iter().zip(changes.iter_mut())).take(m).enumerate();
+                for (k, (((((wr, tr), qr), gr), dr), (g_norm, noted))) in active {
+                    let d2 = adjoint_row(wr, tr, qr, gr, dr);
+                    let r = d2.to_f64_exact().sqrt() / g_norm;
+                    *noted = rows.note(k, r, budget);
+                    change = worst(change, r);
                 }
                 change
             },
         );
-        if run.record(change, budget) {
+        let done = rows.retire(&changes, |i, j| {
+            for a in [&mut wc, &mut t, &mut gc, &mut dc] {
+                swap_rows(a, i, j);
+            }
+            g_norms.swap(i, j);
+        });
+        if run.record(worst(change, done), budget) {
             break;
         }
     }
+    rows.scatter(&wc, w);
     run
 }
 
@@ -444,5 +529,86 @@ pub(crate) fn ensure_finite<S: Scalar>(name: &str, a: ArrayView2<'_, S>) -> Resu
                 i % a.ncols().max(1)
             ),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 6 x 6 map with norm below one, and rows of very different scales and signs, so that
+    /// the samples of one block need different numbers of iterations.
+    fn problem() -> (Array2<f64>, Array2<f64>) {
+        let n = 6;
+        let w = Array2::from_shape_fn((n, n), |(i, j)| 0.3 * (((3 * i + 5 * j) % 7) as f64 / 7.0 - 0.4));
+        let c = Array2::from_shape_fn((5, n), |(i, j)| {
+            let scale = [1e-3, 1.0, 30.0, 0.2, 5.0][i];
+            scale * (((i + 2 * j) % 5) as f64 - 1.5)
+        });
+        (w, c)
+    }
+
+    fn budget(fixed: bool) -> Budget {
+        Budget {
+            tol: 1e-9,
+            max_iter: if fixed { 7 } else { 500 },
+            fixed,
+        }
+    }
+
+    fn close(a: ArrayView2<'_, f64>, b: ArrayView2<'_, f64>) -> bool {
+        a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-13 * y.abs().max(1.0))
+    }
+
+    /// Every sample of a block stops at its own tolerance: the block's rows are those of each
+    /// sample iterated alone (a block of one), while the block runs as long as its slowest
+    /// sample. Under a fixed count every sample runs the whole count.
+    #[test]
+    fn picard_samples_stop_on_their_own() {
+        let (w, c) = problem();
+        for fixed in [false, true] {
+            let mut z = Array2::<f64>::zeros(c.raw_dim());
+            let block = picard_block(w.view(), c.view(), z.view_mut(), Activation::Relu, None, budget(fixed));
+            let mut counts = Vec::new();
+            for i in 0..c.nrows() {
+                let mut zi = Array2::<f64>::zeros((1, c.ncols()));
+                let alone = picard_block(
+                    w.view(),
+                    c.slice(s![i..i + 1, ..]),
+                    zi.view_mut(),
+                    Activation::Relu,
+                    None,
+                    budget(fixed),
+                );
+                assert!(close(z.slice(s![i..i + 1, ..]), zi.view()), "row {i}, fixed {fixed}");
+                counts.push(alone.iterations);
+            }
+            assert_eq!(block.iterations, *counts.iter().max().unwrap());
+            let spread = counts.iter().max().unwrap() - counts.iter().min().unwrap();
+            assert_eq!(spread == 0, fixed, "iterations per sample {counts:?}");
+            assert!(fixed || block.residual <= 1e-9);
+        }
+    }
+
+    /// The same for the adjoint Neumann iteration, each sample relative to its own `||g_i||`.
+    #[test]
+    fn neumann_samples_stop_on_their_own() {
+        let (w, g) = problem();
+        let d = Array2::from_shape_fn(g.raw_dim(), |(i, j)| if (i + j) % 3 == 0 { 0.0 } else { 1.0 });
+        for fixed in [false, true] {
+            let mut y = g.clone();
+            let block = neumann_block(w.view(), d.view(), g.view(), y.view_mut(), budget(fixed));
+            let mut counts = Vec::new();
+            for i in 0..g.nrows() {
+                let rows = s![i..i + 1, ..];
+                let mut yi = g.slice(rows).to_owned();
+                let alone = neumann_block(w.view(), d.slice(rows), g.slice(rows), yi.view_mut(), budget(fixed));
+                assert!(close(y.slice(rows), yi.view()), "row {i}, fixed {fixed}");
+                counts.push(alone.iterations);
+            }
+            assert_eq!(block.iterations, *counts.iter().max().unwrap());
+            let spread = counts.iter().max().unwrap() - counts.iter().min().unwrap();
+            assert_eq!(spread == 0, fixed, "iterations per sample {counts:?}");
+        }
     }
 }
