@@ -322,12 +322,12 @@ impl WeightNorm {
             return Ok(None);
         }
         let w64 = w.mapv(|v| v.to_f64_exact());
-        let mut gram = Array2::<f64>::zeros((n, n));
-        super::kernel::gemm_seq(w64.t(), w64.view(), false, gram.view_mut());
+        let gram = gram_lower(w64.view());
         let mut test = NormTest::new(n);
         let start = warm.borrow().as_ref().filter(|v| v.len() == n).cloned();
         let mut estimate = PowerEstimate {
             v: start.unwrap_or_else(|| Array1::from_shape_fn(n, |i| 1.0 + (i % 7) as f64 / 7.0)),
+            image: Array1::zeros(n),
             scratch: Array1::zeros(n),
             squared: 0.0,
             products: 0,
@@ -341,7 +341,7 @@ impl WeightNorm {
             (DENSE_ESTIMATE_ITERATIONS, &UNSETTLED_MARGINS),
         ];
         for (budget, margins) in rounds {
-            if !estimate.run(gram.view(), budget) {
+            if !estimate.run(w64.view(), budget) {
                 return Ok(None);
             }
             estimate.save(warm);
@@ -356,7 +356,7 @@ impl WeightNorm {
                 if t * lipschitz >= 1.0 || t.is_nan() {
                     break;
                 }
-                if test.below(gram.view(), t) {
+                if test.below(gram.as_ref(), t) {
                     return Ok(Some(WeightNorm {
                         value: t,
                         upper: t,
@@ -438,6 +438,8 @@ impl WeightNorm {
 /// exceeds `||W||^2`.
 struct PowerEstimate {
     v: Array1<f64>,
+    /// `W v`, on the way to `W^T W v`.
+    image: Array1<f64>,
     scratch: Array1<f64>,
     squared: f64,
     products: usize,
@@ -447,16 +449,18 @@ struct PowerEstimate {
 impl PowerEstimate {
     /// Runs until `budget` products in all or until the quotient settles; `false` when the
     /// vector vanished or stopped being finite.
-    fn run(&mut self, gram: ArrayView2<'_, f64>, budget: usize) -> bool {
+    fn run(&mut self, w: ArrayView2<'_, f64>, budget: usize) -> bool {
         while !self.settled && self.products < budget {
             let norm = self.v.dot(&self.v).sqrt();
             if !(norm > 0.0 && norm.is_finite()) {
                 return false;
             }
             self.v /= norm;
-            clarke_core::gemm::gemv(1.0, gram, self.v.view(), 0.0, self.scratch.view_mut());
+            // `W^T (W v)`: the Gram matrix holds only its lower triangle.
+            clarke_core::gemm::gemv(1.0, w, self.v.view(), 0.0, self.image.view_mut());
+            clarke_core::gemm::gemv(1.0, w.t(), self.image.view(), 0.0, self.scratch.view_mut());
             self.products += 1;
-            let next = self.v.dot(&self.scratch);
+            let next = self.image.dot(&self.image);
             self.settled = (next - self.squared).abs() <= DENSE_ESTIMATE_TOL * next;
             self.squared = next;
             std::mem::swap(&mut self.v, &mut self.scratch);
@@ -473,12 +477,33 @@ impl PowerEstimate {
     }
 }
 
-/// Whether `||W|| < t`, given the Gram matrix `W^T W`: whether `t^2 I - W^T W` (with `t^2`
-/// lowered by [`CHOLESKY_ROUNDING_SLACK`]) is positive definite, which its Cholesky
-/// factorisation (faer, in place, lower triangle formed directly) decides by meeting no
-/// non-positive pivot.
-/// The factorisations that decide `||W|| < t` for one Gram matrix `W^T W`: the matrix and
-/// the workspace are allocated once for all the margins a check tries.
+/// The lower triangle of the Gram matrix `W^T W` (the upper one is not formed: half the
+/// multiply-adds of a GEMM), all the Cholesky factorisation of `t^2 I - W^T W` reads.
+fn gram_lower(w: ArrayView2<'_, f64>) -> faer::Mat<f64> {
+    use faer::linalg::matmul::triangular::{BlockStructure, matmul};
+    use faer_ext::IntoFaer;
+    let n = w.ncols();
+    let mut gram = faer::Mat::<f64>::zeros(n, n);
+    let w = w.into_faer();
+    matmul(
+        gram.as_mut(),
+        BlockStructure::TriangularLower,
+        faer::Accum::Replace,
+        w.transpose(),
+        BlockStructure::Rectangular,
+        w,
+        BlockStructure::Rectangular,
+        1.0,
+        faer::Par::Seq,
+    );
+    clarke_core::avx::clear_upper_state();
+    gram
+}
+
+/// The factorisations that decide `||W|| < t` for one Gram matrix `W^T W`: whether
+/// `t^2 I - W^T W` (with `t^2` lowered by [`CHOLESKY_ROUNDING_SLACK`]) is positive definite,
+/// which its Cholesky factorisation (faer, in place) decides by meeting no non-positive
+/// pivot. The matrix and the workspace are allocated once for all the margins a check tries.
 struct NormTest {
     l: faer::Mat<f64>,
     buf: faer::dyn_stack::MemBuffer,
@@ -495,22 +520,23 @@ impl NormTest {
     }
 
     /// Whether `t^2 I - gram` (with `t^2` lowered by [`CHOLESKY_ROUNDING_SLACK`]) is
-    /// positive definite. `gram` is symmetric, so its row `j` is the column `j` the
-    /// factorisation reads: each column is one contiguous copy.
-    fn below(&mut self, gram: ArrayView2<'_, f64>, t: f64) -> bool {
+    /// positive definite, from the lower triangle of `gram` (column-major: the part of each
+    /// column from the diagonal down is one contiguous copy).
+    fn below(&mut self, gram: faer::MatRef<'_, f64>, t: f64) -> bool {
         let _avx = clarke_core::avx::UpperStateGuard;
         use faer::dyn_stack::MemStack;
         use faer::linalg::cholesky::llt::factor::cholesky_in_place;
         let n = gram.nrows();
+        debug_assert_eq!(self.l.nrows(), n);
         let shift = t * t * (1.0 - CHOLESKY_ROUNDING_SLACK);
-        for (j, row) in gram.outer_iter().enumerate() {
+        for j in 0..n {
+            let source = gram.col(j).try_as_col_major().expect("an owned matrix is column-major");
             let column = self.l.col_as_slice_mut(j);
-            for (l, &g) in column.iter_mut().zip(row.iter()) {
+            for (l, &g) in column[j..].iter_mut().zip(&source.as_slice()[j..]) {
                 *l = -g;
             }
             column[j] += shift;
         }
-        debug_assert_eq!(self.l.nrows(), n);
         cholesky_in_place(
             self.l.as_mut(),
             Default::default(),
@@ -585,7 +611,11 @@ mod tests {
         assert!(WeightNorm::proven(w.view(), 1.0, &warm).unwrap().is_none());
         // Just below the norm, indefinite by 1e-9: the factorisation fails; just above, not.
         for (t, definite) in [(0.95 * (1.0 - 1e-9), false), (0.95 * (1.0 + 1e-9), true)] {
-            assert_eq!(NormTest::new(3).below(w.t().dot(&w).view(), t), definite, "t = {t}");
+            assert_eq!(
+                NormTest::new(3).below(gram_lower(w.view()).as_ref(), t),
+                definite,
+                "t = {t}"
+            );
         }
     }
 
