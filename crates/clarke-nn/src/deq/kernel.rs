@@ -217,24 +217,24 @@ impl ActiveRows {
         }
     }
 
-    /// Notes the change `r` of the active compact row `k`, marking it done when it meets
-    /// the budget's tolerance (never under a fixed count). Returns `r`.
+    /// Notes the change `r` of the active compact row `k`: when it meets the budget's
+    /// tolerance (never under a fixed count) the sample is done, and its change is its final
+    /// one.
     #[inline(always)]
-    fn note(&mut self, k: usize, r: f64, budget: Budget) -> f64 {
+    fn note(&mut self, k: usize, r: f64, budget: Budget) {
         if !budget.fixed && r <= budget.tol {
             self.converged.push(k);
+            self.done_worst = worst(self.done_worst, r);
         }
-        r
     }
 
     /// Retires the rows marked this iteration: each is swapped (by `swap(a, b)` on every
     /// compact array) with the last active row. Returns the worst change of every sample
     /// done so far, for the block's residual.
-    fn retire(&mut self, changes: &[f64], mut swap: impl FnMut(usize, usize)) -> f64 {
+    fn retire(&mut self, mut swap: impl FnMut(usize, usize)) -> f64 {
         // From the highest position down: the last active row is then never one still to
         // be retired.
         while let Some(k) = self.converged.pop() {
-            self.done_worst = worst(self.done_worst, changes[k]);
             let last = self.active - 1;
             if k != last {
                 swap(k, last);
@@ -280,7 +280,6 @@ pub(crate) fn picard_block<S: Scalar>(
     let mut cc = c.as_standard_layout().into_owned();
     let mut pre = Array2::<S>::zeros(c.raw_dim());
     let mut rows = ActiveRows::new(zc.nrows());
-    let mut changes = vec![0.0; zc.nrows()];
     let mut run = BlockRun::default();
     let (a, keep) = relax.map_or((S::one(), S::zero()), |a| {
         (S::from_f64_lossy(a), S::from_f64_lossy(1.0 - a))
@@ -298,8 +297,7 @@ pub(crate) fn picard_block<S: Scalar>(
                 let zs = zc.as_slice_mut().expect("compact").chunks_exact_mut(n);
                 let ps = pre.as_slice().expect("compact").chunks_exact(n);
                 let cs = cc.as_slice().expect("compact").chunks_exact(n);
-                let active = zs.zip(ps).zip(cs).zip(changes.iter_mut()).take(m).enumerate();
-                for (k, (((zs, ps), cs), noted)) in active {
+                for (k, ((zs, ps), cs)) in zs.zip(ps).zip(cs).take(m).enumerate() {
                     // `move`: the maps own their constants. Captured by reference, the
                     // compiler could not rule out that the row's stores change them, reloaded
                     // them per element and left the pass scalar.
@@ -314,13 +312,13 @@ pub(crate) fn picard_block<S: Scalar>(
                         _ => forward_row(zs, ps, cs, move |p, _| act.value(p)),
                     };
                     let r = d2.to_f64_exact().sqrt() / n2.to_f64_exact().sqrt().max(1.0);
-                    *noted = rows.note(k, r, budget);
+                    rows.note(k, r, budget);
                     change = worst(change, r);
                 }
                 change
             },
         );
-        let done = rows.retire(&changes, |i, j| {
+        let done = rows.retire(|i, j| {
             swap_rows(&mut zc, i, j);
             swap_rows(&mut cc, i, j);
         });
@@ -352,7 +350,6 @@ pub(crate) fn neumann_block<S: Scalar>(
     let mut t = &wc * &dc;
     let mut q = Array2::<S>::zeros(g.raw_dim());
     let mut rows = ActiveRows::new(wc.nrows());
-    let mut changes = vec![0.0; wc.nrows()];
     let mut run = BlockRun::default();
     while run.iterations < budget.max_iter && rows.active > 0 {
         let m = rows.active;
@@ -369,17 +366,16 @@ pub(crate) fn neumann_block<S: Scalar>(
                 let gs = gc.as_slice().expect("compact").chunks_exact(n);
                 let ds = dc.as_slice().expect("compact").chunks_exact(n);
                 let rows_of = ws.zip(ts).zip(qs).zip(gs).zip(ds);
-                let active = rows_of.zip(g_norms.iter().zip(changes.iter_mut())).take(m).enumerate();
-                for (k, (((((wr, tr), qr), gr), dr), (g_norm, noted))) in active {
+                for (k, (((((wr, tr), qr), gr), dr), g_norm)) in rows_of.zip(&g_norms).take(m).enumerate() {
                     let d2 = adjoint_row(wr, tr, qr, gr, dr);
                     let r = d2.to_f64_exact().sqrt() / g_norm;
-                    *noted = rows.note(k, r, budget);
+                    rows.note(k, r, budget);
                     change = worst(change, r);
                 }
                 change
             },
         );
-        let done = rows.retire(&changes, |i, j| {
+        let done = rows.retire(|i, j| {
             for a in [&mut wc, &mut t, &mut gc, &mut dc] {
                 swap_rows(a, i, j);
             }
