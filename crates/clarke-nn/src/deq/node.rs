@@ -83,11 +83,10 @@ impl<S: Scalar> ImplicitNode<S> {
         let g = grad.into_dimensionality::<Ix2>().expect("the output is 2-D");
         self.ensure_finite("the incoming gradient", g.iter())?;
         let selected = self.select(ctx, w);
-        let (check, solved) = self.check_beside(w, &selected, || {
-            self.linear_solve(Direction::Adjoint, w, selected.d.view(), g)
-        });
-        let (Selection { d, ledger, .. }, check) = self.conclude(selected, check, Pass::Backward)?;
-        let (adj, adjoint) = solved?;
+        let (Selection { d, ledger, .. }, check, (adj, adjoint)) =
+            self.checked_solve(w, selected, Pass::Backward, |sel| {
+                self.linear_solve(Direction::Adjoint, w, sel.d.view(), g)
+            })?;
         let mut delta = adj;
         delta *= &d;
         let mut w_bar = Array2::<S>::zeros(w.raw_dim());
@@ -137,11 +136,10 @@ impl<S: Scalar> ImplicitNode<S> {
             t += db;
         }
         t *= &selected.d;
-        let (check, solved) = self.check_beside(w, &selected, || {
-            self.linear_solve(Direction::Tangent, w, selected.d.view(), t.view())
-        });
-        let (Selection { ledger, .. }, check) = self.conclude(selected, check, Pass::ForwardMode)?;
-        let (v, solve) = solved?;
+        let (Selection { ledger, .. }, check, (v, solve)) =
+            self.checked_solve(w, selected, Pass::ForwardMode, |sel| {
+                self.linear_solve(Direction::Tangent, w, sel.d.view(), t.view())
+            })?;
         self.push_report(Pass::ForwardMode, Some(solve), check, ledger);
         Ok(v.into_dyn())
     }
@@ -183,50 +181,45 @@ impl<S: Scalar> ImplicitNode<S> {
     }
 
     /// Runs the hypothesis check of `selected` beside `solve` (the adjoint or tangent solve,
-    /// which does not depend on it) and returns both results. The check is a task of the
-    /// thread pool that the solve's row blocks share, so a thread that is done with its
-    /// block takes it up: the check costs wall time only where the blocks leave no thread
-    /// idle. Without the check (off for this layer) the solve runs alone.
-    fn check_beside<R>(
+    /// which does not depend on it) and returns the selection, the check and the solution.
+    /// The check is a task of the thread pool that the solve's row blocks share, so a thread
+    /// that is done with its block takes it up: the check costs wall time only where the
+    /// blocks leave no thread idle. Without the check (off for this layer) the solve runs
+    /// alone.
+    ///
+    /// The errors come in the order of a check run first: the check's own, then a violated
+    /// check that the options refuse (its report, of `pass`, goes to the log), then the
+    /// solve's.
+    fn checked_solve<T>(
         &self,
         w: ArrayView2<'_, S>,
-        selected: &Selection<S>,
-        solve: impl FnOnce() -> R,
-    ) -> (Result<HypothesisCheck>, R) {
-        if !self.config.check {
-            let check = HypothesisCheck::not_checked("the check is off for this layer");
-            return (Ok(check), solve());
-        }
-        // The warm start moves into the task (a `RefCell` is not shared across threads) and
-        // back once both are done.
-        let warm = check::NormWarmStart::new(self.norm_warm_start.take());
-        let (parametrization, lipschitz) = (self.config.parametrization, self.config.activation.lipschitz());
-        let options = &self.config.check_options;
-        let (d, kinks, residuals) = (selected.d.view(), &selected.kinks, selected.residuals.as_slice());
-        let mut checked = None;
-        let slot = &mut checked;
-        let solved = rayon::in_place_scope(|scope| {
-            scope.spawn(move |_| {
-                let check = check::run(parametrization, lipschitz, w, d, kinks, residuals, options, &warm);
-                *slot = Some((check, warm));
-            });
-            solve()
-        });
-        let (check, warm) = checked.expect("the scope waits for the check");
-        self.norm_warm_start.replace(warm.into_inner());
-        (check, solved)
-    }
-
-    /// The check's verdict on `selected`: its error, or a violated check that the options
-    /// refuse (its report, of `pass`, goes to the log), ends the call; otherwise the
-    /// selection and the check go on to the report.
-    fn conclude(
-        &self,
         selected: Selection<S>,
-        check: Result<HypothesisCheck>,
         pass: Pass,
-    ) -> Result<(Selection<S>, HypothesisCheck)> {
-        let check = check?;
+        solve: impl FnOnce(&Selection<S>) -> Result<T>,
+    ) -> Result<(Selection<S>, HypothesisCheck, T)> {
+        let (check, solved) = if self.config.check {
+            // The warm start moves into the task (a `RefCell` is not shared across threads)
+            // and back once both are done.
+            let warm = check::NormWarmStart::new(self.norm_warm_start.take());
+            let (parametrization, lipschitz) = (self.config.parametrization, self.config.activation.lipschitz());
+            let options = &self.config.check_options;
+            let (d, kinks, residuals) = (selected.d.view(), &selected.kinks, selected.residuals.as_slice());
+            let mut checked = None;
+            let slot = &mut checked;
+            let solved = rayon::in_place_scope(|scope| {
+                scope.spawn(move |_| {
+                    let check = check::run(parametrization, lipschitz, w, d, kinks, residuals, options, &warm);
+                    *slot = Some((check, warm));
+                });
+                solve(&selected)
+            });
+            let (check, warm) = checked.expect("the scope waits for the check");
+            self.norm_warm_start.replace(warm.into_inner());
+            (check?, solved)
+        } else {
+            let solved = solve(&selected);
+            (HypothesisCheck::not_checked("the check is off for this layer"), solved)
+        };
         if check.outcome == CheckOutcome::Violated && self.config.check_options.refuse_violated {
             let detail = check.to_string();
             self.push_report(pass, None, check, selected.ledger);
@@ -235,7 +228,7 @@ impl<S: Scalar> ImplicitNode<S> {
                 detail,
             });
         }
-        Ok((selected, check))
+        Ok((selected, check, solved?))
     }
 
     fn push_report(&self, pass: Pass, solve: Option<SolveReport>, check: HypothesisCheck, kinks: KinkLedger) {
