@@ -322,8 +322,7 @@ impl WeightNorm {
             return Ok(None);
         }
         let w64 = w.mapv(|v| v.to_f64_exact());
-        let gram = gram_lower(w64.view());
-        let mut test = NormTest::new(n);
+        let mut test = NormTest::of(w64.view());
         let start = warm.borrow().as_ref().filter(|v| v.len() == n).cloned();
         let mut estimate = PowerEstimate {
             v: start.unwrap_or_else(|| Array1::from_shape_fn(n, |i| 1.0 + (i % 7) as f64 / 7.0)),
@@ -356,7 +355,7 @@ impl WeightNorm {
                 if t * lipschitz >= 1.0 || t.is_nan() {
                     break;
                 }
-                if test.below(gram.as_ref(), t) {
+                if test.below(t) {
                     return Ok(Some(WeightNorm {
                         value: t,
                         upper: t,
@@ -477,62 +476,59 @@ impl PowerEstimate {
     }
 }
 
-/// The lower triangle of the Gram matrix `W^T W` (the upper one is not formed: half the
-/// multiply-adds of a GEMM), all the Cholesky factorisation of `t^2 I - W^T W` reads.
-fn gram_lower(w: ArrayView2<'_, f64>) -> faer::Mat<f64> {
-    use faer::linalg::matmul::triangular::{BlockStructure, matmul};
-    use faer_ext::IntoFaer;
-    let n = w.ncols();
-    let mut gram = faer::Mat::<f64>::zeros(n, n);
-    let w = w.into_faer();
-    matmul(
-        gram.as_mut(),
-        BlockStructure::TriangularLower,
-        faer::Accum::Replace,
-        w.transpose(),
-        BlockStructure::Rectangular,
-        w,
-        BlockStructure::Rectangular,
-        1.0,
-        faer::Par::Seq,
-    );
-    clarke_core::avx::clear_upper_state();
-    gram
-}
-
-/// The factorisations that decide `||W|| < t` for one Gram matrix `W^T W`: whether
-/// `t^2 I - W^T W` (with `t^2` lowered by [`CHOLESKY_ROUNDING_SLACK`]) is positive definite,
-/// which its Cholesky factorisation (faer, in place) decides by meeting no non-positive
-/// pivot. The matrix and the workspace are allocated once for all the margins a check tries.
+/// The factorisations that decide `||W|| < t` for one `W`: whether `t^2 I - W^T W` (with
+/// `t^2` lowered by [`CHOLESKY_ROUNDING_SLACK`]) is positive definite, which its Cholesky
+/// factorisation (faer, in place) decides by meeting no non-positive pivot. The Gram matrix,
+/// the factor and the workspace are formed once for all the margins a check tries.
 struct NormTest {
+    /// The lower triangle of `W^T W`, all the factorisation reads (the upper one is not
+    /// formed: half the multiply-adds of a GEMM).
+    gram: faer::Mat<f64>,
     l: faer::Mat<f64>,
     buf: faer::dyn_stack::MemBuffer,
 }
 
 impl NormTest {
-    fn new(n: usize) -> Self {
+    fn of(w: ArrayView2<'_, f64>) -> Self {
         use faer::linalg::cholesky::llt::factor::cholesky_in_place_scratch;
+        use faer::linalg::matmul::triangular::{BlockStructure, matmul};
+        use faer_ext::IntoFaer;
+        let n = w.ncols();
+        let mut gram = faer::Mat::<f64>::zeros(n, n);
+        let w = w.into_faer();
+        matmul(
+            gram.as_mut(),
+            BlockStructure::TriangularLower,
+            faer::Accum::Replace,
+            w.transpose(),
+            BlockStructure::Rectangular,
+            w,
+            BlockStructure::Rectangular,
+            1.0,
+            faer::Par::Seq,
+        );
+        clarke_core::avx::clear_upper_state();
         let scratch = cholesky_in_place_scratch::<f64>(n, faer::Par::Seq, Default::default());
         NormTest {
+            gram,
             l: faer::Mat::zeros(n, n),
             buf: faer::dyn_stack::MemBuffer::new(scratch),
         }
     }
 
-    /// Whether `t^2 I - gram` (with `t^2` lowered by [`CHOLESKY_ROUNDING_SLACK`]) is
-    /// positive definite, from the lower triangle of `gram` (column-major: the part of each
-    /// column from the diagonal down is one contiguous copy).
-    fn below(&mut self, gram: faer::MatRef<'_, f64>, t: f64) -> bool {
+    /// Whether `||W|| < t`: whether `t^2 I - W^T W` (with `t^2` lowered by
+    /// [`CHOLESKY_ROUNDING_SLACK`]) is positive definite. The Gram matrix is column-major, so
+    /// the part of each column from the diagonal down is one contiguous copy.
+    fn below(&mut self, t: f64) -> bool {
         let _avx = clarke_core::avx::UpperStateGuard;
         use faer::dyn_stack::MemStack;
         use faer::linalg::cholesky::llt::factor::cholesky_in_place;
-        let n = gram.nrows();
-        debug_assert_eq!(self.l.nrows(), n);
+        let n = self.gram.nrows();
         let shift = t * t * (1.0 - CHOLESKY_ROUNDING_SLACK);
         for j in 0..n {
-            let source = gram.col(j).try_as_col_major().expect("an owned matrix is column-major");
+            let source = self.gram.col_as_slice(j);
             let column = self.l.col_as_slice_mut(j);
-            for (l, &g) in column[j..].iter_mut().zip(&source.as_slice()[j..]) {
+            for (l, &g) in column[j..].iter_mut().zip(&source[j..]) {
                 *l = -g;
             }
             column[j] += shift;
@@ -611,11 +607,7 @@ mod tests {
         assert!(WeightNorm::proven(w.view(), 1.0, &warm).unwrap().is_none());
         // Just below the norm, indefinite by 1e-9: the factorisation fails; just above, not.
         for (t, definite) in [(0.95 * (1.0 - 1e-9), false), (0.95 * (1.0 + 1e-9), true)] {
-            assert_eq!(
-                NormTest::new(3).below(gram_lower(w.view()).as_ref(), t),
-                definite,
-                "t = {t}"
-            );
+            assert_eq!(NormTest::of(w.view()).below(t), definite, "t = {t}");
         }
     }
 
