@@ -361,7 +361,7 @@ impl<S: Scalar> Tape<S> {
             };
             // A nonsmooth node's rule and its ledger record come together (one pass over
             // its input where the kink scan can be folded into the derivative's).
-            let input_grads = match &node.op {
+            let mut input_grads = match &node.op {
                 Op::Kink(k) => {
                     let (grads, record) = k.backward_recorded(&ctx, g);
                     ledger.push(record);
@@ -369,7 +369,6 @@ impl<S: Scalar> Tape<S> {
                 }
                 op => op.backward(&ctx, g)?,
             };
-            let mut input_grads = input_grads;
             for (k, gi) in input_grads.iter_mut().enumerate() {
                 let Some(gi) = gi.take() else { continue };
                 let target = node.inputs[k];
@@ -386,9 +385,8 @@ impl<S: Scalar> Tape<S> {
         }
 
         // Parameter gradients; parameters the output does not depend on get zeros.
-        let param_ids = self.param_ids();
-        let before_output = param_ids.partition_point(|&id| id <= out_id);
-        let params = param_ids[..before_output]
+        let params = self
+            .param_ids_through(out_id)
             .iter()
             .map(|&id| {
                 let g = grads

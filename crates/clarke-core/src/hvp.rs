@@ -160,8 +160,7 @@ impl<S: Scalar> Tape<S> {
 
         // Parameters the output does not depend on get zeros.
         let (mut params, mut products) = (Vec::new(), Vec::new());
-        let param_ids = self.param_ids();
-        for &id in param_ids.iter().take_while(|&&id| id <= out_id) {
+        for &id in self.param_ids_through(out_id).iter() {
             let zeros = || ArrayD::zeros(nodes[id].value.raw_dim());
             params.push((id, grads.take(id).unwrap_or_else(zeros)));
             products.push((id, dots.take(id).unwrap_or_else(zeros)));

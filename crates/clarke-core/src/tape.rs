@@ -350,9 +350,12 @@ impl<S: Scalar> Tape<S> {
         self.nodes.borrow()
     }
 
-    /// Ids of the parameter leaves, increasing (crate-internal).
-    pub(crate) fn param_ids(&self) -> Ref<'_, Vec<usize>> {
-        self.params.borrow()
+    /// Ids of the parameter leaves recorded up to node `last` (included), increasing: those a
+    /// backward call from `last` returns gradients for (crate-internal).
+    pub(crate) fn param_ids_through(&self, last: usize) -> Ref<'_, [usize]> {
+        Ref::map(self.params.borrow(), |ids| {
+            &ids[..ids.partition_point(|&id| id <= last)]
+        })
     }
 
     /// Appends a computed node. `inputs` must belong to this tape (checked by callers).
