@@ -17,60 +17,88 @@
 //! cannot be factored, or whose `1^T H^-1 1` is not a usable number, takes the plain step
 //! `z_{k+1} = T(z_k)`.
 //!
-//! The stopping rule and the returned iterate are Picard's: a row's change is
-//! `||T(z_k) - z_k||` over its own scale, the block stops when its worst row is within the
-//! tolerance, and the block leaves with `T(z_k)`, the image of the last iterate measured.
+//! The stopping rule and the returned iterate are Picard's, per sample: a row's change is
+//! `||T(z_k) - z_k||` over its own scale, a row whose change meets the tolerance is done and
+//! leaves with `T(z_k)`, the image of its last iterate measured, and the next iterations skip
+//! it (its history rows are swapped behind the active ones, as in the Picard and Neumann
+//! blocks). The block stops when every row is done; under a fixed count every row runs it.
 
 use clarke_core::Scalar;
 use clarke_core::avx::with_avx2;
 use clarke_core::gemm::dot;
 use clarke_solve::FixedPointOptions;
-use ndarray::{ArrayView2, ArrayViewMut2};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2, s};
 
-use super::kernel::{BlockRun, Budget, worst};
+use super::kernel::{ActiveRows, BlockRun, Budget, swap_chunks, swap_rows, worst};
 
 /// Runs Anderson with memory `memory` (mixing the last `memory + 1` iterates) on a row
-/// block. `map(z, out)` writes `T(z)` for every row of `z`; `scale(i, t2)` is the denominator
-/// of row `i`'s change given the squared norm `t2` of its `T(z)` row. `z` holds the start
-/// and receives the last image.
-pub(crate) fn anderson_rows<S: Scalar>(
-    mut z: ArrayViewMut2<'_, S>,
+/// block, each row stopping on its own.
+///
+/// `consts` are the map's per-row data (an input term, a right-hand side, a derivative
+/// mask), one row per row of `z`: they are kept in the order of the active rows.
+/// `map(z, consts, out)` writes `T(z)` for the rows given (the active ones, with their
+/// rows of `consts`); `scale(i, t2)` is the denominator of block row `i`'s change given the
+/// squared norm `t2` of its `T(z)` row. `z` holds the start and receives each row's last
+/// image.
+pub(crate) fn anderson_rows<S: Scalar, const K: usize>(
+    z: ArrayViewMut2<'_, S>,
+    mut consts: [Array2<S>; K],
     memory: usize,
     budget: Budget,
-    mut map: impl FnMut(ArrayView2<'_, S>, ArrayViewMut2<'_, S>),
+    mut map: impl FnMut(ArrayView2<'_, S>, [ArrayView2<'_, S>; K], ArrayViewMut2<'_, S>),
     scale: impl Fn(usize, f64) -> f64,
 ) -> BlockRun {
-    let (rows, n) = z.dim();
+    let mut zc = z.as_standard_layout().into_owned();
+    let (rows, n) = zc.dim();
     let mut history = History::new(memory + 1, rows, n);
+    let mut active = ActiveRows::new(rows);
     let mut run = BlockRun::default();
-    while run.iterations < budget.max_iter {
-        let slot = history.next;
-        map(z.view(), history.image_mut(slot));
+    while run.iterations < budget.max_iter && active.active > 0 {
+        let (m, slot) = (active.active, history.next);
+        map(
+            zc.slice(s![..m, ..]),
+            consts.each_ref().map(|c| c.slice(s![..m, ..])),
+            history.image_mut(slot, m),
+        );
         let change = with_avx2(
             #[inline(always)]
             || {
-                let zs = z.as_slice().expect("a standard-layout block");
+                // Rows of the compact arrays (a width of 0 has no rows to iterate).
+                let zs = zc.as_slice_mut().expect("compact").chunks_exact_mut(n.max(1));
                 let mut change = 0.0f64;
-                for i in 0..rows {
-                    let (t, g) = history.row_pair_mut(slot, i);
-                    let (d2, t2) = residual_row(g, &zs[i * n..(i + 1) * n], t);
-                    change = worst(change, d2.sqrt() / scale(i, t2));
+                for (k, zr) in zs.take(m).enumerate() {
+                    let (t, g) = history.row_pair_mut(slot, k);
+                    let (d2, t2) = residual_row(g, zr, t);
+                    let r = d2.sqrt() / scale(active.order[k], t2);
+                    if active.note(k, r, budget) {
+                        zr.copy_from_slice(t);
+                    }
+                    change = worst(change, r);
                 }
                 change
             },
         );
-        if run.record(change, budget) || run.iterations >= budget.max_iter {
-            z.as_slice_mut()
-                .expect("a standard-layout block")
-                .copy_from_slice(history.image(slot));
+        let done = active.retire(|i, j| {
+            swap_rows(&mut zc, i, j);
+            for c in &mut consts {
+                swap_rows(c, i, j);
+            }
+            history.swap_rows(i, j);
+        });
+        if run.record(worst(change, done), budget) || run.iterations >= budget.max_iter {
+            // The rows still active leave with their last image too.
+            let m = active.active;
+            zc.as_slice_mut().expect("compact")[..m * n].copy_from_slice(&history.image(slot)[..m * n]);
             break;
         }
-        history.commit(slot);
+        history.commit(slot, active.active);
+        let m = active.active;
         with_avx2(
             #[inline(always)]
-            || history.mix(z.as_slice_mut().expect("a standard-layout block")),
+            || history.mix(&mut zc.as_slice_mut().expect("compact")[..m * n], m),
         );
     }
+    active.scatter(&zc, z);
     run
 }
 
@@ -157,10 +185,10 @@ impl<S: Scalar> History<S> {
         start..start + self.n
     }
 
-    /// The images of slot `slot`, as a block the map writes into.
-    fn image_mut(&mut self, slot: usize) -> ArrayViewMut2<'_, S> {
-        let len = self.rows * self.n;
-        ArrayViewMut2::from_shape((self.rows, self.n), &mut self.images[slot * len..(slot + 1) * len])
+    /// The first `m` rows of slot `slot`'s images, as a block the map writes into.
+    fn image_mut(&mut self, slot: usize, m: usize) -> ArrayViewMut2<'_, S> {
+        let start = slot * self.rows * self.n;
+        ArrayViewMut2::from_shape((m, self.n), &mut self.images[start..start + m * self.n])
             .expect("a slot holds rows x n values")
     }
 
@@ -177,12 +205,24 @@ impl<S: Scalar> History<S> {
         (&self.images[r.clone()], &mut self.residuals[r])
     }
 
-    /// Takes the iterate in `slot` into the history: its Gram entries with every stored
-    /// residual, then the next slot.
-    fn commit(&mut self, slot: usize) {
+    /// Swaps rows `i` and `j` in every slot: images, residuals and Gram entries.
+    fn swap_rows(&mut self, i: usize, j: usize) {
+        for slot in 0..self.slots {
+            let base = slot * self.rows;
+            swap_chunks(&mut self.images, self.n, base + i, base + j);
+            swap_chunks(&mut self.residuals, self.n, base + i, base + j);
+        }
+        for ab in 0..self.slots * self.slots {
+            self.gram.swap(ab * self.rows + i, ab * self.rows + j);
+        }
+    }
+
+    /// Takes the iterate in `slot` into the history for the first `active` rows: their Gram
+    /// entries with every stored residual, then the next slot.
+    fn commit(&mut self, slot: usize, active: usize) {
         self.stored = (self.stored + 1).min(self.slots);
         let (m, rows) = (self.slots, self.rows);
-        for i in 0..rows {
+        for i in 0..active {
             let new = &self.residuals[self.at(slot, i)];
             for j in 0..self.stored {
                 let h = dot(new, &self.residuals[self.at(j, i)]);
@@ -193,17 +233,18 @@ impl<S: Scalar> History<S> {
         self.next = (slot + 1) % self.slots;
     }
 
-    /// Writes the next iterate of every row, `sum_j alpha_j F_j` (or the last image).
+    /// Writes the next iterate of each of the first `active` rows into `z` (theirs, in
+    /// order), `sum_j alpha_j F_j` (or the last image).
     #[inline(always)]
-    fn mix(&mut self, z: &mut [S]) {
+    fn mix(&mut self, z: &mut [S], active: usize) {
         let (k, n, rows) = (self.stored, self.n, self.rows);
         let last = (self.next + self.slots - 1) % self.slots;
         if k >= 2 {
-            self.coefficients(k);
+            self.coefficients(k, active);
         } else {
             self.usable.fill(false);
         }
-        for i in 0..rows {
+        for i in 0..active {
             let zr = &mut z[i * n..(i + 1) * n];
             if !self.usable[i] {
                 zr.copy_from_slice(&self.images[self.at(last, i)]);
@@ -219,12 +260,13 @@ impl<S: Scalar> History<S> {
         }
     }
 
-    /// Every row's mixing coefficients over the first `k` slots, `alpha = y / sum(y)` with
-    /// `(G G^T + lambda I) y = 1`, into `self.alpha` (`[a][row]`), and whether they are
-    /// usable into `self.usable`: not when the row's residuals are all zero (the plain step
-    /// is the fixed point), its matrix does not factor, or `sum(y)` is zero or not finite.
+    /// The mixing coefficients of each of the first `active` rows over the first `k` slots,
+    /// `alpha = y / sum(y)` with `(G G^T + lambda I) y = 1`, into `self.alpha` (`[a][row]`),
+    /// and whether they are usable into `self.usable`: not when the row's residuals are all
+    /// zero (the plain step is the fixed point), its matrix does not factor, or `sum(y)` is
+    /// zero or not finite.
     #[inline(always)]
-    fn coefficients(&mut self, k: usize) {
+    fn coefficients(&mut self, k: usize, active: usize) {
         let (m, rows, regularization) = (self.slots, self.rows, self.regularization);
         let (gram, f, y, lambda, ok) = (
             &self.gram,
@@ -237,7 +279,7 @@ impl<S: Scalar> History<S> {
         // lambda = regularization * the largest diagonal entry.
         lambda.fill(0.0);
         for j in 0..k {
-            let d = &gram[idx(j, j)..idx(j, j) + rows];
+            let d = &gram[idx(j, j)..idx(j, j) + active];
             for (l, &v) in lambda.iter_mut().zip(d) {
                 *l = l.max(v);
             }
@@ -251,16 +293,16 @@ impl<S: Scalar> History<S> {
         // finished here; those left of the diagonal in row j were finished at their columns.
         for j in 0..k {
             let dj = idx(j, j);
-            for r in 0..rows {
+            for r in 0..active {
                 f[dj + r] = gram[dj + r] + lambda[r];
             }
             for p in 0..j {
                 let jp = idx(j, p);
-                for r in 0..rows {
+                for r in 0..active {
                     f[dj + r] -= f[jp + r] * f[jp + r];
                 }
             }
-            for r in 0..rows {
+            for r in 0..active {
                 let d = f[dj + r];
                 ok[r] &= d > 0.0 && d.is_finite();
                 // A row that failed keeps going on a harmless pivot; its result is discarded.
@@ -268,14 +310,14 @@ impl<S: Scalar> History<S> {
             }
             for i in j + 1..k {
                 let ij = idx(i, j);
-                f[ij..ij + rows].copy_from_slice(&gram[ij..ij + rows]);
+                f[ij..ij + active].copy_from_slice(&gram[ij..ij + active]);
                 for p in 0..j {
                     let (ip, jp) = (idx(i, p), idx(j, p));
-                    for r in 0..rows {
+                    for r in 0..active {
                         f[ij + r] -= f[ip + r] * f[jp + r];
                     }
                 }
-                for r in 0..rows {
+                for r in 0..active {
                     f[ij + r] /= f[dj + r];
                 }
             }
@@ -283,15 +325,15 @@ impl<S: Scalar> History<S> {
         // L L^T y = 1.
         for i in 0..k {
             let yi = i * rows;
-            y[yi..yi + rows].fill(1.0);
+            y[yi..yi + active].fill(1.0);
             for p in 0..i {
                 let (ip, yp) = (idx(i, p), p * rows);
-                for r in 0..rows {
+                for r in 0..active {
                     y[yi + r] -= f[ip + r] * y[yp + r];
                 }
             }
             let ii = idx(i, i);
-            for r in 0..rows {
+            for r in 0..active {
                 y[yi + r] /= f[ii + r];
             }
         }
@@ -299,24 +341,24 @@ impl<S: Scalar> History<S> {
             let yi = i * rows;
             for p in i + 1..k {
                 let (pi, yp) = (idx(p, i), p * rows);
-                for r in 0..rows {
+                for r in 0..active {
                     y[yi + r] -= f[pi + r] * y[yp + r];
                 }
             }
             let ii = idx(i, i);
-            for r in 0..rows {
+            for r in 0..active {
                 y[yi + r] /= f[ii + r];
             }
         }
         // alpha = y / sum(y).
         lambda.fill(0.0);
         for j in 0..k {
-            for (t, &v) in lambda.iter_mut().zip(&y[j * rows..(j + 1) * rows]) {
+            for (t, &v) in lambda.iter_mut().zip(&y[j * rows..j * rows + active]) {
                 *t += v;
             }
         }
         for j in 0..k {
-            for ((v, &t), o) in y[j * rows..(j + 1) * rows]
+            for ((v, &t), o) in y[j * rows..j * rows + active]
                 .iter_mut()
                 .zip(lambda.iter())
                 .zip(ok.iter_mut())
@@ -331,7 +373,25 @@ impl<S: Scalar> History<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::Array2;
+
+    /// `T_i(z) = A z + c_i`, row by row.
+    fn affine_map(
+        a: &Array2<f64>,
+    ) -> impl Fn(ArrayView2<'_, f64>, [ArrayView2<'_, f64>; 1], ArrayViewMut2<'_, f64>) + '_ {
+        move |z, [c], mut out| out.assign(&(z.dot(&a.t()) + c))
+    }
+
+    fn budget(tol: f64, max_iter: usize) -> Budget {
+        Budget {
+            tol,
+            max_iter,
+            fixed: false,
+        }
+    }
+
+    fn scale(_: usize, t2: f64) -> f64 {
+        t2.sqrt().max(1.0)
+    }
 
     /// On an affine contraction per row, Anderson reaches the fixed point in far fewer
     /// iterations than Picard, row by row, and both stop at the same point.
@@ -341,19 +401,11 @@ mod tests {
         // T_i(z) = A z + c_i, A symmetric tridiagonal with eigenvalues 0.95 cos(pi k / (n + 1)).
         let a = Array2::from_shape_fn((n, n), |(i, j)| if i.abs_diff(j) == 1 { 0.475 } else { 0.0 });
         let c = Array2::from_shape_fn((3, n), |(i, j)| (i as f64 + 1.0) * ((j as f64) * 0.7).sin());
-        let map = |z: ArrayView2<'_, f64>, mut out: ArrayViewMut2<'_, f64>| {
-            out.assign(&(z.dot(&a.t()) + &c));
-        };
-        let budget = Budget {
-            tol: 1e-12,
-            max_iter: 2000,
-            fixed: false,
-        };
-        let scale = |_: usize, t2: f64| t2.sqrt().max(1.0);
+        let map = affine_map(&a);
         let mut za = Array2::<f64>::zeros((3, n));
-        let ra = anderson_rows(za.view_mut(), 5, budget, map, scale);
+        let ra = anderson_rows(za.view_mut(), [c.clone()], 5, budget(1e-12, 2000), &map, scale);
         let mut zp = Array2::<f64>::zeros((3, n));
-        let rp = anderson_rows(zp.view_mut(), 0, budget, map, scale);
+        let rp = anderson_rows(zp.view_mut(), [c.clone()], 0, budget(1e-12, 2000), &map, scale);
         assert!(
             ra.residual <= 1e-12 && rp.residual <= 1e-12,
             "{} {}",
@@ -368,31 +420,80 @@ mod tests {
         );
         // The exact solution: (I - A) z_i = c_i.
         let mut fixed = za.clone();
-        map(za.view(), fixed.view_mut());
+        map(za.view(), [c.view()], fixed.view_mut());
         assert!((&fixed - &za).iter().all(|d| d.abs() < 1e-10));
         assert!((&za - &zp).iter().all(|d| d.abs() < 1e-10));
     }
 
-    /// A row already at its fixed point has zero residuals: its Gram matrix is zero, it takes
-    /// the plain step (no NaN from the mixing) and stays put, while the other rows converge.
+    /// A row already at its fixed point has zero residuals: it is done after the first
+    /// iteration and stays put (no NaN from a mixing of zero residuals), while the other rows
+    /// converge.
     #[test]
-    fn a_row_at_its_fixed_point_takes_the_plain_step() {
+    fn a_row_at_its_fixed_point_is_done_at_once() {
         let n = 8;
         let a = Array2::from_shape_fn((n, n), |(i, j)| if i.abs_diff(j) == 1 { 0.45 } else { 0.0 });
         let mut c = Array2::from_shape_fn((2, n), |(_, j)| (j as f64 * 0.3).cos());
         c.row_mut(0).fill(0.0); // T_0(z) = A z: 0 is its fixed point
-        let map = |z: ArrayView2<'_, f64>, mut out: ArrayViewMut2<'_, f64>| out.assign(&(z.dot(&a.t()) + &c));
-        let budget = Budget {
-            tol: 1e-12,
-            max_iter: 500,
-            fixed: false,
-        };
+        let map = affine_map(&a);
         let mut z = Array2::<f64>::zeros((2, n));
-        let run = anderson_rows(z.view_mut(), 4, budget, map, |_, t2| t2.sqrt().max(1.0));
+        let run = anderson_rows(z.view_mut(), [c.clone()], 4, budget(1e-12, 500), &map, scale);
         assert!(run.residual <= 1e-12 && !run.non_finite, "{run:?}");
         assert!(z.row(0).iter().all(|&v| v == 0.0), "{:?}", z.row(0));
         let mut image = z.clone();
-        map(z.view(), image.view_mut());
+        map(z.view(), [c.view()], image.view_mut());
         assert!((&image - &z).iter().all(|d| d.abs() < 1e-11));
+    }
+
+    /// Every row stops at its own tolerance: each row of the block equals that sample run
+    /// alone (its history, coefficients and stopping are its own), the samples take
+    /// different counts, and the block's count is the largest. The rows converge out of
+    /// order, so the compact arrays are permuted before they are scattered back.
+    #[test]
+    fn samples_stop_on_their_own() {
+        let n = 10;
+        let a = Array2::from_shape_fn((n, n), |(i, j)| if i.abs_diff(j) == 1 { 0.47 } else { 0.0 });
+        // Row scales from 1e-9 to 10: the small rows meet the tolerance much earlier.
+        let scales = [10.0, 1e-9, 1.0, 1e-6, 3.0];
+        let c = Array2::from_shape_fn((scales.len(), n), |(i, j)| {
+            scales[i] * ((j as f64 + i as f64) * 0.9).sin()
+        });
+        let map = affine_map(&a);
+        let tol = 1e-9;
+        let mut block = Array2::<f64>::zeros(c.raw_dim());
+        let run = anderson_rows(block.view_mut(), [c.clone()], 3, budget(tol, 500), &map, scale);
+        assert!(run.residual <= tol, "{run:?}");
+        let mut counts = Vec::new();
+        for (i, &row_scale) in scales.iter().enumerate() {
+            let ci = c.slice(s![i..i + 1, ..]).to_owned();
+            let mut alone = Array2::<f64>::zeros((1, n));
+            let r = anderson_rows(alone.view_mut(), [ci], 3, budget(tol, 500), &map, scale);
+            counts.push(r.iterations);
+            let diff = (&alone.row(0) - &block.row(i))
+                .iter()
+                .fold(0.0f64, |m, d| m.max(d.abs()));
+            assert!(diff <= 1e-13 * row_scale.max(1.0), "row {i}: {diff}");
+        }
+        assert_eq!(run.iterations, *counts.iter().max().unwrap(), "{counts:?}");
+        assert!(counts.iter().min() < counts.iter().max(), "{counts:?}");
+        // Under a fixed count every row runs the whole count.
+        let fixed = Budget {
+            tol,
+            max_iter: 7,
+            fixed: true,
+        };
+        let mut all = Array2::<f64>::zeros(c.raw_dim());
+        let run = anderson_rows(all.view_mut(), [c.clone()], 3, fixed, &map, scale);
+        assert_eq!(run.iterations, 7);
+        let mut alone = Array2::<f64>::zeros((1, n));
+        anderson_rows(
+            alone.view_mut(),
+            [c.slice(s![1..2, ..]).to_owned()],
+            3,
+            fixed,
+            &map,
+            scale,
+        );
+        let diff = (&alone.row(0) - &all.row(1)).iter().fold(0.0f64, |m, d| m.max(d.abs()));
+        assert!(diff <= 1e-22, "{diff}");
     }
 }

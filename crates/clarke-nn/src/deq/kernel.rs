@@ -196,11 +196,11 @@ pub(crate) fn worst(change: f64, r: f64) -> f64 {
 /// the block's compact arrays and the next products skip it, while the others go on. The
 /// block's products then cost what its active samples need, not what its slowest sample
 /// needs (on the digits run a quarter of the row updates were of samples already done).
-struct ActiveRows {
+pub(crate) struct ActiveRows {
     /// `order[k]`: the block row held at compact position `k`.
-    order: Vec<usize>,
+    pub(crate) order: Vec<usize>,
     /// How many compact rows, from the first, still iterate.
-    active: usize,
+    pub(crate) active: usize,
     /// The largest final change of the samples done (their residual in the block's report).
     done_worst: f64,
     /// Compact positions that met the tolerance this iteration, increasing.
@@ -208,7 +208,7 @@ struct ActiveRows {
 }
 
 impl ActiveRows {
-    fn new(rows: usize) -> Self {
+    pub(crate) fn new(rows: usize) -> Self {
         ActiveRows {
             order: (0..rows).collect(),
             active: rows,
@@ -219,19 +219,21 @@ impl ActiveRows {
 
     /// Notes the change `r` of the active compact row `k`: when it meets the budget's
     /// tolerance (never under a fixed count) the sample is done, and its change is its final
-    /// one.
+    /// one. Returns whether it is done.
     #[inline(always)]
-    fn note(&mut self, k: usize, r: f64, budget: Budget) {
-        if !budget.fixed && r <= budget.tol {
+    pub(crate) fn note(&mut self, k: usize, r: f64, budget: Budget) -> bool {
+        let done = !budget.fixed && r <= budget.tol;
+        if done {
             self.converged.push(k);
             self.done_worst = worst(self.done_worst, r);
         }
+        done
     }
 
     /// Retires the rows marked this iteration: each is swapped (by `swap(a, b)` on every
     /// compact array) with the last active row. Returns the worst change of every sample
     /// done so far, for the block's residual.
-    fn retire(&mut self, mut swap: impl FnMut(usize, usize)) -> f64 {
+    pub(crate) fn retire(&mut self, mut swap: impl FnMut(usize, usize)) -> f64 {
         // From the highest position down: the last active row is then never one still to
         // be retired.
         while let Some(k) = self.converged.pop() {
@@ -246,7 +248,7 @@ impl ActiveRows {
     }
 
     /// Writes the compact rows back to their places in `out`.
-    fn scatter<S: Scalar>(&self, compact: &Array2<S>, mut out: ArrayViewMut2<'_, S>) {
+    pub(crate) fn scatter<S: Scalar>(&self, compact: &Array2<S>, mut out: ArrayViewMut2<'_, S>) {
         for (k, &row) in self.order.iter().enumerate() {
             out.row_mut(row).assign(&compact.row(k));
         }
@@ -254,10 +256,17 @@ impl ActiveRows {
 }
 
 /// Swaps rows `i` and `j` of a standard-layout matrix.
-fn swap_rows<S: Scalar>(a: &mut Array2<S>, i: usize, j: usize) {
+pub(crate) fn swap_rows<S: Scalar>(a: &mut Array2<S>, i: usize, j: usize) {
     let n = a.ncols();
+    swap_chunks(a.as_slice_mut().expect("a compact array is standard layout"), n, i, j);
+}
+
+/// Swaps the `n`-element chunks `i` and `j` of `data`.
+pub(crate) fn swap_chunks<S>(data: &mut [S], n: usize, i: usize, j: usize) {
+    if i == j {
+        return;
+    }
     let (lo, hi) = (i.min(j), i.max(j));
-    let data = a.as_slice_mut().expect("a compact array is standard layout");
     let (head, tail) = data.split_at_mut(hi * n);
     head[lo * n..(lo + 1) * n].swap_with_slice(&mut tail[..n]);
 }

@@ -779,11 +779,12 @@ fn anderson_block<S: Scalar>(
     memory: usize,
     budget: Budget,
 ) -> BlockRun {
-    let map = |zb: ArrayView2<'_, S>, mut out: ndarray::ArrayViewMut2<'_, S>| {
-        out.assign(&c);
+    let map = |zb: ArrayView2<'_, S>, [cb]: [ArrayView2<'_, S>; 1], mut out: ndarray::ArrayViewMut2<'_, S>| {
+        out.assign(&cb);
         kernel::gemm_seq(zb, w.t(), true, out.view_mut());
         act.apply_in_place(out);
     };
     let scale = |_: usize, t2: f64| t2.sqrt().max(1.0);
-    anderson::anderson_rows(z, memory, budget, map, scale)
+    let c = c.as_standard_layout().into_owned();
+    anderson::anderson_rows(z, [c], memory, budget, map, scale)
 }

@@ -438,11 +438,11 @@ fn apply_jacobian<S: Scalar>(
     d: ArrayView2<'_, S>,
     v: ArrayView2<'_, S>,
     mut y: ArrayViewMut2<'_, S>,
-    scratch: &mut Array2<S>,
+    mut scratch: ArrayViewMut2<'_, S>,
 ) {
     match direction {
         Direction::Adjoint => {
-            Zip::from(&mut *scratch).and(v).and(d).for_each(|t, &a, &b| *t = a * b);
+            Zip::from(&mut scratch).and(v).and(d).for_each(|t, &a, &b| *t = a * b);
             kernel::gemm_seq(scratch.view(), w, false, y);
         }
         Direction::Tangent => {
@@ -461,7 +461,7 @@ fn apply_system<S: Scalar>(
     mut y: ArrayViewMut2<'_, S>,
 ) {
     let mut scratch = Array2::zeros(v.raw_dim());
-    apply_jacobian(direction, w, d, v, y.view_mut(), &mut scratch);
+    apply_jacobian(direction, w, d, v, y.view_mut(), scratch.view_mut());
     Zip::from(&mut y).and(v).for_each(|y, &v| *y = v - *y);
 }
 
@@ -497,11 +497,13 @@ fn anderson_linear_block<S: Scalar>(
 ) -> BlockRun {
     let rhs_norms = kernel::row_norms(rhs);
     let mut scratch = Array2::<S>::zeros(rhs.raw_dim());
-    let map = |v: ArrayView2<'_, S>, mut out: ArrayViewMut2<'_, S>| {
-        apply_jacobian(direction, w, d, v, out.view_mut(), &mut scratch);
-        out += &rhs;
+    let map = |v: ArrayView2<'_, S>, [db, rb]: [ArrayView2<'_, S>; 2], mut out: ArrayViewMut2<'_, S>| {
+        let m = v.nrows();
+        apply_jacobian(direction, w, db, v, out.view_mut(), scratch.slice_mut(s![..m, ..]));
+        out += &rb;
     };
-    anderson::anderson_rows(sol, memory, budget, map, |i, _| rhs_norms[i])
+    let consts = [d, rhs].map(|a| a.as_standard_layout().into_owned());
+    anderson::anderson_rows(sol, consts, memory, budget, map, |i, _| rhs_norms[i])
 }
 
 /// GMRES or BiCGSTAB on one row block (flattened), through `clarke-solve`.
