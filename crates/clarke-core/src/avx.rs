@@ -37,17 +37,37 @@ pub fn clear_upper_state() {
 /// `f` and the functions it calls must be inlined into the feature-enabled frame for this
 /// to take effect: pass an `#[inline(always)]` closure and keep its helpers
 /// `#[inline(always)]`.
+///
+/// A loop over several slices may still stay scalar inside `f`: rustc inlines
+/// `#[inline(always)]` helpers before LLVM sees their arguments' no-alias attributes, and
+/// without them LLVM assumes a store through one slice may change another. Such a kernel
+/// gets a non-inlined `#[target_feature(enable = "avx2,fma")]` function of its own, chosen by
+/// [`has_avx2_fma`]: its slices are then arguments again, and its loop vectorises.
 #[inline(always)]
 pub fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if has_avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA (tested above), the only requirement of a
             // `target_feature` function.
             return unsafe { run_with_avx2(f) };
         }
     }
     f()
+}
+
+/// Whether the CPU has AVX2 and FMA (the features of [`with_avx2`]); `false` off x86-64.
+/// Cheap: the feature test is cached.
+#[inline(always)]
+pub fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

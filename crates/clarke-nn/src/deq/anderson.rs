@@ -24,12 +24,12 @@
 //! blocks). The block stops when every row is done; under a fixed count every row runs it.
 
 use clarke_core::Scalar;
-use clarke_core::avx::with_avx2;
+use clarke_core::avx::{has_avx2_fma, with_avx2};
 use clarke_core::gemm::dot;
 use clarke_solve::FixedPointOptions;
 use ndarray::{Array2, ArrayView2, ArrayViewMut2, s};
 
-use super::kernel::{ActiveRows, BlockRun, Budget, swap_chunks, swap_rows, worst};
+use super::kernel::{ActiveRows, BlockRun, Budget, LANES, lane_sum, swap_chunks, swap_rows, worst};
 
 /// Runs Anderson with memory `memory` (mixing the last `memory + 1` iterates) on a row
 /// block, each row stopping on its own.
@@ -102,21 +102,44 @@ pub(crate) fn anderson_rows<S: Scalar, const K: usize>(
     run
 }
 
-/// `g = t - z` for one row; returns `||g||^2` and `||t||^2` in f64. Four accumulators let
-/// the reductions vectorise.
+/// `g = t - z` for one row; returns `||g||^2` and `||t||^2` in f64. With AVX2 and FMA in a
+/// frame of its own, over fixed-size chunks (as the Picard and Neumann row passes in
+/// `kernel.rs`, and for the same reasons).
 #[inline(always)]
 fn residual_row<S: Scalar>(g: &mut [S], z: &[S], t: &[S]) -> (f64, f64) {
-    let mut d2 = [S::zero(); 4];
-    let mut t2 = [S::zero(); 4];
-    let mut gc = g.chunks_exact_mut(4);
-    let mut zc = z.chunks_exact(4);
-    let mut tc = t.chunks_exact(4);
-    for ((g4, z4), t4) in (&mut gc).zip(&mut zc).zip(&mut tc) {
-        for k in 0..4 {
-            let d = t4[k] - z4[k];
-            g4[k] = d;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (tested above).
+        return unsafe { residual_row_avx2(g, z, t) };
+    }
+    residual_row_body(g, z, t)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline(never)]
+unsafe fn residual_row_avx2<S: Scalar>(g: &mut [S], z: &[S], t: &[S]) -> (f64, f64) {
+    residual_row_body(g, z, t)
+}
+
+#[inline(always)]
+fn residual_row_body<S: Scalar>(g: &mut [S], z: &[S], t: &[S]) -> (f64, f64) {
+    let n = g.len();
+    let (z, t) = (&z[..n], &t[..n]);
+    let mut d2 = [S::zero(); LANES];
+    let mut t2 = [S::zero(); LANES];
+    let mut gc = g.chunks_exact_mut(LANES);
+    let mut zc = z.chunks_exact(LANES);
+    let mut tc = t.chunks_exact(LANES);
+    for ((g8, z8), t8) in (&mut gc).zip(&mut zc).zip(&mut tc) {
+        let g8: &mut [S; LANES] = g8.try_into().expect("a chunk of LANES");
+        let z8: &[S; LANES] = z8.try_into().expect("a chunk of LANES");
+        let t8: &[S; LANES] = t8.try_into().expect("a chunk of LANES");
+        for k in 0..LANES {
+            let d = t8[k] - z8[k];
+            g8[k] = d;
             d2[k] += d * d;
-            t2[k] += t4[k] * t4[k];
+            t2[k] += t8[k] * t8[k];
         }
     }
     for ((gv, &zv), &tv) in gc.into_remainder().iter_mut().zip(zc.remainder()).zip(tc.remainder()) {
@@ -125,8 +148,7 @@ fn residual_row<S: Scalar>(g: &mut [S], z: &[S], t: &[S]) -> (f64, f64) {
         d2[0] += d * d;
         t2[0] += tv * tv;
     }
-    let sum = |a: [S; 4]| ((a[0] + a[1]) + (a[2] + a[3])).to_f64_exact();
-    (sum(d2), sum(t2))
+    (lane_sum(d2).to_f64_exact(), lane_sum(t2).to_f64_exact())
 }
 
 /// The last `slots` images and residuals of each row, and their Gram matrices.

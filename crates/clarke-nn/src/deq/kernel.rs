@@ -5,7 +5,7 @@
 //! and every block runs its whole solve (forward or adjoint) on its own core with sequential
 //! GEMMs: no synchronisation per iteration, and each GEMM is large enough to run near peak.
 
-use clarke_core::avx::with_avx2;
+use clarke_core::avx::{has_avx2_fma, with_avx2};
 use clarke_core::{Error, Result, Scalar};
 use faer::{Accum, Par};
 use faer_ext::IntoFaer;
@@ -125,22 +125,67 @@ pub(crate) fn merge(runs: Vec<BlockRun>) -> BlockRun {
     out
 }
 
+/// Lanes of the row passes: eight accumulators per reduction, two AVX2 vectors of `f64`
+/// (one of `f32`), so that the adds of consecutive chunks do not wait on each other.
+pub(crate) const LANES: usize = 8;
+
+/// Sums the lanes of an accumulator in a fixed order.
+///
+/// The accumulator passes through [`black_box`](std::hint::black_box) first: LLVM otherwise
+/// shapes the loop's accumulators after this sum's pairing and splits each vector add into
+/// shuffles and half-width adds. Behind the barrier they stay whole vectors; the barrier
+/// costs one store of the lanes per row.
+#[inline(always)]
+pub(crate) fn lane_sum<S: Scalar>(a: [S; LANES]) -> S {
+    let a = std::hint::black_box(a);
+    ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+}
+
 /// One row of the fused forward pass: `z_j <- f(p_j + c_j, z_j)`, returning the sums of
-/// `(z_new - z_old)^2` and `z_new^2`. Four accumulators let the reductions vectorise.
+/// `(z_new - z_old)^2` and `z_new^2`.
+///
+/// The body runs over fixed-size chunks (`&[S; LANES]`): every index is then in bounds by
+/// type, and the compiler turns each chunk's lanes into vector instructions. With slices
+/// indexed in a loop it kept bounds checks and left the pass scalar.
+///
+/// With AVX2 and FMA it runs in a frame of its own compiled for them (see
+/// [`with_avx2`](clarke_core::avx::with_avx2) for why a frame of its own).
 #[inline(always)]
 fn forward_row<S: Scalar>(z: &mut [S], p: &[S], c: &[S], f: impl Fn(S, S) -> S) -> (S, S) {
-    let mut d2 = [S::zero(); 4];
-    let mut n2 = [S::zero(); 4];
-    let mut zc = z.chunks_exact_mut(4);
-    let mut pc = p.chunks_exact(4);
-    let mut cc = c.chunks_exact(4);
-    for ((z4, p4), c4) in (&mut zc).zip(&mut pc).zip(&mut cc) {
-        for k in 0..4 {
-            let v = f(p4[k] + c4[k], z4[k]);
-            let d = v - z4[k];
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (tested above).
+        return unsafe { forward_row_avx2(z, p, c, f) };
+    }
+    forward_row_body(z, p, c, f)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline(never)]
+unsafe fn forward_row_avx2<S: Scalar>(z: &mut [S], p: &[S], c: &[S], f: impl Fn(S, S) -> S) -> (S, S) {
+    forward_row_body(z, p, c, f)
+}
+
+#[inline(always)]
+fn forward_row_body<S: Scalar>(z: &mut [S], p: &[S], c: &[S], f: impl Fn(S, S) -> S) -> (S, S) {
+    let n = z.len();
+    let (p, c) = (&p[..n], &c[..n]);
+    let mut d2 = [S::zero(); LANES];
+    let mut n2 = [S::zero(); LANES];
+    let mut zc = z.chunks_exact_mut(LANES);
+    let mut pc = p.chunks_exact(LANES);
+    let mut cc = c.chunks_exact(LANES);
+    for ((z8, p8), c8) in (&mut zc).zip(&mut pc).zip(&mut cc) {
+        let z8: &mut [S; LANES] = z8.try_into().expect("a chunk of LANES");
+        let p8: &[S; LANES] = p8.try_into().expect("a chunk of LANES");
+        let c8: &[S; LANES] = c8.try_into().expect("a chunk of LANES");
+        for k in 0..LANES {
+            let v = f(p8[k] + c8[k], z8[k]);
+            let d = v - z8[k];
             d2[k] += d * d;
             n2[k] += v * v;
-            z4[k] = v;
+            z8[k] = v;
         }
     }
     for ((zz, &pp), &cv) in zc.into_remainder().iter_mut().zip(pc.remainder()).zip(cc.remainder()) {
@@ -150,35 +195,62 @@ fn forward_row<S: Scalar>(z: &mut [S], p: &[S], c: &[S], f: impl Fn(S, S) -> S) 
         n2[0] += v * v;
         *zz = v;
     }
-    ((d2[0] + d2[1]) + (d2[2] + d2[3]), (n2[0] + n2[1]) + (n2[2] + n2[3]))
+    (lane_sum(d2), lane_sum(n2))
 }
 
 /// One row of the fused adjoint pass: `w_new = q + g` (with `q = (w o d) W` from the GEMM),
-/// returns the sum of `(w_new - w)^2`, writes `w <- w_new` and `t <- w_new o d`.
+/// returns the sum of `(w_new - w)^2`, writes `w <- w_new` and `t <- w_new o d`. Fixed-size
+/// chunks, as in [`forward_row`].
 #[inline(always)]
 fn adjoint_row<S: Scalar>(w: &mut [S], t: &mut [S], q: &[S], g: &[S], d: &[S]) -> S {
-    let mut d2 = [S::zero(); 4];
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (tested above).
+        return unsafe { adjoint_row_avx2(w, t, q, g, d) };
+    }
+    adjoint_row_body(w, t, q, g, d)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline(never)]
+unsafe fn adjoint_row_avx2<S: Scalar>(w: &mut [S], t: &mut [S], q: &[S], g: &[S], d: &[S]) -> S {
+    adjoint_row_body(w, t, q, g, d)
+}
+
+#[inline(always)]
+fn adjoint_row_body<S: Scalar>(w: &mut [S], t: &mut [S], q: &[S], g: &[S], d: &[S]) -> S {
     let n = w.len();
-    // One length for every slice: no bounds checks in the loop, which then vectorises.
     let (t, q, g, d) = (&mut t[..n], &q[..n], &g[..n], &d[..n]);
-    let body = n / 4 * 4;
-    for j in (0..body).step_by(4) {
-        for k in 0..4 {
-            let v = q[j + k] + g[j + k];
-            let diff = v - w[j + k];
+    let mut d2 = [S::zero(); LANES];
+    let mut wc = w.chunks_exact_mut(LANES);
+    let mut tc = t.chunks_exact_mut(LANES);
+    let mut qc = q.chunks_exact(LANES);
+    let mut gc = g.chunks_exact(LANES);
+    let mut dc = d.chunks_exact(LANES);
+    for ((((w8, t8), q8), g8), d8) in (&mut wc).zip(&mut tc).zip(&mut qc).zip(&mut gc).zip(&mut dc) {
+        let w8: &mut [S; LANES] = w8.try_into().expect("a chunk of LANES");
+        let t8: &mut [S; LANES] = t8.try_into().expect("a chunk of LANES");
+        let q8: &[S; LANES] = q8.try_into().expect("a chunk of LANES");
+        let g8: &[S; LANES] = g8.try_into().expect("a chunk of LANES");
+        let d8: &[S; LANES] = d8.try_into().expect("a chunk of LANES");
+        for k in 0..LANES {
+            let v = q8[k] + g8[k];
+            let diff = v - w8[k];
             d2[k] += diff * diff;
-            w[j + k] = v;
-            t[j + k] = v * d[j + k];
+            w8[k] = v;
+            t8[k] = v * d8[k];
         }
     }
-    for j in body..n {
-        let v = q[j] + g[j];
-        let diff = v - w[j];
+    let rest = wc.into_remainder().iter_mut().zip(tc.into_remainder());
+    for ((((wv, tv), &qv), &gv), &dv) in rest.zip(qc.remainder()).zip(gc.remainder()).zip(dc.remainder()) {
+        let v = qv + gv;
+        let diff = v - *wv;
         d2[0] += diff * diff;
-        w[j] = v;
-        t[j] = v * d[j];
+        *wv = v;
+        *tv = v * dv;
     }
-    (d2[0] + d2[1]) + (d2[2] + d2[3])
+    lane_sum(d2)
 }
 
 /// Folds a row's relative change into the block's worst, keeping NaN visible.
