@@ -142,13 +142,17 @@ fn residual_row_body<S: Scalar>(g: &mut [S], z: &[S], t: &[S]) -> (f64, f64) {
             t2[k] += t8[k] * t8[k];
         }
     }
+    let (mut d2_tail, mut t2_tail) = (S::zero(), S::zero());
     for ((gv, &zv), &tv) in gc.into_remainder().iter_mut().zip(zc.remainder()).zip(tc.remainder()) {
         let d = tv - zv;
         *gv = d;
-        d2[0] += d * d;
-        t2[0] += tv * tv;
+        d2_tail += d * d;
+        t2_tail += tv * tv;
     }
-    (lane_sum(d2).to_f64_exact(), lane_sum(t2).to_f64_exact())
+    (
+        (lane_sum(d2) + d2_tail).to_f64_exact(),
+        (lane_sum(t2) + t2_tail).to_f64_exact(),
+    )
 }
 
 /// The last `slots` images and residuals of each row, and their Gram matrices.

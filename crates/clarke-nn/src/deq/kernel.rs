@@ -188,14 +188,16 @@ fn forward_row_body<S: Scalar>(z: &mut [S], p: &[S], c: &[S], f: impl Fn(S, S) -
             z8[k] = v;
         }
     }
+    // The tail has sums of its own: folded into the lanes, it would tie them together.
+    let (mut d2_tail, mut n2_tail) = (S::zero(), S::zero());
     for ((zz, &pp), &cv) in zc.into_remainder().iter_mut().zip(pc.remainder()).zip(cc.remainder()) {
         let v = f(pp + cv, *zz);
         let d = v - *zz;
-        d2[0] += d * d;
-        n2[0] += v * v;
+        d2_tail += d * d;
+        n2_tail += v * v;
         *zz = v;
     }
-    (lane_sum(d2), lane_sum(n2))
+    (lane_sum(d2) + d2_tail, lane_sum(n2) + n2_tail)
 }
 
 /// One row of the fused adjoint pass: `w_new = q + g` (with `q = (w o d) W` from the GEMM),
@@ -243,14 +245,15 @@ fn adjoint_row_body<S: Scalar>(w: &mut [S], t: &mut [S], q: &[S], g: &[S], d: &[
         }
     }
     let rest = wc.into_remainder().iter_mut().zip(tc.into_remainder());
+    let mut d2_tail = S::zero();
     for ((((wv, tv), &qv), &gv), &dv) in rest.zip(qc.remainder()).zip(gc.remainder()).zip(dc.remainder()) {
         let v = qv + gv;
         let diff = v - *wv;
-        d2[0] += diff * diff;
+        d2_tail += diff * diff;
         *wv = v;
         *tv = v * dv;
     }
-    lane_sum(d2)
+    lane_sum(d2) + d2_tail
 }
 
 /// Folds a row's relative change into the block's worst, keeping NaN visible.
