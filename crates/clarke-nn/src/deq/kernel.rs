@@ -628,6 +628,50 @@ mod tests {
         (w, c)
     }
 
+    /// The vectorised row passes against the plain formulas, at every length from 0 to 27
+    /// (whole chunks, tails, both), in f64 and f32: the same new rows bit for bit, and the
+    /// same sums up to the order of the additions.
+    #[test]
+    fn row_passes_match_the_formulas_at_every_length() {
+        fn check<S: Scalar>(tol: f64) {
+            for n in 0..28 {
+                let v = |k: usize, i: usize| S::from_f64_lossy(((k * 31 + i * 17) % 23) as f64 / 7.0 - 1.5);
+                let (p, c, q, g, d) = (
+                    (0..n).map(|i| v(1, i)).collect::<Vec<S>>(),
+                    (0..n).map(|i| v(2, i)).collect::<Vec<S>>(),
+                    (0..n).map(|i| v(3, i)).collect::<Vec<S>>(),
+                    (0..n).map(|i| v(4, i)).collect::<Vec<S>>(),
+                    (0..n).map(|i| v(5, i)).collect::<Vec<S>>(),
+                );
+                let old: Vec<S> = (0..n).map(|i| v(6, i)).collect();
+                let relu = |x: S, _: S| x.max(S::zero());
+                let mut z = old.clone();
+                let (d2, n2) = forward_row(&mut z, &p, &c, relu);
+                let (mut d2_ref, mut n2_ref) = (0.0f64, 0.0f64);
+                for i in 0..n {
+                    let new = relu(p[i] + c[i], old[i]);
+                    assert_eq!(z[i], new, "forward, n = {n}, element {i}");
+                    d2_ref += (new - old[i]).to_f64_exact().powi(2);
+                    n2_ref += new.to_f64_exact().powi(2);
+                }
+                assert!((d2.to_f64_exact() - d2_ref).abs() <= tol * d2_ref.max(1.0), "n = {n}");
+                assert!((n2.to_f64_exact() - n2_ref).abs() <= tol * n2_ref.max(1.0), "n = {n}");
+                let mut w = old.clone();
+                let mut t = vec![S::zero(); n];
+                let d2 = adjoint_row(&mut w, &mut t, &q, &g, &d);
+                let mut d2_ref = 0.0f64;
+                for i in 0..n {
+                    let new = q[i] + g[i];
+                    assert_eq!((w[i], t[i]), (new, new * d[i]), "adjoint, n = {n}, element {i}");
+                    d2_ref += (new - old[i]).to_f64_exact().powi(2);
+                }
+                assert!((d2.to_f64_exact() - d2_ref).abs() <= tol * d2_ref.max(1.0), "n = {n}");
+            }
+        }
+        check::<f64>(1e-14);
+        check::<f32>(1e-6);
+    }
+
     fn budget(fixed: bool) -> Budget {
         Budget {
             tol: 1e-9,
