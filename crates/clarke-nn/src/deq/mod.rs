@@ -655,11 +655,13 @@ impl<S: Scalar> DeqLayer<S> {
             ForwardMethod::Anderson { .. } => (None, "anderson"),
             ForwardMethod::Picard | ForwardMethod::Auto => (None, "picard"),
         };
+        let w_t = kernel::transposed(w);
+        let w_t = w_t.view();
         let runs = map_blocks(split_rows(z.view_mut(), &blocks), &blocks, |zb, (r0, r1)| {
             let cb = c.slice(s![r0..r1, ..]);
             match forward {
-                ForwardMethod::Anderson { memory } => anderson_block(w, cb, zb, act, memory, budget),
-                _ => picard_block(w, cb, zb, act, relax, budget),
+                ForwardMethod::Anderson { memory } => anderson_block(w_t, cb, zb, act, memory, budget),
+                _ => picard_block(w_t, cb, zb, act, relax, budget),
             }
         });
         Ok((merge(runs), solver, budget.tol))
@@ -771,8 +773,9 @@ fn plain_residual<S: Scalar>(out: ArrayView2<'_, S>, z: ArrayView2<'_, S>) -> f6
 }
 
 /// Anderson on one row block, each sample with its own mixing (see [`anderson::anderson_rows`]).
+/// `w_t` is `W^T`, best in standard layout.
 fn anderson_block<S: Scalar>(
-    w: ArrayView2<'_, S>,
+    w_t: ArrayView2<'_, S>,
     c: ArrayView2<'_, S>,
     z: ndarray::ArrayViewMut2<'_, S>,
     act: Activation,
@@ -781,7 +784,7 @@ fn anderson_block<S: Scalar>(
 ) -> BlockRun {
     let map = |zb: ArrayView2<'_, S>, [cb]: [ArrayView2<'_, S>; 1], mut out: ndarray::ArrayViewMut2<'_, S>| {
         out.assign(&cb);
-        kernel::gemm_seq(zb, w.t(), true, out.view_mut());
+        kernel::gemm_seq(zb, w_t, true, out.view_mut());
         act.apply_in_place(out);
     };
     let scale = |_: usize, t2: f64| t2.sqrt().max(1.0);
