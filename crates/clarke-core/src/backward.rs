@@ -345,7 +345,7 @@ impl<S: Scalar> Tape<S> {
             if matches!(node.op, Op::Leaf) {
                 continue; // leaf gradients stay in the buffer
             }
-            let Some(g) = grads.take(id) else { continue };
+            let Some(mut g) = grads.take(id) else { continue };
             let inputs = InputValues::new(&nodes, &node.inputs);
             let grad_was_finite = anomaly && g.iter().all(|v| v.is_finite());
             let lo = element_selections.partition_point(|e| e.node < id);
@@ -359,21 +359,11 @@ impl<S: Scalar> Tape<S> {
                 solver_band,
                 kinks: &custom_kinks,
             };
-            // A nonsmooth node's rule and its ledger record come together (one pass over
-            // its input where the kink scan can be folded into the derivative's).
-            let mut input_grads = match &node.op {
-                Op::Kink(k) => {
-                    let (grads, record) = k.backward_recorded(&ctx, g);
-                    ledger.push(record);
-                    grads
-                }
-                op => op.backward(&ctx, g)?,
-            };
-            for (k, gi) in input_grads.iter_mut().enumerate() {
-                let Some(gi) = gi.take() else { continue };
+            // Input `k`'s gradient `gi` goes to the buffer (checked in anomaly mode).
+            let mut deliver = |k: usize, gi: ArrayD<S>| -> Result<()> {
                 let target = node.inputs[k];
                 if !nodes[target].needs_grad {
-                    continue;
+                    return Ok(());
                 }
                 if grad_was_finite {
                     if let Some(found) = first_non_finite(&gi) {
@@ -381,6 +371,36 @@ impl<S: Scalar> Tape<S> {
                     }
                 }
                 grads.add(target, gi);
+                Ok(())
+            };
+            // The commonest nodes (one input, a rule in place) hand `g` on as their input's
+            // gradient. A nonsmooth node's rule and its ledger record come together (one pass
+            // over its input where the kink scan can be folded into the derivative's).
+            let in_place = match &node.op {
+                Op::Kink(k) => match k.backward_recorded_in_place(&ctx, &mut g) {
+                    Some(record) => {
+                        ledger.push(record);
+                        true
+                    }
+                    None => false,
+                },
+                op => op.backward_in_place(&ctx, &mut g),
+            };
+            if in_place {
+                deliver(0, g)?;
+                continue;
+            }
+            let input_grads = match &node.op {
+                Op::Kink(k) => {
+                    ledger.push(k.ledger_record(id, ctx.inputs, ctx.output, policy, solver_band));
+                    k.backward(&ctx, g)
+                }
+                op => op.backward(&ctx, g)?,
+            };
+            for (k, gi) in input_grads.into_iter().enumerate() {
+                if let Some(gi) = gi {
+                    deliver(k, gi)?;
+                }
             }
         }
 

@@ -178,6 +178,23 @@ impl<S: Scalar> Op<S> {
         }
     }
 
+    /// For a smooth op with one input whose gradient has the output's shape (affine maps and
+    /// the smooth elementwise functions): turns `grad` into that input's gradient in place
+    /// and returns `true`. `false`, with `grad` untouched, for every other op, which goes
+    /// through [`backward`](Self::backward). The sweep's fast path: no list of input
+    /// gradients is built or moved for the commonest nodes.
+    #[inline]
+    pub fn backward_in_place(&self, ctx: &Ctx<'_, S>, grad: &mut ArrayD<S>) -> bool {
+        match self {
+            Op::Arith(o) => o.backward_in_place(grad),
+            Op::Unary(o) => {
+                o.backward_in_place(ctx, grad);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Gradients with respect to the inputs, given the gradient of the output.
     #[inline]
     pub fn backward(&self, ctx: &Ctx<'_, S>, grad: ArrayD<S>) -> Result<InputGrads<S>> {

@@ -33,15 +33,25 @@ impl<S: Scalar> ArithOp<S> {
         }
     }
 
+    /// The affine map's rule in place: its one input's gradient is `scale * g`. `false` (and
+    /// `g` untouched) for the other ops, which have two inputs.
+    #[inline]
+    pub fn backward_in_place(&self, g: &mut ArrayD<S>) -> bool {
+        let ArithOp::Affine { scale } = *self else {
+            return false;
+        };
+        if scale != S::one() {
+            map_inplace(g, |v| v * scale);
+        }
+        true
+    }
+
     pub fn backward(&self, ctx: &Ctx<'_, S>, g: ArrayD<S>) -> InputGrads<S> {
         let mut out = InputGrads::new();
         match self {
-            ArithOp::Affine { scale } => {
-                let s = *scale;
+            ArithOp::Affine { .. } => {
                 let mut g = g;
-                if s != S::one() {
-                    map_inplace(&mut g, |v| v * s);
-                }
+                self.backward_in_place(&mut g);
                 out.push(Some(g));
             }
             ArithOp::Add | ArithOp::Sub => {

@@ -226,17 +226,17 @@ impl<S: Scalar> KinkOp<S> {
         g
     }
 
-    /// [`backward`](Self::backward) and the node's [`ledger_record`](Self::ledger_record)
-    /// for a backward call.
-    ///
-    /// relu and abs under an empty band (the policy's tolerance and the call's solver band
-    /// both 0, no element selection for this node, contiguous arrays below the parallel
-    /// threshold) take one pass over `x`: it scales the gradient by a mask that keeps the
-    /// upstream value at the kink and notes whether any element sits exactly on it; only
-    /// then does a second pass apply the selection there and list the kink elements for the
-    /// ledger. Everything else takes the two separate passes. The result is the same to the
-    /// bit, NaN and infinite gradients included.
-    pub fn backward_recorded(&self, ctx: &Ctx<'_, S>, g: ArrayD<S>) -> (InputGrads<S>, KinkRecord) {
+    /// The rule and the ledger record in one pass over the input, in place, where that
+    /// applies: relu and abs under an empty band (the policy's tolerance and the call's
+    /// solver band both 0), with no element selection for this node, on a contiguous input
+    /// of `g`'s shape below the parallel threshold. The pass scales `g` by a mask that keeps
+    /// the upstream value at the kink and notes whether any element sits exactly on it; only
+    /// then does a second pass apply the selection there and list the kink elements. `g`
+    /// becomes the input's gradient and the record is returned, the same to the bit as
+    /// [`backward`](Self::backward) and [`ledger_record`](Self::ledger_record), NaN and
+    /// infinite gradients included. Elsewhere `None`, with `g` untouched: the sweep then
+    /// takes those two in turn.
+    pub fn backward_recorded_in_place(&self, ctx: &Ctx<'_, S>, g: &mut ArrayD<S>) -> Option<KinkRecord> {
         let fusable = matches!(self.kind, KinkKind::Relu | KinkKind::Abs)
             && ctx.band() == 0.0
             && ctx.element_selections.is_empty()
@@ -245,12 +245,10 @@ impl<S: Scalar> KinkOp<S> {
             && g.is_standard_layout()
             && g.shape() == ctx.inputs[0].shape();
         if !fusable {
-            let record = self.ledger_record(ctx.node, ctx.inputs, ctx.output, ctx.policy, ctx.solver_band);
-            return (self.backward(ctx, g), record);
+            return None;
         }
         let x = &ctx.inputs[0];
         let xs = x.as_slice().expect("checked contiguous");
-        let mut g = g;
         let gs = g.as_slice_mut().expect("checked standard layout");
         // The mask keeps g where x = 0 (the selection follows below), zeroes it where x is
         // NaN, as the two-pass derivative does.
@@ -278,10 +276,7 @@ impl<S: Scalar> KinkOp<S> {
         } else {
             scan.skip(xs.len());
         }
-        let record = self.finish_record(scan, ctx.node, x.shape(), ctx.policy);
-        let mut out = InputGrads::new();
-        out.push(Some(g));
-        (out, record)
+        Some(self.finish_record(scan, ctx.node, x.shape(), ctx.policy))
     }
 
     /// The ledger record of this node at its recorded inputs under `policy`, with the
@@ -553,7 +548,7 @@ fn slope_update<S: Scalar>(g: &mut ArrayD<S>, x: &ArrayD<S>, d: impl Fn(S) -> S 
 }
 
 /// `g *= mask(x)` elementwise, returning whether some `x` is exactly 0: the one pass of
-/// [`KinkOp::backward_recorded`].
+/// [`KinkOp::backward_recorded_in_place`].
 #[inline]
 fn masked_update<S: Scalar>(g: &mut [S], x: &[S], mask: impl Fn(S) -> S) -> bool {
     let mut zero = false;

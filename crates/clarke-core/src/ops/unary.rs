@@ -78,10 +78,16 @@ impl<S: Scalar> UnaryOp<S> {
 
     pub fn backward(&self, ctx: &Ctx<'_, S>, g: ArrayD<S>) -> InputGrads<S> {
         let mut g = g;
-        self.scale_by_derivative(&mut g, &ctx.inputs[0], ctx.output);
+        self.backward_in_place(ctx, &mut g);
         let mut out = InputGrads::new();
         out.push(Some(g));
         out
+    }
+
+    /// The rule in place: `g` becomes the one input's gradient, `g f'(x)`.
+    #[inline]
+    pub fn backward_in_place(&self, ctx: &Ctx<'_, S>, g: &mut ArrayD<S>) {
+        self.scale_by_derivative(g, &ctx.inputs[0], ctx.output);
     }
 
     /// The tangent of the output: the input's tangent times the derivative.
