@@ -21,6 +21,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use ndarray::{ArrayD, ArrayViewD};
+use smallvec::SmallVec;
 
 use crate::backward::ElementSelection;
 use crate::ledger::KinkRecord;
@@ -72,6 +73,7 @@ pub struct VjpContext<'a> {
     /// Selections for single kink elements of this node (flat indices as in its records).
     pub element_selections: &'a [ElementSelection],
     kinks: &'a RefCell<Vec<KinkRecord>>,
+    needs_grad: &'a [bool],
 }
 
 impl VjpContext<'_> {
@@ -79,6 +81,13 @@ impl VjpContext<'_> {
     /// `max(policy tolerance, solver band)`.
     pub fn band(&self) -> f64 {
         self.policy.tolerance.max(self.solver_band)
+    }
+
+    /// Whether input `i` needs a gradient: it depends on a parameter of the tape (and was
+    /// recorded with gradients on). A VJP may return `None` for the other inputs and skip
+    /// their work; backward drops whatever it returns for them. `false` past the last input.
+    pub fn needs_grad(&self, i: usize) -> bool {
+        self.needs_grad.get(i).copied().unwrap_or(false)
     }
 
     /// Adds records to the ledger of this call (backward or forward mode). A record whose
@@ -127,6 +136,11 @@ pub(crate) struct CustomNode<S: Scalar> {
 }
 
 impl<S: Scalar> CustomNode<S> {
+    /// Which of the node's inputs need a gradient (what [`VjpContext::needs_grad`] answers).
+    fn needs_grad(ctx: &Ctx<'_, S>) -> SmallVec<[bool; 8]> {
+        (0..ctx.inputs.len()).map(|i| ctx.needs(i)).collect()
+    }
+
     /// The op's name, for errors.
     pub fn name(&self) -> &str {
         &self.name
@@ -134,12 +148,14 @@ impl<S: Scalar> CustomNode<S> {
 
     pub fn backward(&self, ctx: &Ctx<'_, S>, grad: ArrayD<S>) -> Result<InputGrads<S>> {
         let views: Vec<ArrayViewD<'_, S>> = ctx.inputs.iter().map(|a| a.view()).collect();
+        let needs_grad = Self::needs_grad(ctx);
         let vctx = VjpContext {
             policy: ctx.policy,
             node: ctx.node,
             solver_band: ctx.solver_band,
             element_selections: ctx.element_selections,
             kinks: ctx.kinks,
+            needs_grad: &needs_grad,
         };
         let grads = (self.vjp)(&vctx, &views, ctx.output.view(), grad.view())?;
         if grads.len() != views.len() {
@@ -190,12 +206,14 @@ impl<S: Scalar> CustomNode<S> {
         };
         let views: Vec<ArrayViewD<'_, S>> = ctx.inputs.iter().map(|a| a.view()).collect();
         let tangent_views: Vec<Option<ArrayViewD<'_, S>>> = tangents.iter().map(|t| t.map(|t| t.view())).collect();
+        let needs_grad = Self::needs_grad(ctx);
         let jctx = JvpContext {
             policy: ctx.policy,
             node: ctx.node,
             solver_band: ctx.solver_band,
             element_selections: ctx.element_selections,
             kinks: ctx.kinks,
+            needs_grad: &needs_grad,
         };
         let tangent = jvp(&jctx, &views, ctx.output.view(), &tangent_views)?;
         if tangent.shape() != ctx.output.shape() {

@@ -226,6 +226,33 @@ fn custom_ops_trait_and_closure_forms() {
     gradcheck(custom_sin, &[x], &GradcheckOptions::default()).unwrap();
 }
 
+/// A context-aware VJP learns which inputs need a gradient: a parameter and what depends on
+/// it do, a constant does not, and nothing does past the last input. What it returns for an
+/// input that needs none is dropped.
+#[test]
+fn custom_vjps_learn_which_inputs_need_a_gradient() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let tape = Tape::<f64>::new();
+    let p = tape.param(arr1(&[1.0, 2.0]).into_dyn());
+    let c = tape.constant(arr1(&[3.0, 4.0]).into_dyn());
+    let q = p * 2.0;
+    let seen = Rc::new(RefCell::new(Vec::new()));
+    let record = Rc::clone(&seen);
+    let value = arr1(&[4.0, 8.0]).into_dyn();
+    let y = tape
+        .try_custom_fn_ctx("sum3", &[c, q, p], value, move |ctx, _, _, g| {
+            record.borrow_mut().extend((0..4).map(|i| ctx.needs_grad(i)));
+            // A gradient for every input, the constant's too: backward drops that one.
+            Ok(vec![Some(g.to_owned()), Some(g.to_owned()), Some(g.to_owned())])
+        })
+        .unwrap();
+    let grads = y.sum().backward().unwrap();
+    assert_eq!(*seen.borrow(), vec![false, true, true, false]);
+    // d/dp of sum(c + 2p + p) = 3 per element.
+    assert_eq!(grads.wrt(p).unwrap().as_slice().unwrap(), &[3.0, 3.0]);
+}
+
 #[test]
 fn custom_vjps_with_wrong_shapes_or_counts_are_errors() {
     let tape = Tape::<f64>::new();

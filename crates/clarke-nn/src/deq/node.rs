@@ -89,20 +89,21 @@ impl<S: Scalar> ImplicitNode<S> {
             })?;
         let mut delta = adj;
         delta *= &d;
-        let mut w_bar = Array2::<S>::zeros(w.raw_dim());
-        gemm(S::one(), delta.t(), self.z.view(), false, w_bar.view_mut());
-        let mut u_bar = Array2::<S>::zeros(u.raw_dim());
-        gemm(S::one(), delta.t(), x, false, u_bar.view_mut());
-        let b_bar = delta.sum_axis(Axis(0));
-        let mut x_bar = Array2::<S>::zeros(x.raw_dim());
-        gemm(S::one(), delta.view(), u, false, x_bar.view_mut());
+        // Only the products of the inputs that need a gradient (the data `x` usually does
+        // not).
+        let product = |needed: bool, a: ArrayView2<'_, S>, b: ArrayView2<'_, S>| {
+            needed.then(|| {
+                let mut out = Array2::<S>::zeros((a.nrows(), b.ncols()));
+                gemm(S::one(), a, b, false, out.view_mut());
+                out.into_dyn()
+            })
+        };
+        let x_bar = product(ctx.needs_grad(0), delta.view(), u);
+        let w_bar = product(ctx.needs_grad(1), delta.t(), self.z.view());
+        let u_bar = product(ctx.needs_grad(2), delta.t(), x);
+        let b_bar = ctx.needs_grad(3).then(|| delta.sum_axis(Axis(0)).into_dyn());
         self.push_report(Pass::Backward, Some(adjoint), check, ledger);
-        Ok(vec![
-            Some(x_bar.into_dyn()),
-            Some(w_bar.into_dyn()),
-            Some(u_bar.into_dyn()),
-            Some(b_bar.into_dyn()),
-        ])
+        Ok(vec![x_bar, w_bar, u_bar, b_bar])
     }
 
     /// The JVP: with `t = dx U^T + x dU^T + z* dW^T + db` (the tangent of the pre-activation
