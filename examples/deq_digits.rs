@@ -127,7 +127,7 @@ struct Args {
     #[arg(long)]
     no_check: bool,
     /// Forward solver. Default: the parametrisation's own (Picard for spectral,
-    /// forward-backward splitting for monotone).
+    /// Peaceman-Rachford splitting for monotone).
     #[arg(long, value_enum)]
     forward: Option<Forward>,
     /// Adjoint solver of the implicit mode. Default: Neumann for spectral, GMRES for monotone.

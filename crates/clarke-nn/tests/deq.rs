@@ -231,10 +231,30 @@ fn monotone_parametrisation_is_certified_even_when_w_is_not_a_contraction() {
     let x = inputs(5, 4, 12);
     let (_, fused) = loss_and_grads(&m, &x, &LABELS, KinkPolicy::pytorch());
     let report = m.deq.reports().last().unwrap();
-    assert_eq!(report.forward.solver, "forward_backward");
+    assert_eq!(report.forward.solver, "peaceman_rachford");
     assert_eq!(report.check.outcome, CheckOutcome::Certified);
     assert!(report.forward_residual < 1e-10);
-    // Anderson on the plain map reaches the same fixed point and gradient.
+    let pr_iterations = report.forward.iterations;
+    // Forward-backward splitting and Anderson on the plain map reach the same fixed point
+    // and gradient; forward-backward takes many times Peaceman-Rachford's iterations.
+    let fb = model(
+        config
+            .clone()
+            .with_forward(ForwardMethod::ForwardBackward { alpha: None }),
+        4,
+        8,
+        11,
+    );
+    let (_, fb_grads) = loss_and_grads(&fb, &x, &LABELS, KinkPolicy::pytorch());
+    let fb_report = fb.deq.reports().last().unwrap();
+    assert_eq!(fb_report.forward.solver, "forward_backward");
+    assert!(fb_report.forward_residual < 1e-10);
+    assert!(max_rel_diff(&fused, &fb_grads) < 1e-7);
+    assert!(
+        4 * pr_iterations < fb_report.forward.iterations,
+        "Peaceman-Rachford {pr_iterations} iterations, forward-backward {}",
+        fb_report.forward.iterations
+    );
     let m2 = model(config.with_forward(ForwardMethod::Anderson { memory: 6 }), 4, 8, 11);
     let (_, anderson) = loss_and_grads(&m2, &x, &LABELS, KinkPolicy::pytorch());
     assert!(max_rel_diff(&fused, &anderson) < 1e-7);
@@ -498,6 +518,16 @@ fn bad_input_gets_clear_errors() {
                 .with_activation(Activation::Tanh)
                 .with_forward(ForwardMethod::ForwardBackward { alpha: None }),
             "relu cell only",
+        ),
+        (
+            DeqConfig::default()
+                .with_activation(Activation::Tanh)
+                .with_forward(ForwardMethod::PeacemanRachford { alpha: None }),
+            "relu cell only",
+        ),
+        (
+            DeqConfig::default().with_forward(ForwardMethod::PeacemanRachford { alpha: Some(-1.0) }),
+            "Peaceman-Rachford step",
         ),
         (
             DeqConfig::default().with_gradient(GradientMode::LeastSquaresNoHypothesis),

@@ -423,6 +423,95 @@ pub(crate) fn picard_block<S: Scalar>(
     run
 }
 
+/// `R^T` for the resolvent `R = (I + alpha (I - W))^-1` of the monotone operator
+/// `z -> (I - W) z - c`, row-major, so that the rows of `y R^T` are `R` applied to the rows of
+/// `y`. `I + alpha (I - W)` is invertible when `W` is monotone (its symmetric part is at
+/// least `(1 + alpha m) I`); a singular one is an error.
+pub(crate) fn resolvent_transposed<S: Scalar>(w: ArrayView2<'_, S>, alpha: f64) -> Result<Array2<S>> {
+    let n = w.nrows();
+    let a = S::from_f64_lossy(alpha);
+    let mut v = Array2::<S>::eye(n) * (S::one() + a);
+    v.scaled_add(-a, &w);
+    clarke_solve::dense::lu_solve_transpose(v.view(), Array2::<S>::eye(n).view()).map_err(|e| {
+        Error::invalid(
+            "deq",
+            format!("I + alpha (I - W) could not be inverted for Peaceman-Rachford: {e}"),
+        )
+    })
+}
+
+/// Peaceman-Rachford splitting of one row block for the monotone relu cell: `z = relu(u)`,
+/// and per iteration `y = 2 z - u + alpha c`, `x = y R^T` (the resolvent of `(I - W) z - c`),
+/// `u <- 2 x - (2 z - u)`, `z <- relu(u)`. Its fixed points are the cell's: `z = relu(z W^T
+/// + c)`. `z` holds the start (the auxiliary `u` starts at it) and receives the last iterate;
+/// a sample's change is `||z_new - z||` over `max(||z_new||, 1)`, and each sample stops on its
+/// own, as in [`picard_block`].
+pub(crate) fn peaceman_rachford_block<S: Scalar>(
+    resolvent_t: ArrayView2<'_, S>,
+    c: ArrayView2<'_, S>,
+    z: ArrayViewMut2<'_, S>,
+    alpha: f64,
+    budget: Budget,
+) -> BlockRun {
+    let mut zc = z.as_standard_layout().into_owned();
+    let mut uc = zc.clone();
+    let mut cc = c.as_standard_layout().into_owned();
+    let mut y = Array2::<S>::zeros(zc.raw_dim());
+    let mut x = Array2::<S>::zeros(zc.raw_dim());
+    let mut rows = ActiveRows::new(zc.nrows());
+    let mut run = BlockRun::default();
+    let (a, two, zero) = (S::from_f64_lossy(alpha), S::one() + S::one(), S::zero());
+    let n = zc.ncols().max(1);
+    while run.iterations < budget.max_iter && rows.active > 0 {
+        let m = rows.active;
+        let (zs, us, cs) = (
+            zc.as_slice().expect("compact"),
+            uc.as_slice().expect("compact"),
+            cc.as_slice().expect("compact"),
+        );
+        for (((yv, &zv), &uv), &cv) in y
+            .as_slice_mut()
+            .expect("compact")
+            .iter_mut()
+            .zip(zs)
+            .zip(us)
+            .zip(cs)
+            .take(m * n)
+        {
+            *yv = two * zv - uv + a * cv;
+        }
+        gemm_seq(y.slice(s![..m, ..]), resolvent_t, false, x.slice_mut(s![..m, ..]));
+        let mut change = 0.0f64;
+        let rows_of = zc.as_slice_mut().expect("compact").chunks_exact_mut(n);
+        let us = uc.as_slice_mut().expect("compact").chunks_exact_mut(n);
+        let xs = x.as_slice().expect("compact").chunks_exact(n);
+        for (k, ((zr, ur), xr)) in rows_of.zip(us).zip(xs).take(m).enumerate() {
+            let (mut d2, mut n2) = (0.0f64, 0.0f64);
+            for ((zv, uv), &xv) in zr.iter_mut().zip(ur.iter_mut()).zip(xr) {
+                // The reflection of the resolvent step about the reflected point 2 z - u.
+                *uv = two * xv - (two * *zv - *uv);
+                let new = if *uv > zero { *uv } else { zero };
+                d2 += (new - *zv).to_f64_exact().powi(2);
+                n2 += new.to_f64_exact().powi(2);
+                *zv = new;
+            }
+            let r = d2.sqrt() / n2.sqrt().max(1.0);
+            rows.note(k, r, budget);
+            change = worst(change, r);
+        }
+        let done = rows.retire(|i, j| {
+            for arr in [&mut zc, &mut uc, &mut cc] {
+                swap_rows(arr, i, j);
+            }
+        });
+        if run.record(worst(change, done), budget) {
+            break;
+        }
+    }
+    rows.scatter(&zc, z);
+    run
+}
+
 /// The adjoint Neumann iteration of one row block, `w <- g + (w o d) W`, started from `w`.
 /// The change of an update is the residual `g - (w - (w o d) W)` of the previous iterate;
 /// each row stops relative to its `||g_i||`.
@@ -703,6 +792,49 @@ mod tests {
 
     fn close(a: ArrayView2<'_, f64>, b: ArrayView2<'_, f64>) -> bool {
         a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-13 * y.abs().max(1.0))
+    }
+
+    /// Peaceman-Rachford reaches Picard's fixed point (`W` here is a contraction, so
+    /// `I - W` is monotone), each sample on its own: every row is that sample run alone, and
+    /// the samples take different counts.
+    #[test]
+    fn peaceman_rachford_reaches_the_fixed_point_sample_by_sample() {
+        let (w, c) = problem();
+        let mut picard = Array2::<f64>::zeros(c.raw_dim());
+        picard_block(
+            w.t(),
+            c.view(),
+            picard.view_mut(),
+            Activation::Relu,
+            None,
+            budget(false),
+        );
+        for alpha in [0.5, 1.0, 2.0] {
+            let r_t = resolvent_transposed(w.view(), alpha).unwrap();
+            let mut z = Array2::<f64>::zeros(c.raw_dim());
+            let block = peaceman_rachford_block(r_t.view(), c.view(), z.view_mut(), alpha, budget(false));
+            assert!(block.residual <= 1e-9, "alpha {alpha}: {block:?}");
+            // The fixed point of the cell: relu(z W^T + c) = z.
+            let image = (z.dot(&w.t()) + &c).mapv(|v| v.max(0.0));
+            let scale = c.iter().fold(1.0f64, |m, v| m.max(v.abs()));
+            assert!((&image - &z).iter().all(|d| d.abs() <= 1e-7 * scale), "alpha {alpha}");
+            assert!((&picard - &z).iter().all(|d| d.abs() <= 1e-7 * scale), "alpha {alpha}");
+            let mut counts = Vec::new();
+            for i in 0..c.nrows() {
+                let mut zi = Array2::<f64>::zeros((1, c.ncols()));
+                let alone = peaceman_rachford_block(
+                    r_t.view(),
+                    c.slice(s![i..i + 1, ..]),
+                    zi.view_mut(),
+                    alpha,
+                    budget(false),
+                );
+                assert!(close(z.slice(s![i..i + 1, ..]), zi.view()), "row {i}, alpha {alpha}");
+                counts.push(alone.iterations);
+            }
+            assert_eq!(block.iterations, *counts.iter().max().unwrap());
+            assert!(counts.iter().min() < counts.iter().max(), "{counts:?}");
+        }
     }
 
     /// Every sample of a block stops at its own tolerance: the block's rows are those of each

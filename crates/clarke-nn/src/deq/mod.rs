@@ -644,6 +644,17 @@ impl<S: Scalar> DeqLayer<S> {
         let blocks = row_blocks(z.nrows(), self.width);
         let act = self.config.activation;
         let forward = self.config.resolved_forward();
+        if let ForwardMethod::PeacemanRachford { alpha } = forward {
+            let alpha = match alpha {
+                Some(a) => a,
+                None => 1.0 / self.norm_of_identity_minus(w)?.max(f64::MIN_POSITIVE),
+            };
+            let resolvent_t = kernel::resolvent_transposed(w, alpha)?;
+            let runs = map_blocks(split_rows(z.view_mut(), &blocks), &blocks, |zb, (r0, r1)| {
+                kernel::peaceman_rachford_block(resolvent_t.view(), c.slice(s![r0..r1, ..]), zb, alpha, budget)
+            });
+            return Ok((merge(runs), "peaceman_rachford", budget.tol));
+        }
         let (relax, solver) = match forward {
             ForwardMethod::ForwardBackward { alpha } => {
                 let alpha = match alpha {
@@ -653,7 +664,7 @@ impl<S: Scalar> DeqLayer<S> {
                 (Some(alpha), "forward_backward")
             }
             ForwardMethod::Anderson { .. } => (None, "anderson"),
-            ForwardMethod::Picard | ForwardMethod::Auto => (None, "picard"),
+            _ => (None, "picard"),
         };
         let w_t = kernel::transposed(w);
         let w_t = w_t.view();
@@ -678,13 +689,17 @@ impl<S: Scalar> DeqLayer<S> {
                 ));
             }
         };
-        let n = w.nrows();
-        let mut iw = Array2::<S>::eye(n);
-        iw -= &w;
-        let l = clarke_solve::dense::singular_values(iw.view())?
-            .first()
-            .map_or(1.0, |v| v.to_f64_exact());
+        let l = self.norm_of_identity_minus(w)?;
         Ok((m / (l * l)).min(1.0))
+    }
+
+    /// `||I - W||`, the Lipschitz constant of the monotone operator `z -> (I - W) z - c`.
+    fn norm_of_identity_minus(&self, w: ArrayView2<'_, S>) -> Result<f64> {
+        let mut iw = Array2::<S>::eye(w.nrows());
+        iw -= &w;
+        Ok(clarke_solve::dense::singular_values(iw.view())?
+            .first()
+            .map_or(1.0, |v| v.to_f64_exact()))
     }
 
     /// Records the solution as one node whose backward is the adjoint solve.
