@@ -238,33 +238,26 @@ impl DeqConfig {
             }
         }
         match self.resolved_forward() {
-            ForwardMethod::ForwardBackward { alpha } => {
-                if self.activation != Activation::Relu {
-                    return bad(format!(
-                        "forward-backward splitting solves the relu cell only; {} needs Picard or Anderson",
-                        self.activation.name()
-                    ));
-                }
-                if let Some(a) = alpha {
-                    if !(a > 0.0 && a <= 1.0) {
-                        return bad(format!("the forward-backward step must lie in (0, 1], got {a}"));
-                    }
-                }
+            method @ (ForwardMethod::ForwardBackward { .. } | ForwardMethod::PeacemanRachford { .. })
+                if self.activation != Activation::Relu =>
+            {
+                let splitting = if matches!(method, ForwardMethod::ForwardBackward { .. }) {
+                    "forward-backward"
+                } else {
+                    "Peaceman-Rachford"
+                };
+                return bad(format!(
+                    "{splitting} splitting solves the relu cell only; {} needs Picard or Anderson",
+                    self.activation.name()
+                ));
             }
-            ForwardMethod::PeacemanRachford { alpha } => {
-                if self.activation != Activation::Relu {
-                    return bad(format!(
-                        "Peaceman-Rachford splitting solves the relu cell only; {} needs Picard or Anderson",
-                        self.activation.name()
-                    ));
-                }
-                if let Some(a) = alpha {
-                    if !(a > 0.0 && a.is_finite()) {
-                        return bad(format!(
-                            "the Peaceman-Rachford step must be positive and finite, got {a}"
-                        ));
-                    }
-                }
+            ForwardMethod::ForwardBackward { alpha: Some(a) } if !(a > 0.0 && a <= 1.0) => {
+                return bad(format!("the forward-backward step must lie in (0, 1], got {a}"));
+            }
+            ForwardMethod::PeacemanRachford { alpha: Some(a) } if !(a > 0.0 && a.is_finite()) => {
+                return bad(format!(
+                    "the Peaceman-Rachford step must be positive and finite, got {a}"
+                ));
             }
             ForwardMethod::Anderson { memory: 0 } => return bad("Anderson needs a memory of at least 1".into()),
             ForwardMethod::Anderson { memory } if memory > MAX_ANDERSON_MEMORY => {
