@@ -441,8 +441,8 @@ pub(crate) fn resolvent_transposed<S: Scalar>(w: ArrayView2<'_, S>, alpha: f64) 
 }
 
 /// Peaceman-Rachford splitting of one row block for the monotone relu cell: `z = relu(u)`,
-/// and per iteration `y = 2 z - u + alpha c`, `x = y R^T` (the resolvent of `(I - W) z - c`),
-/// `u <- 2 x - (2 z - u)`, `z <- relu(u)`. Its fixed points are the cell's: `z = relu(z W^T
+/// and per iteration `u <- 2 z - u`, `x = (u + alpha c) R^T` (the resolvent of
+/// `(I - W) z - c`), `u <- 2 x - u`, `z <- relu(u)`. Its fixed points are the cell's: `z = relu(z W^T
 /// + c)`. `z` holds the start (the auxiliary `u` starts at it) and receives the last iterate;
 /// a sample's change is `||z_new - z||` over `max(||z_new||, 1)`, and each sample stops on its
 /// own, as in [`picard_block`].
@@ -464,21 +464,20 @@ pub(crate) fn peaceman_rachford_block<S: Scalar>(
     let n = zc.ncols().max(1);
     while run.iterations < budget.max_iter && rows.active > 0 {
         let m = rows.active;
-        let (zs, us, cs) = (
-            zc.as_slice().expect("compact"),
-            uc.as_slice().expect("compact"),
-            cc.as_slice().expect("compact"),
-        );
-        for (((yv, &zv), &uv), &cv) in y
+        // u <- 2 z - u, the reflected point, and y = u + alpha c.
+        let (zs, cs) = (zc.as_slice().expect("compact"), cc.as_slice().expect("compact"));
+        let us = uc.as_slice_mut().expect("compact").iter_mut();
+        for (((yv, uv), &zv), &cv) in y
             .as_slice_mut()
             .expect("compact")
             .iter_mut()
-            .zip(zs)
             .zip(us)
+            .zip(zs)
             .zip(cs)
             .take(m * n)
         {
-            *yv = two * zv - uv + a * cv;
+            *uv = two * zv - *uv;
+            *yv = *uv + a * cv;
         }
         gemm_seq(y.slice(s![..m, ..]), resolvent_t, false, x.slice_mut(s![..m, ..]));
         let mut change = 0.0f64;
@@ -488,8 +487,8 @@ pub(crate) fn peaceman_rachford_block<S: Scalar>(
         for (k, ((zr, ur), xr)) in rows_of.zip(us).zip(xs).take(m).enumerate() {
             let (mut d2, mut n2) = (0.0f64, 0.0f64);
             for ((zv, uv), &xv) in zr.iter_mut().zip(ur.iter_mut()).zip(xr) {
-                // The reflection of the resolvent step about the reflected point 2 z - u.
-                *uv = two * xv - (two * *zv - *uv);
+                // The reflection of the resolvent step about the reflected point.
+                *uv = two * xv - *uv;
                 let new = if *uv > zero { *uv } else { zero };
                 d2 += (new - *zv).to_f64_exact().powi(2);
                 n2 += new.to_f64_exact().powi(2);
