@@ -793,6 +793,26 @@ mod tests {
         a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-13 * y.abs().max(1.0))
     }
 
+    /// Runs `solve(i, row)` on each sample `i` alone (a block of one, started from row `i` of
+    /// `start`), checks that it ends at row `i` of the block's result `block`, and returns
+    /// each sample's iteration count. `label` names the case in a failure.
+    fn each_sample_alone(
+        block: ArrayView2<'_, f64>,
+        start: ArrayView2<'_, f64>,
+        label: &str,
+        solve: impl Fn(usize, ArrayViewMut2<'_, f64>) -> BlockRun,
+    ) -> Vec<usize> {
+        (0..block.nrows())
+            .map(|i| {
+                let rows = s![i..i + 1, ..];
+                let mut alone = start.slice(rows).to_owned();
+                let run = solve(i, alone.view_mut());
+                assert!(close(block.slice(rows), alone.view()), "row {i}, {label}");
+                run.iterations
+            })
+            .collect()
+    }
+
     /// Peaceman-Rachford reaches Picard's fixed point (`W` here is a contraction, so
     /// `I - W` is monotone), each sample on its own: every row is that sample run alone, and
     /// the samples take different counts.
@@ -818,19 +838,10 @@ mod tests {
             let scale = c.iter().fold(1.0f64, |m, v| m.max(v.abs()));
             assert!((&image - &z).iter().all(|d| d.abs() <= 1e-7 * scale), "alpha {alpha}");
             assert!((&picard - &z).iter().all(|d| d.abs() <= 1e-7 * scale), "alpha {alpha}");
-            let mut counts = Vec::new();
-            for i in 0..c.nrows() {
-                let mut zi = Array2::<f64>::zeros((1, c.ncols()));
-                let alone = peaceman_rachford_block(
-                    r_t.view(),
-                    c.slice(s![i..i + 1, ..]),
-                    zi.view_mut(),
-                    alpha,
-                    budget(false),
-                );
-                assert!(close(z.slice(s![i..i + 1, ..]), zi.view()), "row {i}, alpha {alpha}");
-                counts.push(alone.iterations);
-            }
+            let start = Array2::<f64>::zeros(c.raw_dim());
+            let counts = each_sample_alone(z.view(), start.view(), &format!("alpha {alpha}"), |i, zi| {
+                peaceman_rachford_block(r_t.view(), c.slice(s![i..i + 1, ..]), zi, alpha, budget(false))
+            });
             assert_eq!(block.iterations, *counts.iter().max().unwrap());
             assert!(counts.iter().min() < counts.iter().max(), "{counts:?}");
         }
@@ -845,20 +856,11 @@ mod tests {
         for fixed in [false, true] {
             let mut z = Array2::<f64>::zeros(c.raw_dim());
             let block = picard_block(w.t(), c.view(), z.view_mut(), Activation::Relu, None, budget(fixed));
-            let mut counts = Vec::new();
-            for i in 0..c.nrows() {
-                let mut zi = Array2::<f64>::zeros((1, c.ncols()));
-                let alone = picard_block(
-                    w.t(),
-                    c.slice(s![i..i + 1, ..]),
-                    zi.view_mut(),
-                    Activation::Relu,
-                    None,
-                    budget(fixed),
-                );
-                assert!(close(z.slice(s![i..i + 1, ..]), zi.view()), "row {i}, fixed {fixed}");
-                counts.push(alone.iterations);
-            }
+            let start = Array2::<f64>::zeros(c.raw_dim());
+            let counts = each_sample_alone(z.view(), start.view(), &format!("fixed {fixed}"), |i, zi| {
+                let ci = c.slice(s![i..i + 1, ..]);
+                picard_block(w.t(), ci, zi, Activation::Relu, None, budget(fixed))
+            });
             assert_eq!(block.iterations, *counts.iter().max().unwrap());
             let spread = counts.iter().max().unwrap() - counts.iter().min().unwrap();
             assert_eq!(spread == 0, fixed, "iterations per sample {counts:?}");
@@ -874,14 +876,10 @@ mod tests {
         for fixed in [false, true] {
             let mut y = g.clone();
             let block = neumann_block(w.view(), d.view(), g.view(), y.view_mut(), budget(fixed));
-            let mut counts = Vec::new();
-            for i in 0..g.nrows() {
+            let counts = each_sample_alone(y.view(), g.view(), &format!("fixed {fixed}"), |i, yi| {
                 let rows = s![i..i + 1, ..];
-                let mut yi = g.slice(rows).to_owned();
-                let alone = neumann_block(w.view(), d.slice(rows), g.slice(rows), yi.view_mut(), budget(fixed));
-                assert!(close(y.slice(rows), yi.view()), "row {i}, fixed {fixed}");
-                counts.push(alone.iterations);
-            }
+                neumann_block(w.view(), d.slice(rows), g.slice(rows), yi, budget(fixed))
+            });
             assert_eq!(block.iterations, *counts.iter().max().unwrap());
             let spread = counts.iter().max().unwrap() - counts.iter().min().unwrap();
             assert_eq!(spread == 0, fixed, "iterations per sample {counts:?}");
